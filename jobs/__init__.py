@@ -1,0 +1,1 @@
+"""Entry points, one per stage: ``python -m jobs.<stage> --help``. Thin: argument parsing, Ray start, progress."""

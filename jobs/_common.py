@@ -1,0 +1,36 @@
+"""Helpers shared by the job entry points (logging, config files)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(
+        json.dumps(asdict(payload) if is_dataclass(payload) else payload, indent=2, default=str) + "\n"
+    )
+    tmp.replace(path)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a user-facing error (no traceback) and exit."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)

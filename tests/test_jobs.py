@@ -1,0 +1,95 @@
+"""The jobs run as a user runs them: as subprocesses, with their documented flags."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PY, REPO
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PY, "-m", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("job", ["jobs.prepare", "jobs.evaluate", "jobs.pipeline"])
+def test_help_says_how_to_run_and_what_to_expect(job, job_env, tmp_path):
+    out = run([job, "--help"], job_env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "python -m " + job in out.stdout
+    assert "expect" in out.stdout.lower()
+
+
+def test_prepare_then_evaluate(job_env, tmp_path):
+    out = run(["jobs.prepare", "--dataset", "ml-100k"], job_env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    manifest = json.loads((tmp_path / "data" / "ml-100k" / "manifest.json").read_text())
+    assert manifest["counts"]["interactions"] == 100_000
+    out = run(
+        ["jobs.evaluate", "--dataset", "ml-100k", "--models", "popularity", "random", "--out", "ev"],
+        job_env,
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert set(metrics) == {"popularity", "random"}
+    assert {"HR@10", "NDCG@10", "MRR@10", "coverage@10", "novelty@10", "diversity@10"} <= set(
+        metrics["popularity"]
+    )
+    assert abs(metrics["popularity"]["HR@10"] - 0.0859) < 0.003
+    assert "| popularity |" in (tmp_path / "ev" / "report.md").read_text()
+
+
+def test_prepare_custom_bad_file_fails_clearly_and_keeps_the_old_dataset(job_env, tmp_path):
+    good = tmp_path / "logs.csv"
+    good.write_text("u,i,t,r\n1,10,100,5\n1,11,101,4\n1,12,102,3\n")
+    args = [
+        "jobs.prepare",
+        "--dataset",
+        "custom",
+        "--interactions",
+        str(good),
+        "--user-col",
+        "u",
+        "--item-col",
+        "i",
+        "--time-col",
+        "t",
+        "--reward-col",
+        "r",
+        "--name",
+        "mine",
+    ]
+    assert run(args, job_env, tmp_path).returncode == 0
+    manifest = tmp_path / "data" / "mine" / "manifest.json"
+    before = manifest.read_text()
+    good.write_text("u,i,t,r\n1,10,100,5\n1,11,-7,4\n")
+    out = run(args, job_env, tmp_path)
+    assert out.returncode == 2
+    assert "logs.csv, row 1 (line 3), field 't': negative timestamp" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert manifest.read_text() == before
+
+
+def test_evaluate_rejects_unknown_model(job_env, tmp_path):
+    out = run(["jobs.evaluate", "--models", "sasrec9000", "--out", "x"], job_env, tmp_path)
+    assert out.returncode == 2 and "unknown model" in out.stderr
+
+
+def test_pipeline_end_to_end_on_embedded_ray(job_env, tmp_path):
+    """The README's main command, as a subprocess: embedded Ray, real data, reports written."""
+    out = run(["jobs.pipeline", "--out", "runs/qs", "--num-cpus", "2"], job_env, tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "runs" / "qs" / "metrics.json").read_text())
+    assert abs(metrics["popularity"]["NDCG@10"] - 0.0449) < 0.003
+    assert (tmp_path / "runs" / "qs" / "temporal-test" / "metrics.json").exists()
+    assert (tmp_path / "data" / "obd-all" / "manifest.json").exists()
+
+
+def test_repo_root_is_importable():
+    assert (REPO / "jobs" / "pipeline.py").exists()
