@@ -25,7 +25,7 @@ from rec_rllib.data.catalog import load_or_prepare
 from rec_rllib.data.dataset import LogDataset
 from rec_rllib.eval import DEFAULT_KS, evaluate_ranking
 from rec_rllib.eval.report import markdown_table, write_report
-from rec_rllib.models import BASELINES, make_baseline
+from rec_rllib.models import BASELINES, load_recommender
 
 log = logging.getLogger("jobs.evaluate")
 
@@ -69,14 +69,14 @@ def evaluate_models(
     results: dict[str, dict[str, float]] = {}
     for name in models:
         t0 = time.perf_counter()
-        rec = make_baseline(name, dataset, scheme=scheme, seed=seed)
+        rec = load_recommender(name, dataset, scheme=scheme, seed=seed)
         res = evaluate_ranking(
             rec, dataset, scheme=scheme, split=split, ks=ks, exclude_seen=exclude_seen, progress=progress
         )
-        results[name] = res.metrics
+        results[rec.name] = res.metrics
         log.info(
             "%s: %d users, HR@10 %.4f, NDCG@10 %.4f (%.1fs)",
-            name,
+            rec.name,
             res.n_users,
             res.metrics.get("HR@10", float("nan")),
             res.metrics.get("NDCG@10", float("nan")),
@@ -88,9 +88,15 @@ def evaluate_models(
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    unknown = [m for m in args.models if m not in BASELINES]
+    from rec_rllib.models.run import is_run_dir
+    from rec_rllib.rl.policy import is_rl_checkpoint
+
+    unknown = [m for m in args.models if m not in BASELINES and not is_run_dir(m) and not is_rl_checkpoint(m)]
     if unknown:
-        fail(f"unknown model(s) {unknown}; available: {', '.join(BASELINES)}")
+        fail(
+            f"unknown model(s) {unknown}; available: {', '.join(BASELINES)}, a fine-tuned run directory "
+            "or an RLlib checkpoint"
+        )
     if any(k <= 0 for k in args.ks):
         fail(f"--ks must be positive, got {args.ks}")
     try:

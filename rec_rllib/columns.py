@@ -63,3 +63,19 @@ class SplitScheme:
             raise ValueError(
                 f"unknown split scheme {scheme!r}; expected one of {sorted(cls.COLUMNS)}"
             ) from None
+
+
+class Tokens:
+    """Item tokens of the sequence model and of the RL observations: 0 = padding, 1 = [BOS], item i = i + 2."""
+
+    PAD = 0
+    BOS = 1
+    OFFSET = 2
+
+
+class Obs:
+    """Keys of the log-replay environment's observation dict (also the RLModule's inputs)."""
+
+    HISTORY = "history"  # int64 [window + 1]: [BOS] + most recent items as tokens, right-padded
+    LENGTH = "length"  # int64 [1]: tokens in HISTORY that are not padding
+    ACTION_MASK = "action_mask"  # float32 [n_items]: 1 = may be recommended (not consumed yet)

