@@ -1,0 +1,249 @@
+"""LogReplayEnv: a gymnasium environment that replays users' logged, time-ordered histories.
+
+One episode is a stretch of one user's train-split history. The observation is the user's recent items
+(as sequence-model tokens) and a mask of the items already consumed; the action is one item of the
+catalogue; the logged next item then advances the history, whatever the policy recommended — the log is
+replayed, not rewritten.
+
+Rewards (``reward=`` in the config):
+
+* ``hit`` — ``rating / max_rating`` when the recommended item is among the user's next ``horizon`` logged
+  items, else 0 (implicit data without ratings: 1 per hit).
+* ``simulator`` — the probability that a user-response model fitted on the train split gives the
+  recommended item: :class:`ItemKNNSimulator` (item-item cosine co-occurrence over train histories, scored
+  against the user's recent window). It rates items the log never showed. Its fit is validated by its
+  HR@10 on the leave-one-out validation users (see :meth:`ItemKNNSimulator.validate`).
+
+Sharding: env runner ``i`` of ``n`` (``worker_index``/``num_workers`` of RLlib's ``EnvContext``; the local
+runner, index 0, samples only when there are no remote runners) owns the users with
+``user_idx % n == i - 1`` and reads only their rows from Parquet. The union of the shards is every train
+user, and shards are disjoint.
+
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pyarrow.dataset as pads
+
+from rec_rllib.columns import Col, Obs, Split, SplitScheme, Tokens
+
+REWARDS = ("hit", "simulator")
+
+
+@dataclass
+class EnvConfig:
+    """Settings of :class:`LogReplayEnv`."""
+
+    dataset: str = "data/ml-100k"
+    """Prepared dataset directory (``jobs.prepare``)."""
+    scheme: str = SplitScheme.LEAVE_ONE_OUT
+    """Split whose train part is replayed."""
+    window: int = 50
+    """Most recent items in the observation."""
+    horizon: int = 5
+    """``hit``: a recommendation counts when it is among the next ``horizon`` logged items."""
+    episode_len: int = 20
+    """Most steps per episode."""
+    reward: str = "hit"
+    """``hit`` or ``simulator``."""
+    num_shards: int = 0
+    """Shards of the user population (0 = from the env context: the number of env runners)."""
+    shard_id: int = -1
+    """This env's shard (-1 = from the env context: ``worker_index - 1``)."""
+    seed: int = 0
+    """Base seed; each runner and sub-environment derives its own."""
+
+    def __post_init__(self) -> None:
+        if self.reward not in REWARDS:
+            raise ValueError(f"unknown reward {self.reward!r}; expected one of {REWARDS}")
+        for name in ("window", "horizon", "episode_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EnvConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def shard_of(worker_index: int, num_workers: int) -> tuple[int, int]:
+    """(shard_id, num_shards) of an env runner: remote runners 1..n split the users; a lone local runner owns all."""
+    if num_workers <= 0:
+        return 0, 1
+    return max(worker_index, 1) - 1, num_workers
+
+
+def read_train_histories(
+    dataset: str, scheme: str, users: np.ndarray | None = None
+) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], dict]:
+    """{user_idx: (items, rewards)} of the train split, time-ordered, reading only ``users``' rows."""
+    root = Path(dataset)
+    manifest = json.loads((root / "manifest.json").read_text())
+    col = SplitScheme.column(scheme)
+    ds = pads.dataset(str(root / "interactions.parquet"), format="parquet")
+    flt = pads.field(col) == Split.TRAIN
+    if users is not None:
+        flt = flt & pads.field(Col.USER_IDX).isin(users.astype(np.int32))
+    table = ds.to_table(columns=[Col.USER_IDX, Col.ITEM_IDX, Col.REWARD], filter=flt)
+    u = table.column(Col.USER_IDX).to_numpy()
+    i = table.column(Col.ITEM_IDX).to_numpy().astype(np.int64)
+    r = table.column(Col.REWARD).to_numpy().astype(np.float64)
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    if len(u):
+        cuts = np.flatnonzero(u[1:] != u[:-1]) + 1  # the file is sorted by (user, time, source row)
+        for us, it, rw in zip(np.split(u, cuts), np.split(i, cuts), np.split(r, cuts), strict=True):
+            out[int(us[0])] = (it, rw)
+    return out, manifest
+
+
+class ItemKNNSimulator:
+    """User-response model: P(click | recent items) from item-item cosine similarity of train co-occurrence.
+
+    score(a | window) = mean over the window's items j of cos(a, j), where items are vectors of the users
+    who consumed them; scores are mapped to (0, 1) by dividing by the best score among all items.
+    """
+
+    def __init__(self, histories: dict[int, tuple[np.ndarray, np.ndarray]], n_items: int, n_users: int):
+        ui = np.zeros((n_items, max(n_users, 1)), dtype=np.float32)
+        for u, (items, _) in histories.items():
+            ui[items, u] = 1.0
+        norms = np.linalg.norm(ui, axis=1, keepdims=True)
+        unit = ui / np.where(norms > 0, norms, 1.0)
+        self.sim = unit @ unit.T  # [n, n]
+        np.fill_diagonal(self.sim, 0.0)
+
+    def probabilities(self, window: np.ndarray) -> np.ndarray:
+        """[n_items] click probabilities given the recent items."""
+        if len(window) == 0:
+            return np.full(self.sim.shape[0], 0.01)
+        s = self.sim[window].mean(axis=0)
+        return np.clip(s / max(float(s.max()), 1e-9), 0.0, 1.0)
+
+    def validate(self, dataset_histories: list[np.ndarray], targets: list[np.ndarray], k: int = 10) -> float:
+        """HR@k of the simulator's ranking on held-out next items (how well it predicts real behaviour)."""
+        hits = 0
+        for h, t in zip(dataset_histories, targets, strict=True):
+            p = self.probabilities(h[-50:]).copy()
+            p[h] = -1.0
+            hits += int(t[0] in np.argsort(-p, kind="stable")[:k])
+        return hits / max(len(targets), 1)
+
+
+class LogReplayEnv(gym.Env):
+    """Replays one user's logged history per episode (see the module docstring)."""
+
+    metadata: dict[str, Any] = {"render_modes": []}
+
+    def __init__(self, config: dict[str, Any] | None = None):
+        # RLlib passes an EnvContext: a dict that also carries the runner's worker/vector indices
+        worker_index = int(getattr(config, "worker_index", 0))
+        num_workers = int(getattr(config, "num_workers", 0))
+        vector_index = int(getattr(config, "vector_index", 0))
+        self.cfg = EnvConfig.from_dict(dict(config or {}))
+        shard_id, num_shards = shard_of(worker_index, num_workers)
+        if self.cfg.num_shards:
+            num_shards = self.cfg.num_shards
+        if self.cfg.shard_id >= 0:
+            shard_id = self.cfg.shard_id
+        if not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id {shard_id} outside [0, {num_shards})")
+        self.shard_id, self.num_shards = shard_id, num_shards
+
+        manifest = json.loads((Path(self.cfg.dataset) / "manifest.json").read_text())
+        self.n_items = int(manifest["counts"]["items"])
+        n_users = int(manifest["counts"]["users"])
+        shard_users = np.arange(shard_id, n_users, num_shards, dtype=np.int64)
+        histories, _ = read_train_histories(self.cfg.dataset, self.cfg.scheme, shard_users)
+        self.histories = {u: h for u, h in histories.items() if len(h[0]) >= 2}
+        if not self.histories:
+            raise ValueError(
+                f"shard {shard_id}/{num_shards} of {self.cfg.dataset} has no user with >= 2 train items"
+            )
+        self.shard_users = np.array(sorted(self.histories), dtype=np.int64)
+        self.max_rating = max(float(max(r.max() for _, r in self.histories.values())), 1e-9)
+        self.simulator: ItemKNNSimulator | None = None
+        if self.cfg.reward == "simulator":
+            all_histories, _ = read_train_histories(self.cfg.dataset, self.cfg.scheme)
+            self.simulator = ItemKNNSimulator(all_histories, self.n_items, n_users)
+
+        w = self.cfg.window
+        self.observation_space = gym.spaces.Dict({
+            Obs.HISTORY: gym.spaces.Box(0, self.n_items + Tokens.OFFSET - 1, (w + 1,), np.int64),
+            Obs.LENGTH: gym.spaces.Box(1, w + 1, (1,), np.int64),
+            Obs.ACTION_MASK: gym.spaces.Box(0.0, 1.0, (self.n_items,), np.float32),
+        })  # fmt: skip
+        self.action_space = gym.spaces.Discrete(self.n_items)
+        self._seed = self.cfg.seed * 1_000_003 + worker_index * 1_009 + vector_index
+        self.np_random, _ = gym.utils.seeding.np_random(self._seed)
+        self.users_seen: set[int] = set()
+        self._user = -1
+        self._items = np.zeros(0, dtype=np.int64)
+        self._ratings = np.zeros(0)
+        self._pos = 0
+        self._steps = 0
+        self._mask = np.ones(self.n_items, dtype=np.float32)
+
+    # -- gym API ------------------------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._user = int(self.np_random.choice(self.shard_users))
+        self.users_seen.add(self._user)
+        self._items, self._ratings = self.histories[self._user]
+        n = len(self._items)
+        self._pos = int(self.np_random.integers(0, max(1, n - 1)))
+        self._steps = 0
+        self._mask = np.ones(self.n_items, dtype=np.float32)
+        self._mask[self._items[: self._pos]] = 0.0
+        return self._obs(), {"user": self._user}
+
+    def step(self, action):
+        a = int(action)
+        upcoming = self._items[self._pos : self._pos + self.cfg.horizon]
+        hit = bool(np.any(upcoming == a))
+        if self.simulator is not None:
+            p = float(
+                self.simulator.probabilities(self._items[max(0, self._pos - self.cfg.window) : self._pos])[a]
+            )
+            reward = float(self.np_random.random() < p)
+        elif hit:
+            reward = float(self._ratings[self._pos + int(np.argmax(upcoming == a))] / self.max_rating)
+        else:
+            reward = 0.0
+        # the logged item advances the history
+        self._mask[self._items[self._pos]] = 0.0
+        self._pos += 1
+        self._steps += 1
+        terminated = self._pos >= len(self._items)
+        truncated = not terminated and self._steps >= self.cfg.episode_len
+        return self._obs(), reward, terminated, truncated, {"user": self._user, "hit": hit}
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        w = self.cfg.window
+        recent = self._items[max(0, self._pos - w) : self._pos]
+        history = np.zeros(w + 1, dtype=np.int64)
+        history[0] = Tokens.BOS
+        history[1 : len(recent) + 1] = recent + Tokens.OFFSET
+        mask = self._mask.copy()
+        if mask.sum() == 0:  # never leave the policy without a legal action
+            mask[:] = 1.0
+        return {
+            Obs.HISTORY: history,
+            Obs.LENGTH: np.array([len(recent) + 1], dtype=np.int64),
+            Obs.ACTION_MASK: mask,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "shard_id": self.shard_id,
+            "num_shards": self.num_shards,
+            "users": len(self.shard_users),
+            **asdict(self.cfg),
+        }

@@ -1,0 +1,155 @@
+"""Exploration strategies, shared by RL sampling and serving. Each reports the propensity of what it chose.
+
+A strategy turns a policy's scores (logits) over the allowed items into a *behaviour distribution*; the
+chosen item is drawn from it and its probability is the propensity that off-policy estimators need. The
+same distribution, as log-probabilities, is what the RLModule hands RLlib in ``_forward_exploration``, so
+the log-probabilities RLlib records for importance weighting (PPO ratios, V-trace) are the true behaviour
+probabilities.
+
+* ``greedy`` — the arg-max, propensity 1.
+* ``epsilon`` — epsilon-greedy: uniform over allowed items with probability epsilon, else the arg-max;
+  epsilon decays linearly from ``epsilon`` to ``epsilon_final`` over ``decay_steps``.
+* ``boltzmann`` — softmax(scores / T); T is annealed geometrically from ``temperature`` to
+  ``temperature_final`` (a simulated-annealing schedule: hot early, greedy late).
+* ``thompson`` — Thompson-style sampling with MC dropout: the model scores with dropout active (one
+  posterior sample), the arg-max of that sample is shown. Its propensity is estimated by the frequency
+  of that arg-max over ``mc_samples`` samples (made by the caller, see :func:`thompson_propensity`).
+* ``ucb`` — upper confidence bound on the final layer (disjoint LinUCB): item i's bonus is
+  ``alpha * sqrt(s^T A_i^-1 s)`` for user state s, with ``A_i`` the ridge Gram matrix of the states
+  the item was shown to; the arg-max of scores + bonus is shown (deterministic given the state, so
+  propensity 1). :class:`LinUCB` keeps the statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+STRATEGIES = ("greedy", "epsilon", "boltzmann", "thompson", "ucb")
+NEG_INF = -1e9
+
+
+@dataclass
+class ExplorationConfig:
+    """Which exploration strategy and its schedule."""
+
+    strategy: str = "boltzmann"
+    """One of greedy, epsilon, boltzmann, thompson, ucb."""
+    epsilon: float = 0.1
+    """Initial exploration probability of ``epsilon``."""
+    epsilon_final: float = 0.01
+    """Final exploration probability after ``decay_steps``."""
+    temperature: float = 1.0
+    """Initial Boltzmann temperature (1 = the policy's own softmax)."""
+    temperature_final: float = 0.5
+    """Final temperature after ``decay_steps`` (geometric annealing)."""
+    decay_steps: int = 100_000
+    """Environment steps (or requests) over which epsilon / temperature are annealed."""
+    ucb_alpha: float = 0.5
+    """Width of the UCB bonus."""
+    mc_samples: int = 16
+    """Dropout samples used to estimate a Thompson pick's propensity."""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown exploration strategy {self.strategy!r}; expected one of {STRATEGIES}")
+        if not (0.0 <= self.epsilon_final <= 1.0 and 0.0 <= self.epsilon <= 1.0):
+            raise ValueError(f"epsilon values must be in [0, 1], got {self.epsilon}, {self.epsilon_final}")
+        if self.temperature <= 0 or self.temperature_final <= 0:
+            raise ValueError("temperatures must be positive")
+
+    def epsilon_at(self, step: int) -> float:
+        frac = min(1.0, max(0, step) / max(1, self.decay_steps))
+        return self.epsilon + frac * (self.epsilon_final - self.epsilon)
+
+    def temperature_at(self, step: int) -> float:
+        frac = min(1.0, max(0, step) / max(1, self.decay_steps))
+        return self.temperature * (self.temperature_final / self.temperature) ** frac
+
+
+def _masked(scores: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    return scores if allowed is None else scores.masked_fill(~allowed.bool(), NEG_INF)
+
+
+def behaviour_log_probs(
+    scores: torch.Tensor, cfg: ExplorationConfig, step: int = 0, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[B, n] log-probabilities of the behaviour distribution for greedy/epsilon/boltzmann.
+
+    Thompson and UCB transform the *scores* first (a dropout sample; scores + bonus) and then act through
+    the greedy or Boltzmann rule: pass the transformed scores here.
+    """
+    s = _masked(scores.float(), allowed)
+    legal = s > NEG_INF / 2
+    if cfg.strategy in ("boltzmann", "thompson"):
+        return torch.log_softmax(s / cfg.temperature_at(step), dim=-1).masked_fill(~legal, -torch.inf)
+    onehot = torch.nn.functional.one_hot(s.argmax(dim=-1), s.shape[-1]).to(s.dtype)
+    eps = cfg.epsilon_at(step) if cfg.strategy == "epsilon" else 0.0
+    n_legal = legal.sum(dim=-1, keepdim=True).clamp(min=1)
+    probs = (1 - eps) * onehot + eps * legal.to(s.dtype) / n_legal
+    return torch.log(probs)
+
+
+def sample_slate(
+    log_probs: torch.Tensor, k: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw k distinct items per row, sequentially without replacement (Plackett-Luce).
+
+    Returns (items [B, k], propensities [B, k]): propensity[b, j] is the probability of drawing that item
+    at position j given the items above it (for k=1, the behaviour probability itself).
+    """
+    lp = log_probs.detach().float().clone()
+    b, n = lp.shape
+    if k > n:
+        raise ValueError(f"k={k} exceeds the number of items {n}")
+    items = torch.zeros(b, k, dtype=torch.long, device=lp.device)
+    props = torch.zeros(b, k, dtype=torch.float64, device=lp.device)
+    rows = torch.arange(b, device=lp.device)
+    for j in range(k):
+        p = torch.softmax(lp, dim=-1).nan_to_num(0.0)
+        pick = torch.multinomial(p, 1, generator=generator).squeeze(1)
+        items[:, j] = pick
+        props[:, j] = p[rows, pick].double()
+        lp[rows, pick] = -torch.inf
+    return items, props
+
+
+def thompson_propensity(sampled_scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """[B] frequency with which ``chosen`` is the arg-max across [S, B, n] dropout samples (floored at 1/S)."""
+    argmax = sampled_scores.argmax(dim=-1)  # [S, B]
+    freq = (argmax == chosen[None, :]).double().mean(dim=0)
+    return freq.clamp(min=1.0 / argmax.shape[0])
+
+
+class LinUCB:
+    """Disjoint LinUCB statistics on the final layer: one ridge Gram matrix per item over user states."""
+
+    def __init__(self, n_items: int, dim: int, *, alpha: float = 0.5, ridge: float = 1.0):
+        self.alpha = alpha
+        self.a_inv = (
+            (torch.eye(dim, dtype=torch.float64) / ridge).expand(n_items, dim, dim).clone()
+        )  # [n, d, d]
+
+    def bonus(self, states: torch.Tensor) -> torch.Tensor:
+        """[B, d] -> [B, n] exploration bonus alpha * sqrt(s^T A_i^-1 s)."""
+        s = states.detach().double().cpu()
+        quad = torch.einsum("bd,nde,be->bn", s, self.a_inv, s)
+        return (self.alpha * quad.clamp(min=0.0).sqrt()).to(states.dtype).to(states.device)
+
+    def update(self, states: torch.Tensor, items: torch.Tensor) -> None:
+        """Sherman-Morrison update of A_i^-1 for each (state, shown item) pair."""
+        for s, i in zip(states.detach().double().cpu(), items.reshape(-1).tolist(), strict=True):
+            a = self.a_inv[i]
+            v = a @ s
+            self.a_inv[i] = a - torch.outer(v, v) / (1.0 + s @ v)
+
+    def add_items(self, n_new: int) -> None:
+        d = self.a_inv.shape[1]
+        self.a_inv = torch.cat([self.a_inv, torch.eye(d, dtype=torch.float64).expand(n_new, d, d)])
+
+
+def entropy(log_probs: torch.Tensor) -> float:
+    """Mean entropy (nats) of rows of log-probabilities."""
+    p = log_probs.exp()
+    return float(-(p * log_probs.nan_to_num(0.0, neginf=0.0)).sum(dim=-1).mean())
