@@ -1,0 +1,32 @@
+"""Loading a trained RL policy from an RLlib checkpoint alone (what evaluation and serving do)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MODULE_SUBDIR = Path("learner_group") / "learner" / "rl_module" / "default_policy"
+
+
+def is_rl_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / MODULE_SUBDIR).is_dir()
+
+
+def load_policy_module(checkpoint: str | Path):
+    """The :class:`RecPolicyModule` saved in an algorithm checkpoint (no algorithm, no env, no Ray needed)."""
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
+    path = Path(checkpoint).resolve()
+    if not is_rl_checkpoint(path):
+        raise FileNotFoundError(f"{checkpoint} is not an RLlib algorithm checkpoint (no {MODULE_SUBDIR})")
+    module = RLModule.from_checkpoint(str(path / MODULE_SUBDIR))
+    module.eval()
+    return module
+
+
+def load_policy_recommender(checkpoint: str | Path, *, name: str | None = None):
+    """The RL policy's network behind the :class:`Recommender` interface (greedy ranking by its logits)."""
+    from rec_rllib.models.run import TransformerRecommender
+
+    module = load_policy_module(checkpoint)
+    label = name or Path(checkpoint).resolve().parent.name + "-rl"
+    return TransformerRecommender(module.net, name=label)

@@ -1,0 +1,274 @@
+"""RL training with RLlib's new API stack: the algorithm config (one builder chain) and the training loop.
+
+APPO (the default: asynchronous actor-learner with V-trace) or PPO train :class:`RecPolicyModule` on env
+runners that replay disjoint user shards (:class:`~rec_rllib.env.LogReplayEnv`). Resources come from the
+config: env runners' CPUs and custom resources (e.g. ``{"env_runner": 1}`` to pin them to a node group),
+learners' count, GPUs (fractions allowed) and custom resources.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from rec_rllib.env import EnvConfig, LogReplayEnv
+from rec_rllib.explore import ExplorationConfig
+
+log = logging.getLogger(__name__)
+ALGORITHMS = ("appo", "ppo")
+
+
+@dataclass
+class RLTrainConfig:
+    """Settings of an RL training run (defaults: a 2-core laptop)."""
+
+    algorithm: str = "appo"
+    """``appo`` (V-trace actor-learner, asynchronous sampling) or ``ppo``."""
+    finetuned: str = "runs/finetune"
+    """Fine-tuned run directory whose weights initialise the policy."""
+    iterations: int = 20
+    """Training iterations (``algo.train()`` calls)."""
+    num_env_runners: int = 2
+    """Remote env runners; each replays its own shard of users."""
+    num_envs_per_env_runner: int = 8
+    """Vectorised sub-environments per runner (one batched forward pass for all of them)."""
+    num_cpus_per_env_runner: float = 1.0
+    """CPUs each env runner reserves."""
+    env_runner_resources: dict[str, float] = field(default_factory=dict)
+    """Custom resources each env runner needs, e.g. {"env_runner": 1} to place runners on tagged nodes."""
+    rollout_fragment_length: int = 20
+    """Env steps per sub-environment per sample call."""
+    train_batch_size: int = 640
+    """Env steps per learner update (per learner)."""
+    num_learners: int = 0
+    """Remote learners (0 = learn in the driver process)."""
+    num_gpus_per_learner: float = 0.0
+    """GPUs per learner (fractions allowed); 0 = CPU."""
+    learner_resources: dict[str, float] = field(default_factory=dict)
+    """Custom resources each learner needs, e.g. {"learner": 1}."""
+    lr: float = 3e-5
+    """Learning rate (small: the policy starts from a fine-tuned model)."""
+    entropy_coeff: float = 0.0
+    """Entropy bonus."""
+    ref_kl_coeff: float = 0.05
+    """Weight of KL(pi || fine-tuned policy) in the loss (0 disables)."""
+    gamma: float = 0.9
+    """Discount."""
+    checkpoint_every: int = 5
+    """Save an RLlib checkpoint every N iterations (and at the end)."""
+    seed: int = 0
+    """Seeds the env runners and learners."""
+    exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; expected one of {ALGORITHMS}")
+        if isinstance(self.exploration, dict):
+            self.exploration = ExplorationConfig(**self.exploration)
+        if isinstance(self.env, dict):
+            self.env = EnvConfig(**self.env)
+        if self.exploration.strategy in ("greedy", "ucb"):
+            raise ValueError(
+                f"exploration {self.exploration.strategy!r} is deterministic; RL training needs a stochastic "
+                "behaviour policy: use boltzmann, epsilon or thompson (greedy and ucb are for serving)"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RLTrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown RL config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
+    """The RLlib AlgorithmConfig, as one builder chain."""
+    from ray.rllib.algorithms.appo import APPOConfig
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from rec_rllib.rl.learners import REF_KL_COEFF, RecAPPOLearner, RecPPOLearner
+    from rec_rllib.rl.module import RecPolicyModule
+
+    base, learner_class = (
+        (APPOConfig(), RecAPPOLearner) if cfg.algorithm == "appo" else (PPOConfig(), RecPPOLearner)
+    )
+    model_config = {**model_config, "exploration": asdict(cfg.exploration)}
+    config = (
+        base.environment(LogReplayEnv, env_config=asdict(cfg.env), disable_env_checking=True)
+        .env_runners(
+            num_env_runners=cfg.num_env_runners,
+            num_envs_per_env_runner=cfg.num_envs_per_env_runner,
+            num_cpus_per_env_runner=cfg.num_cpus_per_env_runner,
+            custom_resources_per_env_runner=dict(cfg.env_runner_resources),
+            rollout_fragment_length=cfg.rollout_fragment_length,
+        )
+        .learners(
+            num_learners=cfg.num_learners,
+            num_gpus_per_learner=cfg.num_gpus_per_learner,
+            custom_resources_per_learner=dict(cfg.learner_resources),
+        )
+        .rl_module(rl_module_spec=RLModuleSpec(module_class=RecPolicyModule, model_config=model_config))
+        .training(
+            lr=cfg.lr,
+            gamma=cfg.gamma,
+            entropy_coeff=cfg.entropy_coeff,
+            train_batch_size_per_learner=cfg.train_batch_size,
+            learner_class=learner_class,
+            learner_config_dict={REF_KL_COEFF: cfg.ref_kl_coeff},
+        )
+        .fault_tolerance(restart_failed_env_runners=True)
+        .reporting(min_time_s_per_iteration=0, metrics_num_episodes_for_smoothing=100)
+        .debugging(seed=cfg.seed)
+    )
+    if cfg.algorithm == "ppo":
+        config = config.training(minibatch_size=min(128, cfg.train_batch_size), num_epochs=2)
+    else:
+        # APPO samples asynchronously: an iteration lasts until at least one train batch was learned on
+        # (otherwise `train()` returns at once while the runners are still producing their first episodes).
+        config = config.reporting(
+            min_sample_timesteps_per_iteration=cfg.train_batch_size,
+            min_train_timesteps_per_iteration=cfg.train_batch_size,
+        )
+    return config
+
+
+def _get(d: dict[str, Any], *path: str, default: float = float("nan")) -> float:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return default
+        d = d[p]
+    try:
+        return float(d)
+    except (TypeError, ValueError):
+        return default
+
+
+def summarize(result: dict[str, Any], seconds: float) -> dict[str, float]:
+    """The per-iteration figures we log, from an RLlib result dict."""
+    from ray.rllib.utils.metrics import (
+        ENV_RUNNER_RESULTS,
+        EPISODE_LEN_MEAN,
+        EPISODE_RETURN_MEAN,
+        LEARNER_RESULTS,
+        NUM_ENV_STEPS_SAMPLED,
+        NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    )
+
+    steps = _get(result, ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED)
+    ret = _get(result, ENV_RUNNER_RESULTS, EPISODE_RETURN_MEAN)
+    ep_len = _get(result, ENV_RUNNER_RESULTS, EPISODE_LEN_MEAN)
+    learner = result.get(LEARNER_RESULTS, {}).get("default_policy", {})
+    return {
+        "iteration": float(result.get("training_iteration", 0)),
+        "episode_return_mean": ret,
+        "episode_len_mean": ep_len,
+        "hit_rate": ret / ep_len if ep_len and ep_len == ep_len else float("nan"),
+        "env_steps": steps,
+        "env_steps_lifetime": _get(result, ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME),
+        "env_steps_per_s": steps / seconds if seconds > 0 else float("nan"),
+        "learner_updates": _get(learner, "num_module_steps_trained", default=0.0),
+        "policy_loss": _get(learner, "policy_loss"),
+        "entropy": _get(learner, "entropy"),
+        "reference_kl": _get(learner, "reference_kl"),
+        "seconds": seconds,
+    }
+
+
+def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
+    keys = list(history[0]) if history else []
+    tmp = run_dir / "train_metrics.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+    tmp.replace(run_dir / "train_metrics.csv")
+
+
+def plot_history(run_dir: Path, history: list[dict[str, float]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    it = [h["iteration"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, label in zip(
+        axes,
+        ("episode_return_mean", "hit_rate", "env_steps_per_s"),
+        ("mean episode return", "hit rate (return / step)", "env steps / s"),
+        strict=True,
+    ):
+        ax.plot(it, [h[key] for h in history], marker="o", ms=3)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(run_dir / "training_curves.png", dpi=110)
+    plt.close(fig)
+
+
+def train(
+    cfg: RLTrainConfig, run_dir: str | Path, *, resume: str | None = None, progress=print
+) -> dict[str, Any]:
+    """Build the algorithm, train ``cfg.iterations`` iterations, checkpoint, and write metrics and curves.
+
+    Ray must already be initialised (the job starts it). Returns a summary with the checkpoint path.
+    """
+    from rec_rllib.rl.module import model_config_from_run
+
+    run = Path(run_dir).resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    model_config = model_config_from_run(cfg.finetuned)
+    max_len = int(model_config["textseqrec"]["config"]["max_len"])
+    if cfg.env.window > max_len:
+        log.info("env window %d > the model's max_len %d: using %d", cfg.env.window, max_len, max_len)
+        cfg.env.window = max_len
+    (run / "rl_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    algo_config = build_algo_config(cfg, model_config)
+    algo = algo_config.build_algo()
+    history: list[dict[str, float]] = []
+    start_iter = 0
+    if resume:
+        algo.restore_from_path(str(Path(resume).resolve()))
+        start_iter = int(algo.iteration)
+        progress(f"resumed from {resume} at iteration {start_iter}")
+        old = run / "train_metrics.csv"
+        if old.exists():
+            with open(old) as f:
+                history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)][:start_iter]
+    checkpoint = None
+    try:
+        for i in range(start_iter, cfg.iterations):
+            t0 = time.perf_counter()
+            result = algo.train()
+            row = summarize(result, time.perf_counter() - t0)
+            history.append(row)
+            progress(
+                f"iter {i + 1:3d}/{cfg.iterations}  return {row['episode_return_mean']:.3f}  "
+                f"hit-rate {row['hit_rate']:.3f}  {row['env_steps_per_s']:.0f} env-steps/s  "
+                f"ref-KL {row['reference_kl']:.4f}  {row['seconds']:.1f}s"
+            )
+            write_history(run, history)
+            if (i + 1) % cfg.checkpoint_every == 0 or i + 1 == cfg.iterations:
+                checkpoint = str(run / "checkpoint")
+                algo.save_to_path(checkpoint)
+        plot_history(run, history, f"{cfg.algorithm.upper()} on {Path(cfg.env.dataset).name}")
+    finally:
+        algo.stop()
+    summary = {"checkpoint": checkpoint, "iterations": len(history), "history": history}
+    (run / "rl_summary.json").write_text(
+        json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2)
+    )
+    return summary

@@ -1,0 +1,295 @@
+"""RLlib training of the fine-tuned transformer: module paths, APPO/PPO, checkpoints, multi-node sharding."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from ray.rllib.core.columns import Columns
+
+from rec_rllib.columns import Obs
+from rec_rllib.env import EnvConfig, LogReplayEnv
+from rec_rllib.explore import ExplorationConfig
+from rec_rllib.rl.module import MASK_VALUE, RecPolicyModule, model_config_from_run
+from rec_rllib.rl.policy import load_policy_module
+from rec_rllib.rl.train import RLTrainConfig, build_algo_config, train
+
+
+def _obs_batch(env: LogReplayEnv, n: int = 8) -> dict[str, torch.Tensor]:
+    obs = []
+    for seed in range(n):
+        o, _ = env.reset(seed=seed)
+        obs.append(o)
+    return {k: torch.as_tensor(np.stack([o[k] for o in obs])) for k in obs[0]}
+
+
+def _module(finetuned_run: str, env: LogReplayEnv, **exploration) -> RecPolicyModule:
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    mc = model_config_from_run(finetuned_run, exploration=exploration)
+    spec = RLModuleSpec(
+        module_class=RecPolicyModule,
+        observation_space=env.observation_space,
+        action_space=env.action_space,
+        model_config=mc,
+    )
+    return spec.build()
+
+
+def test_module_masks_consumed_items_in_every_path(finetuned_run, ml_dir):
+    env = LogReplayEnv({"dataset": ml_dir, "window": 30})
+    module = _module(finetuned_run, env, strategy="boltzmann", temperature=1.0)
+    batch = {Columns.OBS: _obs_batch(env)}
+    mask = batch[Columns.OBS][Obs.ACTION_MASK] > 0.5
+    for out in (
+        module.forward_inference(dict(batch)),
+        module.forward_exploration(dict(batch), t=0),
+        module.forward_train(dict(batch)),
+    ):
+        logits = out[Columns.ACTION_DIST_INPUTS]
+        assert logits.shape == mask.shape
+        assert (logits[~mask] <= MASK_VALUE / 2).all()
+    values = module.compute_values(dict(batch))
+    assert values.shape == (8,)
+
+
+def test_exploration_log_probs_are_the_behaviour_distribution(finetuned_run, ml_dir):
+    env = LogReplayEnv({"dataset": ml_dir, "window": 30})
+    batch = {Columns.OBS: _obs_batch(env)}
+    mask = batch[Columns.OBS][Obs.ACTION_MASK] > 0.5
+    eps = _module(finetuned_run, env, strategy="epsilon", epsilon=0.2, epsilon_final=0.2)
+    lp = eps.forward_exploration(dict(batch), t=0)[Columns.ACTION_DIST_INPUTS]
+    p = lp.exp() * mask
+    assert torch.allclose(p.sum(-1), torch.ones(8, dtype=p.dtype), atol=1e-5)
+    greedy = eps.forward_inference(dict(batch))[Columns.ACTION_DIST_INPUTS].argmax(-1)
+    n_legal = mask.sum(-1)
+    expected = 0.8 + 0.2 / n_legal
+    assert torch.allclose(p[torch.arange(8), greedy], expected.to(p.dtype), atol=1e-5)
+    hot = _module(finetuned_run, env, strategy="boltzmann", temperature=2.0, temperature_final=2.0)
+    cold = _module(finetuned_run, env, strategy="boltzmann", temperature=0.5, temperature_final=0.5)
+    from rec_rllib.explore import entropy
+
+    assert entropy(hot.forward_exploration(dict(batch), t=0)[Columns.ACTION_DIST_INPUTS]) > entropy(
+        cold.forward_exploration(dict(batch), t=0)[Columns.ACTION_DIST_INPUTS]
+    )
+
+
+def test_deterministic_strategies_are_refused_for_training(finetuned_run):
+    with pytest.raises(ValueError, match="stochastic"):
+        RLTrainConfig(finetuned=finetuned_run, exploration=ExplorationConfig(strategy="greedy"))
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("algorithm", ["appo", "ppo"])
+def test_training_checkpoint_restore_and_standalone_module(
+    algorithm, finetuned_run, ml_dir, tmp_path, local_ray
+):
+    cfg = RLTrainConfig(
+        algorithm=algorithm,
+        finetuned=finetuned_run,
+        iterations=2,
+        num_env_runners=1,
+        num_envs_per_env_runner=4,
+        train_batch_size=160,
+        rollout_fragment_length=20,
+        checkpoint_every=2,
+        env=EnvConfig(dataset=ml_dir, window=30),
+    )
+    summary = train(cfg, tmp_path / "rl", progress=lambda *_: None)
+    assert summary["iterations"] == 2 and Path(summary["checkpoint"]).is_dir()
+    assert all(h["env_steps"] > 0 for h in summary["history"])
+    assert (tmp_path / "rl" / "training_curves.png").exists()
+    rows = (tmp_path / "rl" / "train_metrics.csv").read_text().splitlines()
+    assert len(rows) == 3
+
+    # the module alone, from the checkpoint, gives the same greedy actions as the restored algorithm
+    module = load_policy_module(summary["checkpoint"])
+    algo = build_algo_config(cfg, model_config_from_run(finetuned_run)).build_algo()
+    try:
+        algo.restore_from_path(summary["checkpoint"])
+        restored = algo.get_module()
+        env = LogReplayEnv({"dataset": ml_dir, "window": 30})
+        batch = {Columns.OBS: _obs_batch(env)}
+        a = module.forward_inference(dict(batch))[Columns.ACTION_DIST_INPUTS].argmax(-1)
+        b = restored.forward_inference(dict(batch))[Columns.ACTION_DIST_INPUTS].argmax(-1)
+        assert torch.equal(a, b)
+    finally:
+        algo.stop()
+    config = json.loads((tmp_path / "rl" / "rl_config.json").read_text())
+    assert config["algorithm"] == algorithm
+
+
+@pytest.mark.slow
+def test_env_runners_on_two_nodes_replay_disjoint_shards(finetuned_run, ml_dir, tmp_path):
+    """A real multi-node Ray on one machine: head + two worker nodes tagged with `env_runner`."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [cluster.add_node(num_cpus=1, resources={"env_runner": 1}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="ERROR")
+    try:
+        cfg = RLTrainConfig(
+            finetuned=finetuned_run,
+            iterations=1,
+            num_env_runners=2,
+            num_envs_per_env_runner=2,
+            env_runner_resources={"env_runner": 1},
+            train_batch_size=80,
+            rollout_fragment_length=20,
+            env=EnvConfig(dataset=ml_dir, window=30),
+        )
+        algo = build_algo_config(cfg, model_config_from_run(finetuned_run)).build_algo()
+        try:
+            for _ in range(2):
+                algo.train()
+
+            def describe(runner):
+                envs = [e.unwrapped for e in runner.env.unwrapped.envs]
+                return {
+                    "node": ray.get_runtime_context().get_node_id(),
+                    "shard": sorted(set().union(*[set(e.shard_users.tolist()) for e in envs])),
+                    "seen": sorted(set().union(*[e.users_seen for e in envs])),
+                }
+
+            info = algo.env_runner_group.foreach_env_runner(describe, local_env_runner=False)
+        finally:
+            algo.stop()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    worker_nodes = {w.node_id for w in workers}
+    assert len(info) == 2
+    assert {i["node"] for i in info} == worker_nodes  # one runner on each tagged worker node
+    a, b = (set(i["shard"]) for i in info)
+    assert not a & b and len(a | b) == 943  # disjoint, and together every train user
+    for i in info:
+        assert i["seen"] and set(i["seen"]) <= set(i["shard"])  # each replays only its own users
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_trains_on_a_started_head(finetuned_run, ml_dir, tmp_path):
+    """`ray start --head` on 127.0.0.1, then `ray job submit` of jobs.train exactly as a user types it."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from tests.conftest import REPO
+
+    bindir = str(Path(sys.executable).parent)
+    env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""), RAY_AUTH_MODE="token")
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    gcs, dash = _free_port(), _free_port()
+    head = subprocess.Popen(
+        [
+            f"{bindir}/ray",
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--temp-dir={temp_dir}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    out_dir = tmp_path / "rl"
+    try:
+        deadline = time.time() + 120
+        while True:  # readiness: the job API answers
+            probe = subprocess.run(
+                [f"{bindir}/ray", "job", "list", "--address", address],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            if probe.returncode == 0:
+                break
+            assert time.time() < deadline, probe.stderr[-2000:]
+            time.sleep(2)
+        submit = subprocess.run(
+            [
+                f"{bindir}/ray",
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                str(REPO),
+                "--",
+                "python",
+                "-m",
+                "jobs.train",
+                "--address",
+                "auto",
+                "--finetuned",
+                finetuned_run,
+                "--dataset",
+                ml_dir,
+                "--out",
+                str(out_dir),
+                "--iterations",
+                "1",
+                "--num-env-runners",
+                "1",
+                "--num-envs-per-env-runner",
+                "2",
+                "--train-batch-size",
+                "80",
+                "--window",
+                "30",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
+        import re
+
+        assert re.search(r"Job 'raysubmit_\w+' succeeded", submit.stdout), submit.stdout[-4000:]
+        assert (out_dir / "checkpoint").is_dir() and (out_dir / "train_metrics.csv").exists()
+    finally:
+        # stop what this test started: the head's own process group (it was started in a new session)
+        import shutil
+        import signal
+
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        time.sleep(2)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # stragglers of the group, if any
+        shutil.rmtree(temp_dir, ignore_errors=True)
