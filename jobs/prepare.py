@@ -6,6 +6,7 @@ Examples::
     python -m jobs.prepare --dataset ml-100k --source-dir ~/ml-100k   # GroupLens u.data/u.item or RecBole files
     python -m jobs.prepare --dataset obd --campaign all      # Open Bandit sample (obp==0.5.7 sdist)
     python -m jobs.prepare --dataset custom --interactions logs.csv --mapping mapping.yaml
+    python -m jobs.prepare --dataset feedback --feedback-dir runs/serve/feedback --base ml-100k
     python -m jobs.prepare --dataset custom --interactions logs.parquet --user-col uid --item-col iid \\
         --time-col ts --reward-col rating --items items.csv --item-text-col title --name mylogs
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--dataset", required=True, help="ml-100k | obd | custom")
+    p.add_argument("--dataset", required=True, help="ml-100k | obd | custom | feedback")
     p.add_argument("--out", help="output directory or URI (default: <data-root>/<name>)")
     p.add_argument("--data-root", help="root of prepared datasets (default: $REC_RLLIB_DATA or ./data)")
     p.add_argument("--source-dir", help="local copy of the source data instead of fetching it")
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timestamp-unit", choices=["s", "ms", "us"], help="unit of integer timestamps")
     g.add_argument("--item-id-col", help="item id column of the items file")
     g.add_argument("--item-text-col", help="item text column of the items file")
+    f = p.add_argument_group("serving feedback (--dataset feedback): the next round's data")
+    f.add_argument("--feedback-dir", help="the serving app's feedback directory (Parquet parts)")
+    f.add_argument("--base", help="prepared dataset the served model was trained on (dir or built-in name)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -96,7 +100,21 @@ def prepare(args: argparse.Namespace) -> list[tuple[str, LogDataset]]:
             fail("--dataset custom needs --interactions FILE (or 'interactions:' in the --mapping file)")
         ds = load_custom(interactions, mapping, items=items, name=args.name)
         return [(ds.name, ds)]
-    fail(f"unknown --dataset {args.dataset!r}; expected ml-100k, obd or custom")
+    if args.dataset == "feedback":
+        if not (args.feedback_dir and args.base):
+            fail("--dataset feedback needs --feedback-dir DIR and --base DATASET")
+        from pathlib import Path
+
+        from rec_rllib.data.sources import load_feedback
+
+        base = (
+            args.base
+            if Path(args.base, "manifest.json").exists()
+            else dataset_path(args.base, args.data_root)
+        )
+        ds = load_feedback(args.feedback_dir, base, name=args.name)
+        return [(ds.name, ds)]
+    fail(f"unknown --dataset {args.dataset!r}; expected ml-100k, obd, custom or feedback")
     return []
 
 

@@ -115,6 +115,35 @@ def sample_slate(
     return items, props
 
 
+def epsilon_slate(
+    scores: torch.Tensor,
+    k: int,
+    epsilon: float,
+    allowed: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Epsilon-greedy slates: each position is the best remaining item with probability 1 - epsilon, else
+    a uniformly random remaining one. Returns (items [B, k], propensities [B, k]) where propensity[b, j] is
+    the probability of that item at position j given the items above it."""
+    s = _masked(scores.detach().float().clone(), allowed)
+    b, n = s.shape
+    if k > n:
+        raise ValueError(f"k={k} exceeds the number of items {n}")
+    items = torch.zeros(b, k, dtype=torch.long, device=s.device)
+    props = torch.zeros(b, k, dtype=torch.float64, device=s.device)
+    rows = torch.arange(b, device=s.device)
+    for j in range(k):
+        legal = s > NEG_INF / 2
+        n_legal = legal.sum(-1, keepdim=True).clamp(min=1)
+        p = epsilon * legal.double() / n_legal
+        p[rows, s.argmax(-1)] += 1 - epsilon
+        pick = torch.multinomial(p, 1, generator=generator).squeeze(1)
+        items[:, j] = pick
+        props[:, j] = p[rows, pick]
+        s[rows, pick] = NEG_INF
+    return items, props
+
+
 def thompson_propensity(sampled_scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     """[B] frequency with which ``chosen`` is the arg-max across [S, B, n] dropout samples (floored at 1/S)."""
     argmax = sampled_scores.argmax(dim=-1)  # [S, B]

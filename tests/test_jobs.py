@@ -82,11 +82,17 @@ def test_evaluate_rejects_unknown_model(job_env, tmp_path):
 
 
 def test_pipeline_end_to_end_on_embedded_ray(job_env, tmp_path):
-    """The README's main command, as a subprocess: embedded Ray, real data, reports written."""
-    out = run(["jobs.pipeline", "--out", "runs/qs", "--num-cpus", "2"], job_env, tmp_path, timeout=600)
+    """The README's main command, as a subprocess (tiny budgets): embedded Ray, real data, every stage."""
+    tiny = ["--finetune-epochs", "2", "--hidden-size", "32", "--max-len", "30", "--rl-iterations", "2"]
+    cmd = ["jobs.pipeline", "--out", "runs/qs", "--num-cpus", "2", *tiny]
+    out = run(cmd, job_env, tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "runs" / "qs" / "metrics.json").read_text())
     assert abs(metrics["popularity"]["NDCG@10"] - 0.0449) < 0.003
+    assert set(metrics) == {"popularity", "random", "fine-tuned (finetune)", "rl-policy (rl)"}
+    assert (tmp_path / "runs" / "qs" / "rl" / "checkpoint").is_dir()
+    # even two epochs of the text-aware model beat random by far
+    assert metrics["fine-tuned (finetune)"]["HR@10"] > 3 * metrics["random"]["HR@10"]
     assert (tmp_path / "runs" / "qs" / "temporal-test" / "metrics.json").exists()
     assert (tmp_path / "data" / "obd-all" / "manifest.json").exists()
 

@@ -27,7 +27,7 @@ import yaml
 from rec_rllib.columns import Col
 from rec_rllib.data import fetch
 from rec_rllib.data.dataset import LogDataset, build_dataset
-from rec_rllib.data.validate import Checker
+from rec_rllib.data.validate import Checker, DataValidationError, Problem
 
 log = logging.getLogger(__name__)
 
@@ -382,4 +382,72 @@ def load_custom(interactions: str | Path, mapping: ColumnMapping, *, items: str 
         item_frame = pd.DataFrame({Col.ITEM_ID: ids, Col.TEXT: [f"item {i}" for i in ids]})
     source = {"kind": "custom", "path": str(interactions), "mapping": mapping.__dict__, "files": _file_digest(files)}
     return build_dataset(inter, item_frame, name=name or interactions.stem, source=source, timestamp_unit=unit,
+                         **build_kwargs)
+
+
+def load_feedback(feedback_dir: str | Path, base: str | Path, *, name: str | None = None,
+                  **build_kwargs: Any) -> LogDataset:
+    """A new round's dataset: the ``base`` dataset's logs plus the serving feedback log (closing the loop).
+
+    Each feedback row becomes an interaction of its user (anonymous feedback: user ``anon-<request id>``)
+    with the clicked item, its reward, the propensity and position it was shown with, and the logging
+    policy ``<strategy>@<model version>``. Items added at serving time enter the items table with the
+    text they were added with. Timestamps are converted to the base dataset's unit.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base_ds = LogDataset.load(str(base))
+    parts = sorted(Path(feedback_dir).glob("part-*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"{feedback_dir}: no feedback part files (part-*.parquet); serve and send "
+                                "POST /feedback first, and stop the app cleanly so buffers are flushed")
+    fb = pa.concat_tables([pq.read_table(p) for p in parts]).to_pandas()
+    check = Checker(str(feedback_dir), header_lines=None)
+    required = {c: c for c in ("request_id", "timestamp_ms", "user_id", "item_id", "reward", "propensity",
+                               "position", "strategy", "model_version", "item_text")}
+    check.require_columns(fb, required)
+    check.raise_if_any()
+    unit = base_ds.manifest.get("timestamp_unit", "s")
+    per_ms = {"s": 1e-3, "ms": 1.0, "us": 1e3}[unit]
+    items_ix = base_ds.items[Col.ITEM_ID].astype(str)
+    users_ix = base_ds.users[Col.USER_ID].astype(str).to_numpy()
+    inter = base_ds.interactions
+    old = pd.DataFrame({
+        Col.USER_ID: users_ix[inter[Col.USER_IDX].to_numpy()],
+        Col.ITEM_ID: items_ix.to_numpy()[inter[Col.ITEM_IDX].to_numpy()],
+        Col.TIMESTAMP: inter[Col.TIMESTAMP].to_numpy(),
+        Col.REWARD: inter[Col.REWARD].to_numpy(),
+        Col.SOURCE_ROW: inter[Col.SOURCE_ROW].to_numpy(),
+        Col.PROPENSITY: inter[Col.PROPENSITY].to_numpy() if Col.PROPENSITY in inter else np.nan,
+        Col.POSITION: inter[Col.POSITION].to_numpy() if Col.POSITION in inter else -1,
+        Col.POLICY: inter[Col.POLICY].to_numpy() if Col.POLICY in inter else "logged",
+    })  # fmt: skip
+    user = fb["user_id"].where(fb["user_id"].notna() & (fb["user_id"] != ""), "anon-" + fb["request_id"])
+    new = pd.DataFrame({
+        Col.USER_ID: user.astype(str).to_numpy(),
+        Col.ITEM_ID: fb["item_id"].astype(str).to_numpy(),
+        Col.TIMESTAMP: (fb["timestamp_ms"].astype(np.int64) * per_ms).astype(np.int64).to_numpy(),
+        Col.REWARD: fb["reward"].astype(np.float32).to_numpy(),
+        Col.SOURCE_ROW: int(old[Col.SOURCE_ROW].max()) + 1 + np.arange(len(fb)),
+        Col.PROPENSITY: fb["propensity"].astype(np.float64).to_numpy(),
+        Col.POSITION: fb["position"].astype(np.int16).to_numpy(),
+        Col.POLICY: (fb["strategy"].astype(str) + "@" + fb["model_version"].astype(str)).to_numpy(),
+    })  # fmt: skip
+    bad = ~np.isfinite(new[Col.PROPENSITY]) | (new[Col.PROPENSITY] <= 0) | (new[Col.PROPENSITY] > 1)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataValidationError([Problem(file=str(feedback_dir), field="propensity",
+                                           message=f"propensity {new[Col.PROPENSITY].iloc[row]!r} not in (0, 1]",
+                                           fix="feedback rows come from the serving app; do not edit them",
+                                           rows=[row], n_rows=int(bad.sum()), header_lines=None)])
+    items = base_ds.items[[Col.ITEM_ID, Col.TEXT]].assign(**{Col.ITEM_ID: items_ix})
+    added = fb.loc[~fb["item_id"].astype(str).isin(set(items_ix)), ["item_id", "item_text"]].drop_duplicates("item_id")
+    if len(added):
+        items = pd.concat([items, added.rename(columns={"item_id": Col.ITEM_ID, "item_text": Col.TEXT})],
+                          ignore_index=True)
+    source = {"kind": "feedback", "base": str(base), "base_content_hash": base_ds.manifest.get("content_hash"),
+              "feedback_dir": str(feedback_dir), "feedback_rows": len(fb), "files": _file_digest(parts)}
+    return build_dataset(pd.concat([old, new], ignore_index=True), items,
+                         name=name or f"{base_ds.name}+feedback", source=source, timestamp_unit=unit,
                          **build_kwargs)

@@ -29,7 +29,7 @@ PAD, BOS, OFFSET = Tokens.PAD, Tokens.BOS, Tokens.OFFSET
 class ModelConfig:
     """Architecture of :class:`TextSeqRec`. Defaults train on a laptop CPU."""
 
-    hidden_size: int = 64
+    hidden_size: int = 128
     """Width of item embeddings and of the sequence transformer."""
     num_layers: int = 2
     """Transformer blocks of the sequence encoder."""
@@ -37,7 +37,7 @@ class ModelConfig:
     """Attention heads (must divide ``hidden_size``)."""
     max_len: int = 200
     """Most recent items the encoder reads (plus the [BOS] token)."""
-    dropout: float = 0.3
+    dropout: float = 0.4
     """Dropout on embeddings, attention and feed-forward layers."""
     attention: str = "causal"
     """``causal`` (SASRec: position t sees items <= t) or ``bidirectional`` (user state from the last position)."""

@@ -152,7 +152,7 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
     def compute_values(self, batch: dict[str, Any], embeddings: Any = None) -> torch.Tensor:
         if embeddings is None:
             _, embeddings = self._logits_and_state(batch)
-        return self.value_head(embeddings).squeeze(-1)
+        return self.value_head(embeddings.detach()).squeeze(-1)
 
     @override(TargetNetworkAPI)
     def make_target_networks(self) -> None:

@@ -1,0 +1,201 @@
+"""Serve the trained policy over HTTP (Ray Serve) on 127.0.0.1, on an embedded local Ray or a cluster.
+
+Examples::
+
+    python -m jobs.serve --model runs/quickstart/rl/checkpoint          # until Ctrl-C
+    python -m jobs.serve --model runs/quickstart/finetune --smoke       # one sample request, then stop
+    python -m jobs.serve --model runs/qs/rl/checkpoint --num-gpus 1 --scorer-gpus 0.25 --scorer-replicas 4
+    serve run serving/config.yaml                                        # the same app from a Serve config
+
+Then, from another shell::
+
+    curl -s -X POST http://127.0.0.1:8000/recommend -H 'content-type: application/json' \\
+         -d '{"user": "196", "k": 5, "explain": true}'
+
+What to expect: the endpoint answers within a minute of start (model and text encoder load once per
+replica); feedback (``POST /feedback``) lands as Parquet parts under ``--feedback-dir``, which
+``python -m jobs.prepare --dataset feedback --feedback-dir ...`` turns into a dataset for the next round.
+Ctrl-C (or ``--seconds``) stops the app cleanly: buffered feedback is flushed first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from jobs._common import fail, setup_logging
+
+log = logging.getLogger("jobs.serve")
+APP_NAME = "rec"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", required=True, help="fine-tuned run directory or RLlib checkpoint")
+    p.add_argument("--dataset", help="prepared dataset directory (default: the one the model was trained on)")
+    p.add_argument("--data-root", help="root of prepared datasets (default: $REC_RLLIB_DATA or ./data)")
+    p.add_argument("--feedback-dir", default="runs/serve/feedback")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", help="Ray address ('auto' on a cluster); default: an embedded local Ray")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
+    p.add_argument("--num-gpus", type=float, default=None, help="(logical) GPUs of the embedded local Ray")
+    p.add_argument("--ingress-replicas", type=int, default=1)
+    p.add_argument("--scorer-replicas", type=int, default=1)
+    p.add_argument("--scorer-gpus", type=float, default=0.0, help="GPU fraction per scorer replica")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--batch-wait-ms", type=float, default=2.0)
+    p.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="replicas answer HTTP themselves (RAY_SERVE_ENABLE_DIRECT_INGRESS=1; embedded Ray only)",
+    )
+    p.add_argument("--smoke", action="store_true", help="send one sample request, print it, stop")
+    p.add_argument("--seconds", type=float, default=None, help="serve this long, then stop (default: Ctrl-C)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def resolve_dataset(model: str, dataset: str | None, data_root: str | None) -> str:
+    """The dataset directory: given, or the one recorded in the model's run config."""
+    if dataset:
+        return dataset
+    from rec_rllib.data.catalog import dataset_path
+
+    run = Path(model)
+    if (run / "rl_config.json").exists() or run.name == "checkpoint":
+        cfg_file = run.parent / "rl_config.json"
+        if cfg_file.exists():
+            return json.loads(cfg_file.read_text())["env"]["dataset"]
+    cfg_file = run / "config.json"
+    if cfg_file.exists():
+        meta = json.loads(cfg_file.read_text()).get("dataset", {})
+        ref = meta.get("ref") or meta.get("name")
+        if ref:
+            return ref if Path(ref, "manifest.json").exists() else dataset_path(ref, data_root)
+    fail(f"cannot tell which dataset {model} was trained on; pass --dataset")
+    return ""
+
+
+def start(app_args: dict[str, Any], port: int) -> str:
+    """Deploy the app on the connected Ray (HTTP on 127.0.0.1:port); returns the base URL when ready."""
+    from ray import serve
+
+    from serving.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(app_args), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=10) as r:
+                if r.status == 200:
+                    return url
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise TimeoutError(f"{url}/healthz did not answer within 5 minutes")
+        time.sleep(0.5)
+
+
+def stop(state_name: str | None = None) -> None:
+    """Delete the app (replicas flush their feedback buffers) and the shared state actor."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    from serving.app import shutdown_state
+    from serving.state import STATE_ACTOR
+
+    with contextlib.suppress(RayServeException):  # already stopped
+        serve.delete(APP_NAME)  # replicas run __del__: feedback buffers are flushed
+    serve.shutdown()
+    shutdown_state(state_name or STATE_ACTOR)
+
+
+def sample_request(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    req = urllib.request.Request(
+        url + "/recommend", data=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def sample_user(dataset: str) -> str:
+    from serving.catalog import ServingCatalog
+
+    return next(iter(ServingCatalog.from_dataset(dataset).user_histories))
+
+
+def serve_until_stopped(seconds: float | None) -> None:
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait(seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if not Path(args.model).exists():
+        fail(f"--model {args.model} does not exist (a jobs.finetune run dir or a jobs.train checkpoint)")
+    dataset = str(Path(resolve_dataset(args.model, args.dataset, args.data_root)).resolve())
+    import ray
+
+    started_here = args.address is None
+    if started_here:
+        if args.direct_ingress:
+            os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+        ray.init(
+            address="local",
+            num_cpus=args.num_cpus,
+            num_gpus=args.num_gpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+    else:
+        ray.init(address=args.address, logging_level=logging.WARNING)
+    app_args = {
+        "model": args.model,
+        "dataset": dataset,
+        "feedback_dir": args.feedback_dir,
+        "ingress_replicas": args.ingress_replicas,
+        "scorer_replicas": args.scorer_replicas,
+        "scorer_gpus": args.scorer_gpus,
+        "max_batch_size": args.max_batch_size,
+        "batch_wait_timeout_s": args.batch_wait_ms / 1000,
+    }
+    try:
+        url = start(app_args, args.port)
+        body = {"user": sample_user(dataset), "k": 5, "explain": True}
+        answer = sample_request(url, body)
+        print(f"serving {answer['model_version']} at {url}  (docs: {url}/docs)")
+        print(
+            "sample request:\n  curl -s -X POST " + url + "/recommend -H 'content-type: application/json' \\"
+        )
+        print(f"       -d '{json.dumps(body)}'")
+        for it in answer["items"]:
+            why = "; ".join(b["text"] for b in it.get("because") or [])
+            print(f"  {it['item_id']:>6}  {it['text'][:60]:60}  because: {why[:60]}")
+        if not args.smoke:
+            print("serving until Ctrl-C" if args.seconds is None else f"serving for {args.seconds:.0f}s")
+            serve_until_stopped(args.seconds)
+    finally:
+        stop()
+        if started_here:
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,355 @@
+"""The Serve application: a FastAPI ingress in front of the model deployment, plus shared live state.
+
+    serve run serving/config.yaml                  # the Serve config (replicas, GPUs, autoscaling, batching)
+    python -m jobs.serve --model runs/qs/finetune  # embedded local Ray, same app
+
+Endpoints: ``POST /recommend``, ``POST /query``, ``POST /feedback``, ``POST /items``, ``GET /healthz``
+(bodies: :mod:`serving.schemas`). Bad input gets a 4xx whose message says what to send instead.
+
+No ``from __future__ import annotations`` here: FastAPI must see the request models as real classes in
+the ingress methods' signatures (string annotations make it read them as query parameters).
+"""
+
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serving.catalog import ServingCatalog
+from serving.feedback import FeedbackLog
+from serving.schemas import (
+    FeedbackRequest,
+    NewItemRequest,
+    QueryRequest,
+    RecommendRequest,
+    RecommendResponse,
+)
+from serving.scorer import PolicyScorer, ScorerInputError
+from serving.state import STATE_ACTOR, live_state, shutdown_state
+
+log = logging.getLogger("ray.serve")
+
+MAX_BODY_BYTES = 256 * 1024
+
+api = FastAPI(title="rec-rllib", description="Recommendations from the RL-trained transformer policy.")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, **extra: Any):
+        super().__init__(message)
+        self.status, self.message, self.extra = status, message, extra
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse({"error": exc.message, **exc.extra}, status_code=exc.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = [
+        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+        for e in exc.errors()
+    ]
+    return JSONResponse(
+        {"error": "invalid request: " + "; ".join(problems), "see": "/docs for the request schemas"},
+        status_code=422,
+    )
+
+
+@api.middleware("http")
+async def _limit_body(request: Request, call_next):
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+        return JSONResponse(
+            {"error": f"request body over {MAX_BODY_BYTES} bytes; send at most {MAX_BODY_BYTES}"},
+            status_code=413,
+        )
+    return await call_next(request)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128)
+@serve.ingress(api)
+class RecIngress:
+    """HTTP in, validation, live state and feedback logging; scoring is the model deployment's."""
+
+    def __init__(
+        self,
+        scorer: DeploymentHandle,
+        dataset: str,
+        feedback_dir: str,
+        state_name: str = STATE_ACTOR,
+        flush_rows: int = 256,
+        flush_seconds: float = 5.0,
+    ):
+        self.scorer = scorer
+        self.catalog = ServingCatalog.from_dataset(dataset)
+        self._base_items = self.catalog.n_items
+        self.state = live_state(state_name)
+        self.synced = 0
+        self.feedback = FeedbackLog(feedback_dir, max_rows=flush_rows, max_seconds=flush_seconds)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self._stop = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_loop, daemon=True)
+        self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(0.5):
+            if self.feedback.due():
+                try:
+                    self.feedback.flush()
+                except Exception:  # keep serving; the rows stay buffered for the next try
+                    log.exception("feedback flush failed")
+
+    def __del__(self) -> None:
+        self._stop.set()
+        self.feedback.flush()
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    async def _sync(self, version: int) -> None:
+        if version > self.synced:
+            added, current = await self.state.items_since.remote(self.catalog.n_items - self._base_items)
+            for a in added:
+                self.catalog.add(a["item_id"], a["text"])
+            self.synced = current
+
+    async def _context(self, req: RecommendRequest | QueryRequest) -> tuple[list[int], list[str], int]:
+        session, version = await self.state.context.remote(req.user)
+        await self._sync(version)
+        if req.history is not None:
+            ids = list(req.history) + session
+        elif req.user is not None:
+            logged = self.catalog.user_histories.get(req.user)
+            if logged is None and not session:
+                raise ApiError(
+                    404,
+                    f"unknown user {req.user!r}: send a history (item ids, oldest first; [] for a new user) "
+                    "with or instead of the user id",
+                )
+            ids = [self.catalog.item_ids[i] for i in (logged if logged is not None else [])] + session
+        else:
+            raise ApiError(
+                422, "send a known `user` id, a `history` of item ids, or both ([] for a new user)"
+            )
+        known, unknown = self.catalog.indices(ids)
+        if unknown:
+            raise ApiError(
+                422,
+                f"unknown item ids in history: {unknown[:10]}; use ids of the catalogue or POST /items first",
+            )
+        if req.k > self.catalog.n_items:
+            raise ApiError(
+                422, f"k={req.k} exceeds the catalogue ({self.catalog.n_items} items); send k <= that"
+            )
+        return known, ids, version
+
+    async def _answer(self, req, result: dict[str, Any], history_ids: list[str]) -> RecommendResponse:
+        request_id = uuid.uuid4().hex
+        shown = [self.catalog.item_ids[i] for i in result["items"]]
+        await self.state.log_impression.remote(
+            request_id,
+            {
+                "user_id": req.user,
+                "history": history_ids[-200:],
+                "shown": shown,
+                "propensities": result["propensities"],
+                "model_version": result["model_version"],
+                "strategy": result["strategy"],
+                "time": time.time(),
+            },
+        )
+        items = []
+        for j, (idx, iid) in enumerate(zip(result["items"], shown, strict=True)):
+            because = None
+            if result.get("because") is not None:
+                because = [
+                    {
+                        "item_id": self.catalog.item_ids[h],
+                        "text": self.catalog.texts[h],
+                        "similarity": round(s, 4),
+                    }
+                    for h, s in result["because"][j]
+                ]
+            items.append({
+                "item_id": iid,
+                "text": self.catalog.texts[idx],
+                "score": result["scores"][j],
+                "propensity": result["propensities"][j],
+                "because": because,
+            })  # fmt: skip
+        return RecommendResponse(
+            request_id=request_id,
+            model_version=result["model_version"],
+            user=req.user,
+            strategy=result["strategy"],
+            cold_start=result["cold_start"],
+            items=items,
+            served_by={"ingress": self.replica, "scorer": result["replica"]},
+        )
+
+    # -- endpoints -----------------------------------------------------------------------------------------
+    @api.post("/recommend", response_model=RecommendResponse)
+    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+        history, ids, version = await self._context(req)
+        payload = {
+            "history": history,
+            "k": req.k,
+            "exclude_seen": req.exclude_seen,
+            "strategy": req.exploration,
+            "epsilon": req.epsilon,
+            "temperature": req.temperature,
+            "explain": req.explain,
+            "catalog_version": version,
+        }
+        result = await self._call(self.scorer.recommend.remote(payload))
+        return await self._answer(req, result, ids)
+
+    @api.post("/query", response_model=RecommendResponse)
+    async def query(self, req: QueryRequest) -> RecommendResponse:
+        if req.user is None and req.history is None:
+            req = req.model_copy(update={"history": []})
+        history, ids, version = await self._context(req)
+        payload = {
+            "text": req.text,
+            "history": history,
+            "k": req.k,
+            "exclude_seen": req.exclude_seen,
+            "strategy": req.exploration,
+            "epsilon": req.epsilon,
+            "temperature": req.temperature,
+            "query_weight": req.query_weight if history else 1.0,
+            "explore_cold": False,
+            "catalog_version": version,
+        }
+        result = await self._call(self.scorer.query.remote(payload))
+        return await self._answer(req, result, ids)
+
+    @api.post("/feedback")
+    async def feedback(self, req: FeedbackRequest) -> dict[str, Any]:
+        out = await self.state.feedback.remote(req.request_id, req.item_id, req.reward)
+        if out["status"] == "unknown_request":
+            raise ApiError(
+                404,
+                f"unknown or expired request_id {req.request_id!r}; send one returned by /recommend or /query",
+            )
+        if out["status"] == "not_shown":
+            raise ApiError(
+                422, f"item {req.item_id!r} was not shown in that answer; send one of {out['shown']}"
+            )
+        imp = out["impression"]
+        position = imp["shown"].index(req.item_id)
+        self.feedback.append({
+            "request_id": req.request_id,
+            "timestamp_ms": int(time.time() * 1000),
+            "user_id": imp["user_id"],
+            "history": imp["history"],
+            "shown": imp["shown"],
+            "shown_propensities": imp["propensities"],
+            "item_id": req.item_id,
+            "item_text": self.catalog.texts[self.catalog.item_index[req.item_id]]
+            if req.item_id in self.catalog.item_index
+            else "",
+            "position": position,
+            "propensity": imp["propensities"][position],
+            "reward": req.reward,
+            "model_version": imp["model_version"],
+            "strategy": imp["strategy"],
+        })  # fmt: skip
+        return {
+            "logged": True,
+            "position": position,
+            "live_history_extended": bool(req.reward > 0 and imp["user_id"]),
+        }
+
+    @api.post("/items", status_code=201)
+    async def add_item(self, req: NewItemRequest) -> dict[str, Any]:
+        _, version = await self.state.context.remote(None)
+        await self._sync(version)
+        if req.item_id in self.catalog.item_index:
+            raise ApiError(409, f"item id {req.item_id!r} exists; choose a new id")
+        embedding = await self._call(self.scorer.embed_text.remote(req.text))
+        try:
+            version = await self.state.add_item.remote(req.item_id, req.text, np.asarray(embedding))
+        except Exception as e:  # the id was taken by a concurrent request
+            raise ApiError(409, f"item id {req.item_id!r} exists; choose a new id") from e
+        await self._sync(version)
+        return {"item_id": req.item_id, "catalog_version": version, "items": self.catalog.n_items}
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        info = await self._call(self.scorer.info.remote())
+        return {"status": "ok", "ingress": self.replica, **info, "catalog_items": self.catalog.n_items}
+
+    async def _call(self, response):
+        try:
+            return await response
+        except ScorerInputError as e:
+            raise ApiError(422, str(e).splitlines()[-1]) from e
+        except Exception as e:  # a replica restarting, ...: retryable, never a 500
+            log.exception("scorer call failed")
+            raise ApiError(503, f"scorer unavailable ({type(e).__name__}); retry shortly") from e
+
+
+class AppArgs(BaseModel):
+    """Arguments of :func:`build_app` (the Serve config's ``args``)."""
+
+    model: str = Field(..., description="fine-tuned run directory or RLlib checkpoint")
+    dataset: str = Field(..., description="prepared dataset directory the model was trained on")
+    feedback_dir: str = Field("runs/serve/feedback", description="where feedback Parquet parts go")
+    state_name: str = STATE_ACTOR
+    ingress_replicas: int = Field(1, ge=1)
+    scorer_replicas: int = Field(1, ge=1, description="fixed replica count (ignored with autoscaling)")
+    scorer_gpus: float = Field(0.0, ge=0.0, le=1.0, description="GPU fraction per scorer replica")
+    scorer_cpus: float = Field(1.0, ge=0.0)
+    autoscaling: dict[str, Any] | None = Field(None, description="Serve autoscaling_config of the scorer")
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.002, ge=0.0)
+    flush_rows: int = Field(256, ge=1)
+    flush_seconds: float = Field(5.0, gt=0.0)
+
+
+def build_app(args: dict[str, Any] | AppArgs):
+    """Application builder (``import_path: serving.app:build_app`` in a Serve config).
+
+    Options a Serve config sets per deployment (``deployments:``) override these arguments.
+    """
+    a = args if isinstance(args, AppArgs) else AppArgs(**args)
+    model = str(Path(a.model).resolve())
+    dataset = str(Path(a.dataset).resolve())
+    scorer_opts: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": a.scorer_cpus, "num_gpus": a.scorer_gpus},
+        "user_config": {
+            "model_path": model,
+            "max_batch_size": a.max_batch_size,
+            "batch_wait_timeout_s": a.batch_wait_timeout_s,
+        },
+    }
+    if a.autoscaling:
+        scorer_opts["autoscaling_config"] = a.autoscaling
+    else:
+        scorer_opts["num_replicas"] = a.scorer_replicas
+    scorer = PolicyScorer_deployment.options(**scorer_opts).bind(model, dataset, a.state_name)
+    return RecIngress.options(num_replicas=a.ingress_replicas).bind(
+        scorer, dataset, str(Path(a.feedback_dir).resolve()), a.state_name, a.flush_rows, a.flush_seconds
+    )
+
+
+PolicyScorer_deployment = serve.deployment(
+    PolicyScorer,
+    name="PolicyScorer",
+    ray_actor_options={"num_cpus": 1, "num_gpus": 0},
+    max_ongoing_requests=64,
+    user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.002},
+)
+
+__all__ = ["AppArgs", "RecIngress", "api", "build_app", "shutdown_state"]

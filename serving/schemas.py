@@ -1,0 +1,88 @@
+"""Request and response bodies of the HTTP API (pydantic). Unknown fields are refused, with their names."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_HISTORY = 2_000
+MAX_TEXT = 2_000
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Exploration(_Strict):
+    exploration: Literal["greedy", "epsilon", "boltzmann"] = Field(
+        "greedy", description="greedy (propensity 1), epsilon (epsilon-greedy) or boltzmann (softmax / T)"
+    )
+    epsilon: float = Field(0.1, ge=0.0, le=1.0, description="exploration probability of `epsilon`")
+    temperature: float = Field(1.0, gt=0.0, le=100.0, description="temperature of `boltzmann`")
+
+
+class RecommendRequest(Exploration):
+    user: str | None = Field(None, max_length=200, description="a known user id (logged or live session)")
+    history: list[str] | None = Field(
+        None, max_length=MAX_HISTORY, description="item ids, oldest first; [] for a brand-new user"
+    )
+    k: int = Field(10, ge=1, description="how many items (at most the catalogue size)")
+    exclude_seen: bool = True
+    explain: bool = Field(False, description="per item, the history items that contributed most")
+
+
+class QueryRequest(Exploration):
+    text: str = Field(..., min_length=1, max_length=MAX_TEXT, description="what the user is looking for")
+    user: str | None = Field(None, max_length=200)
+    history: list[str] | None = Field(None, max_length=MAX_HISTORY)
+    k: int = Field(10, ge=1)
+    exclude_seen: bool = True
+    query_weight: float = Field(
+        0.8, ge=0.0, le=1.0, description="weight of the text match vs. the history (when there is one)"
+    )
+
+
+class FeedbackRequest(_Strict):
+    request_id: str = Field(
+        ..., min_length=1, max_length=64, description="from a /recommend or /query answer"
+    )
+    item_id: str = Field(..., min_length=1, max_length=200, description="one of the items that answer showed")
+    reward: float = Field(..., description="click = 1, rating, ...; > 0 extends the user's live history")
+
+    @field_validator("reward")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("reward must be a finite number")
+        return v
+
+
+class NewItemRequest(_Strict):
+    item_id: str = Field(..., min_length=1, max_length=200, description="a new, unused item id")
+    text: str = Field(..., min_length=1, max_length=MAX_TEXT, description='e.g. "Title (2031) | Genre|Genre"')
+
+
+class Because(BaseModel):
+    item_id: str
+    text: str
+    similarity: float
+
+
+class ShownItem(BaseModel):
+    item_id: str
+    text: str
+    score: float
+    propensity: float = Field(description="probability that the policy showed this item at this position")
+    because: list[Because] | None = None
+
+
+class RecommendResponse(BaseModel):
+    request_id: str
+    model_version: str
+    user: str | None
+    strategy: str
+    cold_start: bool
+    items: list[ShownItem]
+    served_by: dict[str, str]

@@ -1,0 +1,225 @@
+"""The model deployment: loads a fine-tuned run or an RLlib checkpoint once, scores batches of requests.
+
+It runs on CUDA when Ray assigned it a GPU (``ray_actor_options={"num_gpus": 0.25}`` lets four replicas
+share one) and on the CPU otherwise, with no code change. Requests are batched with ``@serve.batch``;
+batch size and wait come from ``user_config`` (``reconfigure``), as does the model path, so a new model
+version rolls out replica by replica without a redeploy.
+
+Per request it returns the top-``k`` slate under the requested exploration (greedy, epsilon-greedy,
+Boltzmann; the shared :mod:`rec_rllib.explore` module) with the propensity of each shown item, and
+optionally, per item, the history items that contributed most (cosine similarity of the model's item
+vectors: "because you watched X").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ray import serve
+
+from rec_rllib.explore import ExplorationConfig, behaviour_log_probs, epsilon_slate, sample_slate
+from rec_rllib.models.seqrec import TextSeqRec, pad_histories
+from serving.catalog import ServingCatalog
+
+log = logging.getLogger("ray.serve")
+
+
+class ScorerInputError(ValueError):
+    """A request the model cannot answer as asked (the ingress turns it into a 4xx)."""
+
+
+DEFAULT_BATCH = {"max_batch_size": 16, "batch_wait_timeout_s": 0.002}
+
+
+def load_serving_model(path: str, device: str) -> tuple[TextSeqRec, str]:
+    """A fine-tuned run directory or an RLlib checkpoint -> (the TextSeqRec, a version string)."""
+    from rec_rllib.models.run import is_run_dir, load_run
+    from rec_rllib.rl.policy import MODULE_SUBDIR, is_rl_checkpoint, load_policy_module
+
+    p = Path(path)
+    if is_run_dir(p):
+        model, _ = load_run(p, device=device)
+        weights = p / "model.safetensors"
+    elif is_rl_checkpoint(p):
+        model = load_policy_module(p).net.to(device).eval()
+        weights = next(iter(sorted((p / MODULE_SUBDIR).glob("*.pt*"))), p / MODULE_SUBDIR)
+    else:
+        raise ValueError(f"{path}: neither a fine-tuned run directory nor an RLlib checkpoint")
+    digest = hashlib.sha256()
+    if weights.is_file():
+        with open(weights, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    else:
+        digest.update(str(p.resolve()).encode())
+    return model, f"{p.resolve().name if p.name != 'checkpoint' else p.parent.name}-{digest.hexdigest()[:10]}"
+
+
+class PolicyScorer:
+    """Serve deployment class (options are applied by :func:`serving.app.build_app`)."""
+
+    def __init__(self, model_path: str, dataset: str, state_actor: str | None = None):
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.catalog = ServingCatalog.from_dataset(dataset)
+        self.popularity = torch.as_tensor(np.log1p(self.catalog.popularity), dtype=torch.float32)
+        self._load(model_path)
+        self._encoder = None
+        self._added: list[dict[str, Any]] = []
+        self._state_name = state_actor
+        self._state = None
+        self.catalog_version = 0
+        self.batch = dict(DEFAULT_BATCH)
+
+    # -- configuration ---------------------------------------------------------------------------------------
+    def _load(self, model_path: str) -> None:
+        model, version = load_serving_model(model_path, self.device)
+        if model.n_items < self.catalog.n_items - len(getattr(self, "_added", [])):
+            raise ValueError(
+                f"{model_path} scores {model.n_items} items; the dataset has {self.catalog.n_items}"
+            )
+        for a in getattr(self, "_added", []):  # items added at run time survive a model roll
+            model.add_items(torch.as_tensor(a["embedding"])[None].to(self.device))
+        self.model, self.model_path, self.model_version = model, model_path, version
+        with torch.no_grad():
+            self._refresh_items()
+
+    def _refresh_items(self) -> None:
+        self.items = self.model.item_matrix().detach()
+        self.items_unit = torch.nn.functional.normalize(self.items, dim=-1)
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        batch = {k: config[k] for k in DEFAULT_BATCH if k in config}
+        self.batch.update(batch)
+        self._score_batch.set_max_batch_size(int(self.batch["max_batch_size"]))
+        self._score_batch.set_batch_wait_timeout_s(float(self.batch["batch_wait_timeout_s"]))
+        path = config.get("model_path")
+        if path and path != self.model_path:
+            self._load(path)
+            log.info("now serving %s (%s)", self.model_version, path)
+
+    # -- shared state ---------------------------------------------------------------------------------------
+    async def _sync_items(self, version: int) -> None:
+        if version <= self.catalog_version or not self._state_name:
+            return
+
+        if self._state is None:
+            from serving.state import live_state
+
+            self._state = live_state(self._state_name)
+        added, current = await self._state.items_since.remote(len(self._added))
+        for a in added:
+            self._added.append(a)
+            self.catalog.add(a["item_id"], a["text"])
+            self.model.add_items(torch.as_tensor(a["embedding"])[None].to(self.device))
+            self.popularity = torch.cat([self.popularity, torch.zeros(1)])
+        if added:
+            with torch.no_grad():
+                self._refresh_items()
+        self.catalog_version = current
+
+    def encoder(self):
+        if self._encoder is None:
+            from rec_rllib.models.text import TextEncoder
+
+            cfg = self.model.cfg
+            if cfg.text_model is None:
+                raise ScorerInputError(
+                    "this model has no text encoder (id-only); queries and new items need a text model"
+                )
+            self._encoder = TextEncoder(cfg.text_model, max_length=cfg.text_max_length, device=self.device)
+        return self._encoder
+
+    async def embed_text(self, text: str) -> np.ndarray:
+        return self.encoder().encode([text])[0].cpu().numpy()
+
+    # -- requests ---------------------------------------------------------------------------------------
+    async def recommend(self, request: dict[str, Any]) -> dict[str, Any]:
+        await self._sync_items(int(request.get("catalog_version", 0)))
+        return await self._score_batch(request)
+
+    async def query(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Natural-language query: cosine similarity in the text encoder's space (+ the history's scores)."""
+        await self._sync_items(int(request.get("catalog_version", 0)))
+        q = self.encoder().encode([request["text"]])[0].to(self.device)
+        text = torch.nn.functional.normalize(self.model.item_text_embeddings().detach(), dim=-1)
+        request = {**request, "query_scores": (text @ q).float()}
+        return await self._score_batch(request)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model_version": self.model_version,
+            "model_path": self.model_path,
+            "device": self.device,
+            "items": self.model.n_items,
+            "batch": self.batch,
+        }
+
+    @serve.batch(
+        max_batch_size=DEFAULT_BATCH["max_batch_size"],
+        batch_wait_timeout_s=DEFAULT_BATCH["batch_wait_timeout_s"],
+    )
+    async def _score_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        with torch.inference_mode():
+            tokens, lengths = pad_histories(
+                [r["history"] for r in requests], self.model.cfg.max_len, self.device
+            )
+            state = self.model.user_state(tokens, lengths, self.items)
+            scores = self.model.scores_from_state(state, self.items).float()
+            return [self._slate(r, scores[i]) for i, r in enumerate(requests)]
+
+    def _slate(self, r: dict[str, Any], scores: torch.Tensor) -> dict[str, Any]:
+        n = scores.shape[0]
+        history = torch.as_tensor(r["history"], dtype=torch.long, device=scores.device)
+        cold = len(r["history"]) == 0
+        if cold:  # no evidence about the user: blend the model's prior with popularity
+            scores = scores + self.popularity[:n].to(scores.device)
+        if "query_scores" in r:
+            q = r["query_scores"].to(scores.device)
+            weight = float(r.get("query_weight", 1.0))
+            z = (scores - scores.mean()) / scores.std().clamp(min=1e-6)
+            scores = (1 - weight) * z + weight * (q - q.mean()) / q.std().clamp(min=1e-6)
+        allowed = torch.ones(n, dtype=torch.bool, device=scores.device)
+        if r.get("exclude_seen", True) and len(history):
+            allowed[history] = False
+        k = min(int(r["k"]), int(allowed.sum()))
+        strategy = r.get("strategy", "greedy")
+        if strategy == "greedy" and cold and r.get("explore_cold", True):
+            strategy = "boltzmann"  # a new user gets an explored list
+        masked = scores.masked_fill(~allowed, -torch.inf)
+        if strategy == "greedy":
+            top = torch.topk(masked, k)
+            items, props = top.indices, torch.ones(k, dtype=torch.float64)
+        elif strategy == "epsilon":
+            items, props = epsilon_slate(scores[None], k, float(r.get("epsilon", 0.1)), allowed[None])
+            items, props = items[0], props[0]
+        else:
+            t = float(r.get("temperature", 1.0))
+            cfg = ExplorationConfig(strategy="boltzmann", temperature=t, temperature_final=t)
+            items, props = sample_slate(behaviour_log_probs(scores[None], cfg, allowed=allowed[None]), k)
+            items, props = items[0], props[0]
+        out: dict[str, Any] = {
+            "items": items.cpu().tolist(),
+            "scores": scores[items].cpu().tolist(),
+            "propensities": props.cpu().tolist(),
+            "strategy": strategy,
+            "cold_start": cold,
+            "model_version": self.model_version,
+            "replica": serve.get_replica_context().replica_id.unique_id,
+        }
+        if r.get("explain") and len(history):
+            recent = history[-self.model.cfg.max_len :]
+            sim = self.items_unit[items] @ self.items_unit[recent].T  # [k, h]
+            top = torch.topk(sim, min(2, sim.shape[1]), dim=1)
+            out["because"] = [
+                [(int(recent[j]), float(s)) for j, s in zip(idx.tolist(), val.tolist(), strict=True)]
+                for idx, val in zip(top.indices, top.values, strict=True)
+            ]
+        return out
