@@ -18,6 +18,9 @@ Stages (``--stages`` picks a subset, in this order):
    ``<out>/rl`` (checkpoint in ``<out>/rl/checkpoint``).
 4. ``evaluate``: baselines, the fine-tuned model and the RL policy on the leave-one-out test and
    validation users and the global temporal split, one Ray task per (model, split).
+5. ``serve``: the RL policy (else the fine-tuned model) behind Ray Serve on http://127.0.0.1:``--port``;
+   a sample request is answered and printed with the ``curl`` line to repeat it; the endpoint stays up
+   until Ctrl-C (or ``--serve-seconds``), then stops cleanly (feedback flushed to ``<out>/feedback``).
 
 What to expect with the defaults on 2 cores: about 12 minutes; ``<out>/report.md`` with popularity at
 HR@10 0.086 / NDCG@10 0.045 and the fine-tuned model near HR@10 0.19 / NDCG@10 0.10 (8-minute budget;
@@ -27,7 +30,9 @@ the 15-minute budget of jobs.finetune reaches 0.20 / 0.11).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -39,7 +44,7 @@ from rec_rllib.models import BASELINES
 
 log = logging.getLogger("jobs.pipeline")
 
-STAGES = ("prepare", "finetune", "train", "evaluate")
+STAGES = ("prepare", "finetune", "train", "evaluate", "serve")
 EVAL_SETTINGS = (
     (SplitScheme.LEAVE_ONE_OUT, "test"),
     (SplitScheme.LEAVE_ONE_OUT, "valid"),
@@ -68,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-len", type=int, default=None, help="history length the model reads")
     g.add_argument("--rl-iterations", type=int, default=20, help="APPO iterations")
     g.add_argument("--gpus", type=float, default=0.0, help="GPUs for fine-tuning and the RL learner")
+    g.add_argument("--port", type=int, default=8000, help="HTTP port of the Serve endpoint (127.0.0.1)")
+    g.add_argument("--serve-seconds", type=float, default=None, help="serve this long (default: Ctrl-C)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -95,7 +102,54 @@ def _finetune_task(dataset, out: str, args: argparse.Namespace) -> dict:
         epochs=args.finetune_epochs, max_minutes=args.finetune_minutes, progress=False, threads=args.num_cpus
     )
     result = finetune(dataset, model, cfg, out)
-    return {"test": result.test, "epochs_run": result.epochs_run, "seconds": result.seconds}
+    return {"test": result.test_metrics, "epochs_run": result.epochs_run, "seconds": result.seconds}
+
+
+def _write_reports(out: Path, ml, models: list[str], results: dict) -> None:
+    names = {m: _label(m) for m in models}
+    for scheme, split in EVAL_SETTINGS:
+        table = {names[m]: results[(m, scheme, split)] for m in models}
+        sub = out if (scheme, split) == EVAL_SETTINGS[0] else out / f"{scheme}-{split}"
+        write_report(
+            sub,
+            table,
+            title=f"ml-100k: {scheme} / {split}",
+            notes=[
+                f"full ranking over {ml.n_items} items, history excluded",
+                f"dataset content {ml.manifest['content_hash']}",
+            ],
+        )
+        print(f"\n## ml-100k {scheme}/{split}\n{markdown_table(table)}", flush=True)
+    print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}", flush=True)
+
+
+def _serve(args: argparse.Namespace, out: Path, ft_dir: Path, rl_dir: Path) -> None:
+    from jobs.serve import sample_request, sample_user, serve_until_stopped, start, stop
+
+    model = rl_dir / "checkpoint" if (rl_dir / "checkpoint").is_dir() else ft_dir
+    if not model.exists():
+        fail(f"serve: no model in {out} (run the finetune and train stages first)")
+    dataset = str(Path(dataset_path("ml-100k", args.data_root)).resolve())
+    try:
+        url = start(
+            {"model": str(model), "dataset": dataset, "feedback_dir": str(out / "feedback")}, args.port
+        )
+        body = {"user": sample_user(dataset), "k": 5, "explain": True}
+        answer = sample_request(url, body)
+        print(f"\nserving {answer['model_version']} at {url}  (API docs: {url}/docs). Try:")
+        print(
+            f"  curl -s -X POST {url}/recommend -H 'content-type: application/json' -d '{json.dumps(body)}'"
+        )
+        for it in answer["items"]:
+            why = "; ".join(b["text"] for b in it.get("because") or [])
+            print(f"  {it['item_id']:>6}  {it['text'][:55]:55}  because: {why[:70]}")
+        print(
+            "serving until Ctrl-C" if args.serve_seconds is None else f"serving for {args.serve_seconds:g}s"
+        )
+        sys.stdout.flush()
+        serve_until_stopped(args.serve_seconds)
+    finally:
+        stop()
 
 
 def _label(model: str) -> str:
@@ -132,6 +186,13 @@ def main(argv: list[str] | None = None) -> int:
             "ml-100k: %s interactions; obd-all: %s rounds",
             f"{len(ml.interactions):,}",
             f"{len(obd.interactions):,}",
+        )
+        write_json(
+            out / "pipeline_config.json",
+            {
+                **vars(args),
+                "datasets": {"ml-100k": ml.manifest["content_hash"], "obd-all": obd.manifest["content_hash"]},
+            },
         )
         ml_ref = ray.put(ml)
         models = list(args.models)
@@ -170,35 +231,14 @@ def main(argv: list[str] | None = None) -> int:
                 for model in models
             }
             results = dict(zip(jobs, ray.get(list(jobs.values())), strict=True))
+            _write_reports(out, ml, models, results)
+        if "serve" in stages:
+            _serve(args, out, ft_dir, rl_dir)
     finally:
         if started_here:
             ray.shutdown()
 
-    if "evaluate" not in stages:
-        print(f"done: stages {stages} ({time.perf_counter() - t0:.1f}s)")
-        return 0
-    names = {m: _label(m) for m in models}
-    for scheme, split in EVAL_SETTINGS:
-        table = {names[m]: results[(m, scheme, split)] for m in models}
-        sub = out if (scheme, split) == EVAL_SETTINGS[0] else out / f"{scheme}-{split}"
-        write_report(
-            sub,
-            table,
-            title=f"ml-100k: {scheme} / {split}",
-            notes=[
-                f"full ranking over {ml.n_items} items, history excluded",
-                f"dataset content {ml.manifest['content_hash']}",
-            ],
-        )
-        print(f"\n## ml-100k {scheme}/{split}\n{markdown_table(table)}")
-    write_json(
-        out / "pipeline_config.json",
-        {
-            **vars(args),
-            "datasets": {"ml-100k": ml.manifest["content_hash"], "obd-all": obd.manifest["content_hash"]},
-        },
-    )
-    print(f"\nwrote {out / 'metrics.json'} ({time.perf_counter() - t0:.1f}s)")
+    print(f"\npipeline done: {','.join(stages)} in {time.perf_counter() - t0:.0f}s")
     return 0
 
 

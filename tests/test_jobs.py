@@ -81,9 +81,18 @@ def test_evaluate_rejects_unknown_model(job_env, tmp_path):
     assert out.returncode == 2 and "unknown model" in out.stderr
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_pipeline_end_to_end_on_embedded_ray(job_env, tmp_path):
     """The README's main command, as a subprocess (tiny budgets): embedded Ray, real data, every stage."""
-    tiny = ["--finetune-epochs", "2", "--hidden-size", "32", "--max-len", "30", "--rl-iterations", "2"]
+    tiny = ["--finetune-epochs", "2", "--hidden-size", "32", "--max-len", "30", "--rl-iterations", "2",
+            "--serve-seconds", "0", "--port", str(_free_port())]  # fmt: skip
     cmd = ["jobs.pipeline", "--out", "runs/qs", "--num-cpus", "2", *tiny]
     out = run(cmd, job_env, tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -91,6 +100,7 @@ def test_pipeline_end_to_end_on_embedded_ray(job_env, tmp_path):
     assert abs(metrics["popularity"]["NDCG@10"] - 0.0449) < 0.003
     assert set(metrics) == {"popularity", "random", "fine-tuned (finetune)", "rl-policy (rl)"}
     assert (tmp_path / "runs" / "qs" / "rl" / "checkpoint").is_dir()
+    assert "curl -s -X POST http://127.0.0.1:" in out.stdout and "because:" in out.stdout
     # even two epochs of the text-aware model beat random by far
     assert metrics["fine-tuned (finetune)"]["HR@10"] > 3 * metrics["random"]["HR@10"]
     assert (tmp_path / "runs" / "qs" / "temporal-test" / "metrics.json").exists()
