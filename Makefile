@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the project with its dev extra
 
-run: $(STAMP) ## the main job end to end on an embedded local Ray (fetch -> prepare -> evaluate)
+run: $(STAMP) ## the main job end to end on an embedded local Ray (prepare -> fine-tune -> RL -> evaluate -> serve)
 	$(PY) -m jobs.pipeline --out $(OUT)
 
 test: $(STAMP) ## the whole test suite, exactly what CI runs (fails if pytest ran no test)

@@ -1,8 +1,9 @@
-"""Helpers shared by the job entry points (logging, config files)."""
+"""Helpers shared by the job entry points (logging, config files, the Ray session)."""
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
 import json
 import logging
@@ -31,6 +32,29 @@ def write_json(path: str | Path, payload: Any) -> None:
         json.dumps(asdict(payload) if is_dataclass(payload) else payload, indent=2, default=str) + "\n"
     )
     tmp.replace(path)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, *, num_cpus: int | None = None, num_gpus: float | None = None):
+    """Connect to the Ray at ``address`` ('auto' on a cluster), or start an embedded local Ray (a fresh
+    one, even when a stale head left ``ray_current_cluster`` behind) and shut it down afterwards."""
+    import ray
+
+    if address is None:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+    else:
+        ray.init(address=address, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        if address is None:
+            ray.shutdown()
 
 
 def fail(message: str, code: int = 2) -> None:

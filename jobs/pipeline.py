@@ -30,13 +30,12 @@ the 15-minute budget of jobs.finetune reaches 0.20 / 0.11).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from pathlib import Path
 
-from jobs._common import fail, setup_logging, write_json
+from jobs._common import fail, ray_session, setup_logging, write_json
 from rec_rllib.columns import SplitScheme
 from rec_rllib.data.catalog import dataset_path, load_or_prepare
 from rec_rllib.eval.report import markdown_table, write_report
@@ -124,7 +123,7 @@ def _write_reports(out: Path, ml, models: list[str], results: dict) -> None:
 
 
 def _serve(args: argparse.Namespace, out: Path, ft_dir: Path, rl_dir: Path) -> None:
-    from jobs.serve import sample_request, sample_user, serve_until_stopped, start, stop
+    from jobs.serve import announce, serve_until_stopped, start, stop
 
     model = rl_dir / "checkpoint" if (rl_dir / "checkpoint").is_dir() else ft_dir
     if not model.exists():
@@ -134,15 +133,7 @@ def _serve(args: argparse.Namespace, out: Path, ft_dir: Path, rl_dir: Path) -> N
         url = start(
             {"model": str(model), "dataset": dataset, "feedback_dir": str(out / "feedback")}, args.port
         )
-        body = {"user": sample_user(dataset), "k": 5, "explain": True}
-        answer = sample_request(url, body)
-        print(f"\nserving {answer['model_version']} at {url}  (API docs: {url}/docs). Try:")
-        print(
-            f"  curl -s -X POST {url}/recommend -H 'content-type: application/json' -d '{json.dumps(body)}'"
-        )
-        for it in answer["items"]:
-            why = "; ".join(b["text"] for b in it.get("because") or [])
-            print(f"  {it['item_id']:>6}  {it['text'][:55]:55}  because: {why[:70]}")
+        announce(url, dataset)
         print(
             "serving until Ctrl-C" if args.serve_seconds is None else f"serving for {args.serve_seconds:g}s"
         )
@@ -171,14 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         fail(f"--stages: unknown {sorted(unknown)}; choose from {','.join(STAGES)}")
     ft_dir, rl_dir = out / "finetune", out / "rl"
-    started_here = args.address is None
-    if started_here:
-        ray.init(
-            address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.WARNING
-        )
-    else:
-        ray.init(address=args.address, logging_level=logging.WARNING)
-    try:
+    with ray_session(args.address, num_cpus=args.num_cpus):
         log.info("prepare: fetch + prepare datasets")
         ml = load_or_prepare("ml-100k", root=args.data_root)
         obd = load_or_prepare("obd-all", root=args.data_root)
@@ -234,9 +218,6 @@ def main(argv: list[str] | None = None) -> int:
             _write_reports(out, ml, models, results)
         if "serve" in stages:
             _serve(args, out, ft_dir, rl_dir)
-    finally:
-        if started_here:
-            ray.shutdown()
 
     print(f"\npipeline done: {','.join(stages)} in {time.perf_counter() - t0:.0f}s")
     return 0

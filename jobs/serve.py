@@ -26,13 +26,14 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from jobs._common import fail, setup_logging
+from jobs._common import fail, ray_session, setup_logging
 
 log = logging.getLogger("jobs.serve")
 APP_NAME = "rec"
@@ -137,6 +138,18 @@ def sample_user(dataset: str) -> str:
     return next(iter(ServingCatalog.from_dataset(dataset).user_histories))
 
 
+def announce(url: str, dataset: str) -> None:
+    """Answer one sample request and print it with the curl line that repeats it."""
+    body = {"user": sample_user(dataset), "k": 5, "explain": True}
+    answer = sample_request(url, body)
+    print(f"\nserving {answer['model_version']} at {url}  (API docs: {url}/docs). Try:")
+    print(f"  curl -s -X POST {url}/recommend -H 'content-type: application/json' -d '{json.dumps(body)}'")
+    for it in answer["items"]:
+        why = "; ".join(b["text"] for b in it.get("because") or [])
+        print(f"  {it['item_id']:>6}  {it['text'][:55]:55}  because: {why[:70]}")
+    sys.stdout.flush()
+
+
 def serve_until_stopped(seconds: float | None) -> None:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -150,21 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.model).exists():
         fail(f"--model {args.model} does not exist (a jobs.finetune run dir or a jobs.train checkpoint)")
     dataset = str(Path(resolve_dataset(args.model, args.dataset, args.data_root)).resolve())
-    import ray
-
-    started_here = args.address is None
-    if started_here:
-        if args.direct_ingress:
-            os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
-        ray.init(
-            address="local",
-            num_cpus=args.num_cpus,
-            num_gpus=args.num_gpus,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-        )
-    else:
-        ray.init(address=args.address, logging_level=logging.WARNING)
+    if args.direct_ingress:
+        if args.address:
+            fail(
+                "--direct-ingress applies to the embedded Ray; on a cluster set RAY_SERVE_ENABLE_DIRECT_INGRESS=1 "
+                "in the environment of `ray start`"
+            )
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # read by Serve's controller and replicas
     app_args = {
         "model": args.model,
         "dataset": dataset,
@@ -175,25 +180,16 @@ def main(argv: list[str] | None = None) -> int:
         "max_batch_size": args.max_batch_size,
         "batch_wait_timeout_s": args.batch_wait_ms / 1000,
     }
-    try:
-        url = start(app_args, args.port)
-        body = {"user": sample_user(dataset), "k": 5, "explain": True}
-        answer = sample_request(url, body)
-        print(f"serving {answer['model_version']} at {url}  (docs: {url}/docs)")
-        print(
-            "sample request:\n  curl -s -X POST " + url + "/recommend -H 'content-type: application/json' \\"
-        )
-        print(f"       -d '{json.dumps(body)}'")
-        for it in answer["items"]:
-            why = "; ".join(b["text"] for b in it.get("because") or [])
-            print(f"  {it['item_id']:>6}  {it['text'][:60]:60}  because: {why[:60]}")
-        if not args.smoke:
-            print("serving until Ctrl-C" if args.seconds is None else f"serving for {args.seconds:.0f}s")
-            serve_until_stopped(args.seconds)
-    finally:
-        stop()
-        if started_here:
-            ray.shutdown()
+    with ray_session(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus):
+        try:
+            url = start(app_args, args.port)
+            announce(url, dataset)
+            if not args.smoke:
+                print("serving until Ctrl-C" if args.seconds is None else f"serving for {args.seconds:g}s")
+                sys.stdout.flush()
+                serve_until_stopped(args.seconds)
+        finally:
+            stop()
     return 0
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs._common import fail, setup_logging
+from jobs._common import fail, ray_session, setup_logging
 from rec_rllib.data.catalog import dataset_path, load_or_prepare
 from rec_rllib.env import REWARDS, EnvConfig
 from rec_rllib.explore import STRATEGIES, ExplorationConfig
@@ -150,24 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg.env.dataset = str(Path(ds_dir).resolve())
     cfg.env.seed = cfg.seed
 
-    import ray
-
-    started_here = args.address is None
-    if started_here:
-        ray.init(
-            address="local",
-            num_cpus=args.num_cpus,
-            num_gpus=args.num_gpus,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-        )
-    else:
-        ray.init(address=args.address, logging_level=logging.WARNING)
-    try:
+    with ray_session(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus):
         summary = train(cfg, args.out, resume=args.resume)
-    finally:
-        if started_here:
-            ray.shutdown()
     print(f"checkpoint: {summary['checkpoint']}\nwrote {args.out}/train_metrics.csv and training_curves.png")
     return 0
 

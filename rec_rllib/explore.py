@@ -100,18 +100,30 @@ def sample_slate(
     at position j given the items above it (for k=1, the behaviour probability itself).
     """
     lp = log_probs.detach().float().clone()
-    b, n = lp.shape
+
+    def probs(state: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(state, dim=-1).nan_to_num(0.0)
+
+    return _draw_sequentially(lp, k, probs, -torch.inf, generator)
+
+
+def _draw_sequentially(
+    state: torch.Tensor, k: int, probs, removed: float, generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k draws without replacement: at each position, draw from ``probs(state)``, record the probability
+    of the drawn item, then set its entry of ``state`` to ``removed``."""
+    b, n = state.shape
     if k > n:
         raise ValueError(f"k={k} exceeds the number of items {n}")
-    items = torch.zeros(b, k, dtype=torch.long, device=lp.device)
-    props = torch.zeros(b, k, dtype=torch.float64, device=lp.device)
-    rows = torch.arange(b, device=lp.device)
+    items = torch.zeros(b, k, dtype=torch.long, device=state.device)
+    props = torch.zeros(b, k, dtype=torch.float64, device=state.device)
+    rows = torch.arange(b, device=state.device)
     for j in range(k):
-        p = torch.softmax(lp, dim=-1).nan_to_num(0.0)
+        p = probs(state)
         pick = torch.multinomial(p, 1, generator=generator).squeeze(1)
         items[:, j] = pick
         props[:, j] = p[rows, pick].double()
-        lp[rows, pick] = -torch.inf
+        state[rows, pick] = removed
     return items, props
 
 
@@ -126,22 +138,14 @@ def epsilon_slate(
     a uniformly random remaining one. Returns (items [B, k], propensities [B, k]) where propensity[b, j] is
     the probability of that item at position j given the items above it."""
     s = _masked(scores.detach().float().clone(), allowed)
-    b, n = s.shape
-    if k > n:
-        raise ValueError(f"k={k} exceeds the number of items {n}")
-    items = torch.zeros(b, k, dtype=torch.long, device=s.device)
-    props = torch.zeros(b, k, dtype=torch.float64, device=s.device)
-    rows = torch.arange(b, device=s.device)
-    for j in range(k):
-        legal = s > NEG_INF / 2
-        n_legal = legal.sum(-1, keepdim=True).clamp(min=1)
-        p = epsilon * legal.double() / n_legal
-        p[rows, s.argmax(-1)] += 1 - epsilon
-        pick = torch.multinomial(p, 1, generator=generator).squeeze(1)
-        items[:, j] = pick
-        props[:, j] = p[rows, pick]
-        s[rows, pick] = NEG_INF
-    return items, props
+
+    def probs(state: torch.Tensor) -> torch.Tensor:
+        legal = state > NEG_INF / 2
+        p = epsilon * legal.double() / legal.sum(-1, keepdim=True).clamp(min=1)
+        p[torch.arange(len(state), device=state.device), state.argmax(-1)] += 1 - epsilon
+        return p
+
+    return _draw_sequentially(s, k, probs, NEG_INF, generator)
 
 
 def thompson_propensity(sampled_scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:

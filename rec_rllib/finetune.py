@@ -12,7 +12,7 @@ import csv
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rec_rllib.columns import Col, SplitScheme
+from rec_rllib.config import DictConfig
 from rec_rllib.data.dataset import LogDataset
 from rec_rllib.eval.ranking import evaluate_ranking
 from rec_rllib.models.run import TransformerRecommender, build_model, save_run
@@ -32,8 +33,10 @@ IGNORE = -100
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(DictConfig):
     """Training settings. Defaults reach the quality reported in the README on 2 CPU cores."""
+
+    config_label = "train config"
 
     epochs: int = 300
     """Upper bound on passes over the training windows (early stopping usually ends sooner)."""
@@ -67,6 +70,9 @@ class FinetuneConfig:
     """Split whose train part is learned from and whose validation part drives early stopping."""
     holdout_items: float = 0.0
     """Fraction of items removed from training entirely (cold-start evaluation); 0 keeps all."""
+    id_dropout: float = 0.0
+    """Per batch, the fraction of items whose id embedding and bias are dropped (text only), so the model
+    learns to score items from their text alone: what cold-start items get."""
     seed: int = 0
     """Seeds model init, shuffling, dropout and the item hold-out."""
     threads: int = 0
@@ -81,17 +87,11 @@ class FinetuneConfig:
             raise ValueError(f"loss must be 'full' or 'sampled', got {self.loss!r}")
         if not 0.0 <= self.holdout_items < 1.0:
             raise ValueError(f"holdout_items must be in [0, 1), got {self.holdout_items}")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
         for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown train config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass
@@ -171,12 +171,16 @@ def next_item_loss(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the next item at every non-ignored position."""
-    items = model.item_matrix()  # [n_items, H]
+    id_keep = None
+    if cfg.id_dropout > 0 and model.training and model.cfg.text_model is not None:
+        p = torch.full((model.n_items,), 1.0 - cfg.id_dropout, device=tokens.device)
+        id_keep = torch.bernoulli(p, generator=generator) if generator is not None else torch.bernoulli(p)
+    items = model.item_matrix(id_keep)  # [n_items, H]
     hidden = model.encode(tokens, lengths, items)  # [B, T, H]
     keep = targets != IGNORE
     h = hidden[keep]  # [N, H]
     y = targets[keep]  # [N]
-    bias = model.bias * model.known
+    bias = model.bias * model.known * (1.0 if id_keep is None else id_keep)
     if cfg.loss == "full":
         logits = h @ items.T + bias  # [N, n_items]
         if cfg.mask_history:

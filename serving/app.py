@@ -78,6 +78,19 @@ async def _limit_body(request: Request, call_next):
     return await call_next(request)
 
 
+def _scoring_fields(req: RecommendRequest | QueryRequest, history: list[int], version: int) -> dict[str, Any]:
+    """What the scorer needs of a /recommend or /query request."""
+    return {
+        "history": history,
+        "k": req.k,
+        "exclude_seen": req.exclude_seen,
+        "strategy": req.exploration,
+        "epsilon": req.epsilon,
+        "temperature": req.temperature,
+        "catalog_version": version,
+    }
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128)
 @serve.ingress(api)
 class RecIngress:
@@ -201,16 +214,7 @@ class RecIngress:
     @api.post("/recommend", response_model=RecommendResponse)
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
         history, ids, version = await self._context(req)
-        payload = {
-            "history": history,
-            "k": req.k,
-            "exclude_seen": req.exclude_seen,
-            "strategy": req.exploration,
-            "epsilon": req.epsilon,
-            "temperature": req.temperature,
-            "explain": req.explain,
-            "catalog_version": version,
-        }
+        payload = {**_scoring_fields(req, history, version), "explain": req.explain}
         result = await self._call(self.scorer.recommend.remote(payload))
         return await self._answer(req, result, ids)
 
@@ -220,16 +224,10 @@ class RecIngress:
             req = req.model_copy(update={"history": []})
         history, ids, version = await self._context(req)
         payload = {
+            **_scoring_fields(req, history, version),
             "text": req.text,
-            "history": history,
-            "k": req.k,
-            "exclude_seen": req.exclude_seen,
-            "strategy": req.exploration,
-            "epsilon": req.epsilon,
-            "temperature": req.temperature,
             "query_weight": req.query_weight if history else 1.0,
             "explore_cold": False,
-            "catalog_version": version,
         }
         result = await self._call(self.scorer.query.remote(payload))
         return await self._answer(req, result, ids)

@@ -77,6 +77,10 @@ class PolicyScorer:
         self._state = None
         self.catalog_version = 0
         self.batch = dict(DEFAULT_BATCH)
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # used in-process (benchmarks, tests): no Serve replica around it
+            self.replica = f"in-process-{os.getpid()}"
 
     # -- configuration ---------------------------------------------------------------------------------------
     def _load(self, model_path: str) -> None:
@@ -154,10 +158,13 @@ class PolicyScorer:
         return await self._score_batch(request)
 
     def info(self) -> dict[str, Any]:
+        import ray
+
         return {
             "model_version": self.model_version,
             "model_path": self.model_path,
             "device": self.device,
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "items": self.model.n_items,
             "batch": self.batch,
         }
@@ -212,7 +219,7 @@ class PolicyScorer:
             "strategy": strategy,
             "cold_start": cold,
             "model_version": self.model_version,
-            "replica": serve.get_replica_context().replica_id.unique_id,
+            "replica": self.replica,
         }
         if r.get("explain") and len(history):
             recent = history[-self.model.cfg.max_len :]

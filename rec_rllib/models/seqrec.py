@@ -13,21 +13,23 @@ item (as SASRec's left padding does), so position embeddings encode recency.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
 from rec_rllib.columns import Tokens
+from rec_rllib.config import DictConfig
 
 PAD, BOS, OFFSET = Tokens.PAD, Tokens.BOS, Tokens.OFFSET
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(DictConfig):
     """Architecture of :class:`TextSeqRec`. Defaults train on a laptop CPU."""
+
+    config_label = "model config"
 
     hidden_size: int = 128
     """Width of item embeddings and of the sequence transformer."""
@@ -61,17 +63,6 @@ class ModelConfig:
             raise ValueError("an item needs a representation: set text_model or use_id_embedding")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class TextSeqRec(nn.Module):
@@ -131,9 +122,14 @@ class TextSeqRec(nn.Module):
         """[n_items, text_dim]: the text tower's output when fine-tuned, else the frozen table."""
         return self.text_tower() if self.text_tower is not None else self.text_embeddings
 
-    def item_matrix(self) -> torch.Tensor:
-        """[n_items, H] item representations, shared by the input embedding and the output scores."""
-        ids = self.id_embedding.weight[OFFSET:] * self.known[:, None]
+    def item_matrix(self, id_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """[n_items, H] item representations, shared by the input embedding and the output scores.
+
+        ``id_keep`` ([n_items] of 0/1) drops the id part of some items (id dropout while training), so the
+        text part learns to stand alone, as it must for items never seen in training.
+        """
+        known = self.known if id_keep is None else self.known * id_keep
+        ids = self.id_embedding.weight[OFFSET:] * known[:, None]
         if self.cfg.text_model is None:
             return ids
         return ids + self.text_proj(self.item_text_embeddings())

@@ -90,8 +90,10 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         if not self.inference_only:
             vh = int(mc.get("value_hidden", 64))
             self.value_head = nn.Sequential(nn.Linear(hidden, vh), nn.Tanh(), nn.Linear(vh, 1))
-            # frozen copy of the fine-tuned network: the KL-penalty reference (learner side only)
-            self._ref_net = copy.deepcopy(self.net).requires_grad_(False).eval()
+            # frozen copy of the fine-tuned network: the KL-penalty reference (learner side only, and only
+            # when the penalty is on: it costs one more forward pass per train batch)
+            if float(mc.get("ref_kl_coeff", 1.0)) > 0:
+                self._ref_net = copy.deepcopy(self.net).requires_grad_(False).eval()
 
     def _set_dropout(self, *, on: bool) -> None:
         for m, p in zip(self._dropouts, self._dropout_p, strict=True):

@@ -12,10 +12,11 @@ import csv
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rec_rllib.config import DictConfig
 from rec_rllib.env import EnvConfig, LogReplayEnv
 from rec_rllib.explore import ExplorationConfig
 
@@ -24,8 +25,10 @@ ALGORITHMS = ("appo", "ppo")
 
 
 @dataclass
-class RLTrainConfig:
+class RLTrainConfig(DictConfig):
     """Settings of an RL training run (defaults: a 2-core laptop)."""
+
+    config_label = "RL config"
 
     algorithm: str = "appo"
     """``appo`` (V-trace actor-learner, asynchronous sampling) or ``ppo``."""
@@ -79,17 +82,6 @@ class RLTrainConfig:
                 "behaviour policy: use boltzmann, epsilon or thompson (greedy and ucb are for serving)"
             )
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RLTrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown RL config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
     """The RLlib AlgorithmConfig, as one builder chain."""
@@ -103,7 +95,7 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
     base, learner_class = (
         (APPOConfig(), RecAPPOLearner) if cfg.algorithm == "appo" else (PPOConfig(), RecPPOLearner)
     )
-    model_config = {**model_config, "exploration": asdict(cfg.exploration)}
+    model_config = {**model_config, "exploration": asdict(cfg.exploration), "ref_kl_coeff": cfg.ref_kl_coeff}
     config = (
         base.environment(LogReplayEnv, env_config=asdict(cfg.env), disable_env_checking=True)
         .env_runners(
