@@ -28,7 +28,9 @@ def test_boltzmann_slate_propensities_match_sampling_frequencies():
         freq = (firsts == item).float().mean()
         assert abs(freq - expected[item]) < 0.03  # 4000 draws: sd <= 0.008
         if (firsts == item).any():
-            assert torch.allclose(props[firsts == item].float(), expected[item].expand((firsts == item).sum()))
+            assert torch.allclose(
+                props[firsts == item].float(), expected[item].expand((firsts == item).sum())
+            )
     assert not (firsts == 4).any()  # a masked item is never shown
 
 
