@@ -1,8 +1,8 @@
 """The baseline a user might write instead of Ray Serve: one FastAPI process under uvicorn, no Ray.
 
 It does the same work per ``/recommend`` as the Serve app (user history lookup, scoring with the same
-:class:`~serving.scorer.PolicyScorer` code and batching, exploration with propensities, impression kept
-for feedback), in one process. Used by ``bench/serve_latency.py`` (``BENCH_MODEL``, ``BENCH_DATASET``).
+:class:`~serving.scorer.PolicyScorer` code, exploration with propensities, impression kept for feedback),
+in one process, one request per forward pass (``@serve.batch`` needs a Serve replica). Used by ``bench/serve_latency.py`` (``BENCH_MODEL``, ``BENCH_DATASET``).
 """
 
 import os
@@ -28,10 +28,10 @@ class LocalRecommender:
     async def recommend(self, body: dict[str, Any]) -> dict[str, Any]:
         req = RecommendRequest(**body)
         history = list(self.catalog.user_histories.get(req.user, [])) if req.user else []
-        result = await self.scorer.recommend({
+        result = self.scorer.score_requests([{
             "history": history, "k": req.k, "exclude_seen": req.exclude_seen, "strategy": req.exploration,
             "epsilon": req.epsilon, "temperature": req.temperature, "explain": req.explain,
-        })  # fmt: skip
+        }])[0]  # fmt: skip
         request_id = uuid.uuid4().hex
         shown = [self.catalog.item_ids[i] for i in result["items"]]
         self.impressions[request_id] = {

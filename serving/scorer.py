@@ -174,6 +174,10 @@ class PolicyScorer:
         batch_wait_timeout_s=DEFAULT_BATCH["batch_wait_timeout_s"],
     )
     async def _score_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self.score_requests(requests)
+
+    def score_requests(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One forward pass for a batch of requests (what ``_score_batch`` runs; callable outside Serve)."""
         with torch.inference_mode():
             tokens, lengths = pad_histories(
                 [r["history"] for r in requests], self.model.cfg.max_len, self.device
