@@ -22,9 +22,9 @@ Stages (``--stages`` picks a subset, in this order):
    a sample request is answered and printed with the ``curl`` line to repeat it; the endpoint stays up
    until Ctrl-C (or ``--serve-seconds``), then stops cleanly (feedback flushed to ``<out>/feedback``).
 
-What to expect with the defaults on 2 cores: about 12 minutes; ``<out>/report.md`` with popularity at
-HR@10 0.086 / NDCG@10 0.045 and the fine-tuned model near HR@10 0.19 / NDCG@10 0.10 (8-minute budget;
-the 15-minute budget of jobs.finetune reaches 0.20 / 0.11).
+What to expect with the defaults on 2 cores: about 10.5 minutes to a live endpoint; ``<out>/report.md``
+with popularity at HR@10 0.086 / NDCG@10 0.045, the fine-tuned model near 0.20 / 0.11 and the RL policy
+within a few percent of it.
 """
 
 from __future__ import annotations
