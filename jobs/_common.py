@@ -5,13 +5,14 @@ from __future__ import annotations
 import ast
 import contextlib
 import inspect
-import json
 import logging
 import sys
 import textwrap
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
+
+from rec_rllib import fsutil
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -25,13 +26,7 @@ def setup_logging(verbose: bool = False) -> None:
 
 def write_json(path: str | Path, payload: Any) -> None:
     """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(
-        json.dumps(asdict(payload) if is_dataclass(payload) else payload, indent=2, default=str) + "\n"
-    )
-    tmp.replace(path)
+    fsutil.write_json(path, asdict(payload) if is_dataclass(payload) else payload)
 
 
 @contextlib.contextmanager

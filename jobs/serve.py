@@ -74,8 +74,7 @@ def resolve_dataset(model: str, dataset: str | None, data_root: str | None) -> s
     from rec_rllib.data.catalog import dataset_path
 
     run = Path(model)
-    if (run / "rl_config.json").exists() or run.name == "checkpoint":
-        cfg_file = run.parent / "rl_config.json"
+    for cfg_file in (run / "rl_config.json", run.parent / "rl_config.json"):  # an RL run or its checkpoint
         if cfg_file.exists():
             return json.loads(cfg_file.read_text())["env"]["dataset"]
     cfg_file = run / "config.json"

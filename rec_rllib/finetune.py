@@ -8,7 +8,6 @@ the shared evaluation). Long histories are cut into windows of ``max_len`` so ev
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import time
@@ -25,6 +24,7 @@ from rec_rllib.columns import Col, SplitScheme
 from rec_rllib.config import DictConfig
 from rec_rllib.data.dataset import LogDataset
 from rec_rllib.eval.ranking import evaluate_ranking
+from rec_rllib.fsutil import write_csv
 from rec_rllib.models.run import TransformerRecommender, build_model, save_run
 from rec_rllib.models.seqrec import BOS, OFFSET, ModelConfig, TextSeqRec
 
@@ -356,12 +356,7 @@ def finetune(
 
 def _write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
     keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
-    tmp.replace(path)
+    write_csv(path, history, keys)
 
 
 def _plot_learning_curve(path: Path, history: list[dict[str, float]], *, title: str) -> None:

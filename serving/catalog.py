@@ -24,8 +24,6 @@ class ServingCatalog:
     """External user id -> logged items (internal indices), oldest first: the whole log, every split."""
     popularity: np.ndarray
     """[n_items] interaction counts in the log (added items: 0)."""
-    dataset_name: str
-    content_hash: str
     item_index: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -50,8 +48,6 @@ class ServingCatalog:
             texts=ds.items[Col.TEXT].astype(str).tolist(),
             user_histories=histories,
             popularity=pop,
-            dataset_name=ds.name,
-            content_hash=str(ds.manifest.get("content_hash", "")),
         )
 
     @property

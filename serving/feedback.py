@@ -6,8 +6,7 @@ Each serving replica buffers events in memory and writes them as a new part file
 renamed into place, so a reader never sees a half-written file; a crash loses at most the unflushed
 buffer, a clean stop loses nothing.
 
-One row per feedback event: the context (user, the history the policy saw), the shown slate with each
-item's propensity, the model version and exploration strategy that produced it, and the reward.
+The row format (:data:`SCHEMA`) and the reader (:func:`read_feedback`) live in ``rec_rllib.data.feedback``.
 """
 
 from __future__ import annotations
@@ -21,21 +20,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA = pa.schema([
-    ("request_id", pa.string()),
-    ("timestamp_ms", pa.int64()),
-    ("user_id", pa.string()),
-    ("history", pa.list_(pa.string())),
-    ("shown", pa.list_(pa.string())),
-    ("shown_propensities", pa.list_(pa.float64())),
-    ("item_id", pa.string()),
-    ("item_text", pa.string()),
-    ("position", pa.int16()),
-    ("propensity", pa.float64()),
-    ("reward", pa.float64()),
-    ("model_version", pa.string()),
-    ("strategy", pa.string()),
-])  # fmt: skip
+from rec_rllib.data.feedback import SCHEMA, read_feedback
+
+__all__ = ["SCHEMA", "FeedbackLog", "read_feedback"]
 
 
 class FeedbackLog:
@@ -50,7 +37,6 @@ class FeedbackLog:
         self._oldest = 0.0
         self._seq = 0
         self._lock = threading.Lock()
-        self.written = 0
 
     def append(self, row: dict[str, Any]) -> None:
         missing = set(SCHEMA.names) - set(row)
@@ -87,16 +73,4 @@ class FeedbackLog:
             with self._lock:  # keep the events for the next flush
                 self._rows[:0] = rows
             raise
-        self.written += len(rows)
         return final
-
-    def pending(self) -> int:
-        return len(self._rows)
-
-
-def read_feedback(directory: str | Path) -> pa.Table:
-    """Every complete part file under ``directory`` as one table (temporary files are skipped)."""
-    parts = sorted(p for p in Path(directory).glob("part-*.parquet"))
-    if not parts:
-        raise FileNotFoundError(f"{directory}: no feedback part files (part-*.parquet)")
-    return pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in parts])

@@ -69,10 +69,10 @@ class PolicyScorer:
         if self.device == "cpu":
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.catalog = ServingCatalog.from_dataset(dataset)
-        self.popularity = torch.as_tensor(np.log1p(self.catalog.popularity), dtype=torch.float32)
+        self._added: list[dict[str, Any]] = []
+        self._refresh_popularity()
         self._load(model_path)
         self._encoder = None
-        self._added: list[dict[str, Any]] = []
         self._state_name = state_actor
         self._state = None
         self.catalog_version = 0
@@ -85,11 +85,11 @@ class PolicyScorer:
     # -- configuration ---------------------------------------------------------------------------------------
     def _load(self, model_path: str) -> None:
         model, version = load_serving_model(model_path, self.device)
-        if model.n_items < self.catalog.n_items - len(getattr(self, "_added", [])):
+        if model.n_items < self.catalog.n_items - len(self._added):
             raise ValueError(
                 f"{model_path} scores {model.n_items} items; the dataset has {self.catalog.n_items}"
             )
-        for a in getattr(self, "_added", []):  # items added at run time survive a model roll
+        for a in self._added:  # items added at run time survive a model roll
             model.add_items(torch.as_tensor(a["embedding"])[None].to(self.device))
         self.model, self.model_path, self.model_version = model, model_path, version
         with torch.no_grad():
@@ -98,6 +98,9 @@ class PolicyScorer:
     def _refresh_items(self) -> None:
         self.items = self.model.item_matrix().detach()
         self.items_unit = torch.nn.functional.normalize(self.items, dim=-1)
+
+    def _refresh_popularity(self) -> None:
+        self.popularity = torch.as_tensor(np.log1p(self.catalog.popularity), dtype=torch.float32)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         batch = {k: config[k] for k in DEFAULT_BATCH if k in config}
@@ -123,8 +126,8 @@ class PolicyScorer:
             self._added.append(a)
             self.catalog.add(a["item_id"], a["text"])
             self.model.add_items(torch.as_tensor(a["embedding"])[None].to(self.device))
-            self.popularity = torch.cat([self.popularity, torch.zeros(1)])
         if added:
+            self._refresh_popularity()
             with torch.no_grad():
                 self._refresh_items()
         self.catalog_version = current

@@ -139,3 +139,22 @@ def test_parquet_rows_have_no_line_numbers(tmp_path, real_rows):
     with pytest.raises(DataValidationError) as info:
         load_custom(tmp_path / "logs.parquet", MAPPING, items=tmp_path / "items.csv")
     assert "logs.parquet, row 6, field 'ts'" in str(info.value)
+
+
+def test_feedback_part_missing_a_column_is_named(tmp_path):
+    """A feedback part without a column fails naming the part file and the column; nothing is written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rec_rllib.data.feedback import SCHEMA, read_feedback
+
+    row = {name: None for name in SCHEMA.names} | {"request_id": "r1", "item_id": "50", "reward": 1.0}
+    pq.write_table(pa.Table.from_pylist([row], schema=SCHEMA), tmp_path / "part-1.parquet")
+    assert read_feedback(tmp_path).num_rows == 1
+    pq.write_table(
+        pa.Table.from_pylist([row], schema=SCHEMA).drop_columns(["propensity"]), tmp_path / "part-2.parquet"
+    )
+    with pytest.raises(DataValidationError) as err:
+        read_feedback(tmp_path)
+    assert "part-2.parquet" in str(err.value) and "propensity" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-1.parquet", "part-2.parquet"]

@@ -394,20 +394,10 @@ def load_feedback(feedback_dir: str | Path, base: str | Path, *, name: str | Non
     policy ``<strategy>@<model version>``. Items added at serving time enter the items table with the
     text they were added with. Timestamps are converted to the base dataset's unit.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from rec_rllib.data.feedback import feedback_parts, read_feedback
 
     base_ds = LogDataset.load(str(base))
-    parts = sorted(Path(feedback_dir).glob("part-*.parquet"))
-    if not parts:
-        raise FileNotFoundError(f"{feedback_dir}: no feedback part files (part-*.parquet); serve and send "
-                                "POST /feedback first, and stop the app cleanly so buffers are flushed")
-    fb = pa.concat_tables([pq.read_table(p) for p in parts]).to_pandas()
-    check = Checker(str(feedback_dir), header_lines=None)
-    required = {c: c for c in ("request_id", "timestamp_ms", "user_id", "item_id", "reward", "propensity",
-                               "position", "strategy", "model_version", "item_text")}
-    check.require_columns(fb, required)
-    check.raise_if_any()
+    fb = read_feedback(feedback_dir).to_pandas()
     unit = base_ds.manifest.get("timestamp_unit", "s")
     per_ms = {"s": 1e-3, "ms": 1.0, "us": 1e3}[unit]
     items_ix = base_ds.items[Col.ITEM_ID].astype(str)
@@ -447,7 +437,7 @@ def load_feedback(feedback_dir: str | Path, base: str | Path, *, name: str | Non
         items = pd.concat([items, added.rename(columns={"item_id": Col.ITEM_ID, "item_text": Col.TEXT})],
                           ignore_index=True)
     source = {"kind": "feedback", "base": str(base), "base_content_hash": base_ds.manifest.get("content_hash"),
-              "feedback_dir": str(feedback_dir), "feedback_rows": len(fb), "files": _file_digest(parts)}
+              "feedback_dir": str(feedback_dir), "feedback_rows": len(fb), "files": _file_digest(feedback_parts(feedback_dir))}
     return build_dataset(pd.concat([old, new], ignore_index=True), items,
                          name=name or f"{base_ds.name}+feedback", source=source, timestamp_unit=unit,
                          **build_kwargs)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
+
+from rec_rllib.fsutil import write_json, write_text
 
 TABLE_METRICS = (
     "HR@5",
@@ -35,13 +36,8 @@ def write_report(
     """Write ``metrics.json`` and ``report.md`` into ``out_dir`` (atomically, file by file)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    payload = json.dumps(results, indent=2) + "\n"
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(payload)
-    tmp.replace(out / "metrics.json")
+    write_json(out / "metrics.json", results)
     body = [f"# {title}", "", markdown_table(results), ""]
     body += [f"- {n}" for n in notes]
-    tmp = out / "report.md.tmp"
-    tmp.write_text("\n".join(body) + "\n")
-    tmp.replace(out / "report.md")
+    write_text(out / "report.md", "\n".join(body) + "\n")
     return out / "metrics.json"

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from rec_rllib.fsutil import atomic_write, write_json
 from rec_rllib.models.seqrec import ModelConfig, TextSeqRec, pad_histories
 from rec_rllib.recommender import Recommender
 
@@ -53,21 +54,15 @@ def save_run(run_dir: str | Path, model: TextSeqRec, meta: dict[str, Any]) -> No
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic(run / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"kind": KIND}))
+    atomic_write(run / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"kind": KIND}))
     with torch.no_grad():
         table = {
             "items": model.item_matrix().cpu().contiguous(),
             "text": model.item_text_embeddings().detach().cpu().contiguous(),
         }
-    _atomic(run / ITEM_TABLE_FILE, lambda p: save_file(table, str(p)))
+    atomic_write(run / ITEM_TABLE_FILE, lambda p: save_file(table, str(p)))
     payload = {"kind": KIND, "model": model.cfg.to_dict(), "n_items": model.n_items, **meta}
-    _atomic(run / CONFIG_FILE, lambda p: p.write_text(json.dumps(payload, indent=2, default=str) + "\n"))
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
+    write_json(run / CONFIG_FILE, payload)
 
 
 def is_run_dir(path: str | Path) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 from rec_rllib.config import DictConfig
 from rec_rllib.env import EnvConfig, LogReplayEnv
 from rec_rllib.explore import ExplorationConfig
+from rec_rllib.fsutil import write_csv
 
 log = logging.getLogger(__name__)
 ALGORITHMS = ("appo", "ppo")
@@ -178,13 +179,7 @@ def summarize(result: dict[str, Any], seconds: float) -> dict[str, float]:
 
 
 def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
-    keys = list(history[0]) if history else []
-    tmp = run_dir / "train_metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
-    tmp.replace(run_dir / "train_metrics.csv")
+    write_csv(run_dir / "train_metrics.csv", history)
 
 
 def plot_history(run_dir: Path, history: list[dict[str, float]], title: str) -> None:
