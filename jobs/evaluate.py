@@ -11,19 +11,34 @@ What to expect on ml-100k (leave-one-out, test): popularity HR@10 0.0859, NDCG@1
 HR@10 about 0.006-0.012. ``metrics.json`` is keyed by model, then metric (``"HR@10"``, ``"NDCG@10"``,
 ``"MRR@10"``, ``"coverage@10"``, ``"novelty@10"``, ``"diversity@10"``, ...).
 A dataset name that is not prepared yet is prepared first (into the data root).
+
+Beside ``metrics.json`` and ``report.md`` it writes ``analysis.json`` (95% bootstrap intervals, metrics per
+user-activity bucket, paired differences of every model against the first one with a paired t-test) and
+PNGs: ``metric_bars.png``, ``accuracy_coverage.png`` and each run's own training curves.
+
+Off-policy estimators, validated on the Open Bandit Dataset sample (``--ope-obd``; see
+:mod:`rec_rllib.eval.obd`): every estimator's mean relative error over 30 bootstrap resamples, for each
+campaign, both directions (random -> BTS, BTS -> random) and both definitions of BTS's distribution, in
+``ope.json``, the report, ``ope_vs_truth.png`` and ``ope_relative_error.png``::
+
+    python -m jobs.evaluate --models popularity --ope-obd --out runs/eval
+    python -m jobs.evaluate --models --ope-obd --ope-repeats 5 --out runs/ope      # OPE only, 5 x 30 resamples
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
+from pathlib import Path
 
 from jobs._common import fail, setup_logging, write_json
 from rec_rllib.columns import SplitScheme
 from rec_rllib.data.catalog import load_or_prepare
 from rec_rllib.data.dataset import LogDataset
 from rec_rllib.eval import DEFAULT_KS, evaluate_ranking
+from rec_rllib.eval.ranking import RankingResult
 from rec_rllib.eval.report import markdown_table, write_report
 from rec_rllib.models import BASELINES, load_recommender
 
@@ -41,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-root", help="root of prepared datasets (default: $REC_RLLIB_DATA or ./data)")
     p.add_argument(
-        "--models", nargs="+", default=list(BASELINES), help=f"models to evaluate: {', '.join(BASELINES)}"
+        "--models",
+        nargs="*",
+        default=list(BASELINES),
+        help=f"models to evaluate: {', '.join(BASELINES)}, fine-tuned run directories, RLlib checkpoints "
+        "(none: skip the ranking evaluation); the first is the reference of the paired comparisons",
     )
     p.add_argument("--out", required=True, help="output directory for metrics.json and report.md")
     p.add_argument("--scheme", default=SplitScheme.LEAVE_ONE_OUT, choices=sorted(SplitScheme.COLUMNS))
@@ -51,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-seen", action="store_true", help="do not exclude the user's history from the ranking"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of stochastic models (random)")
+    p.add_argument("--ope-obd", action="store_true", help="validate the off-policy estimators on OBD")
+    p.add_argument(
+        "--ope-campaigns", nargs="+", default=["all", "men", "women"], choices=["all", "men", "women"]
+    )
+    p.add_argument("--ope-boot", type=int, default=30, help="bootstrap resamples per setting (default 30)")
+    p.add_argument("--ope-repeats", type=int, default=1, help="independent sets of --ope-boot resamples")
+    p.add_argument("--ope-reward-model", default="position-ctr", choices=["position-ctr", "logistic"])
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -65,15 +91,15 @@ def evaluate_models(
     exclude_seen: bool,
     seed: int,
     progress: bool = True,
-) -> dict[str, dict[str, float]]:
-    results: dict[str, dict[str, float]] = {}
+) -> dict[str, RankingResult]:
+    results: dict[str, RankingResult] = {}
     for name in models:
         t0 = time.perf_counter()
         rec = load_recommender(name, dataset, scheme=scheme, seed=seed)
         res = evaluate_ranking(
             rec, dataset, scheme=scheme, split=split, ks=ks, exclude_seen=exclude_seen, progress=progress
         )
-        results[rec.name] = res.metrics
+        results[rec.name] = res
         log.info(
             "%s: %d users, HR@10 %.4f, NDCG@10 %.4f (%.1fs)",
             rec.name,
@@ -105,31 +131,167 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(e))
     if max(args.ks) > dataset.n_items:
         fail(f"--ks {max(args.ks)} exceeds the catalogue size {dataset.n_items}")
-    results = evaluate_models(
-        dataset,
-        args.models,
-        scheme=args.scheme,
-        split=args.split,
-        ks=args.ks,
-        exclude_seen=not args.keep_seen,
-        seed=args.seed,
-    )
+    out = Path(args.out)
+    sections: list[str] = []
+    results: dict[str, dict[str, float]] = {}
+    if args.models:
+        ranked = evaluate_models(
+            dataset,
+            args.models,
+            scheme=args.scheme,
+            split=args.split,
+            ks=args.ks,
+            exclude_seen=not args.keep_seen,
+            seed=args.seed,
+        )
+        results = {name: r.metrics for name, r in ranked.items()}
+        sections += ranking_analysis(
+            out, ranked, [m for m in args.models], title=f"{dataset.name} {args.scheme}/{args.split}"
+        )
+    if args.ope_obd:
+        sections += ope_section(out, args)
     path = write_report(
-        args.out,
+        out,
         results,
         title=f"{dataset.name}: {args.scheme} / {args.split}",
         notes=[
             f"full ranking over {dataset.n_items} items, history {'kept' if args.keep_seen else 'excluded'}",
             f"dataset content {dataset.manifest.get('content_hash', '?')}",
         ],
+        sections=sections,
     )
     write_json(
-        f"{args.out}/eval_config.json",
+        out / "eval_config.json",
         {**vars(args), "dataset_name": dataset.name, "content_hash": dataset.manifest.get("content_hash")},
     )
-    print(markdown_table(results))
-    print(f"wrote {path}")
+    if results:
+        print(markdown_table(results))
+    print(f"wrote {path} and {out / 'report.md'}")
     return 0
+
+
+def ranking_analysis(
+    out: Path, ranked: dict[str, RankingResult], model_args: list[str], *, title: str
+) -> list[str]:
+    """analysis.json, the bar and trade-off PNGs, training curves; returns the report's Markdown sections."""
+    from rec_rllib.eval import plots
+    from rec_rllib.eval.ranking import activity_buckets, bootstrap_ci, paired_comparison
+
+    out.mkdir(parents=True, exist_ok=True)
+    shown = [m for m in ("HR@10", "NDCG@10", "MRR@10") if all(m in r.per_user for r in ranked.values())]
+    cis = {
+        name: {m: (r.metrics[m], *bootstrap_ci(r.per_user[m])) for m in shown} for name, r in ranked.items()
+    }
+    buckets = {name: activity_buckets(r) for name, r in ranked.items()}
+    names = list(ranked)
+    pairs = {
+        f"{b} vs {names[0]}": {m: paired_comparison(ranked[names[0]], ranked[b], m) for m in shown}
+        for b in names[1:]
+    }
+    write_json(out / "analysis.json", {"ci95": cis, "activity_buckets": buckets, "paired": pairs})
+    plots.metric_bars(out / "metric_bars.png", cis, title=title)
+    plots.tradeoff(
+        out / "accuracy_coverage.png",
+        {
+            n: (r.metrics["coverage@10"], r.metrics["NDCG@10"])
+            for n, r in ranked.items()
+            if "coverage@10" in r.metrics
+        },
+        x_label="catalogue coverage@10",
+        y_label="NDCG@10",
+        title=f"{title}: accuracy vs coverage",
+    )
+    lines = [
+        "## 95% bootstrap intervals",
+        "",
+        "| model | " + " | ".join(shown) + " |",
+        "|---|" + "---:|" * len(shown),
+    ]
+    for name, row in cis.items():
+        lines.append(
+            f"| {name} | " + " | ".join(f"{v:.4f} [{lo:.4f}, {hi:.4f}]" for v, lo, hi in row.values()) + " |"
+        )
+    lines += ["", "![metrics](metric_bars.png)", "", "![accuracy vs coverage](accuracy_coverage.png)", ""]
+    lines += ["## By user activity (history-length terciles)", "", "| model | bucket | users | " + " | ".join(shown) + " |",
+              "|---|---|---:|" + "---:|" * len(shown)]  # fmt: skip
+    for name, groups in buckets.items():
+        for label, row in groups.items():
+            lines.append(
+                f"| {name} | {label} | {int(row['users'])} | "
+                + " | ".join(f"{row[m]:.4f}" for m in shown)
+                + " |"
+            )
+    if pairs:
+        lines += ["", f"## Paired differences against {names[0]} (same users)", "",
+                  "| comparison | metric | difference | 95% CI | paired t-test p |", "|---|---|---:|---|---:|"]  # fmt: skip
+        for label, per_metric in pairs.items():
+            for m, d in per_metric.items():
+                lines.append(
+                    f"| {label} | {m} | {d['diff']:+.4f} | [{d['low']:+.4f}, {d['high']:+.4f}] | {d['p_value']:.2g} |"
+                )
+    curves = []
+    for arg, name in zip(model_args, names, strict=False):
+        run = Path(arg)
+        for candidate in (run, run.parent):
+            for png in ("learning_curve.png", "training_curves.png"):
+                if (candidate / png).is_file():
+                    target = out / f"curve-{len(curves)}-{png}"
+                    shutil.copyfile(candidate / png, target)
+                    curves.append(f"![{name}: {png}]({target.name})")
+    if curves:
+        lines += ["", "## Training curves", "", *curves]
+    return lines + [""]
+
+
+def ope_section(out: Path, args: argparse.Namespace) -> list[str]:
+    """Validate the off-policy estimators on the OBD sample; ope.json, two PNGs, the report section."""
+    import numpy as np
+
+    from rec_rllib.eval import plots
+    from rec_rllib.eval.obd import OBP_PUBLISHED, validation_suite
+
+    out.mkdir(parents=True, exist_ok=True)
+    suite = validation_suite(
+        campaigns=args.ope_campaigns,
+        n_boot=args.ope_boot,
+        repeats=args.ope_repeats,
+        reward_model=args.ope_reward_model,
+        data_root=args.data_root,
+        progress=lambda key, errors: log.info("OPE %s: %s", key, {k: round(v, 3) for k, v in errors.items()}),
+    )
+    write_json(out / "ope.json", {"reward_model": args.ope_reward_model, "n_boot": args.ope_boot,
+                                  "repeats": args.ope_repeats, "settings": suite, "obp_published": OBP_PUBLISHED})  # fmt: skip
+    estimators = list(next(iter(suite.values()))["errors"])
+    panels = {k: {e: np.asarray(v["estimates"][e]) for e in estimators} for k, v in suite.items()
+              if k.endswith("/prior") or k.endswith("/empirical")}  # fmt: skip
+    plots.ope_vs_truth(out / "ope_vs_truth.png", panels, {k: v["truth"] for k, v in suite.items()},
+                       title="OBD: estimates over bootstrap resamples vs the on-policy click rate")  # fmt: skip
+    ref_key = "all/random->bts/prior"
+    if ref_key in suite:
+        plots.relative_error_bars(out / "ope_relative_error.png", suite[ref_key]["errors"], OBP_PUBLISHED,
+                                  title="OBD campaign all, BTS from random logs (BTS by its prior)")  # fmt: skip
+    lines = [
+        "## Off-policy estimators on the Open Bandit Dataset sample",
+        "",
+        f"Mean relative error |estimate - truth| / truth over {args.ope_boot} bootstrap resamples"
+        + (f" (averaged over {args.ope_repeats} independent sets)" if args.ope_repeats > 1 else "")
+        + f"; reward model for DM/DR: {args.ope_reward_model}. Truth: the target policy's own logged click rate."
+        " `prior`: BTS's distribution by Monte Carlo from its production Beta prior; `empirical`: item "
+        "frequencies per position in the BTS logs.",
+        "",
+        "| campaign / direction / BTS definition | truth | " + " | ".join(estimators) + " |",
+        "|---|---:|" + "---:|" * len(estimators),
+    ]
+    for key, v in suite.items():
+        best = min(v["errors"], key=v["errors"].get)
+        cells = [f"**{v['errors'][e]:.3f}**" if e == best else f"{v['errors'][e]:.3f}" for e in estimators]
+        lines.append(f"| {key} | {v['truth']:.4f} | " + " | ".join(cells) + " |")
+    lines.append("| obp published (all / random->bts / prior) | | "
+                 + " | ".join(f"{OBP_PUBLISHED[e]:.3f}" if e in OBP_PUBLISHED else "–" for e in estimators) + " |")  # fmt: skip
+    lines += ["", "![OPE estimates vs truth](ope_vs_truth.png)", ""]
+    if ref_key in suite:
+        lines += ["![relative error vs obp](ope_relative_error.png)", ""]
+    return lines
 
 
 if __name__ == "__main__":

@@ -43,6 +43,33 @@ def test_prepare_then_evaluate(job_env, tmp_path):
     )
     assert abs(metrics["popularity"]["HR@10"] - 0.0859) < 0.003
     assert "| popularity |" in (tmp_path / "ev" / "report.md").read_text()
+    analysis = json.loads((tmp_path / "ev" / "analysis.json").read_text())
+    low, high = analysis["ci95"]["popularity"]["HR@10"][1:]
+    assert low < 0.0859 < high and high - low < 0.05
+    assert len(analysis["activity_buckets"]["popularity"]) == 3
+    paired = analysis["paired"]["random vs popularity"]["HR@10"]
+    assert paired["diff"] < 0 and paired["high"] < 0 and paired["p_value"] < 1e-6  # random is clearly worse
+    for png in ("metric_bars.png", "accuracy_coverage.png"):
+        assert (tmp_path / "ev" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_off_policy_on_obd(job_env, tmp_path):
+    """--ope-obd alone (no ranking models): ope.json, the report section and both PNGs."""
+    out = run(["jobs.evaluate", "--models", "--ope-obd", "--ope-campaigns", "all", "--ope-boot", "5", "--out", "ope"],
+              job_env, tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    ope = json.loads((tmp_path / "ope" / "ope.json").read_text())
+    assert set(ope["settings"]) == {
+        f"all/{d}/{b}" for d in ("random->bts", "bts->random") for b in ("prior", "empirical")
+    }
+    setting = ope["settings"]["all/random->bts/prior"]
+    assert setting["truth"] == pytest.approx(0.0042)
+    assert set(setting["errors"]) == {"dm", "ips", "snips", "dr", "sndr", "switch-dr"}
+    assert len(setting["estimates"]["ips"]) == 5
+    report = (tmp_path / "ope" / "report.md").read_text()
+    assert "Off-policy estimators" in report and "obp published" in report
+    for png in ("ope_vs_truth.png", "ope_relative_error.png"):
+        assert (tmp_path / "ope" / png).stat().st_size > 10_000
 
 
 def test_prepare_custom_bad_file_fails_clearly_and_keeps_the_old_dataset(job_env, tmp_path):

@@ -32,6 +32,8 @@ class RankingResult:
     n_users: int
     per_user: dict[str, np.ndarray] = field(default_factory=dict)
     user_idx: np.ndarray | None = None
+    history_len: np.ndarray | None = None
+    """[n_users] length of each evaluated user's history (what the activity buckets split on)."""
 
 
 def evaluate_ranking(
@@ -87,4 +89,56 @@ def evaluate_ranking(
         out[f"novelty@{k}"] = M.novelty(top[:, :k], info)
         if features is not None:
             out[f"diversity@{k}"] = M.intra_list_diversity(top[:, :k], features)
-    return RankingResult(metrics=out, n_users=len(cases), per_user=per_user, user_idx=cases.user_idx)
+    return RankingResult(
+        metrics=out,
+        n_users=len(cases),
+        per_user=per_user,
+        user_idx=cases.user_idx,
+        history_len=np.fromiter((len(h) for h in cases.histories), dtype=np.int64, count=len(cases)),
+    )
+
+
+# -- analysis on per-user values ---------------------------------------------------------------------------
+def bootstrap_ci(
+    values: np.ndarray, *, level: float = 0.95, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of per-user values."""
+    rng = np.random.default_rng(seed)
+    values = np.asarray(values, dtype=np.float64)
+    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def activity_buckets(result: RankingResult, metrics: Sequence[str] = ("HR@10", "NDCG@10", "MRR@10"),
+                     ) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Metrics per user-activity bucket: cold / medium / heavy = the evaluated users' history-length
+    terciles (labels carry the ranges, e.g. ``"cold (0-31)"``)."""
+    if result.history_len is None or not result.per_user:
+        raise ValueError("this result has no per-user values; evaluate with evaluate_ranking")
+    h = result.history_len
+    lo, hi = np.quantile(h, [1 / 3, 2 / 3])
+    groups = {"cold": h <= lo, "medium": (h > lo) & (h <= hi), "heavy": h > hi}
+    out = {}
+    for name, mask in groups.items():
+        if not mask.any():
+            continue
+        label = f"{name} ({int(h[mask].min())}-{int(h[mask].max())})"
+        out[label] = {"users": float(mask.sum())}
+        out[label].update(
+            {m: float(result.per_user[m][mask].mean()) for m in metrics if m in result.per_user}
+        )
+    return out
+
+
+def paired_comparison(a: RankingResult, b: RankingResult, metric: str = "NDCG@10", *, n_boot: int = 2000,
+                      seed: int = 0) -> dict[str, float]:  # fmt: skip
+    """``b - a`` on the same users: mean difference, 95% paired-bootstrap interval, paired t-test p-value."""
+    from scipy import stats
+
+    if a.user_idx is None or b.user_idx is None or not np.array_equal(a.user_idx, b.user_idx):
+        raise ValueError("paired comparison needs both models evaluated on the same users, same split")
+    diff = b.per_user[metric] - a.per_user[metric]
+    lo, hi = bootstrap_ci(diff, n_boot=n_boot, seed=seed)
+    p = float(stats.ttest_rel(b.per_user[metric], a.per_user[metric]).pvalue) if diff.any() else 1.0
+    return {"diff": float(diff.mean()), "low": lo, "high": hi, "p_value": p, "users": float(len(diff))}

@@ -31,13 +31,22 @@ def markdown_table(results: dict[str, dict[str, float]], columns: Sequence[str] 
 
 
 def write_report(
-    out_dir: str | Path, results: dict[str, dict[str, float]], *, title: str, notes: Sequence[str] = ()
+    out_dir: str | Path,
+    results: dict[str, dict[str, float]],
+    *,
+    title: str,
+    notes: Sequence[str] = (),
+    sections: Sequence[str] = (),
 ) -> Path:
     """Write ``metrics.json`` and ``report.md`` into ``out_dir`` (atomically, file by file)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", results)
-    body = [f"# {title}", "", markdown_table(results), ""]
+    body = [f"# {title}", ""]
+    if results:
+        body += [markdown_table(results), ""]
     body += [f"- {n}" for n in notes]
+    if sections:
+        body += ["", *sections]
     write_text(out / "report.md", "\n".join(body) + "\n")
     return out / "metrics.json"
