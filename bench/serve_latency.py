@@ -9,7 +9,11 @@ impression logging):
 * ``inprocess`` — the scorer called directly in this process (the floor);
 * ``fastapi`` — a plain FastAPI app under uvicorn, no Ray (what a user would pick instead);
 * ``serve`` — our Serve app through Serve's default HTTP proxy;
-* ``serve-direct`` — our Serve app with ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` (replicas answer HTTP).
+* ``serve-direct`` — our Serve app with ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` (replicas answer HTTP);
+* ``single``, ``single-direct`` — the low-latency settings: ``--topology single`` (one deployment answers
+  HTTP and scores in the same replica: no ingress -> scorer hop), ``--batch-wait-ms 0`` (a batch forms
+  from what queued while the previous one ran, never by waiting) and ``--same-thread`` (request code on
+  the replica's event loop: no thread hand-off).
 
 For each: p50 / p99 latency and requests/s at concurrency 1, 8 and 32 (``--requests`` per level, after a
 warm-up). The client runs on the same cores as the server. Servers bind to 127.0.0.1 and are stopped by
@@ -133,8 +137,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=300, help="requests per concurrency level")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument(
-        "--setups", nargs="+", default=["inprocess", "fastapi", "serve", "serve-direct"],
-        choices=["inprocess", "fastapi", "serve", "serve-direct"],
+        "--setups", nargs="+", default=["inprocess", "fastapi", "serve", "serve-direct", "single", "single-direct"],
+        choices=["inprocess", "fastapi", "serve", "serve-direct", "single", "single-direct"],
     )  # fmt: skip
     p.add_argument("--out", default="runs/bench-serve")
     args = p.parse_args()
@@ -156,8 +160,10 @@ def main() -> None:
         else:
             cmd = [sys.executable, "-m", "jobs.serve", "--model", args.model, "--dataset", args.dataset,
                    "--port", str(port), "--num-cpus", "2", "--feedback-dir", str(Path(args.out) / "feedback")]  # fmt: skip
-            if setup == "serve-direct":
+            if setup.endswith("-direct"):
                 cmd.append("--direct-ingress")
+            if setup.startswith("single"):  # the low-latency settings: one hop, no batch wait, no thread hop
+                cmd += ["--topology", "single", "--batch-wait-ms", "0", "--same-thread"]
             results[setup] = run_server(cmd, env, url, args.levels, args.requests)
         print(f"{setup}: done", flush=True)
     print("\n| set-up | concurrency | p50 ms | p99 ms | req/s |\n|---|---:|---:|---:|---:|")

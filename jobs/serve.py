@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray address ('auto' on a cluster); default: an embedded local Ray")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
     p.add_argument("--num-gpus", type=float, default=None, help="(logical) GPUs of the embedded local Ray")
+    p.add_argument(
+        "--topology",
+        choices=["split", "single"],
+        default="split",
+        help="split: ingress + scorer deployments; single: one deployment answers HTTP and scores (lower latency)",
+    )
     p.add_argument("--ingress-replicas", type=int, default=1)
     p.add_argument("--scorer-replicas", type=int, default=1)
     p.add_argument("--scorer-gpus", type=float, default=0.0, help="GPU fraction per scorer replica")
@@ -60,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--direct-ingress",
         action="store_true",
         help="replicas answer HTTP themselves (RAY_SERVE_ENABLE_DIRECT_INGRESS=1; embedded Ray only)",
+    )
+    p.add_argument(
+        "--same-thread",
+        action="store_true",
+        help="run request code on the replica's own event loop (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0; "
+        "saves a thread hand-off per call; embedded Ray only)",
     )
     p.add_argument("--smoke", action="store_true", help="send one sample request, print it, stop")
     p.add_argument("--seconds", type=float, default=None, help="serve this long, then stop (default: Ctrl-C)")
@@ -169,10 +181,18 @@ def main(argv: list[str] | None = None) -> int:
                 "in the environment of `ray start`"
             )
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # read by Serve's controller and replicas
+    if args.same_thread:
+        if args.address:
+            fail(
+                "--same-thread applies to the embedded Ray; on a cluster set "
+                "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 in the environment of `ray start`"
+            )
+        os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "0"
     app_args = {
         "model": args.model,
         "dataset": dataset,
         "feedback_dir": args.feedback_dir,
+        "topology": args.topology,
         "ingress_replicas": args.ingress_replicas,
         "scorer_replicas": args.scorer_replicas,
         "scorer_gpus": args.scorer_gpus,

@@ -10,12 +10,14 @@ No ``from __future__ import annotations`` here: FastAPI must see the request mod
 the ingress methods' signatures (string annotations make it read them as query parameters).
 """
 
+import asyncio
+import inspect
 import logging
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -91,20 +93,48 @@ def _scoring_fields(req: RecommendRequest | QueryRequest, history: list[int], ve
     }
 
 
+class _InReplica:
+    """A :class:`PolicyScorer` living in this replica, called like a deployment handle
+    (``scorer.method.remote(...)`` returns an awaitable), so the ingress code is the same either way."""
+
+    def __init__(self, scorer: PolicyScorer):
+        self.scorer = scorer
+
+    def __getattr__(self, name: str):
+        method = getattr(self.scorer, name)
+
+        async def call(*args, **kwargs):
+            out = method(*args, **kwargs)
+            return await out if inspect.isawaitable(out) else out
+
+        return type("_Method", (), {"remote": staticmethod(call)})
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128)
 @serve.ingress(api)
 class RecIngress:
-    """HTTP in, validation, live state and feedback logging; scoring is the model deployment's."""
+    """HTTP in, validation, live state and feedback logging. Scoring is the model deployment's
+    (``scorer``: a handle, topology "split") or happens in this replica (``scorer=None`` and ``model``:
+    topology "single", one hop less per request; ``user_config`` then tunes this deployment's batching
+    and model path)."""
 
     def __init__(
         self,
-        scorer: DeploymentHandle,
+        scorer: DeploymentHandle | None,
         dataset: str,
         feedback_dir: str,
         state_name: str = STATE_ACTOR,
         flush_rows: int = 256,
         flush_seconds: float = 5.0,
+        model: str | None = None,
     ):
+        if scorer is None:
+            if model is None:
+                raise ValueError("RecIngress needs a scorer handle or a model path to score in-replica")
+            self._local = PolicyScorer(model, dataset, state_name)
+            scorer = _InReplica(self._local)
+        else:
+            self._local = None
         self.scorer = scorer
         self.catalog = ServingCatalog.from_dataset(dataset)
         self._base_items = self.catalog.n_items
@@ -115,6 +145,13 @@ class RecIngress:
         self._stop = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, daemon=True)
         self._flusher.start()
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """``user_config`` of the single-deployment topology: batching and model path of the in-replica
+        scorer (the split topology sets it on the PolicyScorer deployment instead)."""
+        if self._local is None:
+            raise ValueError("user_config belongs to the PolicyScorer deployment in the split topology")
+        self._local.reconfigure(config)
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(0.5):
@@ -137,19 +174,22 @@ class RecIngress:
             self.synced = current
 
     async def _context(self, req: RecommendRequest | QueryRequest) -> tuple[list[int], list[str], int]:
+        """(history as item indices, its last 200 item ids for the impression log, catalogue version)."""
         session, version = await self.state.context.remote(req.user)
         await self._sync(version)
         if req.history is not None:
             ids = list(req.history) + session
+            logged: list[int] = []
         elif req.user is not None:
-            logged = self.catalog.user_histories.get(req.user)
-            if logged is None and not session:
+            found = self.catalog.user_histories.get(req.user)
+            if found is None and not session:
                 raise ApiError(
                     404,
                     f"unknown user {req.user!r}: send a history (item ids, oldest first; [] for a new user) "
                     "with or instead of the user id",
                 )
-            ids = [self.catalog.item_ids[i] for i in (logged if logged is not None else [])] + session
+            ids = session
+            logged = found.tolist() if found is not None else []
         else:
             raise ApiError(
                 422, "send a known `user` id, a `history` of item ids, or both ([] for a new user)"
@@ -164,12 +204,16 @@ class RecIngress:
             raise ApiError(
                 422, f"k={req.k} exceeds the catalogue ({self.catalog.n_items} items); send k <= that"
             )
-        return known, ids, version
+        history = logged + known
+        recent = [self.catalog.item_ids[i] for i in logged[-200:]] + ids if logged else ids
+        return history, recent[-200:], version
 
     async def _answer(self, req, result: dict[str, Any], history_ids: list[str]) -> RecommendResponse:
         request_id = uuid.uuid4().hex
         shown = [self.catalog.item_ids[i] for i in result["items"]]
-        await self.state.log_impression.remote(
+        # not awaited: the answer does not wait for the shared store; /feedback covers the (rare) race
+        # where the feedback reaches the store before this impression does (see _resolve_feedback)
+        self.state.log_impression.remote(
             request_id,
             {
                 "user_id": req.user,
@@ -232,9 +276,20 @@ class RecIngress:
         result = await self._call(self.scorer.query.remote(payload))
         return await self._answer(req, result, ids)
 
+    async def _resolve_feedback(self, req: FeedbackRequest) -> dict[str, Any]:
+        """Match feedback to its impression; impressions are logged without waiting, so an unknown
+        request id is retried for up to ~0.3 s before it is called unknown."""
+        for delay in (0.0, 0.02, 0.05, 0.1, 0.15):
+            if delay:
+                await asyncio.sleep(delay)
+            out = await self.state.feedback.remote(req.request_id, req.item_id, req.reward)
+            if out["status"] != "unknown_request":
+                break
+        return out
+
     @api.post("/feedback")
     async def feedback(self, req: FeedbackRequest) -> dict[str, Any]:
-        out = await self.state.feedback.remote(req.request_id, req.item_id, req.reward)
+        out = await self._resolve_feedback(req)
         if out["status"] == "unknown_request":
             raise ApiError(
                 404,
@@ -305,6 +360,11 @@ class AppArgs(BaseModel):
     dataset: str = Field(..., description="prepared dataset directory the model was trained on")
     feedback_dir: str = Field("runs/serve/feedback", description="where feedback Parquet parts go")
     state_name: str = STATE_ACTOR
+    topology: Literal["split", "single"] = Field(
+        "split",
+        description="split: ingress + PolicyScorer deployments; single: one deployment (RecService) that "
+        "answers HTTP and scores in the same replica (one hop less; scorer_* options apply to it)",
+    )
     ingress_replicas: int = Field(1, ge=1)
     scorer_replicas: int = Field(1, ge=1, description="fixed replica count (ignored with autoscaling)")
     scorer_gpus: float = Field(0.0, ge=0.0, le=1.0, description="GPU fraction per scorer replica")
@@ -336,9 +396,14 @@ def build_app(args: dict[str, Any] | AppArgs):
         scorer_opts["autoscaling_config"] = a.autoscaling
     else:
         scorer_opts["num_replicas"] = a.scorer_replicas
+    feedback_dir = str(Path(a.feedback_dir).resolve())
+    if a.topology == "single":
+        return RecIngress.options(name="RecService", max_ongoing_requests=64, **scorer_opts).bind(
+            None, dataset, feedback_dir, a.state_name, a.flush_rows, a.flush_seconds, model
+        )
     scorer = PolicyScorer_deployment.options(**scorer_opts).bind(model, dataset, a.state_name)
     return RecIngress.options(num_replicas=a.ingress_replicas).bind(
-        scorer, dataset, str(Path(a.feedback_dir).resolve()), a.state_name, a.flush_rows, a.flush_seconds
+        scorer, dataset, feedback_dir, a.state_name, a.flush_rows, a.flush_seconds
     )
 
 

@@ -22,9 +22,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app(finetuned_run, ml_dir, tmp_path_factory):
-    """Two ingress and two scorer replicas on an embedded Ray (each a real process), HTTP on loopback."""
+@pytest.fixture(scope="module", params=["split", "single"])
+def app(request, finetuned_run, ml_dir, tmp_path_factory):
+    """Two ingress and two scorer replicas on an embedded Ray (each a real process), HTTP on loopback;
+    then the same tests against the single-deployment topology (two replicas that answer HTTP and score)."""
     from jobs.serve import start, stop
 
     feedback_dir = tmp_path_factory.mktemp("feedback")
@@ -35,6 +36,7 @@ def app(finetuned_run, ml_dir, tmp_path_factory):
                 "model": finetuned_run,
                 "dataset": ml_dir,
                 "feedback_dir": str(feedback_dir),
+                "topology": request.param,
                 "ingress_replicas": 2,
                 "scorer_replicas": 2,
                 "scorer_cpus": 0.5,
