@@ -163,7 +163,7 @@ class RecIngress:
 
     def __del__(self) -> None:
         self._stop.set()
-        self.feedback.flush()
+        self.feedback.close()
 
     # -- helpers ----------------------------------------------------------------------------------------------
     async def _sync(self, version: int) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -337,3 +339,71 @@ def test_ray_job_submit_trains_on_a_started_head(finetuned_run, ml_dir, tmp_path
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)  # stragglers of the group, if any
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_training_survives_losing_a_worker_node_and_an_env_runner(finetuned_run, ml_dir):
+    """Head + three `env_runner` worker nodes, two env runners. The node of one runner is removed
+    mid-training, later one runner process is killed: RLlib restarts each runner (on a node that still
+    offers `env_runner`), training goes on, and the runners' shards again cover every train user."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    nodes = [cluster.add_node(num_cpus=1, resources={"env_runner": 1}) for _ in range(3)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="ERROR")
+
+    def describe(runner):
+        envs = [e.unwrapped for e in runner.env.unwrapped.envs]
+        return {
+            "node": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "index": runner.worker_index,
+            "shard": sorted(set().union(*[set(e.shard_users.tolist()) for e in envs])),
+        }
+
+    def train_until_healthy(algo, max_iterations: int = 20) -> int:
+        for i in range(max_iterations):
+            algo.train()  # never raises: failed runners are restarted
+            if algo.env_runner_group.num_healthy_remote_workers() == 2 and i >= 1:
+                return i + 1
+        raise AssertionError("env runners were not restored")
+
+    try:
+        cfg = RLTrainConfig(
+            finetuned=finetuned_run,
+            num_env_runners=2,
+            num_envs_per_env_runner=2,
+            env_runner_resources={"env_runner": 1},
+            train_batch_size=80,
+            rollout_fragment_length=20,
+            env=EnvConfig(dataset=ml_dir, window=30),
+        )
+        algo = build_algo_config(cfg, model_config_from_run(finetuned_run)).build_algo()
+        try:
+            for _ in range(2):
+                algo.train()
+            before = algo.env_runner_group.foreach_env_runner(describe, local_env_runner=False)
+            victim = next(n for n in nodes if n.node_id == before[0]["node"])
+            cluster.remove_node(victim, allow_graceful=False)
+            after_node = train_until_healthy(algo)
+            placed = algo.env_runner_group.foreach_env_runner(describe, local_env_runner=False)
+
+            pid = algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False)[0]
+            os.kill(pid, signal.SIGKILL)  # a crashed env runner process (one this test's cluster started)
+            after_kill = train_until_healthy(algo)
+            final = algo.env_runner_group.foreach_env_runner(describe, local_env_runner=False)
+            restarts = algo.env_runner_group.num_remote_worker_restarts()
+        finally:
+            algo.stop()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert after_node <= 20 and after_kill <= 20
+    assert restarts >= 2
+    assert pid not in {i["pid"] for i in final}
+    for info in (placed, final):
+        assert len(info) == 2 and victim.node_id not in {i["node"] for i in info}
+        assert sorted(i["index"] for i in info) == [1, 2]  # the same runner slots, so the same shards
+        a, b = (set(i["shard"]) for i in info)
+        assert not a & b and len(a | b) == 943

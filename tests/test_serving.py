@@ -179,6 +179,7 @@ def test_zz_feedback_flushed_on_stop_and_read_by_prepare(app, tmp_path):
         c.post("/feedback", json={"request_id": rec["request_id"], "item_id": item["item_id"], "reward": 1.0})
         sent.append((rec["request_id"], item["item_id"], item["propensity"]))
     app["stop"]()  # a clean stop flushes every replica's buffer
+    assert not list(Path(app["feedback_dir"]).glob(".journal-*"))  # closed cleanly: journals folded into parts
     table = read_feedback(app["feedback_dir"]).to_pylist()
     logged = {(r["request_id"], r["item_id"]): r for r in table}
     for request_id, item_id, propensity in sent:
@@ -197,3 +198,39 @@ def test_zz_feedback_flushed_on_stop_and_read_by_prepare(app, tmp_path):
     assert manifest["counts"]["interactions"] == 100_000 + len(table)
     assert manifest["source"]["feedback_rows"] == len(table)
     time.sleep(0)
+
+
+def test_feedback_journal_survives_a_killed_writer(tmp_path):
+    """An acknowledged event is in the writer's journal before append returns; after the writer's process
+    is killed (SIGKILL, nothing flushed), the next reader recovers it into a part file, exactly once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    from rec_rllib.data.feedback import SCHEMA
+
+    row = {name: None for name in SCHEMA.names} | {"request_id": "r", "item_id": "50", "reward": 1.0}
+    script = textwrap.dedent(f"""
+        import sys, time
+        from serving.feedback import FeedbackLog
+        log = FeedbackLog({str(tmp_path)!r}, max_rows=10_000, max_seconds=3600)
+        for i in range(25):
+            log.append({{**{row!r}, "request_id": f"r{{i}}"}})
+        print("acknowledged", flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "acknowledged"
+        assert not list(tmp_path.glob("part-*.parquet"))  # nothing flushed yet
+        os.kill(proc.pid, signal.SIGKILL)  # the process this test started
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+    ids = read_feedback(tmp_path).column("request_id").to_pylist()
+    assert sorted(ids) == sorted(f"r{i}" for i in range(25))
+    assert read_feedback(tmp_path).num_rows == 25  # recovered once, not again
+    assert not list(tmp_path.glob(".journal-*")) and not list(tmp_path.glob(".recovering*"))

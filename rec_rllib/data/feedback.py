@@ -45,8 +45,10 @@ def feedback_parts(directory: str | Path) -> list[Path]:
 
 
 def read_feedback(directory: str | Path) -> pa.Table:
-    """Every part file under ``directory`` as one table in :data:`SCHEMA`. A part that lacks a column
-    raises :class:`~rec_rllib.data.validate.DataValidationError` naming the file and the column."""
+    """Every part file under ``directory`` as one table in :data:`SCHEMA` (journals of dead writers are
+    recovered into parts first). A part that lacks a column raises
+    :class:`~rec_rllib.data.validate.DataValidationError` naming the file and the column."""
+    recover_journals(directory)
     tables = []
     for part in feedback_parts(directory):
         table = pq.read_table(part)
@@ -55,3 +57,74 @@ def read_feedback(directory: str | Path) -> pa.Table:
         check.raise_if_any()
         tables.append(table.select(SCHEMA.names).cast(SCHEMA))
     return pa.concat_tables(tables)
+
+
+# -- writing parts and recovering journals ----------------------------------------------------------------
+JOURNAL_PREFIX = ".journal-"
+"""Writers journal each event (one JSON line, flushed to the OS before the event is acknowledged) in
+``.journal-<host>-<pid>-<tag>-<generation>.jsonl`` until it is in a part file; a journal whose process
+died is turned into a part by :func:`recover_journals`, so a killed replica loses no acknowledged event."""
+
+
+def write_part(directory: str | Path, rows: list[dict], tag: str) -> Path:
+    """Rows as a new part file ``part-<utc time>-<tag>.parquet``, written under a hidden temporary name
+    and renamed into place."""
+    import os
+    import time
+
+    directory = Path(directory)
+    final = directory / f"part-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{tag}.parquet"
+    tmp = directory / f".{final.name}.tmp"
+    try:
+        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return final
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_journals(directory: str | Path) -> list[Path]:
+    """Turn the journals of dead writers on this host into part files (and delete them); returns the new
+    parts. Journals of live processes and of other hosts are left alone. A torn last line (the process
+    died mid-write, before the event was acknowledged) is skipped."""
+    import json
+    import os
+    import socket
+
+    host = socket.gethostname()
+    out = []
+    for journal in sorted(Path(directory).glob(f"{JOURNAL_PREFIX}*.jsonl")):
+        fields = journal.name[len(JOURNAL_PREFIX) : -len(".jsonl")].rsplit("-", 3)
+        if len(fields) != 4 or fields[0] != host or not fields[1].isdigit():
+            continue
+        pid = int(fields[1])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        claimed = journal.with_name(".recovering" + journal.name)
+        try:
+            os.rename(journal, claimed)  # one recoverer wins; a concurrent one finds it gone
+        except FileNotFoundError:
+            continue
+        rows = []
+        for line in claimed.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        if rows:
+            out.append(write_part(directory, rows, f"recovered-{pid}-{fields[2]}-{fields[3]}"))
+        claimed.unlink()
+    return out
