@@ -179,7 +179,9 @@ def test_zz_feedback_flushed_on_stop_and_read_by_prepare(app, tmp_path):
         c.post("/feedback", json={"request_id": rec["request_id"], "item_id": item["item_id"], "reward": 1.0})
         sent.append((rec["request_id"], item["item_id"], item["propensity"]))
     app["stop"]()  # a clean stop flushes every replica's buffer
-    assert not list(Path(app["feedback_dir"]).glob(".journal-*"))  # closed cleanly: journals folded into parts
+    assert not list(
+        Path(app["feedback_dir"]).glob(".journal-*")
+    )  # closed cleanly: journals folded into parts
     table = read_feedback(app["feedback_dir"]).to_pylist()
     logged = {(r["request_id"], r["item_id"]): r for r in table}
     for request_id, item_id, propensity in sent:

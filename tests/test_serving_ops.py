@@ -183,3 +183,92 @@ def test_model_roll_under_load_drops_no_request(finetuned_run, ml_dir, tmp_path)
             stop()
         finally:
             ray.shutdown()
+
+
+def test_killed_replica_under_load_fails_over_and_loses_no_acknowledged_feedback(
+    finetuned_run, ml_dir, tmp_path
+):
+    """Bounded load of /recommend + /feedback pairs on two ingress replicas; one replica process is killed
+    (SIGKILL, its buffer never flushed). Clients retry failed calls (at most 5 tries); Serve restarts the
+    replica; every acknowledged feedback event is in the log afterwards (journals recovered)."""
+    import os
+    import signal
+
+    from ray._private.state import actors
+
+    from serving.feedback import read_feedback
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    feedback_dir = tmp_path / "fb"
+    try:
+        url = start(
+            {"model": finetuned_run, "dataset": ml_dir, "feedback_dir": str(feedback_dir), "ingress_replicas": 2,
+             "scorer_cpus": 0.5, "flush_rows": 100_000, "flush_seconds": 3600},
+            _free_port(),
+        )  # fmt: skip
+        acked: list[str] = []
+        failed: list[str] = []
+        retries = [0]
+        stop_load = threading.Event()
+
+        def call(c: httpx.Client, path: str, body: dict) -> dict | None:
+            for attempt in range(5):
+                try:
+                    r = c.post(path, json=body)
+                    if r.status_code == 200:
+                        return r.json()
+                    error = f"{r.status_code} {r.text[:200]}"
+                except httpx.HTTPError as e:
+                    error = repr(e)
+                retries[0] += 1
+                time.sleep(0.2 * (attempt + 1))
+            failed.append(f"{path}: {error}")
+            return None
+
+        def client(worker: int) -> None:
+            with httpx.Client(base_url=url, timeout=30) as c:
+                while not stop_load.is_set():
+                    rec = call(c, "/recommend", {"user": str(1 + worker), "k": 5})
+                    if rec is None:
+                        continue
+                    body = {
+                        "request_id": rec["request_id"],
+                        "item_id": rec["items"][0]["item_id"],
+                        "reward": 1.0,
+                    }
+                    if call(c, "/feedback", body) is not None:
+                        acked.append(rec["request_id"])
+
+        with ThreadPoolExecutor(4) as pool:
+            for w in range(4):
+                pool.submit(client, w)
+            try:
+                time.sleep(4)
+                replicas = [a["Pid"] for a in actors().values()  # from the GCS (no dashboard needed)
+                            if a["State"] == "ALIVE" and a["ActorClassName"].startswith("ServeReplica:")
+                            and a["ActorClassName"].endswith(":RecIngress")]  # fmt: skip
+                assert len(replicas) == 2, replicas
+                os.kill(replicas[0], signal.SIGKILL)  # a replica of the app this test started
+                acked_at_kill = len(acked)
+                deadline = time.time() + 90
+                while time.time() < deadline and _replica_states("RecIngress").get("RUNNING", 0) < 2:
+                    time.sleep(1)
+                time.sleep(3)
+            finally:
+                stop_load.set()
+        assert _replica_states("RecIngress").get("RUNNING", 0) == 2  # Serve replaced the replica
+    finally:
+        try:
+            stop()  # a clean stop flushes the surviving replicas
+        finally:
+            ray.shutdown()
+    logged = set(read_feedback(feedback_dir).column("request_id").to_pylist())
+    missing = set(acked) - logged
+    print(
+        f"acknowledged {len(acked)} ({acked_at_kill} before the kill), retried calls {retries[0]}, "
+        f"failed after retries {len(failed)}, missing from the log {len(missing)}"
+    )
+    assert not failed, failed[:3]
+    assert len(acked) > acked_at_kill > 0
+    assert not missing
+    assert list(feedback_dir.glob("part-*-recovered-*.parquet"))  # the killed replica's journal, recovered
