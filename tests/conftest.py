@@ -63,3 +63,139 @@ def job_env(tmp_path: Path) -> dict[str, str]:
 
 
 PY = sys.executable
+
+
+class RayNodes:
+    """A real multi-node Ray on this machine, started as a user does: ``ray start --head`` on 127.0.0.1
+    and ``ray start --address`` workers (custom resources allowed), each ``--block``ed in its own process
+    session. :meth:`stop` stops exactly those sessions (by process group), nothing else."""
+
+    def __init__(self, *, head_cpus: int = 1):
+        import tempfile
+
+        self.bindir = str(Path(sys.executable).parent)
+        self.env = dict(os.environ, RAY_AUTH_MODE="token")
+        self.env["PATH"] = self.bindir + os.pathsep + os.environ.get("PATH", "")
+        self.env.pop("RAY_ADDRESS", None)
+        self.temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")  # short: socket paths have a length limit
+        self.gcs, self.dash = free_port(), free_port()
+        self.procs: list = []
+        self.head_cpus = head_cpus
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dash}"
+
+    def _start(self, args: list[str]) -> None:
+        import subprocess
+
+        # several nodes on one machine: every per-node agent needs its own port, every node its own temp
+        # directory (raylet and object store sockets live there; shared paths would collide)
+        ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                          "runtime-env-agent-port", "metrics-export-port")]  # fmt: skip
+        i = len(self.procs)
+        if i:  # workers (the head gets --temp-dir=self.temp_dir)
+            ports.append(f"--temp-dir={self.temp_dir}/n{i}")
+        log = open(f"{self.temp_dir}-node{len(self.procs)}.log", "w")  # noqa: SIM115 (lives with the node)
+        self.procs.append(subprocess.Popen(
+            [f"{self.bindir}/ray", "start", "--block", "--node-ip-address=127.0.0.1", *ports, *args],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        ))  # fmt: skip
+
+    def start_head(self) -> RayNodes:
+        import time
+
+        self._start(["--head", f"--port={self.gcs}", f"--num-cpus={self.head_cpus}", "--include-dashboard=true",
+                     "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}", f"--temp-dir={self.temp_dir}"])  # fmt: skip
+        deadline = time.time() + 120
+        while True:  # ready when the job API answers
+            probe = self.cli(["job", "list", "--address", self.dashboard], check=False)
+            if probe.returncode == 0:
+                return self
+            assert time.time() < deadline, probe.stderr[-2000:]
+            assert self.procs[-1].poll() is None, "ray start --head exited"
+            time.sleep(2)
+
+    def add_worker(self, *, num_cpus: int = 1, resources: dict[str, float] | None = None) -> None:
+        import json
+
+        args = [f"--address=127.0.0.1:{self.gcs}", f"--num-cpus={num_cpus}"]
+        if resources:
+            args.append(f"--resources={json.dumps(resources)}")
+        self._start(args)
+
+    def wait_for_nodes(self, n: int, timeout: float = 120) -> None:
+        import time
+
+        code = f"import ray; ray.init(address='127.0.0.1:{self.gcs}'); print(len([x for x in ray.nodes() if x['Alive']]))"
+        deadline = time.time() + timeout
+        while True:
+            out = self.cli_python(code)
+            if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
+                return
+            assert time.time() < deadline, (out.stdout + out.stderr)[-2000:]
+            time.sleep(2)
+
+    def cli(self, args: list[str], *, check: bool = True, timeout: float = 600):
+        import subprocess
+
+        out = subprocess.run([f"{self.bindir}/ray", *args], env=self.env, capture_output=True, text=True,
+                             timeout=timeout)  # fmt: skip
+        if check:
+            assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+        return out
+
+    def cli_serve(self, args: list[str]):
+        import subprocess
+
+        return subprocess.run([f"{self.bindir}/serve", *args], env=self.env, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+
+    def cli_python(self, code: str):
+        import subprocess
+
+        return subprocess.run(
+            [sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120
+        )
+
+    def submit(self, command: list[str], *, runtime_env: dict | None = None, timeout: float = 900) -> str:
+        """``ray job submit --working-dir <repo> -- <command>``; asserts it SUCCEEDED, returns its output."""
+        import json
+        import re
+
+        args = ["job", "submit", "--address", self.dashboard, "--working-dir", str(REPO)]
+        if runtime_env:
+            args += ["--runtime-env-json", json.dumps(runtime_env)]
+        out = self.cli([*args, "--", *command], timeout=timeout)
+        assert re.search(r"Job 'raysubmit_\w+' succeeded", out.stdout), out.stdout[-4000:]
+        return out.stdout
+
+    def stop(self) -> None:
+        import contextlib
+        import shutil
+        import signal
+        import subprocess
+        import time
+
+        for proc in reversed(self.procs):  # workers first, the head last
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        time.sleep(2)
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # stragglers of each group, if any
+        self.procs = []
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -224,121 +223,21 @@ def test_env_runners_on_two_nodes_replay_disjoint_shards(finetuned_run, ml_dir, 
         assert i["seen"] and set(i["seen"]) <= set(i["shard"])  # each replays only its own users
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ray_job_submit_trains_on_a_started_head(finetuned_run, ml_dir, tmp_path):
     """`ray start --head` on 127.0.0.1, then `ray job submit` of jobs.train exactly as a user types it."""
-    import os
-    import subprocess
-    import sys
-    import tempfile
-    import time
+    from tests.conftest import RayNodes
 
-    from tests.conftest import REPO
-
-    bindir = str(Path(sys.executable).parent)
-    env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""), RAY_AUTH_MODE="token")
-    env.pop("RAY_ADDRESS", None)
-    temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    gcs, dash = _free_port(), _free_port()
-    head = subprocess.Popen(
-        [
-            f"{bindir}/ray",
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={gcs}",
-            "--num-cpus=2",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            f"--temp-dir={temp_dir}",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dash}"
     out_dir = tmp_path / "rl"
+    nodes = RayNodes(head_cpus=2)
     try:
-        deadline = time.time() + 120
-        while True:  # readiness: the job API answers
-            probe = subprocess.run(
-                [f"{bindir}/ray", "job", "list", "--address", address],
-                env=env,
-                capture_output=True,
-                text=True,
-            )
-            if probe.returncode == 0:
-                break
-            assert time.time() < deadline, probe.stderr[-2000:]
-            time.sleep(2)
-        submit = subprocess.run(
-            [
-                f"{bindir}/ray",
-                "job",
-                "submit",
-                "--address",
-                address,
-                "--working-dir",
-                str(REPO),
-                "--",
-                "python",
-                "-m",
-                "jobs.train",
-                "--address",
-                "auto",
-                "--finetuned",
-                finetuned_run,
-                "--dataset",
-                ml_dir,
-                "--out",
-                str(out_dir),
-                "--iterations",
-                "1",
-                "--num-env-runners",
-                "1",
-                "--num-envs-per-env-runner",
-                "2",
-                "--train-batch-size",
-                "80",
-                "--window",
-                "30",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
-        import re
-
-        assert re.search(r"Job 'raysubmit_\w+' succeeded", submit.stdout), submit.stdout[-4000:]
-        assert (out_dir / "checkpoint").is_dir() and (out_dir / "train_metrics.csv").exists()
+        nodes.start_head()
+        nodes.submit(["python", "-m", "jobs.train", "--address", "auto", "--finetuned", finetuned_run,
+                      "--dataset", ml_dir, "--out", str(out_dir), "--iterations", "1", "--num-env-runners", "1",
+                      "--num-envs-per-env-runner", "2", "--train-batch-size", "80", "--window", "30"])  # fmt: skip
     finally:
-        # stop what this test started: the head's own process group (it was started in a new session)
-        import shutil
-        import signal
-
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        time.sleep(2)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)  # stragglers of the group, if any
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        nodes.stop()  # exactly the processes it started
+    assert (out_dir / "checkpoint").is_dir() and (out_dir / "train_metrics.csv").exists()
 
 
 @pytest.mark.slow

@@ -11,15 +11,7 @@ import pytest
 import ray
 
 from serving.feedback import read_feedback
-from tests.conftest import REPO
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import REPO, free_port
 
 
 @pytest.fixture(scope="module", params=["split", "single"])
@@ -43,7 +35,7 @@ def app(request, finetuned_run, ml_dir, tmp_path_factory):
                 "flush_rows": 1000,
                 "flush_seconds": 600,  # only the shutdown flush writes: proves nothing is lost on stop
             },
-            _free_port(),
+            free_port(),
         )
         with httpx.Client(base_url=url, timeout=60) as client:
             yield {"client": client, "feedback_dir": feedback_dir, "dataset": ml_dir, "stop": stop}

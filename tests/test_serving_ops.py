@@ -13,16 +13,9 @@ from ray import serve
 
 from jobs.serve import APP_NAME, start, stop
 from serving.app import build_app
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _replica_states(deployment: str = "PolicyScorer") -> dict[str, int]:
@@ -44,7 +37,7 @@ def gpu_ray():
 def test_four_quarter_gpu_replicas_run_and_a_fifth_waits(gpu_ray, finetuned_run, ml_dir, tmp_path):
     from ray.serve.api import _run  # serve.run would wait for the fifth replica forever
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
         "model": finetuned_run,
@@ -96,7 +89,7 @@ def test_autoscaling_up_under_load_and_back_down(finetuned_run, ml_dir, tmp_path
                     "look_back_period_s": 2,
                 },
             },
-            _free_port(),
+            free_port(),
         )
         assert _replica_states().get("RUNNING") == 1
         stop_load = threading.Event()
@@ -151,7 +144,7 @@ def test_model_roll_under_load_drops_no_request(finetuned_run, ml_dir, tmp_path)
             "scorer_replicas": 2,
             "scorer_cpus": 0.5,
         }
-        url = start(args, _free_port())
+        url = start(args, free_port())
         versions: list[str] = []
         failures: list[str] = []
         stop_load = threading.Event()
@@ -204,7 +197,7 @@ def test_killed_replica_under_load_fails_over_and_loses_no_acknowledged_feedback
         url = start(
             {"model": finetuned_run, "dataset": ml_dir, "feedback_dir": str(feedback_dir), "ingress_replicas": 2,
              "scorer_cpus": 0.5, "flush_rows": 100_000, "flush_seconds": 3600},
-            _free_port(),
+            free_port(),
         )  # fmt: skip
         acked: list[str] = []
         failed: list[str] = []
