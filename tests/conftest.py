@@ -66,9 +66,9 @@ PY = sys.executable
 
 
 class RayNodes:
-    """A real multi-node Ray on this machine, started as a user does: ``ray start --head`` on 127.0.0.1
-    and ``ray start --address`` workers (custom resources allowed), each ``--block``ed in its own process
-    session. :meth:`stop` stops exactly those sessions (by process group), nothing else."""
+    """A real Ray head on this machine, started as a user does (``ray start --head --block`` on 127.0.0.1,
+    in its own process session), with ``ray job submit`` against it. :meth:`stop` stops exactly that
+    session (by process group), nothing else. Worker nodes: see ``cluster/local-multinode.sh``."""
 
     def __init__(self, *, head_cpus: int = 1):
         import tempfile
@@ -89,14 +89,10 @@ class RayNodes:
     def _start(self, args: list[str]) -> None:
         import subprocess
 
-        # several nodes on one machine: every per-node agent needs its own port, every node its own temp
-        # directory (raylet and object store sockets live there; shared paths would collide)
+        # own agent ports: another Ray may run on this machine (cluster/local-multinode.sh adds workers so)
         ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                           "runtime-env-agent-port", "metrics-export-port")]  # fmt: skip
-        i = len(self.procs)
-        if i:  # workers (the head gets --temp-dir=self.temp_dir)
-            ports.append(f"--temp-dir={self.temp_dir}/n{i}")
-        log = open(f"{self.temp_dir}-node{len(self.procs)}.log", "w")  # noqa: SIM115 (lives with the node)
+        log = open(f"{self.temp_dir}/node{len(self.procs)}.log", "w")  # noqa: SIM115 (lives with the node)
         self.procs.append(subprocess.Popen(
             [f"{self.bindir}/ray", "start", "--block", "--node-ip-address=127.0.0.1", *ports, *args],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -116,26 +112,6 @@ class RayNodes:
             assert self.procs[-1].poll() is None, "ray start --head exited"
             time.sleep(2)
 
-    def add_worker(self, *, num_cpus: int = 1, resources: dict[str, float] | None = None) -> None:
-        import json
-
-        args = [f"--address=127.0.0.1:{self.gcs}", f"--num-cpus={num_cpus}"]
-        if resources:
-            args.append(f"--resources={json.dumps(resources)}")
-        self._start(args)
-
-    def wait_for_nodes(self, n: int, timeout: float = 120) -> None:
-        import time
-
-        code = f"import ray; ray.init(address='127.0.0.1:{self.gcs}'); print(len([x for x in ray.nodes() if x['Alive']]))"
-        deadline = time.time() + timeout
-        while True:
-            out = self.cli_python(code)
-            if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
-                return
-            assert time.time() < deadline, (out.stdout + out.stderr)[-2000:]
-            time.sleep(2)
-
     def cli(self, args: list[str], *, check: bool = True, timeout: float = 600):
         import subprocess
 
@@ -144,19 +120,6 @@ class RayNodes:
         if check:
             assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
         return out
-
-    def cli_serve(self, args: list[str]):
-        import subprocess
-
-        return subprocess.run([f"{self.bindir}/serve", *args], env=self.env, capture_output=True, text=True,
-                              timeout=600)  # fmt: skip
-
-    def cli_python(self, code: str):
-        import subprocess
-
-        return subprocess.run(
-            [sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120
-        )
 
     def submit(self, command: list[str], *, runtime_env: dict | None = None, timeout: float = 900) -> str:
         """``ray job submit --working-dir <repo> -- <command>``; asserts it SUCCEEDED, returns its output."""

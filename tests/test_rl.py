@@ -99,12 +99,15 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("algorithm", ["appo", "ppo"])
+@pytest.mark.parametrize("algorithm", ["appo", "ppo", "dqn"])
 def test_training_checkpoint_restore_and_standalone_module(
     algorithm, finetuned_run, ml_dir, tmp_path, local_ray
 ):
     cfg = RLTrainConfig(
         algorithm=algorithm,
+        exploration=ExplorationConfig(strategy="epsilon", epsilon=0.2)
+        if algorithm == "dqn"
+        else ExplorationConfig(),
         finetuned=finetuned_run,
         iterations=2,
         num_env_runners=1,
@@ -117,6 +120,8 @@ def test_training_checkpoint_restore_and_standalone_module(
     summary = train(cfg, tmp_path / "rl", progress=lambda *_: None)
     assert summary["iterations"] == 2 and Path(summary["checkpoint"]).is_dir()
     assert all(h["env_steps"] > 0 for h in summary["history"])
+    if algorithm == "dqn":  # learning started (after one train batch of samples): a finite TD loss
+        assert any(h["q_loss"] == h["q_loss"] for h in summary["history"]), summary["history"]
     assert (tmp_path / "rl" / "training_curves.png").exists()
     rows = (tmp_path / "rl" / "train_metrics.csv").read_text().splitlines()
     assert len(rows) == 3

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from ray.rllib.algorithms.dqn.dqn_learner import QF_NEXT_PREDS, QF_PREDS, QF_TARGET_NEXT_PREDS
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.utils import make_target_network
 from ray.rllib.core.rl_module.apis import (
@@ -142,12 +143,25 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
 
     @override(TorchRLModule)
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        if Columns.NEXT_OBS in batch:  # DQN: Q-values of this and the next step, and the target net's
+            return self._q_forward_train(batch)
         logits, state = self._logits_and_state(batch)
         out = {Columns.ACTION_DIST_INPUTS: logits, Columns.EMBEDDINGS: state}
         if getattr(self, "_ref_net", None) is not None:
             with torch.no_grad():
                 out[REF_LOGITS], _ = self._logits_and_state(batch, self._ref_net)
         return out
+
+    def _q_forward_train(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """DQN reads the catalogue scores as Q-values (Q(s, a) = score of item a given the history): one
+        online pass over [obs; next_obs] (double Q picks the next action online) and one target pass."""
+        obs, nxt = batch[Columns.OBS], batch[Columns.NEXT_OBS]
+        both = {Columns.OBS: {k: torch.cat([obs[k], nxt[k]], dim=0) for k in obs}}
+        q, _ = self._logits_and_state(both)
+        q_now, q_next = torch.chunk(q, 2, dim=0)
+        with torch.no_grad():
+            q_target_next, _ = self._logits_and_state({Columns.OBS: nxt}, self._old_net)
+        return {QF_PREDS: q_now, QF_NEXT_PREDS: q_next, QF_TARGET_NEXT_PREDS: q_target_next}
 
     # -- APIs of the algorithms -----------------------------------------------------------------------------
     @override(ValueFunctionAPI)

@@ -22,7 +22,7 @@ from rec_rllib.explore import ExplorationConfig
 from rec_rllib.fsutil import write_csv
 
 log = logging.getLogger(__name__)
-ALGORITHMS = ("appo", "ppo")
+ALGORITHMS = ("appo", "ppo", "dqn")
 
 
 @dataclass
@@ -32,7 +32,8 @@ class RLTrainConfig(DictConfig):
     config_label = "RL config"
 
     algorithm: str = "appo"
-    """``appo`` (V-trace actor-learner, asynchronous sampling) or ``ppo``."""
+    """``appo`` (V-trace actor-learner, asynchronous sampling), ``ppo``, or ``dqn`` (double Q-learning
+    from a replay buffer; the catalogue scores are the Q-values; explore with ``epsilon`` and its decay)."""
     finetuned: str = "runs/finetune"
     """Fine-tuned run directory whose weights initialise the policy."""
     iterations: int = 20
@@ -87,16 +88,20 @@ class RLTrainConfig(DictConfig):
 def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
     """The RLlib AlgorithmConfig, as one builder chain."""
     from ray.rllib.algorithms.appo import APPOConfig
+    from ray.rllib.algorithms.dqn import DQNConfig
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
     from rec_rllib.rl.learners import REF_KL_COEFF, RecAPPOLearner, RecPPOLearner
     from rec_rllib.rl.module import RecPolicyModule
 
-    base, learner_class = (
-        (APPOConfig(), RecAPPOLearner) if cfg.algorithm == "appo" else (PPOConfig(), RecPPOLearner)
-    )
-    model_config = {**model_config, "exploration": asdict(cfg.exploration), "ref_kl_coeff": cfg.ref_kl_coeff}
+    base, learner_class = {
+        "appo": (APPOConfig(), RecAPPOLearner),
+        "ppo": (PPOConfig(), RecPPOLearner),
+        "dqn": (DQNConfig(), None),  # RLlib's DQN learner: the module supplies Q-values and a target net
+    }[cfg.algorithm]
+    ref_kl = 0.0 if cfg.algorithm == "dqn" else cfg.ref_kl_coeff
+    model_config = {**model_config, "exploration": asdict(cfg.exploration), "ref_kl_coeff": ref_kl}
     config = (
         base.environment(LogReplayEnv, env_config=asdict(cfg.env), disable_env_checking=True)
         .env_runners(
@@ -112,17 +117,29 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
             custom_resources_per_learner=dict(cfg.learner_resources),
         )
         .rl_module(rl_module_spec=RLModuleSpec(module_class=RecPolicyModule, model_config=model_config))
-        .training(
-            lr=cfg.lr,
-            gamma=cfg.gamma,
-            entropy_coeff=cfg.entropy_coeff,
-            train_batch_size_per_learner=cfg.train_batch_size,
-            learner_class=learner_class,
-            learner_config_dict={REF_KL_COEFF: cfg.ref_kl_coeff},
-        )
+        .training(lr=cfg.lr, gamma=cfg.gamma, train_batch_size_per_learner=cfg.train_batch_size)
         .fault_tolerance(restart_failed_env_runners=True)
         .reporting(min_time_s_per_iteration=0, metrics_num_episodes_for_smoothing=100)
         .debugging(seed=cfg.seed)
+    )
+    if cfg.algorithm == "dqn":
+        if cfg.exploration.strategy != "epsilon":
+            raise ValueError("dqn explores epsilon-greedily (with exploration.decay_steps); set exploration "
+                             f"strategy 'epsilon', not {cfg.exploration.strategy!r}")  # fmt: skip
+        return config.training(
+            replay_buffer_config={"type": "EpisodeReplayBuffer", "capacity": 50_000},
+            double_q=True,
+            dueling=False,
+            num_atoms=1,
+            n_step=1,
+            td_error_loss_fn="huber",
+            target_network_update_freq=max(1, 4 * cfg.train_batch_size),
+            num_steps_sampled_before_learning_starts=cfg.train_batch_size,
+        )
+    config = config.training(
+        entropy_coeff=cfg.entropy_coeff,
+        learner_class=learner_class,
+        learner_config_dict={REF_KL_COEFF: cfg.ref_kl_coeff},
     )
     if cfg.algorithm == "ppo":
         config = config.training(minibatch_size=min(128, cfg.train_batch_size), num_epochs=2)
@@ -174,6 +191,7 @@ def summarize(result: dict[str, Any], seconds: float) -> dict[str, float]:
         "policy_loss": _get(learner, "policy_loss"),
         "entropy": _get(learner, "entropy"),
         "reference_kl": _get(learner, "reference_kl"),
+        "q_loss": _get(learner, "qf_loss"),
         "seconds": seconds,
     }
 

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# The whole pipeline on a real multi-node Ray on this machine, as on a cluster:
+#   ray start --head + two `ray start --address` workers (custom resources env_runner / learner / serve),
+#   ray job submit: prepare -> fine-tune -> RL training (env runners on both workers) -> evaluate,
+#   serve deploy of the trained policy, one HTTP request answered; then everything it started is stopped.
+#
+#   bash cluster/local-multinode.sh                         # defaults: a 3-minute fine-tune, 10 APPO iterations
+#   KEEP_SERVING=1 bash cluster/local-multinode.sh          # leave the endpoint up until Ctrl-C
+#   OUT=runs/mn FINETUNE_ARGS="--max-minutes 1" TRAIN_ARGS="--iterations 2" bash cluster/local-multinode.sh
+#
+# Several nodes on one machine need a temp directory each (raylet and object-store sockets live there) and
+# their own agent ports. Ray 2.60 has token auth on: clients send ~/.ray/auth_token with RAY_AUTH_MODE=token.
+# Stops only what it started (the process groups of its own `ray start --block` processes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUT=$(realpath -m "${OUT:-runs/multinode}")
+FINETUNE_ARGS=${FINETUNE_ARGS:-"--max-minutes 3"}
+TRAIN_ARGS=${TRAIN_ARGS:-"--iterations 10"}
+export RAY_AUTH_MODE=token
+unset RAY_ADDRESS
+mkdir -p "$OUT"
+TMP=$(mktemp -d /tmp/rmn-XXXXXX)  # short: Ray's socket paths have a length limit
+PIDS=()
+
+stop_all() {
+  set +e
+  if [ -n "${DASH:-}" ] && [ -z "${SERVE_STOPPED:-}" ]; then
+    serve shutdown -y --address "http://127.0.0.1:$DASH" >/dev/null 2>&1
+  fi
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do kill -TERM -- "-${PIDS[i]}" 2>/dev/null; done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    kill -KILL -- "-$pid" 2>/dev/null
+  done
+  rm -rf "$TMP"
+}
+trap stop_all EXIT
+
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+start_node() {  # start_node <log name> <ray start args...>: one node in its own process session
+  local name=$1; shift
+  setsid ray start --block --node-ip-address=127.0.0.1 \
+    --dashboard-agent-listen-port="$(free_port)" --dashboard-agent-grpc-port="$(free_port)" \
+    --runtime-env-agent-port="$(free_port)" --metrics-export-port="$(free_port)" "$@" \
+    >"$OUT/$name.log" 2>&1 &
+  PIDS+=($!)
+}
+
+GCS=$(free_port); DASH=$(free_port); SERVE_PORT=${SERVE_PORT:-$(free_port)}
+ADDRESS="http://127.0.0.1:$DASH"
+start_node head --head --port="$GCS" --num-cpus=1 --include-dashboard=true --dashboard-host=127.0.0.1 \
+  --dashboard-port="$DASH" --temp-dir="$TMP/head"
+for _ in $(seq 60); do ray job list --address "$ADDRESS" >/dev/null 2>&1 && break; sleep 2; done
+ray job list --address "$ADDRESS" >/dev/null
+start_node worker1 --address="127.0.0.1:$GCS" --num-cpus=1 --resources='{"env_runner": 1}' --temp-dir="$TMP/w1"
+start_node worker2 --address="127.0.0.1:$GCS" --num-cpus=2 \
+  --resources='{"env_runner": 1, "learner": 1, "serve": 4}' --temp-dir="$TMP/w2"
+"$PY" - "$GCS" <<'EOF'
+import sys, time
+import ray
+ray.init(address=f"127.0.0.1:{sys.argv[1]}", logging_level="ERROR")
+deadline = time.time() + 120
+while sum(n["Alive"] for n in ray.nodes()) < 3:
+    assert time.time() < deadline, "worker nodes did not join"
+    time.sleep(2)
+print("3 nodes:", [n["Resources"].get("env_runner", 0) for n in ray.nodes() if n["Alive"]], "env_runner slots")
+EOF
+
+ENV_JSON="{\"env_vars\": {\"REC_RLLIB_DATA\": \"$OUT/data\", \"TOKENIZERS_PARALLELISM\": \"false\"}}"
+submit() { ray job submit --address "$ADDRESS" --working-dir . --runtime-env-json "$ENV_JSON" -- "$@"; }
+submit python -m jobs.prepare --dataset ml-100k
+# shellcheck disable=SC2086  # the *_ARGS variables are word lists
+submit python -m jobs.finetune --dataset ml-100k --out "$OUT/ft" $FINETUNE_ARGS
+# shellcheck disable=SC2086
+submit python -m jobs.train --address auto --finetuned "$OUT/ft" --out "$OUT/rl" \
+  --num-env-runners 2 --env-runner-resource env_runner=1 $TRAIN_ARGS
+submit python -m jobs.evaluate --models popularity "$OUT/ft" "$OUT/rl/checkpoint" --out "$OUT/eval"
+
+"$PY" - "$OUT" "$SERVE_PORT" <<'EOF'
+import json, sys
+import yaml
+out, port = sys.argv[1], int(sys.argv[2])
+config = yaml.safe_load(open("serving/config.yaml"))
+config["http_options"] = {"host": "127.0.0.1", "port": port}
+app = config["applications"][0]
+app["args"].update(model=f"{out}/rl/checkpoint", dataset=f"{out}/data/ml-100k", feedback_dir=f"{out}/feedback")
+app["runtime_env"] = {"env_vars": {"REC_RLLIB_DATA": f"{out}/data", "TOKENIZERS_PARALLELISM": "false"}}
+for d in app["deployments"]:
+    d["ray_actor_options"]["num_cpus"] = 0.25
+    if d["name"] == "PolicyScorer":
+        d["ray_actor_options"]["resources"] = {"serve": 1}  # on the worker that offers `serve`
+yaml.safe_dump(config, open(f"{out}/serve.yaml", "w"))
+EOF
+serve deploy "$OUT/serve.yaml" --address "$ADDRESS" --working-dir .
+URL="http://127.0.0.1:$SERVE_PORT"
+BODY='{"user": "196", "k": 5, "exploration": "boltzmann", "temperature": 1.0}'
+"$PY" - "$URL" "$BODY" "$OUT/answer.json" <<'EOF'
+import sys, time, urllib.request
+url, body, path = sys.argv[1], sys.argv[2].encode(), sys.argv[3]
+deadline = time.time() + 300
+while True:
+    try:
+        req = urllib.request.Request(f"{url}/recommend", data=body, headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            open(path, "wb").write(r.read())
+            break
+    except OSError:
+        assert time.time() < deadline, "the deployed app never answered"
+        time.sleep(3)
+print(f"answer of {url}/recommend:")
+print(open(path).read())
+EOF
+echo "try: curl -s -X POST $URL/recommend -H 'content-type: application/json' -d '$BODY'"
+if [ -n "${KEEP_SERVING:-}" ]; then
+  echo "serving until Ctrl-C"
+  while true; do sleep 3600; done
+fi
+serve shutdown -y --address "$ADDRESS" && SERVE_STOPPED=1
+echo "multi-node pipeline done: $OUT"
