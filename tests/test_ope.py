@@ -178,3 +178,39 @@ def test_obd_validation_both_directions(obd_all):
             assert 0.1 * truth < values.mean() < 10 * truth, (name, values)
     with pytest.raises(ValueError, match="unknown direction"):
         obd.validate(obd_all, campaign="all", direction="bts->bts")
+
+
+def test_a_recommender_as_target_policy(ml100k):
+    """Any Recommender gives a per-context action distribution: greedy = its top-k, one-hot; Boltzmann's
+    first position is exactly softmax(score / T) over unseen items (Monte Carlo within 5 SE); epsilon's
+    first position puts 1 - eps + eps/m on the best item; every position sums to 1, seen items get 0."""
+    from rec_rllib.columns import SplitScheme
+    from rec_rllib.models import load_recommender
+
+    rec = load_recommender("popularity", ml100k, scheme=SplitScheme.LEAVE_ONE_OUT)
+    cases = ml100k.eval_cases(SplitScheme.LEAVE_ONE_OUT, "test")
+    hist = cases.histories[:3]
+    greedy = ope.recommender_action_dist(rec, hist, k=5)
+    top = rec.recommend(hist, 5).items
+    for i in range(3):
+        assert (
+            np.array_equal(greedy[i].argmax(axis=0), top[i]) and greedy[i].max(axis=0).tolist() == [1.0] * 5
+        )
+    n_sim = 20_000
+    boltz = ope.recommender_action_dist(rec, hist, k=3, strategy="boltzmann", temperature=100.0, n_sim=n_sim)
+    eps = ope.recommender_action_dist(rec, hist, k=3, strategy="epsilon", epsilon=0.3, n_sim=n_sim)
+    for i, h in enumerate(hist):
+        for dist in (boltz[i], eps[i]):
+            assert np.allclose(dist.sum(axis=0), 1.0) and dist[h].sum() == 0.0
+        s = rec.score([h])[0].astype(np.float64) / 100.0
+        s[h] = -np.inf
+        exact = np.exp(s - s[np.isfinite(s)].max())
+        exact /= exact.sum()
+        big = exact >= 0.005  # the items that carry the mass: each within 5 SE (chance failure < 1e-4)
+        se = np.sqrt(exact[big] * (1 - exact[big]) / n_sim)
+        assert big.sum() >= 5 and np.all(np.abs(boltz[i][big, 0] - exact[big]) <= 5 * se)
+        assert boltz[i][big, 0].sum() == pytest.approx(exact[big].sum(), abs=5 * np.sqrt(0.25 / n_sim))
+        m = 1682 - len(set(h.tolist()))
+        best = int(np.argmax(np.where(np.isfinite(s), s, -np.inf)))
+        p = 0.7 + 0.3 / m
+        assert abs(eps[i][best, 0] - p) <= 5 * np.sqrt(p * (1 - p) / n_sim)

@@ -149,6 +149,56 @@ def slate_position_marginals(
     return counts / n_sim
 
 
+def recommender_action_dist(recommender, histories, *, k: int, strategy: str = "greedy", temperature: float = 1.0,
+                            epsilon: float = 0.1, exclude_seen: bool = True, n_sim: int = 4000,
+                            seed: int = 0) -> np.ndarray:  # fmt: skip
+    """[n, A, k]: the probability that ``recommender`` (any :class:`~rec_rllib.recommender.Recommender`)
+    shows each item at each of the top ``k`` positions for each logged context (history), under an
+    exploration mode: ``greedy`` (one-hot: the top k), ``boltzmann`` (slates drawn without replacement
+    from softmax(score / temperature); Monte Carlo marginals) or ``epsilon`` (each position the best
+    remaining item with probability 1 - epsilon, else a uniformly random remaining one; Monte Carlo).
+    Items in the history are never shown when ``exclude_seen``."""
+    if strategy not in ("greedy", "boltzmann", "epsilon"):
+        raise ValueError(f"unknown exploration {strategy!r}; expected greedy, boltzmann or epsilon")
+    scores = np.array(recommender.score(histories), dtype=np.float64)  # a writable copy
+    n, n_items = scores.shape
+    if not 0 < k <= n_items:
+        raise ValueError(f"k={k} must be in [1, {n_items}]")
+    if exclude_seen:
+        for i, h in enumerate(histories):
+            scores[i, np.asarray(h, dtype=np.int64)] = -np.inf
+    out = np.zeros((n, n_items, k))
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        s = scores[i]
+        allowed = np.isfinite(s)
+        if allowed.sum() < k:
+            raise ValueError(f"context {i}: only {int(allowed.sum())} items may be shown, fewer than k={k}")
+        if strategy == "greedy":
+            top = np.argsort(-s, kind="stable")[:k]
+            out[i, top, np.arange(k)] = 1.0
+            continue
+        if strategy == "boltzmann":
+            z = np.where(allowed, s / max(temperature, 1e-8), -np.inf)
+            top = np.argsort(-(z + rng.gumbel(size=(n_sim, n_items))), axis=1, kind="stable")[:, :k]
+        else:
+            order = np.argsort(-s, kind="stable")
+            top = np.empty((n_sim, k), dtype=np.int64)
+            taken = np.zeros((n_sim, n_items), dtype=bool)
+            taken[:, ~allowed] = True
+            rows = np.arange(n_sim)
+            for j in range(k):
+                best = order[np.argmax(~taken[:, order], axis=1)]  # best remaining per simulation
+                noise = rng.random((n_sim, n_items)) + taken * 2.0  # taken items sort last
+                random_pick = np.argmin(noise, axis=1)  # a uniformly random remaining item
+                pick = np.where(rng.random(n_sim) < epsilon, random_pick, best)
+                top[:, j] = pick
+                taken[rows, pick] = True
+        for j in range(k):
+            out[i, :, j] = np.bincount(top[:, j], minlength=n_items) / n_sim
+    return out
+
+
 def empirical_action_dist(fb: BanditFeedback, *, smoothing: float = 0.0) -> np.ndarray:
     """[A, K] frequency of each action at each position in a log (a logged policy's empirical
     distribution, context ignored); ``smoothing`` adds a pseudo-count to every cell."""
