@@ -266,11 +266,14 @@ def test_training_survives_losing_a_worker_node_and_an_env_runner(finetuned_run,
             "shard": sorted(set().union(*[set(e.shard_users.tolist()) for e in envs])),
         }
 
-    def train_until_healthy(algo, max_iterations: int = 20) -> int:
+    def train_until_restored(algo, max_iterations: int = 25) -> tuple[int, list[dict]]:
+        """Train until both runners answer again (a restarted runner can flap while it comes back)."""
         for i in range(max_iterations):
             algo.train()  # never raises: failed runners are restarted
-            if algo.env_runner_group.num_healthy_remote_workers() == 2 and i >= 1:
-                return i + 1
+            if i >= 1 and algo.env_runner_group.num_healthy_remote_workers() == 2:
+                info = algo.env_runner_group.foreach_env_runner(describe, local_env_runner=False)
+                if len(info) == 2:
+                    return i + 1, info
         raise AssertionError("env runners were not restored")
 
     try:
@@ -290,20 +293,18 @@ def test_training_survives_losing_a_worker_node_and_an_env_runner(finetuned_run,
             before = algo.env_runner_group.foreach_env_runner(describe, local_env_runner=False)
             victim = next(n for n in nodes if n.node_id == before[0]["node"])
             cluster.remove_node(victim, allow_graceful=False)
-            after_node = train_until_healthy(algo)
-            placed = algo.env_runner_group.foreach_env_runner(describe, local_env_runner=False)
+            after_node, placed = train_until_restored(algo)
 
             pid = algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False)[0]
             os.kill(pid, signal.SIGKILL)  # a crashed env runner process (one this test's cluster started)
-            after_kill = train_until_healthy(algo)
-            final = algo.env_runner_group.foreach_env_runner(describe, local_env_runner=False)
+            after_kill, final = train_until_restored(algo)
             restarts = algo.env_runner_group.num_remote_worker_restarts()
         finally:
             algo.stop()
     finally:
         ray.shutdown()
         cluster.shutdown()
-    assert after_node <= 20 and after_kill <= 20
+    assert after_node <= 25 and after_kill <= 25
     assert restarts >= 1  # RLlib's own count (a runner Ray restarted in place may not add to it)
     assert pid not in {i["pid"] for i in final}
     for info in (placed, final):
