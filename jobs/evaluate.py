@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         results = {name: r.metrics for name, r in ranked.items()}
         sections += ranking_analysis(
-            out, ranked, [m for m in args.models], title=f"{dataset.name} {args.scheme}/{args.split}"
+            out, ranked, args.models, title=f"{dataset.name} {args.scheme}/{args.split}"
         )
     if args.ope_obd:
         sections += ope_section(out, args)
@@ -262,8 +262,7 @@ def ope_section(out: Path, args: argparse.Namespace) -> list[str]:
     write_json(out / "ope.json", {"reward_model": args.ope_reward_model, "n_boot": args.ope_boot,
                                   "repeats": args.ope_repeats, "settings": suite, "obp_published": OBP_PUBLISHED})  # fmt: skip
     estimators = list(next(iter(suite.values()))["errors"])
-    panels = {k: {e: np.asarray(v["estimates"][e]) for e in estimators} for k, v in suite.items()
-              if k.endswith("/prior") or k.endswith("/empirical")}  # fmt: skip
+    panels = {k: {e: np.asarray(v["estimates"][e]) for e in estimators} for k, v in suite.items()}
     plots.ope_vs_truth(out / "ope_vs_truth.png", panels, {k: v["truth"] for k, v in suite.items()},
                        title="OBD: estimates over bootstrap resamples vs the on-policy click rate")  # fmt: skip
     ref_key = "all/random->bts/prior"

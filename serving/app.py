@@ -107,7 +107,9 @@ class _InReplica:
             out = method(*args, **kwargs)
             return await out if inspect.isawaitable(out) else out
 
-        return type("_Method", (), {"remote": staticmethod(call)})
+        handle_method = type("_Method", (), {"remote": staticmethod(call)})
+        setattr(self, name, handle_method)  # built once per method, not on every request
+        return handle_method
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128)

@@ -180,6 +180,32 @@ def test_appo_learns_on_movielens(finetuned_run, ml_dir, local_ray):
     assert first["env_runners"]["num_env_steps_sampled"] > 0
 
 
+def _two_runner_config(finetuned_run: str, ml_dir: str, **overrides) -> RLTrainConfig:
+    """Two env runners pinned to `env_runner` nodes, tiny batches: the multi-node tests' set-up."""
+    return RLTrainConfig(
+        finetuned=finetuned_run,
+        num_env_runners=2,
+        num_envs_per_env_runner=2,
+        env_runner_resources={"env_runner": 1},
+        train_batch_size=80,
+        rollout_fragment_length=20,
+        env=EnvConfig(dataset=ml_dir, window=30),
+        **overrides,
+    )
+
+
+def _describe_runner(runner) -> dict:
+    """Where an env runner lives and which users it replays (run inside the runner)."""
+    envs = [e.unwrapped for e in runner.env.unwrapped.envs]
+    return {
+        "node": ray.get_runtime_context().get_node_id(),
+        "pid": os.getpid(),
+        "index": runner.worker_index,
+        "shard": sorted(set().union(*[set(e.shard_users.tolist()) for e in envs])),
+        "seen": sorted(set().union(*[e.users_seen for e in envs])),
+    }
+
+
 @pytest.mark.slow
 def test_env_runners_on_two_nodes_replay_disjoint_shards(finetuned_run, ml_dir, tmp_path):
     """A real multi-node Ray on one machine: head + two worker nodes tagged with `env_runner`."""
@@ -190,30 +216,13 @@ def test_env_runners_on_two_nodes_replay_disjoint_shards(finetuned_run, ml_dir, 
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="ERROR")
     try:
-        cfg = RLTrainConfig(
-            finetuned=finetuned_run,
-            iterations=1,
-            num_env_runners=2,
-            num_envs_per_env_runner=2,
-            env_runner_resources={"env_runner": 1},
-            train_batch_size=80,
-            rollout_fragment_length=20,
-            env=EnvConfig(dataset=ml_dir, window=30),
-        )
+        cfg = _two_runner_config(finetuned_run, ml_dir, iterations=1)
         algo = build_algo_config(cfg, model_config_from_run(finetuned_run)).build_algo()
         try:
             for _ in range(2):
                 algo.train()
 
-            def describe(runner):
-                envs = [e.unwrapped for e in runner.env.unwrapped.envs]
-                return {
-                    "node": ray.get_runtime_context().get_node_id(),
-                    "shard": sorted(set().union(*[set(e.shard_users.tolist()) for e in envs])),
-                    "seen": sorted(set().union(*[e.users_seen for e in envs])),
-                }
-
-            info = algo.env_runner_group.foreach_env_runner(describe, local_env_runner=False)
+            info = algo.env_runner_group.foreach_env_runner(_describe_runner, local_env_runner=False)
         finally:
             algo.stop()
     finally:
@@ -257,40 +266,23 @@ def test_training_survives_losing_a_worker_node_and_an_env_runner(finetuned_run,
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="ERROR")
 
-    def describe(runner):
-        envs = [e.unwrapped for e in runner.env.unwrapped.envs]
-        return {
-            "node": ray.get_runtime_context().get_node_id(),
-            "pid": os.getpid(),
-            "index": runner.worker_index,
-            "shard": sorted(set().union(*[set(e.shard_users.tolist()) for e in envs])),
-        }
-
     def train_until_restored(algo, max_iterations: int = 25) -> tuple[int, list[dict]]:
         """Train until both runners answer again (a restarted runner can flap while it comes back)."""
         for i in range(max_iterations):
             algo.train()  # never raises: failed runners are restarted
             if i >= 1 and algo.env_runner_group.num_healthy_remote_workers() == 2:
-                info = algo.env_runner_group.foreach_env_runner(describe, local_env_runner=False)
+                info = algo.env_runner_group.foreach_env_runner(_describe_runner, local_env_runner=False)
                 if len(info) == 2:
                     return i + 1, info
         raise AssertionError("env runners were not restored")
 
     try:
-        cfg = RLTrainConfig(
-            finetuned=finetuned_run,
-            num_env_runners=2,
-            num_envs_per_env_runner=2,
-            env_runner_resources={"env_runner": 1},
-            train_batch_size=80,
-            rollout_fragment_length=20,
-            env=EnvConfig(dataset=ml_dir, window=30),
-        )
+        cfg = _two_runner_config(finetuned_run, ml_dir)
         algo = build_algo_config(cfg, model_config_from_run(finetuned_run)).build_algo()
         try:
             for _ in range(2):
                 algo.train()
-            before = algo.env_runner_group.foreach_env_runner(describe, local_env_runner=False)
+            before = algo.env_runner_group.foreach_env_runner(_describe_runner, local_env_runner=False)
             victim = next(n for n in nodes if n.node_id == before[0]["node"])
             cluster.remove_node(victim, allow_graceful=False)
             after_node, placed = train_until_restored(algo)

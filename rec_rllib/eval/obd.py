@@ -34,11 +34,10 @@ from rec_rllib.data.dataset import LogDataset
 from rec_rllib.eval.ope import (
     REWARD_MODELS,
     BanditFeedback,
-    _terms,
-    _value,
     check_action_dist,
     cross_fit,
     empirical_action_dist,
+    point_estimate,
     slate_position_marginals,
 )
 
@@ -171,8 +170,7 @@ def validate(dataset: LogDataset, *, campaign: str, direction: str = "random->bt
         sample = log.subset(rng.integers(0, log.n, log.n))
         q = cross_fit(REWARD_MODELS[reward_model], sample, folds=folds, seed=seed + b)
         for name in estimators:
-            num, den, add, _ = _terms(name, sample, pi, q, clip=clip, tau=None)
-            out[name][b] = _value(num, den, add)
+            out[name][b] = point_estimate(name, sample, pi, q, clip=clip)
     return ValidationResult(campaign, direction, definition, truth, out)
 
 

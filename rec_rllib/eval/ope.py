@@ -367,25 +367,16 @@ def _terms(name: str, fb: BanditFeedback, pi: np.ndarray, q: np.ndarray | None, 
            tau: float | None) -> Terms:  # fmt: skip
     """Per-round (num, den, add, detail): estimate = sum(num) / sum(den) + mean(add), so a bootstrap
     resample of rounds re-evaluates every estimator exactly, self-normalised ones included."""
-    terms = _terms_linear(name, fb, pi, q, clip=clip, tau=tau)
-    if len(terms) == 4:
-        return terms
-    num, den, detail = terms
-    return num, den, np.zeros(fb.n), detail
-
-
-def _terms_linear(name: str, fb: BanditFeedback, pi: np.ndarray, q: np.ndarray | None, *, clip: float | None,
-                  tau: float | None):  # fmt: skip
-    ones = np.ones(fb.n)
+    ones, zeros = np.ones(fb.n), np.zeros(fb.n)
     pi_a = _pi_logged(pi, fb)
     w = pi_a / fb.pscore
     if clip is not None:
         w = np.minimum(w, clip)
     r = fb.reward
     if name == "ips":
-        return w * r, ones, {}
+        return w * r, ones, zeros, {}
     if name == "snips":
-        return w * r, w, {}
+        return w * r, w, zeros, {}
     if name == "replay":
         deterministic = np.all((pi == 0) | (pi == 1))
         if not deterministic:
@@ -396,7 +387,7 @@ def _terms_linear(name: str, fb: BanditFeedback, pi: np.ndarray, q: np.ndarray |
             raise ValueError("replay is unbiased only on logs of a uniformly random policy (one propensity "
                              "per position); this log's propensities vary: use snips or dr")  # fmt: skip
         match = pi_a
-        return match * r, match, {"matched": float(match.sum())}
+        return match * r, match, zeros, {"matched": float(match.sum())}
     if q is None:
         raise ValueError(f"{name} needs a reward model's predictions q_hat ([n, A])")
     if q.shape != (fb.n, fb.n_actions):
@@ -404,9 +395,9 @@ def _terms_linear(name: str, fb: BanditFeedback, pi: np.ndarray, q: np.ndarray |
     dm = (_pi_rows(pi, fb) * q).sum(axis=1)
     resid = r - q[np.arange(fb.n), fb.action]
     if name == "dm":
-        return dm, ones, {}
+        return dm, ones, zeros, {}
     if name == "dr":
-        return dm + w * resid, ones, {}
+        return dm + w * resid, ones, zeros, {}
     if name == "sndr":
         return w * resid, w, dm, {}
     if name == "switch-dr":
@@ -418,7 +409,7 @@ def _terms_linear(name: str, fb: BanditFeedback, pi: np.ndarray, q: np.ndarray |
             mse = (terms.mean() - dr_val) ** 2 + terms.var() / fb.n
             if best is None or mse < best[0]:
                 best = (mse, t, terms)
-        return best[2], ones, {"tau": float(best[1])}
+        return best[2], ones, zeros, {"tau": float(best[1])}
     raise ValueError(f"unknown estimator {name!r}; expected one of {ESTIMATORS}")
 
 

@@ -17,6 +17,13 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
 def metric_bars(path: Path, values: dict[str, dict[str, tuple[float, float, float]]], *, title: str) -> Path:
     """Grouped bars: one group per metric, one bar per model, 95% CI whiskers.
     ``values[model][metric] = (mean, low, high)``."""
@@ -37,10 +44,7 @@ def metric_bars(path: Path, values: dict[str, dict[str, tuple[float, float, floa
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def tradeoff(
@@ -57,10 +61,7 @@ def tradeoff(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.margins(0.15)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def ope_vs_truth(path: Path, panels: dict[str, dict[str, np.ndarray]], truths: dict[str, float],
@@ -82,10 +83,7 @@ def ope_vs_truth(path: Path, panels: dict[str, dict[str, np.ndarray]], truths: d
     for ax in axes.ravel()[n:]:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def relative_error_bars(path: Path, ours: dict[str, float], reference: dict[str, float] | None,
@@ -106,7 +104,4 @@ def relative_error_bars(path: Path, ours: dict[str, float], reference: dict[str,
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
