@@ -4,15 +4,17 @@
     python bench/rl_ml100k.py --finetuned runs/ft --skip-quality            # throughput only
     python bench/rl_ml100k.py --finetuned runs/ft --skip-throughput --iterations 40
 
-Throughput (APPO, the transformer policy, 8 vectorised envs per runner, window 50): env steps/s sampled
-with 1 and 2 env runners, learner samples/s, seconds per iteration, peak memory of the driver (learner)
-and of an env runner, RLlib's own per-stage timers, and a cProfile of one ``sample()`` call inside an env
-runner: what dominates the time.
+Throughput (APPO, the transformer policy, ``--envs-per-runner`` vectorised envs per runner, window 50):
+env steps/s sampled with 1 and 2 env runners, learner samples/s, seconds per iteration, peak memory of the
+driver (learner) and of an env runner, RLlib's own per-stage timers, and a cProfile of one ``sample()``
+call inside an env runner: what dominates the time. The policy head on the frozen encoder (the default)
+and, with ``--train-encoder-too``, end-to-end training.
 
-Quality: for each exploration strategy (Boltzmann, epsilon-greedy, Thompson/MC dropout) APPO trains the
-policy from the fine-tuned weights (KL penalty toward them), and the greedy policy is evaluated by the
-shared evaluation (leave-one-out test users, full ranking, seen items excluded) beside the fine-tuned
-model: HR/NDCG@10, coverage@10, novelty@10. Prints a table and writes an accuracy-coverage plot.
+Quality: for each exploration strategy (Boltzmann, epsilon-greedy, Thompson/MC dropout) and each novelty
+bonus λ (``--novelty-bonus``: the env's reward scale for long-tail hits), APPO trains the policy from the
+fine-tuned weights (KL penalty toward them), and the greedy policy is evaluated by the shared evaluation
+(leave-one-out test users, full ranking, seen items excluded) beside the fine-tuned model: HR/NDCG@10,
+coverage@10, novelty@10. Prints a table and writes an accuracy-coverage plot.
 Everything runs on an embedded local Ray with ``--num-cpus`` CPUs.
 """
 
@@ -83,6 +85,7 @@ def throughput(base: RLTrainConfig, runners: int, iterations: int) -> dict:
     finally:
         algo.stop()
     return {
+        "mode": "end to end" if base.train_encoder else "policy head",
         "env_runners": runners,
         "env_steps_per_s": steps / wall,
         "learner_samples_per_s": trained / wall,
@@ -101,6 +104,11 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=30, help="APPO iterations per strategy (quality)")
     p.add_argument("--throughput-iterations", type=int, default=10)
     p.add_argument("--strategies", nargs="+", default=["boltzmann", "epsilon", "thompson"])
+    p.add_argument("--novelty-bonus", nargs="+", type=float, default=[0.0, 2.0], help="λ values (quality)")
+    p.add_argument("--envs-per-runner", type=int, default=32)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: RLTrainConfig's)")
+    p.add_argument("--ref-kl-coeff", type=float, default=0.05)
+    p.add_argument("--train-encoder-too", action="store_true", help="also measure end-to-end throughput")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--out", default="runs/bench-rl")
@@ -109,21 +117,33 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     ds = load_or_prepare("ml-100k")
     env = EnvConfig(dataset=str(Path(dataset_path("ml-100k")).resolve()), window=50)
-    base = RLTrainConfig(finetuned=args.finetuned, num_envs_per_env_runner=8, env=env)
+    base = RLTrainConfig(
+        finetuned=args.finetuned,
+        num_envs_per_env_runner=args.envs_per_runner,
+        lr=args.lr,
+        ref_kl_coeff=args.ref_kl_coeff,
+        env=env,
+    )
     report: dict = {}
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level="ERROR")
     try:
         if not args.skip_throughput:
-            rows = [throughput(base, n, args.throughput_iterations) for n in (1, 2)]
-            print("\n## Throughput (APPO, transformer policy, 8 envs per runner)\n")
-            print("| env runners | env steps/s | learner samples/s | s/iteration | runner peak RSS MB |")
-            print("|---:|---:|---:|---:|---:|")
+            modes = [base] + ([replace(base, train_encoder=True)] if args.train_encoder_too else [])
+            rows = [throughput(m, n, args.throughput_iterations) for m in modes for n in (1, 2)]
+            print(f"\n## Throughput (APPO, transformer policy, {args.envs_per_runner} envs per runner)\n")
+            print(
+                "| training | env runners | env steps/s | learner samples/s | s/iteration | runner peak RSS MB |"
+            )
+            print("|---|---:|---:|---:|---:|---:|")
             for r in rows:
                 print(
-                    f"| {r['env_runners']} | {r['env_steps_per_s']:.0f} | {r['learner_samples_per_s']:.0f} | "
-                    f"{r['seconds_per_iteration']:.2f} | {r['runner_peak_rss_mb']:.0f} |"
+                    f"| {r['mode']} | {r['env_runners']} | {r['env_steps_per_s']:.0f} | "
+                    f"{r['learner_samples_per_s']:.0f} | {r['seconds_per_iteration']:.2f} | "
+                    f"{r['runner_peak_rss_mb']:.0f} |"
                 )
-            print(f"\nscaling 2 vs 1 runner: {rows[1]['env_steps_per_s'] / rows[0]['env_steps_per_s']:.2f}x")
+            for one, two in zip(rows[::2], rows[1::2], strict=True):
+                ratio = two["env_steps_per_s"] / one["env_steps_per_s"]
+                print(f"\n{one['mode']}: scaling 2 vs 1 runner {ratio:.2f}x")
             print("RLlib timers per iteration (mean s, 2 runners):", json.dumps(rows[1]["timers_mean_s"]))
             print(f"\none env runner's sample() alone: {rows[0]['runner_sample_steps_per_s']:.0f} steps/s")
             print("cProfile of sample() in an env runner (cumulative):\n" + rows[0]["profile"])
@@ -133,17 +153,22 @@ def main() -> None:
             ft = evaluate_ranking(load_recommender(args.finetuned, ds), ds).metrics
             table = {"fine-tuned": ft}
             for strategy in args.strategies:
-                expl = ExplorationConfig(strategy=strategy, epsilon=0.2, epsilon_final=0.05)
-                cfg = replace(base, iterations=args.iterations, exploration=expl, checkpoint_every=10_000)
-                t0 = time.perf_counter()
-                summary = train(cfg, out / strategy, progress=lambda *_: None)
-                minutes = (time.perf_counter() - t0) / 60
-                rec = load_recommender(summary["checkpoint"], ds)
-                table[f"APPO + {strategy}"] = {
-                    **evaluate_ranking(rec, ds).metrics,
-                    "train_minutes": minutes,
-                }
-                print(f"{strategy}: {minutes:.1f} min", flush=True)
+                for beta in args.novelty_bonus:
+                    expl = ExplorationConfig(strategy=strategy, epsilon=0.2, epsilon_final=0.05)
+                    cfg = replace(
+                        base,
+                        iterations=args.iterations,
+                        exploration=expl,
+                        checkpoint_every=10_000,
+                        env=replace(env, novelty_bonus=beta),
+                    )
+                    name = f"APPO + {strategy}, λ={beta:g}"
+                    t0 = time.perf_counter()
+                    summary = train(cfg, out / f"{strategy}-b{beta:g}", progress=lambda *_: None)
+                    minutes = (time.perf_counter() - t0) / 60
+                    rec = load_recommender(summary["checkpoint"], ds)
+                    table[name] = {**evaluate_ranking(rec, ds).metrics, "train_minutes": minutes}
+                    print(f"{name}: {minutes:.1f} min", flush=True)
             keys = ("HR@10", "NDCG@10", "coverage@10", "novelty@10")
             print("\n## Quality (leave-one-out test users, full ranking, greedy policy)\n")
             print("| policy | " + " | ".join(keys) + " | NDCG vs FT | coverage vs FT |")

@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--learner-resource", action="append", help="NAME=AMOUNT custom resource per learner")
     g.add_argument("--train-batch-size", type=int)
     g.add_argument("--rollout-fragment-length", type=int)
+    g.add_argument(
+        "--train-encoder",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train every weight end to end (default: a policy head on the frozen fine-tuned encoder)",
+    )
     g.add_argument("--lr", type=float)
     g.add_argument("--ref-kl-coeff", type=float, help="KL penalty toward the fine-tuned policy (0 = off)")
     g.add_argument("--entropy-coeff", type=float)
@@ -90,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = p.add_argument_group("environment (rec_rllib.env)")
     v.add_argument("--reward", choices=REWARDS)
     v.add_argument("--horizon", type=int)
+    v.add_argument(
+        "--novelty-bonus",
+        type=float,
+        help="add L * item novelty (0-1) to every reward: the accuracy-coverage knob (0 = off)",
+    )
     v.add_argument("--window", type=int)
     v.add_argument("--episode-len", type=int)
     p.add_argument("-v", "--verbose", action="store_true")

@@ -14,6 +14,13 @@ Rewards (``reward=`` in the config):
   against the user's recent window). It rates items the log never showed. Its fit is validated by its
   HR@10 on the leave-one-out validation users (see :meth:`ItemKNNSimulator.validate`).
 
+``novelty_bonus`` (λ ≥ 0) adds ``λ · novelty(item)`` to the reward of every recommendation, hit or not,
+novelty being the item's self-information ``-log2 p(item)`` under the train popularity of the runner's own
+shard (add-one smoothed), divided by its maximum (so in (0, 1]). It is the accuracy-coverage knob of RL
+training (λ = 0: relevance alone): relevance keeps the policy on items the user will consume, the bonus
+moves probability from the head of the popularity curve to its tail. (Scaling only the *hit* rewards by
+novelty was tried first: hits on tail items are too rare to move the policy, coverage fell.)
+
 Sharding: env runner ``i`` of ``n`` (``worker_index``/``num_workers`` of RLlib's ``EnvContext``; the local
 runner, index 0, samples only when there are no remote runners) owns the users with
 ``user_idx % n == i - 1`` and reads only their rows from Parquet. The union of the shards is every train
@@ -54,6 +61,8 @@ class EnvConfig:
     """Most steps per episode."""
     reward: str = "hit"
     """``hit`` or ``simulator``."""
+    novelty_bonus: float = 0.0
+    """λ: every recommendation earns ``λ · novelty(item)`` on top of its relevance reward (0 = off)."""
     num_shards: int = 0
     """Shards of the user population (0 = from the env context: the number of env runners)."""
     shard_id: int = -1
@@ -64,6 +73,8 @@ class EnvConfig:
     def __post_init__(self) -> None:
         if self.reward not in REWARDS:
             raise ValueError(f"unknown reward {self.reward!r}; expected one of {REWARDS}")
+        if self.novelty_bonus < 0:
+            raise ValueError(f"novelty_bonus must be >= 0, got {self.novelty_bonus}")
         for name in ("window", "horizon", "episode_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -102,6 +113,15 @@ def read_train_histories(
         for us, it, rw in zip(np.split(u, cuts), np.split(i, cuts), np.split(r, cuts), strict=True):
             out[int(us[0])] = (it, rw)
     return out, manifest
+
+
+def train_item_counts(dataset: str, scheme: str) -> np.ndarray:
+    """[n_items] interactions per item in the train split (the popularity the policy head calibrates)."""
+    root = Path(dataset)
+    n_items = int(json.loads((root / "manifest.json").read_text())["counts"]["items"])
+    ds = pads.dataset(str(root / "interactions.parquet"), format="parquet")
+    table = ds.to_table(columns=[Col.ITEM_IDX], filter=pads.field(SplitScheme.column(scheme)) == Split.TRAIN)
+    return np.bincount(table.column(Col.ITEM_IDX).to_numpy().astype(np.int64), minlength=n_items)
 
 
 class ItemKNNSimulator:
@@ -169,6 +189,9 @@ class LogReplayEnv(gym.Env):
             )
         self.shard_users = np.array(sorted(self.histories), dtype=np.int64)
         self.max_rating = max(float(max(r.max() for _, r in self.histories.values())), 1e-9)
+        counts = np.bincount(np.concatenate([h[0] for h in histories.values()]), minlength=self.n_items)
+        info = -np.log2((counts + 1.0) / (counts.sum() + self.n_items))
+        self.novelty = info / info.max()  # [n_items] in (0, 1]
         self.simulator: ItemKNNSimulator | None = None
         if self.cfg.reward == "simulator":
             all_histories, _ = read_train_histories(self.cfg.dataset, self.cfg.scheme)
@@ -217,6 +240,8 @@ class LogReplayEnv(gym.Env):
             reward = float(self._ratings[self._pos + int(np.argmax(upcoming == a))] / self.max_rating)
         else:
             reward = 0.0
+        if self.cfg.novelty_bonus:
+            reward += self.cfg.novelty_bonus * float(self.novelty[a])
         # the logged item advances the history
         self._mask[self._items[self._pos]] = 0.0
         self._pos += 1

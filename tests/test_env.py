@@ -67,6 +67,24 @@ def test_simulator_is_fitted_on_train_and_validated(ml100k, ml_dir):
     assert r in (0.0, 1.0)
 
 
+def test_novelty_bonus_rewards_long_tail_recommendations(ml_dir):
+    plain = LogReplayEnv({"dataset": ml_dir, "seed": 3})
+    bonus = LogReplayEnv({"dataset": ml_dir, "seed": 3, "novelty_bonus": 0.5})
+    counts = np.bincount(np.concatenate([h[0] for h in bonus.histories.values()]), minlength=bonus.n_items)
+    assert bonus.novelty.min() > 0 and bonus.novelty.max() == 1.0
+    assert bonus.novelty[np.argmax(counts)] == bonus.novelty.min()  # the most popular item: least novel
+    plain.reset(seed=1)
+    bonus.reset(seed=1)
+    rewards = []
+    for step in range(10):  # the same user and actions in both: a hit, then a miss on the rarest item
+        action = int(plain._items[plain._pos]) if step % 2 == 0 else int(np.argmin(counts))
+        _, r0, *_ = plain.step(action)
+        _, r1, *_ = bonus.step(action)
+        assert r1 == pytest.approx(r0 + 0.5 * bonus.novelty[action])
+        rewards.append(r0)
+    assert all(r > 0 for r in rewards[::2]) and not any(rewards[1::2])
+
+
 def test_bad_config_is_rejected(ml_dir):
     with pytest.raises(ValueError, match="unknown reward"):
         EnvConfig(dataset=ml_dir, reward="dwell")

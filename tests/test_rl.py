@@ -36,10 +36,13 @@ def _obs_batch(env: LogReplayEnv, n: int = 8) -> dict[str, torch.Tensor]:
     return {k: torch.as_tensor(np.stack([o[k] for o in obs])) for k in obs[0]}
 
 
-def _module(finetuned_run: str, env: LogReplayEnv, **exploration) -> RecPolicyModule:
+def _module(
+    finetuned_run: str, env: LogReplayEnv, *, train_encoder: bool = False, counts=None, **exploration
+) -> RecPolicyModule:
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
     mc = model_config_from_run(finetuned_run, exploration=exploration)
+    mc.update(train_encoder=train_encoder, item_counts=counts)
     spec = RLModuleSpec(
         module_class=RecPolicyModule,
         observation_space=env.observation_space,
@@ -64,6 +67,50 @@ def test_module_masks_consumed_items_in_every_path(finetuned_run, ml_dir):
         assert (logits[~mask] <= MASK_VALUE / 2).all()
     values = module.compute_values(dict(batch))
     assert values.shape == (8,)
+
+
+def test_policy_head_starts_at_the_fine_tuned_policy_and_learns_from_shipped_states(finetuned_run, ml_dir):
+    """Frozen encoder: only the head learns, the start is the fine-tuned policy, and the learner's logits
+    from the states the env runners shipped equal a full re-encoding (bootstrap rows re-encoded)."""
+    from rec_rllib.env import train_item_counts
+    from rec_rllib.models.run import load_run
+    from rec_rllib.rl.module import REF_LOGITS, USER_STATE
+
+    env = LogReplayEnv({"dataset": ml_dir, "window": 30})
+    counts = train_item_counts(ml_dir, "loo")
+    module = _module(finetuned_run, env, counts=counts, strategy="boltzmann")
+    module.make_target_networks()
+    trainable = {n for n, p in module.net.named_parameters() if p.requires_grad}
+    assert trainable == {"bias", "popularity_weight", "state_head.weight", "state_head.bias"}
+    assert module.net.log_popularity.argmax() == int(np.argmax(counts))
+
+    obs = _obs_batch(env)
+    mask = obs[Obs.ACTION_MASK] > 0.5
+    fine_tuned, _ = load_run(finetuned_run)
+    with torch.no_grad():
+        expected = fine_tuned(obs[Obs.HISTORY], obs[Obs.LENGTH].reshape(-1)).masked_fill(~mask, MASK_VALUE)
+    explore = module.forward_exploration({Columns.OBS: obs}, t=0)
+    assert set(explore) == {Columns.ACTION_DIST_INPUTS, USER_STATE}
+    assert torch.allclose(
+        module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS], expected, atol=1e-4
+    )
+
+    # rows 0 and 5 are RLlib's bootstrap steps: they carry the previous step's (here: wrong) state
+    shipped = explore[USER_STATE].clone()
+    shipped[0], shipped[5] = shipped[1], shipped[4]
+    loss_mask = torch.ones(8, dtype=torch.bool)
+    loss_mask[[0, 5]] = False
+    batch = {Columns.OBS: obs, USER_STATE: shipped, Columns.LOSS_MASK: loss_mask}
+    out = module.forward_train(batch)
+    assert torch.allclose(out[Columns.ACTION_DIST_INPUTS], expected, atol=1e-4)
+    assert torch.allclose(out[REF_LOGITS], expected, atol=1e-4)  # reference: the fine-tuned policy
+    out[Columns.ACTION_DIST_INPUTS].logsumexp(-1).sum().backward()
+    assert module.net.popularity_weight.grad is not None and module.net.state_head.weight.grad is not None
+    assert all(p.grad is None for n, p in module.net.named_parameters() if n not in trainable)
+
+    end_to_end = _module(finetuned_run, env, train_encoder=True, strategy="boltzmann")
+    assert end_to_end.net.state_head is None
+    assert all(p.requires_grad for p in end_to_end.net.encoder.parameters())
 
 
 def test_exploration_log_probs_are_the_behaviour_distribution(finetuned_run, ml_dir):
@@ -99,12 +146,15 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("algorithm", ["appo", "ppo", "dqn"])
+@pytest.mark.parametrize(
+    "algorithm,train_encoder", [("appo", False), ("ppo", False), ("dqn", False), ("appo", True)]
+)
 def test_training_checkpoint_restore_and_standalone_module(
-    algorithm, finetuned_run, ml_dir, tmp_path, local_ray
+    algorithm, train_encoder, finetuned_run, ml_dir, tmp_path, local_ray
 ):
     cfg = RLTrainConfig(
         algorithm=algorithm,
+        train_encoder=train_encoder,
         exploration=ExplorationConfig(strategy="epsilon", epsilon=0.2)
         if algorithm == "dqn"
         else ExplorationConfig(),

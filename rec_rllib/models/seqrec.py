@@ -53,6 +53,10 @@ class ModelConfig(DictConfig):
     """Add a learned id embedding to the text projection (items unseen in training use text only)."""
     item_bias: bool = True
     """A learned per-item score bias (popularity prior); zero for items unseen in training."""
+    policy_head: bool = False
+    """The policy head RL training adds on a frozen encoder (fine-tuning leaves it off): a linear map on the
+    user state before scoring, initialised to the identity, and a popularity calibration — a learned weight
+    (initially 0) on each item's centred log train frequency, added to its score."""
 
     def __post_init__(self) -> None:
         if self.attention not in ("causal", "bidirectional"):
@@ -116,6 +120,14 @@ class TextSeqRec(nn.Module):
             is_decoder=cfg.attention == "causal", use_cache=False,
         )  # fmt: skip
         self.encoder = BertModel(bert, add_pooling_layer=False)
+        self.state_head: nn.Linear | None = None
+        if cfg.policy_head:
+            self.state_head = nn.Linear(h, h)
+            with torch.no_grad():
+                self.state_head.weight.copy_(torch.eye(h))
+                self.state_head.bias.zero_()
+            self.register_buffer("log_popularity", torch.zeros(n_items))  # set by set_popularity
+            self.popularity_weight = nn.Parameter(torch.zeros(()))
 
     # -- items ----------------------------------------------------------------------------------------------
     def item_text_embeddings(self) -> torch.Tensor:
@@ -160,9 +172,22 @@ class TextSeqRec(nn.Module):
         return hidden[torch.arange(len(lengths), device=tokens.device), lengths - 1]
 
     def scores_from_state(self, state: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, H] -> [B, n_items]."""
+        """[B, H] -> [B, n_items] (through the policy head when the model has one)."""
         items = self.item_matrix() if items is None else items
-        return state @ items.T + self.bias * self.known
+        if self.state_head is None:
+            return state @ items.T + self.bias * self.known
+        calibration = self.popularity_weight * self.log_popularity
+        return self.state_head(state) @ items.T + self.bias * self.known + calibration
+
+    @torch.no_grad()
+    def set_popularity(self, counts) -> None:
+        """The policy head's popularity feature: centred log(1 + train count) of every item."""
+        if self.state_head is None:
+            raise ValueError("only a model with a policy head has a popularity calibration")
+        logp = torch.log1p(torch.as_tensor(counts, dtype=torch.float32, device=self.known.device))
+        if logp.shape != self.log_popularity.shape:
+            raise ValueError(f"popularity of {logp.shape[0]} items for a catalogue of {self.n_items}")
+        self.log_popularity.copy_(logp - logp.mean())
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """[B, T], [B] -> [B, n_items] scores of every item as the next one."""
@@ -192,6 +217,8 @@ class TextSeqRec(nn.Module):
             torch.cat([self.bias.data, torch.zeros(n_new, device=new.device)]),
             requires_grad=self.cfg.item_bias,
         )
+        if self.state_head is not None:  # new items: average popularity (no calibration either way)
+            self.log_popularity = torch.cat([self.log_popularity, torch.zeros(n_new, device=new.device)])
         self.n_items += n_new
         return list(range(first, self.n_items))
 

@@ -7,7 +7,19 @@ from its weights, and adds what the actor-critic algorithms need:
   mask in every forward path (consumed items are never recommended);
 * a value head on the user state (PPO, APPO: :class:`ValueFunctionAPI`);
 * a target copy of the network for APPO's KL/trust region (:class:`TargetNetworkAPI`);
-* a frozen reference copy of the fine-tuned network for the optional KL penalty toward it.
+* the fine-tuned policy as the reference of the optional KL penalty.
+
+Two ways to train (``train_encoder`` in the model config):
+
+* ``False`` (default) — **policy head on a frozen encoder**: the fine-tuned sequence encoder and item
+  representations stay fixed; RL trains the policy head of :class:`TextSeqRec` (a linear map on the user
+  state, initialised to the identity, and a weight on the items' centred log train frequency, initially 0:
+  training starts at the fine-tuned policy) and the item score bias. Env
+  runners return the user state of every step (``USER_STATE``) with the action, so the learner never runs
+  the encoder except for the few bootstrap rows RLlib appends per episode chunk; the reference policy is the
+  same state through the initial head. The item matrix is computed once, not per forward pass.
+* ``True`` — every weight is trained: the learner re-encodes each batch (online, target and reference
+  networks: about five encoder passes per sample, the price of end-to-end RL).
 
 ``_forward_exploration`` turns the logits into the behaviour distribution of the configured exploration
 strategy (:mod:`rec_rllib.explore`), so the log-probabilities RLlib records are the true propensities.
@@ -15,6 +27,7 @@ strategy (:mod:`rec_rllib.explore`), so the log-probabilities RLlib records are 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -38,7 +51,9 @@ from rec_rllib.explore import ExplorationConfig, behaviour_log_probs
 from rec_rllib.models.seqrec import ModelConfig, TextSeqRec
 
 REF_LOGITS = "reference_action_dist_inputs"
+USER_STATE = "user_state"
 MASK_VALUE = -1e9
+HEAD_PARAMS = ("state_head.", "bias", "popularity_weight")
 
 
 def model_config_from_run(
@@ -64,13 +79,21 @@ def model_config_from_run(
     }
 
 
-def build_textseqrec(spec: dict[str, Any]) -> TextSeqRec:
-    cfg = ModelConfig.from_dict(spec["config"])
+def build_textseqrec(spec: dict[str, Any], *, policy_head: bool = False) -> TextSeqRec:
+    """The fine-tuned network from its spec; ``policy_head`` adds the identity-initialised state head."""
+    cfg = ModelConfig.from_dict(
+        {**spec["config"], "policy_head": policy_head or spec["config"].get("policy_head", False)}
+    )
     state = {k: torch.as_tensor(np.asarray(v)) for k, v in spec["state"].items()}
     net = TextSeqRec(
         cfg, int(spec["n_items"]), text_embeddings=state.get("text_embeddings"), known_items=state["known"]
     )
-    net.load_state_dict(state)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    head = ("state_head.", "popularity_weight", "log_popularity")
+    if unexpected or any(not k.startswith(head) for k in missing):
+        raise ValueError(
+            f"fine-tuned weights do not fit the network: missing {missing}, unexpected {unexpected}"
+        )
     return net
 
 
@@ -80,94 +103,167 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
     @override(TorchRLModule)
     def setup(self) -> None:
         mc = self.model_config
-        self.net = build_textseqrec(mc["textseqrec"])
+        self.train_encoder = bool(mc.get("train_encoder", False))
+        self.net = build_textseqrec(mc["textseqrec"], policy_head=not self.train_encoder)
         self.exploration = ExplorationConfig(**mc.get("exploration", {}))
         # Dropout off for RL (it would make behaviour and learner log-probs disagree); Thompson sampling
         # turns it back on, at the fine-tuned rates, for its posterior samples.
         self._dropouts = [m for m in self.net.modules() if isinstance(m, nn.Dropout)]
         self._dropout_p = [m.p for m in self._dropouts]
         self._set_dropout(on=False)
+        if not self.train_encoder:
+            for name, param in self.net.named_parameters():
+                param.requires_grad_(name.startswith(HEAD_PARAMS))
+            if mc.get("item_counts") is not None:
+                self.net.set_popularity(np.asarray(mc["item_counts"]))
+        self._items: torch.Tensor | None = None  # item matrix cache (no-grad paths; frozen items)
+        self._batch_state: tuple[torch.Tensor, torch.Tensor] | None = None  # (shipped, completed) states
         hidden = self.net.cfg.hidden_size
         if not self.inference_only:
             vh = int(mc.get("value_hidden", 64))
             self.value_head = nn.Sequential(nn.Linear(hidden, vh), nn.Tanh(), nn.Linear(vh, 1))
-            # frozen copy of the fine-tuned network: the KL-penalty reference (learner side only, and only
-            # when the penalty is on: it costs one more forward pass per train batch)
+            # the KL-penalty reference: the fine-tuned network (learner side only, only when the penalty is
+            # on). With a frozen encoder it is the user state through the initial (identity) head: no copy.
             if float(mc.get("ref_kl_coeff", 1.0)) > 0:
-                self._ref_net = copy.deepcopy(self.net).requires_grad_(False).eval()
+                if self.train_encoder:
+                    self._ref_net = copy.deepcopy(self.net).requires_grad_(False).eval()
+                else:
+                    self.register_buffer("_ref_bias", self.net.bias.detach().clone(), persistent=False)
 
     def _set_dropout(self, *, on: bool) -> None:
         for m, p in zip(self._dropouts, self._dropout_p, strict=True):
             m.p = p if on else 0.0
 
+    @override(TorchRLModule)
+    def set_state(self, state) -> None:
+        super().set_state(state)
+        self._items = None
+
     # -- shared computation ------------------------------------------------------------------------------------
-    def _logits_and_state(
-        self, batch: dict[str, Any], net: TextSeqRec | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        net = net or self.net
-        obs = batch[Columns.OBS]
+    def _item_matrix(self, net: TextSeqRec) -> torch.Tensor:
+        """[n_items, H]; cached where no gradient reaches it (frozen items: every copy of the network has the
+        same; end-to-end training: the online network's, on its no-grad paths, until new weights arrive)."""
+        if self.train_encoder and (net is not self.net or torch.is_grad_enabled()):
+            return net.item_matrix()
+        if self._items is None or self._items.device != net.known.device:
+            with torch.no_grad():
+                self._items = net.item_matrix()
+        return self._items
+
+    def _encode(self, obs: dict[str, Any], net: TextSeqRec) -> torch.Tensor:
+        """[B, H] user state from the observation's history window."""
         tokens = obs[Obs.HISTORY].long()  # [B, W+1]
         lengths = obs[Obs.LENGTH].long().reshape(-1)  # [B]
-        items = net.item_matrix()  # [n_items, H]
-        state = net.user_state(tokens, lengths, items)  # [B, H]
-        logits = net.scores_from_state(state, items)  # [B, n_items]
-        mask = obs[Obs.ACTION_MASK] > 0.5
-        return logits.masked_fill(~mask, MASK_VALUE), state
+        return net.user_state(tokens, lengths, self._item_matrix(net))
+
+    def _user_state(self, batch: dict[str, Any]) -> torch.Tensor:
+        """[B, H]: encoded here, or (frozen encoder) read from the batch, as the env runners computed it."""
+        obs = batch[Columns.OBS]
+        if self.train_encoder:
+            return self._encode(obs, self.net)
+        if USER_STATE not in batch:
+            with torch.no_grad():
+                return self._encode(obs, self.net)
+        shipped = batch[USER_STATE]
+        cached = self._batch_state
+        if cached is not None and cached[0] is shipped:  # forward_train, then forward_target: same batch
+            return cached[1]
+        state = shipped.float()
+        if Columns.LOSS_MASK in batch:
+            # RLlib appends one bootstrap step per episode chunk (outside the loss) that repeats the previous
+            # step's model outputs: encode those rows' own observations (a few per batch).
+            redo = ~batch[Columns.LOSS_MASK].bool().reshape(-1)
+            if bool(redo.any()):
+                with torch.no_grad():
+                    state = state.clone()
+                    state[redo] = self._encode({k: v[redo] for k, v in obs.items()}, self.net)
+        self._batch_state = (shipped, state)
+        return state
+
+    def _logits(self, state: torch.Tensor, obs: dict[str, Any], net: TextSeqRec) -> torch.Tensor:
+        logits = net.scores_from_state(state, self._item_matrix(net))
+        return logits.masked_fill(~(obs[Obs.ACTION_MASK] > 0.5), MASK_VALUE)
+
+    def _reference_logits(self, batch: dict[str, Any], state: torch.Tensor) -> torch.Tensor | None:
+        with torch.no_grad():
+            if getattr(self, "_ref_net", None) is not None:
+                obs = batch[Columns.OBS]
+                return self._logits(self._encode(obs, self._ref_net), obs, self._ref_net)
+            if getattr(self, "_ref_bias", None) is None:
+                return None
+            # frozen encoder: the fine-tuned policy is the state through the identity head, fine-tuned bias
+            logits = state.detach() @ self._item_matrix(self.net).T + self._ref_bias * self.net.known
+            return logits.masked_fill(~(batch[Columns.OBS][Obs.ACTION_MASK] > 0.5), MASK_VALUE)
 
     # -- the three forward paths ---------------------------------------------------------------------------------
     @override(TorchRLModule)
     def _forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         with torch.no_grad():
-            logits, _ = self._logits_and_state(batch)
+            obs = batch[Columns.OBS]
+            logits = self._logits(self._encode(obs, self.net), obs, self.net)
         return {Columns.ACTION_DIST_INPUTS: logits}
 
     @override(TorchRLModule)
     def _forward_exploration(self, batch: dict[str, Any], t: int = 0, **kwargs) -> dict[str, Any]:
+        obs = batch[Columns.OBS]
         with torch.no_grad():
-            if self.exploration.strategy == "thompson":
-                # one posterior sample: the network with (MC) dropout active
+            out: dict[str, Any] = {}
+            if self.exploration.strategy == "thompson" and self.train_encoder:
+                # one posterior sample: the whole network with (MC) dropout active
                 was_training = self.net.training
                 self._set_dropout(on=True)
                 self.net.train()
                 try:
-                    logits, _ = self._logits_and_state(batch)
+                    logits = self._logits(self._encode(obs, self.net), obs, self.net)
                 finally:
                     self.net.train(was_training)
                     self._set_dropout(on=False)
             else:
-                logits, _ = self._logits_and_state(batch)
-            mask = batch[Columns.OBS][Obs.ACTION_MASK] > 0.5
+                state = self._encode(obs, self.net)
+                if not self.train_encoder:
+                    out[USER_STATE] = state  # the learner scores from it instead of re-encoding
+                    if self.exploration.strategy == "thompson":
+                        # one posterior sample of the final layer: MC dropout on the user state
+                        state = nn.functional.dropout(state, p=self.net.cfg.dropout, training=True)
+                logits = self._logits(state, obs, self.net)
+            mask = obs[Obs.ACTION_MASK] > 0.5
             log_probs = behaviour_log_probs(logits, self.exploration, step=int(t), allowed=mask)
         # finite everywhere: the Categorical distribution needs no -inf
-        return {Columns.ACTION_DIST_INPUTS: log_probs.clamp(min=MASK_VALUE)}
+        out[Columns.ACTION_DIST_INPUTS] = log_probs.clamp(min=MASK_VALUE)
+        return out
 
     @override(TorchRLModule)
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         if Columns.NEXT_OBS in batch:  # DQN: Q-values of this and the next step, and the target net's
             return self._q_forward_train(batch)
-        logits, state = self._logits_and_state(batch)
+        state = self._user_state(batch)
+        logits = self._logits(state, batch[Columns.OBS], self.net)
         out = {Columns.ACTION_DIST_INPUTS: logits, Columns.EMBEDDINGS: state}
-        if getattr(self, "_ref_net", None) is not None:
-            with torch.no_grad():
-                out[REF_LOGITS], _ = self._logits_and_state(batch, self._ref_net)
+        ref = self._reference_logits(batch, state)
+        if ref is not None:
+            out[REF_LOGITS] = ref
         return out
 
     def _q_forward_train(self, batch: dict[str, Any]) -> dict[str, Any]:
         """DQN reads the catalogue scores as Q-values (Q(s, a) = score of item a given the history): one
         online pass over [obs; next_obs] (double Q picks the next action online) and one target pass."""
         obs, nxt = batch[Columns.OBS], batch[Columns.NEXT_OBS]
-        both = {Columns.OBS: {k: torch.cat([obs[k], nxt[k]], dim=0) for k in obs}}
-        q, _ = self._logits_and_state(both)
-        q_now, q_next = torch.chunk(q, 2, dim=0)
+        both = {k: torch.cat([obs[k], nxt[k]], dim=0) for k in obs}
+        state = self._user_state({Columns.OBS: both})
+        q_now, q_next = torch.chunk(self._logits(state, both, self.net), 2, dim=0)
         with torch.no_grad():
-            q_target_next, _ = self._logits_and_state({Columns.OBS: nxt}, self._old_net)
+            next_state = (
+                self._encode(nxt, self._old_net) if self.train_encoder else torch.chunk(state, 2, dim=0)[1]
+            )
+            q_target_next = self._logits(next_state, nxt, self._old_net)
         return {QF_PREDS: q_now, QF_NEXT_PREDS: q_next, QF_TARGET_NEXT_PREDS: q_target_next}
 
     # -- APIs of the algorithms -----------------------------------------------------------------------------
     @override(ValueFunctionAPI)
     def compute_values(self, batch: dict[str, Any], embeddings: Any = None) -> torch.Tensor:
         if embeddings is None:
-            _, embeddings = self._logits_and_state(batch)
+            with torch.no_grad() if not self.train_encoder else contextlib.nullcontext():
+                embeddings = self._user_state(batch)
         return self.value_head(embeddings.detach()).squeeze(-1)
 
     @override(TargetNetworkAPI)
@@ -180,9 +276,11 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
 
     @override(TargetNetworkAPI)
     def forward_target(self, batch: dict[str, Any]) -> dict[str, Any]:
-        logits, _ = self._logits_and_state(batch, self._old_net)
-        return {TARGET_NETWORK_ACTION_DIST_INPUTS: logits}
+        obs = batch[Columns.OBS]
+        # frozen encoder: the same user state, only the head differs
+        state = self._encode(obs, self._old_net) if self.train_encoder else self._user_state(batch)
+        return {TARGET_NETWORK_ACTION_DIST_INPUTS: self._logits(state, obs, self._old_net)}
 
     @override(InferenceOnlyAPI)
     def get_non_inference_attributes(self) -> list[str]:
-        return ["value_head", "_ref_net", "_old_net"]
+        return ["value_head", "_ref_net", "_old_net", "_ref_bias"]

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from rec_rllib.config import DictConfig
-from rec_rllib.env import EnvConfig, LogReplayEnv
+from rec_rllib.env import EnvConfig, LogReplayEnv, train_item_counts
 from rec_rllib.explore import ExplorationConfig
 from rec_rllib.fsutil import write_csv
 
 log = logging.getLogger(__name__)
 ALGORITHMS = ("appo", "ppo", "dqn")
+SAMPLER_WAIT_S = 0.05
+"""APPO's driver waits up to this long for env-runner samples per training step (RLlib's default: 0)."""
 
 
 @dataclass
@@ -40,8 +42,9 @@ class RLTrainConfig(DictConfig):
     """Training iterations (``algo.train()`` calls)."""
     num_env_runners: int = 2
     """Remote env runners; each replays its own shard of users."""
-    num_envs_per_env_runner: int = 8
-    """Vectorised sub-environments per runner (one batched forward pass for all of them)."""
+    num_envs_per_env_runner: int = 32
+    """Vectorised sub-environments per runner (one batched forward pass for all of them: on 2 cores, 32
+    envs sample 1.3x faster than 8)."""
     num_cpus_per_env_runner: float = 1.0
     """CPUs each env runner reserves."""
     env_runner_resources: dict[str, float] = field(default_factory=dict)
@@ -56,8 +59,13 @@ class RLTrainConfig(DictConfig):
     """GPUs per learner (fractions allowed); 0 = CPU."""
     learner_resources: dict[str, float] = field(default_factory=dict)
     """Custom resources each learner needs, e.g. {"learner": 1}."""
-    lr: float = 3e-5
-    """Learning rate (small: the policy starts from a fine-tuned model)."""
+    train_encoder: bool = False
+    """False: train a policy head (a linear map on the user state + the item bias) on the frozen fine-tuned
+    encoder — env runners ship the user state, the learner never re-encodes (several times the throughput).
+    True: train every weight end to end (the learner runs the encoder for the online, target and
+    reference networks)."""
+    lr: float | None = None
+    """Learning rate; None = 1e-3 for the policy head, 3e-5 end to end (the encoder starts fine-tuned)."""
     entropy_coeff: float = 0.0
     """Entropy bonus."""
     ref_kl_coeff: float = 0.05
@@ -70,6 +78,12 @@ class RLTrainConfig(DictConfig):
     """Seeds the env runners and learners."""
     exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 3e-5 if self.train_encoder else 1e-3
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -101,7 +115,14 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
         "dqn": (DQNConfig(), None),  # RLlib's DQN learner: the module supplies Q-values and a target net
     }[cfg.algorithm]
     ref_kl = 0.0 if cfg.algorithm == "dqn" else cfg.ref_kl_coeff
-    model_config = {**model_config, "exploration": asdict(cfg.exploration), "ref_kl_coeff": ref_kl}
+    model_config = {
+        **model_config,
+        "exploration": asdict(cfg.exploration),
+        "ref_kl_coeff": ref_kl,
+        "train_encoder": cfg.train_encoder,
+        # the policy head's popularity feature, from the split the env replays
+        "item_counts": None if cfg.train_encoder else train_item_counts(cfg.env.dataset, cfg.env.scheme),
+    }
     config = (
         base.environment(LogReplayEnv, env_config=asdict(cfg.env), disable_env_checking=True)
         .env_runners(
@@ -117,7 +138,7 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
             custom_resources_per_learner=dict(cfg.learner_resources),
         )
         .rl_module(rl_module_spec=RLModuleSpec(module_class=RecPolicyModule, model_config=model_config))
-        .training(lr=cfg.lr, gamma=cfg.gamma, train_batch_size_per_learner=cfg.train_batch_size)
+        .training(lr=cfg.learning_rate, gamma=cfg.gamma, train_batch_size_per_learner=cfg.train_batch_size)
         .fault_tolerance(restart_failed_env_runners=True)
         .reporting(min_time_s_per_iteration=0, metrics_num_episodes_for_smoothing=100)
         .debugging(seed=cfg.seed)
@@ -146,9 +167,19 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
     else:
         # APPO samples asynchronously: an iteration lasts until at least one train batch was learned on
         # (otherwise `train()` returns at once while the runners are still producing their first episodes).
-        config = config.reporting(
-            min_sample_timesteps_per_iteration=cfg.train_batch_size,
-            min_train_timesteps_per_iteration=cfg.train_batch_size,
+        config = (
+            config.reporting(
+                min_sample_timesteps_per_iteration=cfg.train_batch_size,
+                min_train_timesteps_per_iteration=cfg.train_batch_size,
+            )
+            .training(
+                # RLlib's default (0 s) makes the driver poll its env runners in a busy loop: thousands of
+                # training steps per iteration that take a whole core from the runners on a small machine.
+                # Blocking up to this long for sample results frees it (measured: runners scale again).
+                timeout_s_sampler_manager=SAMPLER_WAIT_S,
+                use_circular_buffer=False,
+            )
+            .env_runners(max_requests_in_flight_per_env_runner=2)
         )
     return config
 
