@@ -189,21 +189,33 @@ def main() -> None:
 
 
 def _plot(table: dict, path: Path) -> None:
+    """NDCG@10 against coverage@10: one colour per exploration strategy, one marker per novelty reward λ."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colours: dict[str, str] = {}
+    markers = ["o", "s", "^", "D", "v"]
+    lambdas: list[str] = []
     for name, m in table.items():
-        ax.scatter(m["coverage@10"], m["NDCG@10"], s=40)
-        ax.annotate(
-            name, (m["coverage@10"], m["NDCG@10"]), fontsize=8, xytext=(4, 4), textcoords="offset points"
-        )
-    ax.set_xlabel("catalogue coverage@10")
-    ax.set_ylabel("NDCG@10 (test)")
+        if name == "fine-tuned":
+            ax.scatter(m["coverage@10"], m["NDCG@10"], s=140, marker="*", color="black", label="fine-tuned")
+            continue
+        strategy, _, lam = name.partition(", ")
+        colour = colours.setdefault(strategy, f"C{len(colours)}")
+        if lam not in lambdas:
+            lambdas.append(lam)
+        marker = markers[lambdas.index(lam) % len(markers)]
+        ax.scatter(m["coverage@10"], m["NDCG@10"], s=55, marker=marker, color=colour, label=name)
+    ax.set_xlabel("catalogue coverage@10 (test users)")
+    ax.set_ylabel("NDCG@10 (leave-one-out test)")
     ax.grid(alpha=0.3)
-    ax.set_title("accuracy vs coverage per exploration strategy")
+    ax.set_title(
+        "accuracy vs coverage: exploration strategy (colour), novelty reward λ (marker)", fontsize=10
+    )
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
