@@ -104,6 +104,8 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=30, help="APPO iterations per strategy (quality)")
     p.add_argument("--throughput-iterations", type=int, default=10)
     p.add_argument("--strategies", nargs="+", default=["boltzmann", "epsilon", "thompson"])
+    p.add_argument("--algorithms", nargs="+", default=["appo"], choices=["appo", "ppo", "dqn"],
+                   help="quality: algorithms to train (dqn explores epsilon-greedily only)")  # fmt: skip
     p.add_argument("--novelty-bonus", nargs="+", type=float, default=[0.0, 2.0], help="λ values (quality)")
     p.add_argument("--envs-per-runner", type=int, default=32)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: RLTrainConfig's)")
@@ -152,19 +154,23 @@ def main() -> None:
         if not args.skip_quality:
             ft = evaluate_ranking(load_recommender(args.finetuned, ds), ds).metrics
             table = {"fine-tuned": ft}
-            for strategy in args.strategies:
+            runs = [
+                (a, st) for a in args.algorithms for st in args.strategies if a != "dqn" or st == "epsilon"
+            ]
+            for algorithm, strategy in runs:
                 for beta in args.novelty_bonus:
                     expl = ExplorationConfig(strategy=strategy, epsilon=0.2, epsilon_final=0.05)
                     cfg = replace(
                         base,
+                        algorithm=algorithm,
                         iterations=args.iterations,
                         exploration=expl,
                         checkpoint_every=10_000,
                         env=replace(env, novelty_bonus=beta),
                     )
-                    name = f"APPO + {strategy}, λ={beta:g}"
+                    name = f"{algorithm.upper()} + {strategy}, λ={beta:g}"
                     t0 = time.perf_counter()
-                    summary = train(cfg, out / f"{strategy}-b{beta:g}", progress=lambda *_: None)
+                    summary = train(cfg, out / f"{algorithm}-{strategy}-b{beta:g}", progress=lambda *_: None)
                     minutes = (time.perf_counter() - t0) / 60
                     rec = load_recommender(summary["checkpoint"], ds)
                     table[name] = {**evaluate_ranking(rec, ds).metrics, "train_minutes": minutes}

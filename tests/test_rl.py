@@ -139,6 +139,21 @@ def test_deterministic_strategies_are_refused_for_training(finetuned_run):
         RLTrainConfig(finetuned=finetuned_run, exploration=ExplorationConfig(strategy="greedy"))
 
 
+@pytest.mark.parametrize("algorithm", ["appo", "ppo", "dqn"])
+def test_default_resources_are_a_valid_rllib_config_for_every_algorithm(algorithm, finetuned_run, ml_dir):
+    """The defaults (2 runners x 32 envs, fragment 20, train batch 640) pass RLlib's own checks; PPO's
+    batch = runners x envs x fragment rule once rejected them."""
+    expl = ExplorationConfig(strategy="epsilon") if algorithm == "dqn" else ExplorationConfig()
+    cfg = RLTrainConfig(
+        algorithm=algorithm, finetuned=finetuned_run, exploration=expl, env=EnvConfig(dataset=ml_dir)
+    )
+    config = build_algo_config(cfg, model_config_from_run(finetuned_run))
+    config.validate()  # raises where RLlib refuses the combination
+    assert config.num_envs_per_env_runner == 32
+    if algorithm == "ppo":  # synchronous: one sampling round per train batch
+        assert 2 * 32 * config.get_rollout_fragment_length() == cfg.train_batch_size
+
+
 @pytest.fixture
 def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")

@@ -50,7 +50,7 @@ class RLTrainConfig(DictConfig):
     env_runner_resources: dict[str, float] = field(default_factory=dict)
     """Custom resources each env runner needs, e.g. {"env_runner": 1} to place runners on tagged nodes."""
     rollout_fragment_length: int = 20
-    """Env steps per sub-environment per sample call."""
+    """Env steps per sub-environment per sample call (APPO, DQN; PPO derives it from the train batch)."""
     train_batch_size: int = 640
     """Env steps per learner update (per learner)."""
     num_learners: int = 0
@@ -163,7 +163,11 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
         learner_config_dict={REF_KL_COEFF: cfg.ref_kl_coeff},
     )
     if cfg.algorithm == "ppo":
-        config = config.training(minibatch_size=min(128, cfg.train_batch_size), num_epochs=2)
+        # synchronous PPO needs train batch = runners x envs x fragment: RLlib derives the fragment ("auto"),
+        # so the defaults (2 x 32 envs) work with any train batch size
+        config = config.training(minibatch_size=min(128, cfg.train_batch_size), num_epochs=2).env_runners(
+            rollout_fragment_length="auto"
+        )
     else:
         # APPO samples asynchronously: an iteration lasts until at least one train batch was learned on
         # (otherwise `train()` returns at once while the runners are still producing their first episodes).
