@@ -154,9 +154,9 @@ def main() -> None:
         if not args.skip_quality:
             ft = evaluate_ranking(load_recommender(args.finetuned, ds), ds).metrics
             table = {"fine-tuned": ft}
-            runs = [
-                (a, st) for a in args.algorithms for st in args.strategies if a != "dqn" or st == "epsilon"
-            ]
+            # DQN explores epsilon-greedily only; PPO refuses epsilon-greedy (no gradient through it)
+            allowed = {"dqn": {"epsilon"}, "ppo": {"boltzmann", "thompson"}}
+            runs = [(a, st) for a in args.algorithms for st in args.strategies if st in allowed.get(a, {st})]
             for algorithm, strategy in runs:
                 for beta in args.novelty_bonus:
                     expl = ExplorationConfig(strategy=strategy, epsilon=0.2, epsilon_final=0.05)

@@ -139,6 +139,27 @@ def test_deterministic_strategies_are_refused_for_training(finetuned_run):
         RLTrainConfig(finetuned=finetuned_run, exploration=ExplorationConfig(strategy="greedy"))
 
 
+def test_ppo_optimises_the_distribution_that_acted(finetuned_run, ml_dir):
+    """PPO has no off-policy correction: its train logits are the tempered ones the runner sampled from."""
+    from rec_rllib.rl.module import BEHAVIOUR_TEMPERATURE
+
+    with pytest.raises(ValueError, match="epsilon"):
+        RLTrainConfig(
+            algorithm="ppo", finetuned=finetuned_run, exploration=ExplorationConfig(strategy="epsilon")
+        )
+    env = LogReplayEnv({"dataset": ml_dir, "window": 30})
+    module = _module(finetuned_run, env, strategy="boltzmann", temperature=0.5, temperature_final=0.5)
+    module.model_config["train_behaviour_policy"] = True
+    obs = _obs_batch(env)
+    explore = module.forward_exploration({Columns.OBS: obs}, t=0)
+    assert torch.allclose(explore[BEHAVIOUR_TEMPERATURE], torch.full((8,), 0.5))
+    batch = {Columns.OBS: obs, **{k: v for k, v in explore.items() if k != Columns.ACTION_DIST_INPUTS}}
+    train_logits = module.forward_train(batch)[Columns.ACTION_DIST_INPUTS]
+    legal = obs[Obs.ACTION_MASK] > 0.5
+    behaviour = explore[Columns.ACTION_DIST_INPUTS][legal]
+    assert torch.allclose(torch.log_softmax(train_logits, -1)[legal], behaviour, atol=1e-4)
+
+
 @pytest.mark.parametrize("algorithm", ["appo", "ppo", "dqn"])
 def test_default_resources_are_a_valid_rllib_config_for_every_algorithm(algorithm, finetuned_run, ml_dir):
     """The defaults (2 runners x 32 envs, fragment 20, train batch 640) pass RLlib's own checks; PPO's

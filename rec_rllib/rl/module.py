@@ -52,6 +52,7 @@ from rec_rllib.models.seqrec import ModelConfig, TextSeqRec
 
 REF_LOGITS = "reference_action_dist_inputs"
 USER_STATE = "user_state"
+BEHAVIOUR_TEMPERATURE = "behaviour_temperature"
 MASK_VALUE = -1e9
 HEAD_PARAMS = ("state_head.", "bias", "popularity_weight")
 
@@ -228,6 +229,10 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
                 logits = self._logits(state, obs, self.net)
             mask = obs[Obs.ACTION_MASK] > 0.5
             log_probs = behaviour_log_probs(logits, self.exploration, step=int(t), allowed=mask)
+            if self.model_config.get("train_behaviour_policy"):
+                # the temperature that acted, so the learner optimises that very distribution (PPO)
+                temperature = self.exploration.temperature_at(int(t))
+                out[BEHAVIOUR_TEMPERATURE] = torch.full((logits.shape[0],), temperature, device=logits.device)
         # finite everywhere: the Categorical distribution needs no -inf
         out[Columns.ACTION_DIST_INPUTS] = log_probs.clamp(min=MASK_VALUE)
         return out
@@ -238,8 +243,14 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
             return self._q_forward_train(batch)
         state = self._user_state(batch)
         logits = self._logits(state, batch[Columns.OBS], self.net)
-        out = {Columns.ACTION_DIST_INPUTS: logits, Columns.EMBEDDINGS: state}
         ref = self._reference_logits(batch, state)
+        if BEHAVIOUR_TEMPERATURE in batch:
+            # PPO: the policy is the tempered softmax that acted (Boltzmann / Thompson), not the plain one,
+            # or its ratio pi/mu compares two different distributions and the clipping skews the update
+            temperature = batch[BEHAVIOUR_TEMPERATURE].float().reshape(-1, 1)
+            logits = logits / temperature
+            ref = None if ref is None else ref / temperature
+        out = {Columns.ACTION_DIST_INPUTS: logits, Columns.EMBEDDINGS: state}
         if ref is not None:
             out[REF_LOGITS] = ref
         return out

@@ -92,6 +92,11 @@ class RLTrainConfig(DictConfig):
             self.exploration = ExplorationConfig(**self.exploration)
         if isinstance(self.env, dict):
             self.env = EnvConfig(**self.env)
+        if self.algorithm == "ppo" and self.exploration.strategy == "epsilon":
+            raise ValueError(
+                "ppo optimises the distribution that acted and epsilon-greedy's has no gradient (measured: "
+                "it collapses onto popular items); use boltzmann or thompson with ppo, or epsilon with appo/dqn"
+            )
         if self.exploration.strategy in ("greedy", "ucb"):
             raise ValueError(
                 f"exploration {self.exploration.strategy!r} is deterministic; RL training needs a stochastic "
@@ -120,6 +125,8 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
         "exploration": asdict(cfg.exploration),
         "ref_kl_coeff": ref_kl,
         "train_encoder": cfg.train_encoder,
+        # PPO (no off-policy correction) optimises the behaviour distribution itself
+        "train_behaviour_policy": cfg.algorithm == "ppo",
         # the policy head's popularity feature, from the split the env replays
         "item_counts": None if cfg.train_encoder else train_item_counts(cfg.env.dataset, cfg.env.scheme),
     }
