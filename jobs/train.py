@@ -3,7 +3,7 @@
 Examples::
 
     python -m jobs.train --finetuned runs/ft --out runs/rl                      # embedded local Ray, APPO
-    python -m jobs.train --finetuned runs/ft --out runs/rl --algorithm ppo --exploration epsilon --epsilon 0.2
+    python -m jobs.train --finetuned runs/ft --out runs/rl --algorithm ppo --exploration boltzmann --temperature 1.0
     python -m jobs.train --finetuned runs/ft --out runs/rl --resume runs/rl/checkpoint --iterations 40
     RAY_AUTH_MODE=token ray job submit --working-dir . -- \\
         python -m jobs.train --address auto --finetuned runs/ft --out runs/rl --num-env-runners 8 \\
