@@ -158,7 +158,7 @@ def main() -> None:
             allowed = {"dqn": {"epsilon"}, "ppo": {"boltzmann", "thompson"}}
             runs = [(a, st) for a in args.algorithms for st in args.strategies if st in allowed.get(a, {st})]
             for algorithm, strategy in runs:
-                for beta in args.novelty_bonus:
+                for bonus in args.novelty_bonus:
                     expl = ExplorationConfig(strategy=strategy, epsilon=0.2, epsilon_final=0.05)
                     cfg = replace(
                         base,
@@ -166,11 +166,11 @@ def main() -> None:
                         iterations=args.iterations,
                         exploration=expl,
                         checkpoint_every=10_000,
-                        env=replace(env, novelty_bonus=beta),
+                        env=replace(env, novelty_bonus=bonus),
                     )
-                    name = f"{algorithm.upper()} + {strategy}, λ={beta:g}"
+                    name = f"{algorithm.upper()} + {strategy}, λ={bonus:g}"
                     t0 = time.perf_counter()
-                    summary = train(cfg, out / f"{algorithm}-{strategy}-b{beta:g}", progress=lambda *_: None)
+                    summary = train(cfg, out / f"{algorithm}-{strategy}-b{bonus:g}", progress=lambda *_: None)
                     minutes = (time.perf_counter() - t0) / 60
                     rec = load_recommender(summary["checkpoint"], ds)
                     table[name] = {**evaluate_ranking(rec, ds).metrics, "train_minutes": minutes}

@@ -72,6 +72,9 @@ class ModelConfig(DictConfig):
 class TextSeqRec(nn.Module):
     """User history (item tokens) -> user state -> scores over every item."""
 
+    POLICY_HEAD_KEYS = ("state_head.", "popularity_weight", "log_popularity")
+    """State-dict key prefixes of the policy head (``ModelConfig.policy_head``); a fine-tuned run has none."""
+
     def __init__(
         self,
         cfg: ModelConfig,

@@ -54,7 +54,8 @@ REF_LOGITS = "reference_action_dist_inputs"
 USER_STATE = "user_state"
 BEHAVIOUR_TEMPERATURE = "behaviour_temperature"
 MASK_VALUE = -1e9
-HEAD_PARAMS = ("state_head.", "bias", "popularity_weight")
+TRAINED_WITH_FROZEN_ENCODER = (*TextSeqRec.POLICY_HEAD_KEYS, "bias")
+"""What RL trains when the encoder is frozen: the policy head and the item score bias."""
 
 
 def model_config_from_run(
@@ -90,8 +91,7 @@ def build_textseqrec(spec: dict[str, Any], *, policy_head: bool = False) -> Text
         cfg, int(spec["n_items"]), text_embeddings=state.get("text_embeddings"), known_items=state["known"]
     )
     missing, unexpected = net.load_state_dict(state, strict=False)
-    head = ("state_head.", "popularity_weight", "log_popularity")
-    if unexpected or any(not k.startswith(head) for k in missing):
+    if unexpected or any(not k.startswith(TextSeqRec.POLICY_HEAD_KEYS) for k in missing):
         raise ValueError(
             f"fine-tuned weights do not fit the network: missing {missing}, unexpected {unexpected}"
         )
@@ -114,7 +114,7 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         self._set_dropout(on=False)
         if not self.train_encoder:
             for name, param in self.net.named_parameters():
-                param.requires_grad_(name.startswith(HEAD_PARAMS))
+                param.requires_grad_(name.startswith(TRAINED_WITH_FROZEN_ENCODER))
             if mc.get("item_counts") is not None:
                 self.net.set_popularity(np.asarray(mc["item_counts"]))
         self._items: torch.Tensor | None = None  # item matrix cache (no-grad paths; frozen items)

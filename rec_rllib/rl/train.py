@@ -60,8 +60,8 @@ class RLTrainConfig(DictConfig):
     learner_resources: dict[str, float] = field(default_factory=dict)
     """Custom resources each learner needs, e.g. {"learner": 1}."""
     train_encoder: bool = False
-    """False: train a policy head (a linear map on the user state + the item bias) on the frozen fine-tuned
-    encoder — env runners ship the user state, the learner never re-encodes (several times the throughput).
+    """False: train a policy head (a linear map on the user state, a weight on item popularity) and the item
+    bias on the frozen fine-tuned encoder — env runners ship the user state, the learner never re-encodes (several times the throughput).
     True: train every weight end to end (the learner runs the encoder for the online, target and
     reference networks)."""
     lr: float | None = None
@@ -92,6 +92,9 @@ class RLTrainConfig(DictConfig):
             self.exploration = ExplorationConfig(**self.exploration)
         if isinstance(self.env, dict):
             self.env = EnvConfig(**self.env)
+        if self.algorithm == "dqn" and self.exploration.strategy != "epsilon":
+            raise ValueError("dqn explores epsilon-greedily (with exploration.decay_steps); set exploration "
+                             f"strategy 'epsilon', not {self.exploration.strategy!r}")  # fmt: skip
         if self.algorithm == "ppo" and self.exploration.strategy == "epsilon":
             raise ValueError(
                 "ppo optimises the distribution that acted and epsilon-greedy's has no gradient (measured: "
@@ -151,9 +154,6 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
         .debugging(seed=cfg.seed)
     )
     if cfg.algorithm == "dqn":
-        if cfg.exploration.strategy != "epsilon":
-            raise ValueError("dqn explores epsilon-greedily (with exploration.decay_steps); set exploration "
-                             f"strategy 'epsilon', not {cfg.exploration.strategy!r}")  # fmt: skip
         return config.training(
             replay_buffer_config={"type": "EpisodeReplayBuffer", "capacity": 50_000},
             double_q=True,
