@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +24,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -37,11 +38,15 @@ from serving.schemas import (
     RecommendResponse,
 )
 from serving.scorer import PolicyScorer, ScorerInputError
-from serving.state import STATE_ACTOR, live_state, shutdown_state
+from serving.state import STATE_ACTOR, SessionMirror, live_state, shutdown_state
 
 log = logging.getLogger("ray.serve")
 
 MAX_BODY_BYTES = 256 * 1024
+IMPRESSION_FLUSH_S = 0.02
+"""Impressions go to the shared store in batches at most this old (feedback waits up to 0.3 s for one)."""
+RECENT_IMPRESSIONS = 4096
+"""Impressions a replica keeps itself, so feedback it receives on its own answers needs no lookup."""
 
 api = FastAPI(title="rec-rllib", description="Recommendations from the RL-trained transformer policy.")
 
@@ -69,15 +74,26 @@ async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
     )
 
 
-@api.middleware("http")
-async def _limit_body(request: Request, call_next):
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-        return JSONResponse(
-            {"error": f"request body over {MAX_BODY_BYTES} bytes; send at most {MAX_BODY_BYTES}"},
-            status_code=413,
-        )
-    return await call_next(request)
+class _LimitBody:
+    """Refuse bodies over MAX_BODY_BYTES before they are read (a plain ASGI middleware: Starlette's
+    ``BaseHTTPMiddleware`` would cost every request an extra task and stream wrapper)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+            if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+                response = JSONResponse(
+                    {"error": f"request body over {MAX_BODY_BYTES} bytes; send at most {MAX_BODY_BYTES}"},
+                    status_code=413,
+                )
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+api.add_middleware(_LimitBody)
 
 
 def _scoring_fields(req: RecommendRequest | QueryRequest, history: list[int], version: int) -> dict[str, Any]:
@@ -142,6 +158,10 @@ class RecIngress:
         self._base_items = self.catalog.n_items
         self.state = live_state(state_name)
         self.synced = 0
+        self.mirror = SessionMirror()
+        self._poller: asyncio.Task | None = None
+        self._impressions: list[tuple[str, dict[str, Any]]] = []  # not yet sent to the shared store
+        self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # this replica's latest answers
         self.feedback = FeedbackLog(feedback_dir, max_rows=flush_rows, max_seconds=flush_seconds)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._stop = threading.Event()
@@ -167,6 +187,58 @@ class RecIngress:
         self._stop.set()
         self.feedback.close()
 
+    # -- shared state -------------------------------------------------------------------------------------
+    def _start_polling(self) -> None:
+        """Keep the session mirror current (started by the first request, on the loop requests run on)."""
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll_loop())
+
+    async def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            sent = time.monotonic()
+            try:
+                answer = await self.state.poll.remote(self.replica, self.mirror.seq)
+            except Exception:  # the store restarting: the mirror's lease runs out, requests read directly
+                log.warning("live-state poll failed; retrying", exc_info=True)
+                await asyncio.sleep(0.2)
+                continue
+            self.mirror.apply(answer, sent)
+            if self.mirror.catalog_version > self.synced:
+                try:
+                    await self._sync(self.mirror.catalog_version)
+                except Exception:
+                    log.exception("catalogue sync failed")
+                    self.mirror.valid_until = 0.0  # distrust until a later poll syncs it
+
+    async def _session(self, user: str | None) -> tuple[list[str], int]:
+        """The user's live session items and the catalogue version: from the mirror while it is trusted
+        (no round trip), else from the shared store."""
+        self._start_polling()
+        if self.mirror.trusted() and self.synced >= self.mirror.catalog_version:
+            return self.mirror.session(user), self.mirror.catalog_version
+        session, version = await self.state.context.remote(user)
+        await self._sync(version)
+        return session, version
+
+    def _log_impression(self, request_id: str, impression: dict[str, Any]) -> None:
+        """Buffered: one store call per IMPRESSION_FLUSH_S carries every impression answered meanwhile."""
+        self._recent[request_id] = impression
+        while len(self._recent) > RECENT_IMPRESSIONS:
+            self._recent.popitem(last=False)
+        self._impressions.append((request_id, impression))
+        if len(self._impressions) == 1:
+            asyncio.get_running_loop().call_later(IMPRESSION_FLUSH_S, self._flush_impressions)
+
+    def _flush_impressions(self) -> None:
+        batch, self._impressions = self._impressions, []
+        if batch:
+            self.state.log_impressions.remote(batch)  # not awaited: answers never wait for the store
+
+    async def _publish(self, seq: int | None) -> None:
+        """Return only once every replica's mirror holds change ``seq`` (or has stopped being trusted)."""
+        if seq is not None and not await self.state.wait_synced.remote(seq):
+            log.warning("a replica did not acknowledge change %d within its lease", seq)
+
     # -- helpers ----------------------------------------------------------------------------------------------
     async def _sync(self, version: int) -> None:
         if version > self.synced:
@@ -177,8 +249,7 @@ class RecIngress:
 
     async def _context(self, req: RecommendRequest | QueryRequest) -> tuple[list[int], list[str], int]:
         """(history as item indices, its last 200 item ids for the impression log, catalogue version)."""
-        session, version = await self.state.context.remote(req.user)
-        await self._sync(version)
+        session, version = await self._session(req.user)
         if req.history is not None:
             ids = list(req.history) + session
             logged: list[int] = []
@@ -213,9 +284,10 @@ class RecIngress:
     async def _answer(self, req, result: dict[str, Any], history_ids: list[str]) -> RecommendResponse:
         request_id = uuid.uuid4().hex
         shown = [self.catalog.item_ids[i] for i in result["items"]]
-        # not awaited: the answer does not wait for the shared store; /feedback covers the (rare) race
-        # where the feedback reaches the store before this impression does (see _resolve_feedback)
-        self.state.log_impression.remote(
+        # buffered, not awaited: the answer does not wait for the shared store; /feedback covers the race
+        # where feedback reaches another replica before this impression reaches the store (see
+        # _resolve_feedback)
+        self._log_impression(
             request_id,
             {
                 "user_id": req.user,
@@ -279,12 +351,14 @@ class RecIngress:
         return await self._answer(req, result, ids)
 
     async def _resolve_feedback(self, req: FeedbackRequest) -> dict[str, Any]:
-        """Match feedback to its impression; impressions are logged without waiting, so an unknown
-        request id is retried for up to ~0.3 s before it is called unknown."""
+        """Match feedback to its impression: this replica's own (no lookup), else the shared store's.
+        Impressions reach the store in batches, without waiting, so an unknown request id is retried for
+        up to ~0.3 s before it is called unknown."""
+        local = self._recent.get(req.request_id)
         for delay in (0.0, 0.02, 0.05, 0.1, 0.15):
             if delay:
                 await asyncio.sleep(delay)
-            out = await self.state.feedback.remote(req.request_id, req.item_id, req.reward)
+            out = await self.state.feedback.remote(req.request_id, req.item_id, req.reward, local)
             if out["status"] != "unknown_request":
                 break
         return out
@@ -301,6 +375,7 @@ class RecIngress:
             raise ApiError(
                 422, f"item {req.item_id!r} was not shown in that answer; send one of {out['shown']}"
             )
+        await self._publish(out["seq"])  # every replica's next answer for this user sees the click
         imp = out["impression"]
         position = imp["shown"].index(req.item_id)
         self.feedback.append({
@@ -330,20 +405,28 @@ class RecIngress:
     async def add_item(self, req: NewItemRequest) -> dict[str, Any]:
         _, version = await self.state.context.remote(None)
         await self._sync(version)
+        self._start_polling()
         if req.item_id in self.catalog.item_index:
             raise ApiError(409, f"item id {req.item_id!r} exists; choose a new id")
         embedding = await self._call(self.scorer.embed_text.remote(req.text))
         try:
-            version = await self.state.add_item.remote(req.item_id, req.text, np.asarray(embedding))
+            version, seq = await self.state.add_item.remote(req.item_id, req.text, np.asarray(embedding))
         except Exception as e:  # the id was taken by a concurrent request
             raise ApiError(409, f"item id {req.item_id!r} exists; choose a new id") from e
         await self._sync(version)
+        await self._publish(seq)  # every replica's catalogue has it before the answer
         return {"item_id": req.item_id, "catalog_version": version, "items": self.catalog.n_items}
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         info = await self._call(self.scorer.info.remote())
-        return {"status": "ok", "ingress": self.replica, **info, "catalog_items": self.catalog.n_items}
+        return {
+            "status": "ok",
+            "ingress": self.replica,
+            **info,
+            "catalog_items": self.catalog.n_items,
+            "live_state": {"mirror_trusted": self.mirror.trusted(), "applied_change": self.mirror.seq},
+        }
 
     async def _call(self, response):
         try:
@@ -356,7 +439,9 @@ class RecIngress:
 
 
 class AppArgs(BaseModel):
-    """Arguments of :func:`build_app` (the Serve config's ``args``)."""
+    """Arguments of :func:`build_app` (the Serve config's ``args``; an unknown one is an error)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(..., description="fine-tuned run directory or RLlib checkpoint")
     dataset: str = Field(..., description="prepared dataset directory the model was trained on")
@@ -376,6 +461,9 @@ class AppArgs(BaseModel):
     batch_wait_timeout_s: float = Field(0.002, ge=0.0)
     flush_rows: int = Field(256, ge=1)
     flush_seconds: float = Field(5.0, gt=0.0)
+    access_log: bool = Field(
+        True, description="Serve's per-request access log line (off saves ~0.2 ms of CPU per request)"
+    )
 
 
 def build_app(args: dict[str, Any] | AppArgs):
@@ -386,7 +474,9 @@ def build_app(args: dict[str, Any] | AppArgs):
     a = args if isinstance(args, AppArgs) else AppArgs(**args)
     model = str(Path(a.model).resolve())
     dataset = str(Path(a.dataset).resolve())
+    logging = {"logging_config": {"enable_access_log": a.access_log}}
     scorer_opts: dict[str, Any] = {
+        **logging,
         "ray_actor_options": {"num_cpus": a.scorer_cpus, "num_gpus": a.scorer_gpus},
         "user_config": {
             "model_path": model,
@@ -404,7 +494,7 @@ def build_app(args: dict[str, Any] | AppArgs):
             None, dataset, feedback_dir, a.state_name, a.flush_rows, a.flush_seconds, model
         )
     scorer = PolicyScorer_deployment.options(**scorer_opts).bind(model, dataset, a.state_name)
-    return RecIngress.options(num_replicas=a.ingress_replicas).bind(
+    return RecIngress.options(num_replicas=a.ingress_replicas, **logging).bind(
         scorer, dataset, feedback_dir, a.state_name, a.flush_rows, a.flush_seconds
     )
 

@@ -70,11 +70,19 @@ def _serve_schema(config: dict):
 
 
 def test_serve_configs_pass_serves_schema():
-    for name in ("config.yaml", "config-gpu.yaml"):
+    from serving.app import AppArgs
+
+    for name, deployments in (
+        ("config.yaml", {"RecIngress", "PolicyScorer"}),
+        ("config-gpu.yaml", {"RecIngress", "PolicyScorer"}),
+        ("config-latency.yaml", {"RecService"}),
+    ):
         schema = _serve_schema(yaml.safe_load((REPO / "serving" / name).read_text()))
         app = schema.applications[0]
         assert app.import_path == "serving.app:build_app"
-        assert {d.name for d in app.deployments} == {"RecIngress", "PolicyScorer"}
+        assert {d.name for d in app.deployments} == deployments
+        args = AppArgs(**app.args)  # the builder's own argument model accepts them
+        assert (args.topology == "single") == (deployments == {"RecService"})
 
 
 def test_kuberay_raycluster_matches_the_cluster_launcher_groups():

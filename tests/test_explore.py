@@ -34,6 +34,31 @@ def test_boltzmann_slate_propensities_match_sampling_frequencies():
     assert not (firsts == 4).any()  # a masked item is never shown
 
 
+def test_boltzmann_slate_later_positions_follow_plackett_luce():
+    """Position 2 given position 1: frequencies and reported propensities both equal p_j / (1 - p_i)."""
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.tensor([[1.5, 1.0, 0.2, -0.5, -50.0]])
+    allowed = torch.tensor([[True, True, True, True, False]])
+    cfg = ExplorationConfig(strategy="boltzmann", temperature=1.0, temperature_final=1.0)
+    lp = behaviour_log_probs(scores, cfg, allowed=allowed).expand(20_000, -1)
+    items, props = sample_slate(lp, 3, generator=gen)
+    p = torch.softmax(scores[0, :4], -1).double()
+    assert (items < 4).all() and all(len(set(row)) == 3 for row in items.tolist())
+    for first in range(4):
+        rows = items[:, 0] == first
+        for second in range(4):
+            if second == first:
+                continue
+            expected = p[second] / (1 - p[first])
+            pair = rows & (items[:, 1] == second)
+            # 20,000 draws: the conditional frequency's sd is < 0.012 for every first item (>= 1,500 rows)
+            assert abs(pair.sum() / rows.sum() - expected) < 0.05
+            assert torch.allclose(props[pair, 1], expected.expand(int(pair.sum())))
+    third = props[:, 2]
+    i0, i1, i2 = items[:, 0], items[:, 1], items[:, 2]
+    assert torch.allclose(third, p[i2] / (1 - p[i0] - p[i1]))
+
+
 def test_epsilon_slate_positions_and_propensities():
     torch.manual_seed(1)
     scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])

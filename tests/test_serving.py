@@ -94,6 +94,12 @@ def test_feedback_changes_next_answer_on_another_replica_and_is_logged(app):
             break
     assert len(replicas) == 2, "requests never reached the second ingress replica"
     assert first["served_by"]["ingress"] in replicas
+    # ...and those answers came from the replicas' mirrors of the live state, not from a store read
+    seen = {}
+    for _ in range(20):
+        h = c.get("/healthz").json()
+        seen[h["ingress"]] = h["live_state"]
+    assert len(seen) == 2 and all(s["mirror_trusted"] and s["applied_change"] >= 1 for s in seen.values())
 
 
 def test_items_added_from_text_are_found_by_query(app):
@@ -192,6 +198,66 @@ def test_zz_feedback_flushed_on_stop_and_read_by_prepare(app, tmp_path):
     assert manifest["counts"]["interactions"] == 100_000 + len(table)
     assert manifest["source"]["feedback_rows"] == len(table)
     time.sleep(0)
+
+
+def test_live_state_mirrors_are_current_before_a_writer_returns():
+    """The replication protocol of serving.state, on one event loop: a writer's wait_synced returns once
+    every polling replica has applied its change; a replica that stopped polling is waited for only until
+    its lease runs out, and by then it no longer trusts its mirror."""
+    import asyncio
+
+    from serving.state import LEASE_S, LiveState, SessionMirror
+
+    async def scenario() -> None:
+        store = LiveState(max_users=2)
+        store.log_impressions([("r1", {"user_id": "u1", "shown": ["50", "51"]})])
+        live, stalled = SessionMirror(), SessionMirror()
+
+        async def replica(name: str, mirror: SessionMirror, stop: asyncio.Event) -> None:
+            while not stop.is_set():
+                sent = asyncio.get_running_loop().time()
+                answer = await store.poll(name, mirror.seq, timeout_s=0.05)
+                mirror.apply(answer, sent)
+
+        stop_live, stop_stalled = asyncio.Event(), asyncio.Event()
+        tasks = [
+            asyncio.create_task(replica("live", live, stop_live)),
+            asyncio.create_task(replica("stalled", stalled, stop_stalled)),
+        ]
+        await asyncio.sleep(0.1)
+        assert live.trusted() and stalled.trusted() and live.session("u1") == []
+
+        out = await store.feedback("r1", "51", 1.0)
+        assert await store.wait_synced(out["seq"])  # both replicas acknowledged
+        assert live.session("u1") == ["51"] and stalled.session("u1") == ["51"]
+
+        stop_stalled.set()  # this replica stops polling (a stalled or dead process)
+        await asyncio.sleep(0.1)
+        # feedback via an impression only the answering replica holds (not yet in the store)
+        imp = {"user_id": "u1", "shown": ["52"]}
+        out = await store.feedback("r2", "52", 1.0, imp)
+        t0 = asyncio.get_running_loop().time()
+        assert not await store.wait_synced(out["seq"])  # gave up on the stalled replica...
+        assert asyncio.get_running_loop().time() - t0 <= LEASE_S + 0.5
+        assert live.session("u1") == ["51", "52"]
+        assert stalled.session("u1") == ["51"] and not stalled.trusted()  # ...whose mirror is distrusted
+
+        # eviction (max_users=2) reaches the mirrors too; a negative reward changes nothing
+        for user in ("u2", "u3"):
+            store.log_impressions([(f"r-{user}", {"user_id": user, "shown": ["60"]})])
+            out = await store.feedback(f"r-{user}", "60", 1.0)
+        assert await store.wait_synced(out["seq"])
+        assert live.session("u1") == [] and live.session("u3") == ["60"]
+        assert (await store.feedback("r-u3", "60", 0.0))["seq"] is None
+
+        # a replica that joins late (or lags past the change log) starts from a snapshot
+        late = SessionMirror()
+        late.apply(await store.poll("late", late.seq), asyncio.get_running_loop().time())
+        assert late.session("u3") == ["60"] and late.session("u2") == ["60"]
+        stop_live.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
 
 
 def test_feedback_journal_survives_a_killed_writer(tmp_path):
