@@ -265,3 +265,52 @@ def test_killed_replica_under_load_fails_over_and_loses_no_acknowledged_feedback
     assert len(acked) > acked_at_kill > 0
     assert not missing
     assert list(feedback_dir.glob("part-*-recovered-*.parquet"))  # the killed replica's journal, recovered
+
+
+def test_low_latency_setup_answers_on_the_replicas_own_port(finetuned_run, ml_dir, tmp_path):
+    """`jobs.serve --direct-ingress --topology single` (the set-up the latency figures are for), as a user
+    runs it: the ingress replica answers HTTP on its own port, which the command prints; a click sent
+    there changes the next answer; Ctrl-C stops it and the feedback is on disk."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from serving.feedback import read_feedback
+    from tests.conftest import REPO, free_port
+
+    port = free_port()
+    env = dict(os.environ, RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="1")
+    cmd = [sys.executable, "-m", "jobs.serve", "--model", finetuned_run, "--dataset", ml_dir, "--port", str(port),
+           "--num-cpus", "2", "--topology", "single", "--batch-wait-ms", "0", "--same-thread",
+           "--direct-ingress", "--no-access-log", "--feedback-dir", str(tmp_path / "fb")]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = None
+        deadline = time.time() + 240
+        while url is None and time.time() < deadline and proc.poll() is None:
+            lines = [ln for ln in log.read_text().splitlines() if ln.startswith("direct ingress: ")]
+            url = lines[0].split(": ", 1)[1] if lines else None
+            time.sleep(1)
+        assert url, log.read_text()[-3000:]
+        assert not url.endswith(f":{port}")  # the replica's port, not the proxy's
+        with httpx.Client(base_url=url, timeout=30) as c:
+            first = c.post("/recommend", json={"user": "196", "k": 5}).json()
+            clicked = first["items"][0]["item_id"]
+            r = c.post("/feedback", json={"request_id": first["request_id"], "item_id": clicked, "reward": 1})
+            assert r.status_code == 200, r.text
+            again = c.post("/recommend", json={"user": "196", "k": 5}).json()
+            assert clicked not in [it["item_id"] for it in again["items"]]
+            assert c.get("/healthz").json()["live_state"]["mirror_trusted"]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    rows = read_feedback(tmp_path / "fb").to_pylist()
+    assert [(r["request_id"], r["item_id"]) for r in rows] == [(first["request_id"], clicked)]
