@@ -43,8 +43,6 @@ from serving.state import STATE_ACTOR, SessionMirror, live_state, shutdown_state
 log = logging.getLogger("ray.serve")
 
 MAX_BODY_BYTES = 256 * 1024
-IMPRESSION_FLUSH_S = 0.02
-"""Impressions go to the shared store in batches at most this old (feedback waits up to 0.3 s for one)."""
 RECENT_IMPRESSIONS = 4096
 """Impressions a replica keeps itself, so feedback it receives on its own answers needs no lookup."""
 
@@ -221,13 +219,15 @@ class RecIngress:
         return session, version
 
     def _log_impression(self, request_id: str, impression: dict[str, Any]) -> None:
-        """Buffered: one store call per IMPRESSION_FLUSH_S carries every impression answered meanwhile."""
+        """Sent to the shared store on the event loop's next turn, one call for every answer finished in
+        this turn (a scored batch finishes together). Not later: a replica killed with impressions still
+        buffered would leave their feedback nothing to match (feedback can reach any replica)."""
         self._recent[request_id] = impression
         while len(self._recent) > RECENT_IMPRESSIONS:
             self._recent.popitem(last=False)
         self._impressions.append((request_id, impression))
         if len(self._impressions) == 1:
-            asyncio.get_running_loop().call_later(IMPRESSION_FLUSH_S, self._flush_impressions)
+            asyncio.get_running_loop().call_soon(self._flush_impressions)
 
     def _flush_impressions(self) -> None:
         batch, self._impressions = self._impressions, []
