@@ -157,7 +157,9 @@ def run_server(
 ) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=REPO, start_new_session=True, stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         _wait_http(url, proc)
         if direct:  # the replica answers on its own port: load that, not the proxy's

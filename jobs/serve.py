@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-access-log",
         dest="access_log",
         action="store_false",
-        help="turn off Serve's per-request access log line (saves ~0.2 ms of CPU per request)",
+        help="turn off Serve's per-request access log line (~2%% of a replica's CPU when on)",
     )
     p.add_argument("--smoke", action="store_true", help="send one sample request, print it, stop")
     p.add_argument("--seconds", type=float, default=None, help="serve this long, then stop (default: Ctrl-C)")

@@ -30,6 +30,7 @@ it, and the next ``/recommend`` for that user, on any replica, sees the click.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict, deque
 from typing import Any
@@ -181,10 +182,8 @@ class LiveState:
             event.set()
 
     async def _wait(self, name: str, timeout_s: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._event(name).wait(), max(timeout_s, 0.0))
-        except TimeoutError:
-            pass
 
     def _publish(self, kind: str, data: dict[str, Any]) -> int:
         self.seq += 1

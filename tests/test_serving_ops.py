@@ -286,7 +286,9 @@ def test_low_latency_setup_answers_on_the_replicas_own_port(finetuned_run, ml_di
            "--direct-ingress", "--no-access-log", "--feedback-dir", str(tmp_path / "fb")]  # fmt: skip
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         url = None
         deadline = time.time() + 240
