@@ -204,3 +204,32 @@ def test_seen_mask_matches_brute_force():
         seen[tokens[b, : t + 1][tokens[b, : t + 1] >= 2] - 2] = True
         want.append(seen)
     assert torch.equal(got, torch.stack(want))
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_inference_user_state_equals_the_bert_encoders(attention):
+    """The inference path (no dropout, no gradient; last layer at the last position only) computes the
+    BertModel's own last hidden state at each sequence's last token, for any mix of history lengths."""
+    from rec_rllib.models.seqrec import TextSeqRec
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=32, num_layers=3, num_heads=4, max_len=12, dropout=0.2, attention=attention,
+                      text_model=None, use_id_embedding=True)  # fmt: skip
+    model = TextSeqRec(cfg, n_items=40).eval()
+    histories = [
+        list(np.random.default_rng(i).integers(0, 40, n)) for i, n in enumerate([0, 1, 3, 12, 30, 7])
+    ]
+    tokens, lengths = pad_histories(histories, cfg.max_len, "cpu")
+    with torch.no_grad():
+        items = model.item_matrix()
+        reference = model.encode(tokens, lengths, items)[torch.arange(len(lengths)), lengths - 1]
+        fast = model.user_state(tokens, lengths, items)
+    assert torch.allclose(fast, reference, atol=1e-5), (fast - reference).abs().max()
+    model.train()  # dropout on: the BertModel path (MC dropout draws differ from the reference)
+    with torch.no_grad():
+        assert not torch.allclose(model.user_state(tokens, lengths, items), reference, atol=1e-3)
+    for m in model.modules():  # training mode with every rate at 0 (how RL env runners act): fast path
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    with torch.no_grad():
+        assert torch.allclose(model.user_state(tokens, lengths, items), reference, atol=1e-5)

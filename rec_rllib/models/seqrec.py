@@ -170,9 +170,59 @@ class TextSeqRec(nn.Module):
     def user_state(
         self, tokens: torch.Tensor, lengths: torch.Tensor, items: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """[B, H]: the hidden state at each sequence's last token."""
+        """[B, H]: the hidden state at each sequence's last token.
+
+        Inference (no gradient, no active dropout: serving, env runners, evaluation) takes
+        :meth:`_last_state`, the
+        same computation without the Hugging Face wrapper's per-call overhead and with the last layer
+        evaluated at the last position only; training takes the BertModel path."""
+        if not torch.is_grad_enabled() and not self._dropout_active():
+            return self._last_state(tokens, lengths, items)
         hidden = self.encode(tokens, lengths, items)  # [B, T, H]
         return hidden[torch.arange(len(lengths), device=tokens.device), lengths - 1]
+
+    def _dropout_active(self) -> bool:
+        """Whether the encoder would drop anything (training mode and a dropout rate above 0; the RL module
+        zeroes the rates to act deterministically while the module stays in training mode)."""
+        return self.training and any(m.p > 0 for m in self.encoder.modules() if isinstance(m, nn.Dropout))
+
+    def _last_state(
+        self, tokens: torch.Tensor, lengths: torch.Tensor, items: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B, H]: BertModel's last hidden state at each sequence's last token (eval mode: no dropout),
+        computed with the encoder's own weights: embeddings + LayerNorm, then per layer self-attention
+        (padding mask, causal when configured), output projection + residual + LayerNorm, feed-forward +
+        residual + LayerNorm. Only the last position's query runs through the last layer."""
+        items = self.item_matrix() if items is None else items
+        enc = self.encoder
+        emb = enc.embeddings
+        b, t = tokens.shape
+        steps = torch.arange(t, device=tokens.device)
+        pos = (steps[None, :] + (self.cfg.max_len + 1 - lengths[:, None])).clamp(min=0)
+        pos = torch.where(steps[None, :] < lengths[:, None], pos, torch.zeros_like(pos))
+        h = nn.functional.embedding(tokens, self.token_embeddings(items))
+        h = emb.LayerNorm(h + emb.token_type_embeddings.weight[0] + emb.position_embeddings(pos))
+        allowed = (tokens != PAD)[:, None, None, :]  # [B, 1, 1, T]: keys a query may attend to
+        if self.cfg.attention == "causal":
+            allowed = allowed & torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()[None, None]
+        rows = torch.arange(b, device=tokens.device)
+        last = lengths - 1
+        layers = enc.encoder.layer
+        for i, layer in enumerate(layers):
+            att = layer.attention.self
+            heads, size = att.num_attention_heads, att.attention_head_size
+            final = i == len(layers) - 1
+            x = h[rows, last][:, None] if final else h  # [B, Tq, H]
+            mask = allowed.expand(b, 1, t, t)[rows, :, last][:, :, None] if final else allowed
+            q = att.query(x).view(b, -1, heads, size).transpose(1, 2)
+            k = att.key(h).view(b, t, heads, size).transpose(1, 2)
+            v = att.value(h).view(b, t, heads, size).transpose(1, 2)
+            a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=att.scaling)
+            a = a.transpose(1, 2).reshape(b, x.shape[1], heads * size)
+            a = layer.attention.output.LayerNorm(layer.attention.output.dense(a) + x)
+            ff = layer.output.dense(layer.intermediate.intermediate_act_fn(layer.intermediate.dense(a)))
+            h = layer.output.LayerNorm(ff + a)
+        return h[:, 0]
 
     def scores_from_state(self, state: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
         """[B, H] -> [B, n_items] (through the policy head when the model has one)."""

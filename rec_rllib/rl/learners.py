@@ -12,13 +12,16 @@ from typing import Any
 import torch
 from ray.rllib.algorithms.appo.torch.appo_torch_learner import APPOTorchLearner
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
+from ray.rllib.core import ALL_MODULES
 from ray.rllib.core.columns import Columns
+from ray.rllib.core.learner.training_data import TrainingData
 from ray.rllib.utils.annotations import override
 
 from rec_rllib.rl.module import REF_LOGITS
 
 REF_KL_COEFF = "ref_kl_coeff"
 REF_KL_METRIC = "reference_kl"
+LOST_UPDATES_METRIC = "updates_skipped_all_episodes_lost"
 
 
 class _ReferenceKLMixin:
@@ -49,6 +52,21 @@ class RecAPPOLearner(_ReferenceKLMixin, APPOTorchLearner):
     @override(APPOTorchLearner)
     def compute_loss_for_module(self, **kwargs):
         return super().compute_loss_for_module(**kwargs)
+
+    @override(APPOTorchLearner)
+    def update(self, training_data: TrainingData, **kwargs) -> dict[str, Any]:
+        """Skips a package whose every episode was lost with its env runner.
+
+        The algorithm packs episode refs from the runners' ``sample()`` calls into learner packages;
+        :meth:`TrainingData.solve_refs` drops the refs whose owner died (a runner crashed, its node went
+        away). When that leaves nothing, RLlib 2.60's learner connector fails on the empty episode list
+        (``IndexError`` in ``AddOneTsToEpisodesAndTruncate``) and ``algo.train()`` raises, although
+        the runners are being restarted. Such a package carries no data: count it and go on."""
+        training_data.solve_refs()
+        if training_data.episodes is not None and len(training_data.episodes) == 0:
+            self.metrics.log_value((ALL_MODULES, LOST_UPDATES_METRIC), 1, reduce="sum")
+            return {}
+        return super().update(training_data, **kwargs)
 
 
 class RecPPOLearner(_ReferenceKLMixin, PPOTorchLearner):
