@@ -1,8 +1,9 @@
 """Reference point for RL's accuracy-coverage target: the fine-tuned model re-ranked with a fixed popularity
 penalty, score(u, i) - alpha * log(1 + train count of i), evaluated by the shared evaluation (leave-one-out
-test users, full ranking, seen items excluded).
+test users by default, ``--split valid`` for the validation users; full ranking, seen items excluded).
 
     python bench/popularity_rerank.py --finetuned runs/bench-finetune/main --alphas 0 0.3 0.45 0.6 1.0
+    python bench/popularity_rerank.py --finetuned runs/bench-finetune/main --split valid
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--finetuned", default="runs/bench-finetune/main", help="fine-tuned run directory")
     p.add_argument("--alphas", nargs="+", type=float, default=[0.0, 0.3, 0.45, 0.6, 1.0])
+    p.add_argument("--split", choices=["test", "valid"], default="test", help="leave-one-out users evaluated")
     args = p.parse_args()
     ds = load_or_prepare("ml-100k")
     rec = load_recommender(args.finetuned, ds)
@@ -41,7 +43,7 @@ def main() -> None:
             rec.model.bias.copy_(
                 bias - alpha * penalty
             )  # the bias counts only for known items, as penalty should
-        m = evaluate_ranking(rec, ds).metrics
+        m = evaluate_ranking(rec, ds, split=args.split).metrics
         base = base or m
         print(
             f"| {alpha:g} | {m['HR@10']:.4f} | {m['NDCG@10']:.4f} | {m['coverage@10']:.4f} | {m['novelty@10']:.3f} | "
