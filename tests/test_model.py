@@ -206,14 +206,14 @@ def test_seen_mask_matches_brute_force():
     assert torch.equal(got, torch.stack(want))
 
 
-@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
-def test_inference_user_state_equals_the_bert_encoders(attention):
+@pytest.mark.parametrize("attention,layers", [("causal", 3), ("bidirectional", 3), ("causal", 0)])
+def test_inference_user_state_equals_the_bert_encoders(attention, layers):
     """The inference path (no dropout, no gradient; last layer at the last position only) computes the
     BertModel's own last hidden state at each sequence's last token, for any mix of history lengths."""
     from rec_rllib.models.seqrec import TextSeqRec
 
     torch.manual_seed(0)
-    cfg = ModelConfig(hidden_size=32, num_layers=3, num_heads=4, max_len=12, dropout=0.2, attention=attention,
+    cfg = ModelConfig(hidden_size=32, num_layers=layers, num_heads=4, max_len=12, dropout=0.2, attention=attention,
                       text_model=None, use_id_embedding=True)  # fmt: skip
     model = TextSeqRec(cfg, n_items=40).eval()
     histories = [

@@ -208,6 +208,8 @@ class TextSeqRec(nn.Module):
         rows = torch.arange(b, device=tokens.device)
         last = lengths - 1
         layers = enc.encoder.layer
+        if len(layers) == 0:
+            return h[rows, last]
         for i, layer in enumerate(layers):
             att = layer.attention.self
             heads, size = att.num_attention_heads, att.attention_head_size
