@@ -141,11 +141,13 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def _direct_url(log: Path, proc: subprocess.Popen, seconds: float = 120) -> str:
     """The replica's own HTTP address, as ``jobs.serve`` prints it ("direct ingress: <url>")."""
+    from jobs.serve import urls_in_output
+
     deadline = time.time() + seconds
     while time.time() < deadline:
-        for line in log.read_text().splitlines():
-            if line.startswith("direct ingress: "):
-                return line.split(": ", 1)[1].strip()
+        urls = urls_in_output(log.read_text())
+        if urls:
+            return urls[0]
         if proc.poll() is not None:
             break
         time.sleep(0.5)

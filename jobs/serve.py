@@ -127,6 +127,19 @@ def start(app_args: dict[str, Any], port: int) -> str:
         time.sleep(0.5)
 
 
+DIRECT_INGRESS_LINE = "direct ingress: "
+"""Prefix of the lines on which :func:`main` prints each replica's own URL (read by :func:`urls_in_output`)."""
+
+
+def urls_in_output(output: str) -> list[str]:
+    """The replica URLs that ``python -m jobs.serve --direct-ingress`` printed in ``output``."""
+    return [
+        line[len(DIRECT_INGRESS_LINE) :].strip()
+        for line in output.splitlines()
+        if line.startswith(DIRECT_INGRESS_LINE)
+    ]
+
+
 def direct_ingress_urls(app: str = APP_NAME, seconds: float = 60) -> list[str]:
     """With direct ingress on, the URLs where the app's ingress replicas answer HTTP themselves (each
     replica binds its own port, 30000-31000 by default); [] when direct ingress is off.
@@ -238,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             url = start(app_args, args.port)
             announce(url, dataset)
             for replica_url in direct_ingress_urls():
-                print(f"direct ingress: {replica_url}")
+                print(f"{DIRECT_INGRESS_LINE}{replica_url}")
             if not args.smoke:
                 print("serving until Ctrl-C" if args.seconds is None else f"serving for {args.seconds:g}s")
                 sys.stdout.flush()

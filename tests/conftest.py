@@ -137,23 +137,32 @@ class RayNodes:
         import contextlib
         import shutil
         import signal
-        import subprocess
         import time
 
         for proc in reversed(self.procs):  # workers first, the head last
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc, signal.SIGTERM)
         time.sleep(2)
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # stragglers of each group, if any
         self.procs = []
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def stop_group(proc, sig: int, timeout: float = 60) -> None:
+    """Send ``sig`` to the process group a test started (``start_new_session=True``), wait for its leader,
+    and kill the group if it has not exited within ``timeout`` seconds."""
+    import contextlib
+    import signal
+    import subprocess
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def free_port() -> int:

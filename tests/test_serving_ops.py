@@ -276,8 +276,9 @@ def test_low_latency_setup_answers_on_the_replicas_own_port(finetuned_run, ml_di
     import subprocess
     import sys
 
+    from jobs.serve import urls_in_output
     from serving.feedback import read_feedback
-    from tests.conftest import REPO, free_port
+    from tests.conftest import REPO, free_port, stop_group
 
     port = free_port()
     env = dict(os.environ, RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="1")
@@ -293,8 +294,7 @@ def test_low_latency_setup_answers_on_the_replicas_own_port(finetuned_run, ml_di
         url = None
         deadline = time.time() + 240
         while url is None and time.time() < deadline and proc.poll() is None:
-            lines = [ln for ln in log.read_text().splitlines() if ln.startswith("direct ingress: ")]
-            url = lines[0].split(": ", 1)[1] if lines else None
+            url = next(iter(urls_in_output(log.read_text())), None)
             time.sleep(1)
         assert url, log.read_text()[-3000:]
         assert not url.endswith(f":{port}")  # the replica's port, not the proxy's
@@ -307,12 +307,7 @@ def test_low_latency_setup_answers_on_the_replicas_own_port(finetuned_run, ml_di
             assert clicked not in [it["item_id"] for it in again["items"]]
             assert c.get("/healthz").json()["live_state"]["mirror_trusted"]
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, signal.SIGINT, timeout=120)  # Ctrl-C
     assert proc.returncode == 0, log.read_text()[-3000:]
     rows = read_feedback(tmp_path / "fb").to_pylist()
     assert [(r["request_id"], r["item_id"]) for r in rows] == [(first["request_id"], clicked)]

@@ -160,12 +160,15 @@ class TextSeqRec(nn.Module):
         """[B, T] right-padded tokens, [B] lengths (with [BOS]) -> [B, T, H] hidden states."""
         items = self.item_matrix() if items is None else items
         x = nn.functional.embedding(tokens, self.token_embeddings(items))  # [B, T, H]
-        t = torch.arange(tokens.shape[1], device=tokens.device)
-        # recency positions: the most recent token gets position max_len, padding position 0
-        pos = (t[None, :] + (self.cfg.max_len + 1 - lengths[:, None])).clamp(min=0)
-        pos = torch.where(t[None, :] < lengths[:, None], pos, torch.zeros_like(pos))
         mask = (tokens != PAD).long()
+        pos = self._recency_positions(tokens, lengths)
         return self.encoder(inputs_embeds=x, attention_mask=mask, position_ids=pos).last_hidden_state
+
+    def _recency_positions(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """[B, T] position ids: the most recent token gets position max_len, padding position 0."""
+        t = torch.arange(tokens.shape[1], device=tokens.device)
+        pos = (t[None, :] + (self.cfg.max_len + 1 - lengths[:, None])).clamp(min=0)
+        return torch.where(t[None, :] < lengths[:, None], pos, torch.zeros_like(pos))
 
     def user_state(
         self, tokens: torch.Tensor, lengths: torch.Tensor, items: torch.Tensor | None = None
@@ -197,9 +200,7 @@ class TextSeqRec(nn.Module):
         enc = self.encoder
         emb = enc.embeddings
         b, t = tokens.shape
-        steps = torch.arange(t, device=tokens.device)
-        pos = (steps[None, :] + (self.cfg.max_len + 1 - lengths[:, None])).clamp(min=0)
-        pos = torch.where(steps[None, :] < lengths[:, None], pos, torch.zeros_like(pos))
+        pos = self._recency_positions(tokens, lengths)
         h = nn.functional.embedding(tokens, self.token_embeddings(items))
         h = emb.LayerNorm(h + emb.token_type_embeddings.weight[0] + emb.position_embeddings(pos))
         allowed = (tokens != PAD)[:, None, None, :]  # [B, 1, 1, T]: keys a query may attend to
