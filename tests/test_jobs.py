@@ -64,7 +64,7 @@ def test_evaluate_off_policy_on_obd(job_env, tmp_path):
     }
     setting = ope["settings"]["all/random->bts/prior"]
     assert setting["truth"] == pytest.approx(0.0042)
-    assert set(setting["errors"]) == {"dm", "ips", "snips", "dr", "sndr", "switch-dr"}
+    assert set(setting["errors"]) == {"dm", "ips", "snips", "dr", "sndr", "switch-dr", "slope"}
     assert len(setting["estimates"]["ips"]) == 5
     report = (tmp_path / "ope" / "report.md").read_text()
     assert "Off-policy estimators" in report and "obp published" in report
