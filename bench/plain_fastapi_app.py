@@ -1,18 +1,23 @@
 """The baseline a user might write instead of Ray Serve: one FastAPI process under uvicorn, no Ray.
 
 It does the same work per ``/recommend`` as the Serve app (user history lookup, scoring with the same
-:class:`~serving.scorer.PolicyScorer` code, exploration with propensities, impression kept for feedback),
+:class:`~serving.scorer.PolicyScorer` code, exploration with propensities, impression kept for feedback and
+written to an impression log like the Serve app's),
 in one process, one request per forward pass (``@serve.batch`` needs a Serve replica). Used by ``bench/serve_latency.py`` (``BENCH_MODEL``, ``BENCH_DATASET``).
 """
 
 import os
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 
+from rec_rllib.data.feedback import IMPRESSION_SCHEMA, IMPRESSIONS
 from serving.catalog import ServingCatalog
+from serving.feedback import FeedbackLog
 from serving.schemas import RecommendRequest
 from serving.scorer import PolicyScorer
 
@@ -24,6 +29,9 @@ class LocalRecommender:
         self.scorer = PolicyScorer(model, dataset)
         self.catalog = ServingCatalog.from_dataset(dataset)
         self.impressions: dict[str, dict[str, Any]] = {}
+        log_dir = Path(os.environ.get("BENCH_FEEDBACK_DIR") or tempfile.mkdtemp(prefix="plain-fastapi-"))
+        self.impression_log = FeedbackLog(log_dir / IMPRESSIONS, max_rows=1024, schema=IMPRESSION_SCHEMA,
+                                          journal=False)  # fmt: skip
 
     async def recommend(self, body: dict[str, Any]) -> dict[str, Any]:
         req = RecommendRequest(**body)
@@ -39,6 +47,14 @@ class LocalRecommender:
             "propensities": result["propensities"],
             "t": time.time(),
         }
+        self.impression_log.append({
+            "request_id": request_id, "timestamp_ms": int(time.time() * 1000), "user_id": req.user,
+            "history": [self.catalog.item_ids[i] for i in history[-200:]], "shown": shown,
+            "shown_propensities": result["propensities"], "model_version": result["model_version"],
+            "strategy": result["strategy"],
+        })  # fmt: skip
+        if self.impression_log.due():
+            self.impression_log.flush()
         return {
             "request_id": request_id,
             "model_version": result["model_version"],

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from rec_rllib.data.feedback import IMPRESSION_SCHEMA, IMPRESSIONS
 from serving.catalog import ServingCatalog
 from serving.feedback import FeedbackLog
 from serving.schemas import (
@@ -161,6 +162,9 @@ class RecIngress:
         self._impressions: list[tuple[str, dict[str, Any]]] = []  # not yet sent to the shared store
         self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # this replica's latest answers
         self.feedback = FeedbackLog(feedback_dir, max_rows=flush_rows, max_seconds=flush_seconds)
+        # every answer, rewarded or not (no journal: it is on the latency path), for off-policy estimation
+        self.impression_log = FeedbackLog(Path(feedback_dir) / IMPRESSIONS, max_rows=max(flush_rows, 1024),
+                                          max_seconds=flush_seconds, schema=IMPRESSION_SCHEMA, journal=False)  # fmt: skip
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._stop = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, daemon=True)
@@ -175,15 +179,17 @@ class RecIngress:
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(0.5):
-            if self.feedback.due():
-                try:
-                    self.feedback.flush()
-                except Exception:  # keep serving; the rows stay buffered for the next try
-                    log.exception("feedback flush failed")
+            for writer in (self.feedback, self.impression_log):
+                if writer.due():
+                    try:
+                        writer.flush()
+                    except Exception:  # keep serving; the rows stay buffered for the next try
+                        log.exception("%s flush failed", writer.dir)
 
     def __del__(self) -> None:
         self._stop.set()
         self.feedback.close()
+        self.impression_log.close()
 
     # -- shared state -------------------------------------------------------------------------------------
     def _start_polling(self) -> None:
@@ -223,6 +229,16 @@ class RecIngress:
         this turn (a scored batch finishes together). Not later: a replica killed with impressions still
         buffered would leave their feedback nothing to match (feedback can reach any replica)."""
         self._recent[request_id] = impression
+        self.impression_log.append({
+            "request_id": request_id,
+            "timestamp_ms": int(impression["time"] * 1000),
+            "user_id": impression["user_id"],
+            "history": impression["history"],
+            "shown": impression["shown"],
+            "shown_propensities": impression["propensities"],
+            "model_version": impression["model_version"],
+            "strategy": impression["strategy"],
+        })  # fmt: skip
         while len(self._recent) > RECENT_IMPRESSIONS:
             self._recent.popitem(last=False)
         self._impressions.append((request_id, impression))

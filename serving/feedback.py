@@ -21,6 +21,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from rec_rllib.data.feedback import JOURNAL_PREFIX, SCHEMA, read_feedback, recover_journals, write_part
 
 __all__ = ["SCHEMA", "FeedbackLog", "read_feedback"]
@@ -29,9 +31,15 @@ __all__ = ["SCHEMA", "FeedbackLog", "read_feedback"]
 class FeedbackLog:
     """Buffered, atomic Parquet writer (thread-safe) with a journal: :meth:`append` returns only after the
     event is in this writer's journal file, so an acknowledged event survives even a killed process (the
-    next writer or reader in the directory recovers the journal into a part file)."""
+    next writer or reader in the directory recovers the journal into a part file).
 
-    def __init__(self, directory: str | Path, *, max_rows: int = 256, max_seconds: float = 5.0):
+    ``journal=False`` (the impression log: one row per answer, on the latency path) only buffers: rows of a
+    killed process are lost, which the off-policy reader reports (feedback whose impression is missing)."""
+
+    def __init__(self, directory: str | Path, *, max_rows: int = 256, max_seconds: float = 5.0,
+                 schema: pa.Schema = SCHEMA, journal: bool = True):  # fmt: skip
+        self.schema = schema
+        self.journaled = journal
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_rows = max_rows
@@ -44,21 +52,25 @@ class FeedbackLog:
         self._generation = 0
         self._stale: list[Path] = []  # journals whose rows went back to the buffer after a failed flush
         self._journal_path, self._journal = self._open_journal()
-        recover_journals(self.dir)
+        if journal:
+            recover_journals(self.dir)
 
     def _open_journal(self):
+        if not self.journaled:
+            return None, None
         self._generation += 1
         path = self.dir / f"{JOURNAL_PREFIX}{self._id}-{self._generation:06d}.jsonl"
         return path, open(path, "a", buffering=1)
 
     def append(self, row: dict[str, Any]) -> None:
-        missing = set(SCHEMA.names) - set(row)
+        missing = set(self.schema.names) - set(row)
         if missing:
-            raise ValueError(f"feedback row lacks {sorted(missing)}")
-        line = json.dumps(row) + "\n"
+            raise ValueError(f"{self.dir}: row lacks {sorted(missing)}")
+        line = json.dumps(row) + "\n" if self.journaled else ""
         with self._lock:
-            self._journal.write(line)
-            self._journal.flush()
+            if self.journaled:
+                self._journal.write(line)
+                self._journal.flush()
             if not self._rows:
                 self._oldest = time.monotonic()
             self._rows.append(row)
@@ -79,16 +91,18 @@ class FeedbackLog:
             seq = self._seq
             done_path, done_file = self._journal_path, self._journal
             self._journal_path, self._journal = self._open_journal()
-        done_file.close()
+        if done_file is not None:
+            done_file.close()
         try:
-            final = write_part(self.dir, rows, f"{os.getpid()}-{seq:06d}")
+            final = write_part(self.dir, rows, f"{os.getpid()}-{seq:06d}", self.schema)
         except BaseException:
             with self._lock:  # keep the events for the next flush; their journal stays until then
                 self._rows[:0] = rows
                 self._stale.append(done_path)
             raise
         for path in [done_path, *self._stale]:
-            path.unlink(missing_ok=True)
+            if path is not None:
+                path.unlink(missing_ok=True)
         self._stale = []
         return final
 
@@ -96,6 +110,8 @@ class FeedbackLog:
         """Flush, and remove this writer's (now empty) journal."""
         self.flush()
         with self._lock:
+            if self._journal is None:
+                return
             self._journal.close()
             if not self._rows:
                 self._journal_path.unlink(missing_ok=True)

@@ -38,7 +38,8 @@ def app(request, finetuned_run, ml_dir, tmp_path_factory):
             free_port(),
         )
         with httpx.Client(base_url=url, timeout=60) as client:
-            yield {"client": client, "feedback_dir": feedback_dir, "dataset": ml_dir, "stop": stop}
+            yield {"client": client, "feedback_dir": feedback_dir, "dataset": ml_dir, "stop": stop,
+                   "finetuned_run": finetuned_run}  # fmt: skip
     finally:
         try:
             stop()
@@ -176,10 +177,29 @@ def test_zz_feedback_flushed_on_stop_and_read_by_prepare(app, tmp_path):
         item = rec["items"][i % 5]
         c.post("/feedback", json={"request_id": rec["request_id"], "item_id": item["item_id"], "reward": 1.0})
         sent.append((rec["request_id"], item["item_id"], item["propensity"]))
+    # Boltzmann answers for 40 users' histories, the first item clicked in every other one: the impression
+    # log must let the offline policy reproduce each logged propensity (so off-policy estimates are sound)
+    from rec_rllib.data.dataset import LogDataset
+
+    dataset = LogDataset.load(app["dataset"])
+    inter = dataset.interactions
+    ids = dataset.items["item_id"].astype(str).to_numpy()
+    explored = {}
+    for user in sorted(inter["user_idx"].unique())[:40]:
+        hist = ids[inter.loc[inter["user_idx"] == user, "item_idx"].to_numpy()[:30]].tolist()
+        rec = c.post(
+            "/recommend", json={"history": hist, "k": 3, "exploration": "boltzmann", "temperature": 0.5}
+        )
+        body = rec.json()
+        explored[body["request_id"]] = body["items"][0]["propensity"]
+        if len(explored) % 2:
+            first = body["items"][0]["item_id"]
+            c.post("/feedback", json={"request_id": body["request_id"], "item_id": first, "reward": 1.0})
     app["stop"]()  # a clean stop flushes every replica's buffer
     assert not list(
         Path(app["feedback_dir"]).glob(".journal-*")
     )  # closed cleanly: journals folded into parts
+    _off_policy_on_the_serve_log(app, dataset, explored, tmp_path)
     table = read_feedback(app["feedback_dir"]).to_pylist()
     logged = {(r["request_id"], r["item_id"]): r for r in table}
     for request_id, item_id, propensity in sent:
@@ -198,6 +218,48 @@ def test_zz_feedback_flushed_on_stop_and_read_by_prepare(app, tmp_path):
     assert manifest["counts"]["interactions"] == 100_000 + len(table)
     assert manifest["source"]["feedback_rows"] == len(table)
     time.sleep(0)
+
+
+def _off_policy_on_the_serve_log(app, dataset, explored: dict[str, float], tmp_path) -> None:
+    """Every answer is in the impression log; for the Boltzmann answers above, the served model evaluated
+    offline at the same temperature gives each logged first pick exactly its logged propensity (weights 1),
+    so IPS of that policy equals the logged mean reward; jobs.evaluate reports the greedy policy's value."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from rec_rllib.eval import ope
+    from rec_rllib.eval.servelog import first_slot_log
+    from rec_rllib.models import load_recommender
+
+    served = first_slot_log(app["feedback_dir"], dataset)
+    rows = [i for i, rid in enumerate(served.request_ids) if rid in explored]
+    assert len(rows) == len(explored) == 40
+    fb = served.feedback.subset(np.asarray(rows))
+    assert fb.pscore.tolist() == pytest.approx([explored[served.request_ids[i]] for i in rows])
+    assert fb.reward.sum() == 20
+    rec = load_recommender(app["finetuned_run"], dataset)
+    pi = ope.recommender_action_dist(rec, [served.histories[i] for i in rows], k=1, strategy="boltzmann",
+                                     temperature=0.5)  # fmt: skip
+    weights = pi[np.arange(fb.n), fb.action, 0] / fb.pscore
+    assert np.allclose(weights, 1.0, atol=2e-3), weights
+    assert ope.point_estimate("ips", fb, pi) == pytest.approx(fb.on_policy_value(), rel=2e-3)
+
+    out = tmp_path / "ope-serve"
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.evaluate", "--dataset", app["dataset"], "--models", app["finetuned_run"],
+         "popularity", "--ope-serve-log", str(app["feedback_dir"]), "--out", str(out), "--split", "valid",
+         "--ks", "10"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "ope_serve_log.json").read_text())
+    assert res["rounds"] == served.feedback.n and res["strategy"] == "greedy"
+    for target in res["results"].values():
+        for est in target.get("estimates", {}).values():
+            assert np.isfinite(est["value"]) and est["low"] <= est["value"] <= est["high"]
+    assert "Off-policy estimates on the Serve log" in (out / "report.md").read_text()
 
 
 def test_live_state_mirrors_are_current_before_a_writer_returns():

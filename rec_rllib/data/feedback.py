@@ -5,6 +5,9 @@ The log is a directory of Parquet part files ``part-*.parquet``; a part is writt
 temporary name and renamed into place, so the glob below never sees a half-written file. One row per
 feedback event: the context (user, the history the policy saw), the shown slate with each item's
 propensity, the model version and exploration strategy that produced it, and the reward.
+
+Its subdirectory ``impressions/`` holds every answer, rewarded or not (:data:`IMPRESSION_SCHEMA`, same
+part-file layout): the denominator that off-policy estimation needs (``rec_rllib.eval.servelog``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,42 @@ SCHEMA = pa.schema([
     ("model_version", pa.string()),
     ("strategy", pa.string()),
 ])  # fmt: skip
+
+
+IMPRESSIONS = "impressions"
+"""The impression log's subdirectory of a feedback directory."""
+
+IMPRESSION_SCHEMA = pa.schema([
+    ("request_id", pa.string()),
+    ("timestamp_ms", pa.int64()),
+    ("user_id", pa.string()),
+    ("history", pa.list_(pa.string())),
+    ("shown", pa.list_(pa.string())),
+    ("shown_propensities", pa.list_(pa.float64())),
+    ("model_version", pa.string()),
+    ("strategy", pa.string()),
+])  # fmt: skip
+"""One row per answer of /recommend or /query: ``shown_propensities[j]`` is the probability of the item at
+position j given the items above it, so ``shown_propensities[0]`` is the exact probability of the first
+pick."""
+
+
+def read_impressions(directory: str | Path) -> pa.Table:
+    """Every impression part under ``directory/impressions`` as one table in :data:`IMPRESSION_SCHEMA`."""
+    parts = sorted((Path(directory) / IMPRESSIONS).glob("part-*.parquet"))
+    if not parts:
+        raise FileNotFoundError(
+            f"{Path(directory) / IMPRESSIONS}: no impression part files; they are written by a server of this "
+            "version, when buffers flush and when it stops cleanly"
+        )
+    tables = []
+    for part in parts:
+        table = pq.read_table(part)
+        check = Checker(str(part), header_lines=None)
+        check.require_columns(table.schema.empty_table().to_pandas(), {c: c for c in IMPRESSION_SCHEMA.names})
+        check.raise_if_any()
+        tables.append(table.select(IMPRESSION_SCHEMA.names).cast(IMPRESSION_SCHEMA))
+    return pa.concat_tables(tables)
 
 
 def feedback_parts(directory: str | Path) -> list[Path]:
@@ -66,7 +105,7 @@ JOURNAL_PREFIX = ".journal-"
 died is turned into a part by :func:`recover_journals`, so a killed replica loses no acknowledged event."""
 
 
-def write_part(directory: str | Path, rows: list[dict], tag: str) -> Path:
+def write_part(directory: str | Path, rows: list[dict], tag: str, schema: pa.Schema = SCHEMA) -> Path:
     """Rows as a new part file ``part-<utc time>-<tag>.parquet``, written under a hidden temporary name
     and renamed into place."""
     import os
@@ -76,7 +115,7 @@ def write_part(directory: str | Path, rows: list[dict], tag: str) -> Path:
     final = directory / f"part-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{tag}.parquet"
     tmp = directory / f".{final.name}.tmp"
     try:
-        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -162,7 +162,7 @@ def recommender_action_dist(recommender, histories, *, k: int, strategy: str = "
     """[n, A, k]: the probability that ``recommender`` (any :class:`~rec_rllib.recommender.Recommender`)
     shows each item at each of the top ``k`` positions for each logged context (history), under an
     exploration mode: ``greedy`` (one-hot: the top k), ``boltzmann`` (slates drawn without replacement
-    from softmax(score / temperature); Monte Carlo marginals) or ``epsilon`` (each position the best
+    from softmax(score / temperature); Monte Carlo marginals, exact for k = 1) or ``epsilon`` (each position the best
     remaining item with probability 1 - epsilon, else a uniformly random remaining one; Monte Carlo).
     Items in the history are never shown when ``exclude_seen``."""
     if strategy not in ("greedy", "boltzmann", "epsilon"):
@@ -184,6 +184,15 @@ def recommender_action_dist(recommender, histories, *, k: int, strategy: str = "
         if strategy == "greedy":
             top = np.argsort(-s, kind="stable")[:k]
             out[i, top, np.arange(k)] = 1.0
+            continue
+        if k == 1:  # the first position in closed form, as serving draws it
+            if strategy == "boltzmann":
+                z = s[allowed] / max(temperature, 1e-8)
+                e = np.exp(z - z.max())
+                out[i, allowed, 0] = e / e.sum()
+            else:
+                out[i, allowed, 0] = epsilon / allowed.sum()
+                out[i, int(np.argmax(s)), 0] += 1.0 - epsilon
             continue
         if strategy == "boltzmann":
             z = np.where(allowed, s / max(temperature, 1e-8), -np.inf)
