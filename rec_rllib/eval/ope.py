@@ -487,10 +487,10 @@ def _slope_terms(fb: BanditFeedback, pi: np.ndarray, dr_terms: np.ndarray, *, de
             break
     ones, zeros = np.ones(fb.n), np.zeros(fb.n)
     if chosen == 0:
-        return dr_terms, ones, zeros, {"slope_step": 0.0}
+        return dr_terms, ones, zeros, {"slope_step": 0.0, "sd": float(cnfs[0] / t_q)}
     model = PositionCTRModel(prior_strength=strengths[chosen - 1]).fit(fb)
     dm_rows = model.gamma[fb.position] * (pi_rows @ model.theta)
-    return dm_rows, ones, zeros, {"slope_step": float(chosen)}
+    return dm_rows, ones, zeros, {"slope_step": float(chosen), "sd": float(cnfs[chosen] / t_q)}
 
 
 def point_estimate(name: str, fb: BanditFeedback, pi: np.ndarray, q: np.ndarray | None = None, *,
@@ -503,10 +503,17 @@ def estimate(name: str, fb: BanditFeedback, pi: np.ndarray, q: np.ndarray | None
              clip: float | None = None, tau: float | None = None, n_boot: int = 500, level: float = 0.9,
              seed: int = 0) -> Estimate:  # fmt: skip
     """Point estimate and a percentile-bootstrap interval (rounds resampled with replacement; the reward
-    model's predictions are held fixed, as is switch-DR's chosen tau)."""
+    model's predictions are held fixed, as is switch-DR's chosen tau). SLOPE's interval is normal around
+    its choice's standard error instead (a refitting Poisson bootstrap for a DM), since holding a pooled
+    DM's fit fixed would leave out the very noise it is chosen by."""
     pi = check_action_dist(pi, fb)
     num, den, add, detail = _terms(name, fb, pi, q, clip=clip, tau=tau)
     value = _value(num, den, add)
+    if name == "slope":
+        from scipy.stats import norm
+
+        half = float(norm.ppf((1 + level) / 2)) * detail["sd"]
+        return Estimate(name, value, value - half, value + half, level, fb.n, detail)
     rng = np.random.default_rng(seed)
     boots = np.empty(n_boot)
     for start in range(0, n_boot, 64):  # vectorised in chunks of 64 resamples
