@@ -41,6 +41,7 @@ from rec_rllib.eval import DEFAULT_KS, evaluate_ranking
 from rec_rllib.eval.ranking import RankingResult
 from rec_rllib.eval.report import markdown_table, write_report
 from rec_rllib.models import BASELINES, load_recommender
+from rec_rllib.recommender import Recommender
 
 log = logging.getLogger("jobs.evaluate")
 
@@ -90,19 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate_models(
     dataset: LogDataset,
-    models: list[str],
+    recommenders: list[Recommender],
     *,
     scheme: str,
     split: str,
     ks: list[int],
     exclude_seen: bool,
-    seed: int,
     progress: bool = True,
 ) -> dict[str, RankingResult]:
     results: dict[str, RankingResult] = {}
-    for name in models:
+    for rec in recommenders:
         t0 = time.perf_counter()
-        rec = load_recommender(name, dataset, scheme=scheme, seed=seed)
         res = evaluate_ranking(
             rec, dataset, scheme=scheme, split=split, ks=ks, exclude_seen=exclude_seen, progress=progress
         )
@@ -132,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if any(k <= 0 for k in args.ks):
         fail(f"--ks must be positive, got {args.ks}")
+    if args.ope_serve_log and not args.models:
+        fail("--ope-serve-log needs target policies in --models")
     try:
         dataset = load_or_prepare(args.dataset, root=args.data_root)
     except (FileNotFoundError, ValueError) as e:
@@ -141,15 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     sections: list[str] = []
     results: dict[str, dict[str, float]] = {}
-    if args.models:
+    # loaded once: the ranking evaluation and --ope-serve-log evaluate the same policies
+    recommenders = [load_recommender(m, dataset, scheme=args.scheme, seed=args.seed) for m in args.models]
+    if recommenders:
         ranked = evaluate_models(
             dataset,
-            args.models,
+            recommenders,
             scheme=args.scheme,
             split=args.split,
             ks=args.ks,
             exclude_seen=not args.keep_seen,
-            seed=args.seed,
         )
         results = {name: r.metrics for name, r in ranked.items()}
         sections += ranking_analysis(
@@ -158,9 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ope_obd:
         sections += ope_section(out, args)
     if args.ope_serve_log:
-        if not args.models:
-            fail("--ope-serve-log needs target policies in --models")
-        sections += serve_log_section(out, args, dataset)
+        sections += serve_log_section(out, args, dataset, recommenders)
     path = write_report(
         out,
         results,
@@ -319,7 +319,8 @@ def ope_section(out: Path, args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def serve_log_section(out: Path, args: argparse.Namespace, dataset: LogDataset) -> list[str]:
+def serve_log_section(out: Path, args: argparse.Namespace, dataset: LogDataset,
+                      recommenders: list[Recommender]) -> list[str]:  # fmt: skip
     """Each --models policy's first-slot value estimated from a Serve feedback directory; ope_serve_log.json."""
     from rec_rllib.eval.servelog import SERVE_LOG_ESTIMATORS, evaluate_serve_log, first_slot_log
 
@@ -327,11 +328,7 @@ def serve_log_section(out: Path, args: argparse.Namespace, dataset: LogDataset) 
         served = first_slot_log(args.ope_serve_log, dataset)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    targets = {}
-    for name in args.models:
-        rec = load_recommender(name, dataset, scheme=args.scheme, seed=args.seed)
-        targets[rec.name] = rec
-    res = evaluate_serve_log(served, targets, strategy=args.ope_serve_strategy,
+    res = evaluate_serve_log(served, {rec.name: rec for rec in recommenders}, strategy=args.ope_serve_strategy,
                              temperature=args.ope_serve_temperature, epsilon=args.ope_serve_epsilon)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "ope_serve_log.json", {"feedback_dir": str(args.ope_serve_log), "rounds": served.feedback.n,

@@ -108,6 +108,22 @@ def _scoring_fields(req: RecommendRequest | QueryRequest, history: list[int], ve
     }
 
 
+def _answer_row(request_id: str, impression: dict[str, Any], timestamp_ms: int) -> dict[str, Any]:
+    """What the impression log (and every feedback row on that answer) records of an answer. Defined above
+    the deployment class, like every module-level helper it calls: Serve serialises the class when it is
+    decorated, and a name defined below it is missing in the replica."""
+    return {
+        "request_id": request_id,
+        "timestamp_ms": timestamp_ms,
+        "user_id": impression["user_id"],
+        "history": impression["history"],
+        "shown": impression["shown"],
+        "shown_propensities": impression["propensities"],
+        "model_version": impression["model_version"],
+        "strategy": impression["strategy"],
+    }
+
+
 class _InReplica:
     """A :class:`PolicyScorer` living in this replica, called like a deployment handle
     (``scorer.method.remote(...)`` returns an awaitable), so the ingress code is the same either way."""
@@ -229,16 +245,7 @@ class RecIngress:
         this turn (a scored batch finishes together). Not later: a replica killed with impressions still
         buffered would leave their feedback nothing to match (feedback can reach any replica)."""
         self._recent[request_id] = impression
-        self.impression_log.append({
-            "request_id": request_id,
-            "timestamp_ms": int(impression["time"] * 1000),
-            "user_id": impression["user_id"],
-            "history": impression["history"],
-            "shown": impression["shown"],
-            "shown_propensities": impression["propensities"],
-            "model_version": impression["model_version"],
-            "strategy": impression["strategy"],
-        })  # fmt: skip
+        self.impression_log.append(_answer_row(request_id, impression, int(impression["time"] * 1000)))
         while len(self._recent) > RECENT_IMPRESSIONS:
             self._recent.popitem(last=False)
         self._impressions.append((request_id, impression))
@@ -395,12 +402,7 @@ class RecIngress:
         imp = out["impression"]
         position = imp["shown"].index(req.item_id)
         self.feedback.append({
-            "request_id": req.request_id,
-            "timestamp_ms": int(time.time() * 1000),
-            "user_id": imp["user_id"],
-            "history": imp["history"],
-            "shown": imp["shown"],
-            "shown_propensities": imp["propensities"],
+            **_answer_row(req.request_id, imp, int(time.time() * 1000)),
             "item_id": req.item_id,
             "item_text": self.catalog.texts[self.catalog.item_index[req.item_id]]
             if req.item_id in self.catalog.item_index
@@ -408,8 +410,6 @@ class RecIngress:
             "position": position,
             "propensity": imp["propensities"][position],
             "reward": req.reward,
-            "model_version": imp["model_version"],
-            "strategy": imp["strategy"],
         })  # fmt: skip
         return {
             "logged": True,

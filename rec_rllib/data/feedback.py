@@ -39,16 +39,9 @@ SCHEMA = pa.schema([
 IMPRESSIONS = "impressions"
 """The impression log's subdirectory of a feedback directory."""
 
-IMPRESSION_SCHEMA = pa.schema([
-    ("request_id", pa.string()),
-    ("timestamp_ms", pa.int64()),
-    ("user_id", pa.string()),
-    ("history", pa.list_(pa.string())),
-    ("shown", pa.list_(pa.string())),
-    ("shown_propensities", pa.list_(pa.float64())),
-    ("model_version", pa.string()),
-    ("strategy", pa.string()),
-])  # fmt: skip
+IMPRESSION_SCHEMA = pa.schema([SCHEMA.field(name) for name in (
+    "request_id", "timestamp_ms", "user_id", "history", "shown", "shown_propensities", "model_version", "strategy",
+)])  # fmt: skip
 """One row per answer of /recommend or /query: ``shown_propensities[j]`` is the probability of the item at
 position j given the items above it, so ``shown_propensities[0]`` is the exact probability of the first
 pick."""
@@ -62,14 +55,7 @@ def read_impressions(directory: str | Path) -> pa.Table:
             f"{Path(directory) / IMPRESSIONS}: no impression part files; they are written by a server of this "
             "version, when buffers flush and when it stops cleanly"
         )
-    tables = []
-    for part in parts:
-        table = pq.read_table(part)
-        check = Checker(str(part), header_lines=None)
-        check.require_columns(table.schema.empty_table().to_pandas(), {c: c for c in IMPRESSION_SCHEMA.names})
-        check.raise_if_any()
-        tables.append(table.select(IMPRESSION_SCHEMA.names).cast(IMPRESSION_SCHEMA))
-    return pa.concat_tables(tables)
+    return _read_parts(parts, IMPRESSION_SCHEMA)
 
 
 def feedback_parts(directory: str | Path) -> list[Path]:
@@ -88,13 +74,19 @@ def read_feedback(directory: str | Path) -> pa.Table:
     recovered into parts first). A part that lacks a column raises
     :class:`~rec_rllib.data.validate.DataValidationError` naming the file and the column."""
     recover_journals(directory)
+    return _read_parts(feedback_parts(directory), SCHEMA)
+
+
+def _read_parts(parts: list[Path], schema: pa.Schema) -> pa.Table:
+    """Part files as one table in ``schema``; a part that lacks a column raises
+    :class:`~rec_rllib.data.validate.DataValidationError` naming the file and the column."""
     tables = []
-    for part in feedback_parts(directory):
+    for part in parts:
         table = pq.read_table(part)
         check = Checker(str(part), header_lines=None)
-        check.require_columns(table.schema.empty_table().to_pandas(), {c: c for c in SCHEMA.names})
+        check.require_columns(table.schema.empty_table().to_pandas(), {c: c for c in schema.names})
         check.raise_if_any()
-        tables.append(table.select(SCHEMA.names).cast(SCHEMA))
+        tables.append(table.select(schema.names).cast(schema))
     return pa.concat_tables(tables)
 
 

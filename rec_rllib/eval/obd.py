@@ -37,6 +37,7 @@ import yaml
 from rec_rllib.columns import Col
 from rec_rllib.data.dataset import LogDataset
 from rec_rllib.eval.ope import (
+    MODEL_FREE,
     REWARD_MODELS,
     BanditFeedback,
     check_action_dist,
@@ -89,7 +90,8 @@ def obd_feedback(dataset: LogDataset, policy: str, *, context: bool = True) -> B
 
 
 def bts_prior(prior_yaml: str | Path, campaign: str, dataset: LogDataset) -> tuple[np.ndarray, np.ndarray]:
-    """(alpha, beta) per item of ``dataset`` (by item id) from the production prior file."""
+    """(alpha, beta) per item id of the production prior file (index = item id, the file's order), checked
+    to cover every item of ``dataset``."""
     doc = yaml.safe_load(Path(prior_yaml).read_text())
     if campaign not in doc or not {"alpha", "beta"} <= set(doc[campaign]):
         raise ValueError(f"{prior_yaml}: no alpha/beta for campaign {campaign!r} (has {sorted(doc)})")
@@ -99,7 +101,7 @@ def bts_prior(prior_yaml: str | Path, campaign: str, dataset: LogDataset) -> tup
     if len(alpha) != len(beta) or ids.max() >= len(alpha):
         raise ValueError(f"{prior_yaml}: campaign {campaign!r} has {len(alpha)} alphas and {len(beta)} betas; "
                          f"the dataset has item ids up to {ids.max()}")  # fmt: skip
-    return alpha[ids], beta[ids]
+    return alpha, beta
 
 
 def bts_action_dist(definition: str, *, dataset: LogDataset, campaign: str, bts_log: BanditFeedback,
@@ -112,11 +114,9 @@ def bts_action_dist(definition: str, *, dataset: LogDataset, campaign: str, bts_
             from rec_rllib.data import fetch
 
             prior_yaml = fetch.obd_prior_path()
-        doc = yaml.safe_load(Path(prior_yaml).read_text())
-        bts_prior(prior_yaml, campaign, dataset)  # validates the file against the dataset
+        alpha, beta = bts_prior(prior_yaml, campaign, dataset)
         ids = dataset.items[Col.ITEM_ID].astype(int).to_numpy()
-        per_id = _prior_marginals(tuple(doc[campaign]["alpha"]), tuple(doc[campaign]["beta"]),
-                                  bts_log.n_positions, n_sim, seed)  # fmt: skip
+        per_id = _prior_marginals(tuple(alpha), tuple(beta), bts_log.n_positions, n_sim, seed)
         return per_id[ids] / per_id[ids].sum(axis=0, keepdims=True)
     raise ValueError(f"unknown BTS definition {definition!r}; expected one of {DEFINITIONS}")
 
@@ -189,7 +189,7 @@ def validate(dataset: LogDataset, *, campaign: str, direction: str = "random->bt
     pi = check_action_dist(dists[target_name], log)
     truth = logs[target_name].on_policy_value()
     out = {name: np.empty(n_boot) for name in estimators}
-    needs_model = any(name not in ("ips", "snips") for name in estimators)
+    needs_model = any(name not in MODEL_FREE for name in estimators)
     for i, b in enumerate(range(first_resample, first_resample + n_boot)):
         sample = log.subset(np.random.RandomState(b).choice(np.arange(log.n), size=log.n, replace=True))
         q = (

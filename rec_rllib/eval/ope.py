@@ -20,8 +20,8 @@ Estimators (``w_i = pi(a_i | x_i, k_i) / p_i``, optionally clipped at ``clip``; 
   log by minimising an MSE estimate: (switch-dr(tau) - dr)^2 + var(terms)/n.
 * ``slope``    SLOPE (Su et al., 2020) over the family {DR, DM with :class:`PositionCTRModel` at prior
   strengths m = 0 ... inf (:data:`SLOPE_STRENGTHS`)}: bias grows and width shrinks along the family; walking
-  it from the widest interval, the first estimate whose interval (half-width: the one-sided 95% Student-t
-  bound, DM's from a Poisson bootstrap of its fit) no longer overlaps all earlier ones (Lepski's rule,
+  it in that order, the first estimate whose interval (half-width: the one-sided 95% Student-t bound, DM's
+  from a Poisson bootstrap of its fit) no longer overlaps all earlier ones (Lepski's rule,
   |theta_i - theta_j| <= cnf_i + (sqrt(6) - 1) cnf_j) stops the walk and the one before it is used. The
   shrinkage is thus chosen for the *policy value*, not for the per-item likelihood: with few clicks per item
   it pools the items unless the data show that the target's items differ.
@@ -45,6 +45,8 @@ import numpy as np
 
 ESTIMATORS = ("ips", "snips", "dm", "dr", "sndr", "switch-dr", "slope", "replay")
 """Every estimator :func:`estimate` knows, in report order."""
+MODEL_FREE = ("ips", "snips", "replay")
+"""The estimators that need no reward model."""
 
 
 @dataclass(frozen=True)
@@ -463,18 +465,18 @@ def _slope_terms(fb: BanditFeedback, pi: np.ndarray, dr_terms: np.ndarray, *, de
     pi_rows = _pi_rows(pi, fb)
     by_pos = [np.where((fb.position == k)[:, None], pi_rows, 0.0) for k in range(fb.n_positions)]
 
-    def dm_values(weights: np.ndarray) -> np.ndarray:  # [B, n] -> [B, len(strengths)]
-        out = np.empty((len(weights), len(strengths)))
-        # [B, K, A]: sum_i w_i pi(. | i) over the rounds at each position
-        mass = np.stack([weights @ m for m in by_pos], axis=1)
-        for b, wt in enumerate(weights):
-            model = PositionCTRModel(prior_strength=0.0).fit(fb, weights=wt)
-            v = (model.gamma[:, None] * mass[b]).sum(axis=0) / wt.sum()
-            out[b] = [v @ model.theta_at(m) for m in strengths]
-        return out
+    def dm_values(model: PositionCTRModel, wt: np.ndarray, mass: np.ndarray) -> list[float]:
+        """DM at every strength from a fit under weights ``wt``; ``mass`` [K, A] = sum_i w_i pi(. | i) over
+        the rounds at each position."""
+        v = (model.gamma[:, None] * mass).sum(axis=0) / wt.sum()
+        return [v @ model.theta_at(m) for m in strengths]
 
-    values = dm_values(np.ones((1, fb.n)))[0]
-    boot = dm_values(np.random.default_rng(seed).poisson(1.0, (n_boot, fb.n)).astype(np.float64))
+    full = PositionCTRModel(prior_strength=0.0).fit(fb)
+    values = np.array(dm_values(full, np.ones(fb.n), np.stack([m.sum(axis=0) for m in by_pos])))
+    weights = np.random.default_rng(seed).poisson(1.0, (n_boot, fb.n)).astype(np.float64)
+    masses = np.stack([weights @ m for m in by_pos], axis=1)  # [B, K, A]
+    boot = np.array([dm_values(PositionCTRModel(prior_strength=0.0).fit(fb, weights=wt), wt, mass)
+                     for wt, mass in zip(weights, masses, strict=True)])  # fmt: skip
     thetas = np.concatenate([[dr_terms.mean()], values])
     cnfs = t_q * np.concatenate([[dr_terms.std(ddof=1) / np.sqrt(fb.n)], boot.std(axis=0, ddof=1)])
     # the family's own order (DR, then m increasing: bias up, variance down by construction), not the
@@ -488,8 +490,7 @@ def _slope_terms(fb: BanditFeedback, pi: np.ndarray, dr_terms: np.ndarray, *, de
     ones, zeros = np.ones(fb.n), np.zeros(fb.n)
     if chosen == 0:
         return dr_terms, ones, zeros, {"slope_step": 0.0, "sd": float(cnfs[0] / t_q)}
-    model = PositionCTRModel(prior_strength=strengths[chosen - 1]).fit(fb)
-    dm_rows = model.gamma[fb.position] * (pi_rows @ model.theta)
+    dm_rows = full.gamma[fb.position] * (pi_rows @ full.theta_at(strengths[chosen - 1]))
     return dm_rows, ones, zeros, {"slope_step": float(chosen), "sd": float(cnfs[chosen] / t_q)}
 
 
@@ -536,7 +537,7 @@ def estimate_all(fb: BanditFeedback, pi: np.ndarray, q: np.ndarray | None = None
         try:
             out[name] = estimate(name, fb, pi, q, **kwargs)
         except ValueError:
-            if name in ("replay",) or (q is None and name not in ("ips", "snips")):
+            if name == "replay" or (q is None and name not in MODEL_FREE):
                 continue
             raise
     return out
