@@ -14,7 +14,11 @@ Quality: for each exploration strategy (Boltzmann, epsilon-greedy, Thompson/MC d
 bonus λ (``--novelty-bonus``: the env's reward scale for long-tail hits), APPO trains the policy from the
 fine-tuned weights (KL penalty toward them), and the greedy policy is evaluated by the shared evaluation
 (leave-one-out test users, full ranking, seen items excluded) beside the fine-tuned model: HR/NDCG@10,
-coverage@10, novelty@10. Prints a table and writes an accuracy-coverage plot.
+coverage@10, novelty@10, the paired NDCG difference against the fine-tuned model — on the test users and on
+the validation users — and every policy again with the exposure slot (``rec_rllib.exposure``: the last of
+the 10 positions goes to an item not shown yet when the user ranks one within the next 40). Prints a table
+per split and writes an accuracy-coverage plot per split. ``--reuse`` evaluates the checkpoints a previous
+run left in ``--out`` instead of training again.
 Everything runs on an embedded local Ray with ``--num-cpus`` CPUs.
 """
 
@@ -38,9 +42,12 @@ import ray  # noqa: E402
 from rec_rllib.data.catalog import dataset_path, load_or_prepare  # noqa: E402
 from rec_rllib.env import EnvConfig  # noqa: E402
 from rec_rllib.eval import evaluate_ranking  # noqa: E402
+from rec_rllib.eval.ranking import paired_comparison  # noqa: E402
 from rec_rllib.explore import ExplorationConfig  # noqa: E402
+from rec_rllib.exposure import ExposureAwareRecommender, ExposureConfig  # noqa: E402
 from rec_rllib.models import load_recommender  # noqa: E402
 from rec_rllib.rl.module import model_config_from_run  # noqa: E402
+from rec_rllib.rl.policy import is_rl_checkpoint  # noqa: E402
 from rec_rllib.rl.train import RLTrainConfig, build_algo_config, train  # noqa: E402
 
 TIMERS = ("sample", "rlmodule_inference_timer", "env_step_timer", "env_reset_timer", "time_between_sampling")
@@ -113,6 +120,14 @@ def main() -> None:
     p.add_argument("--train-encoder-too", action="store_true", help="also measure end-to-end throughput")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--splits", nargs="+", default=["test", "valid"], choices=["test", "valid"],
+                   help="quality: leave-one-out users evaluated (valid chose the fine-tuned model's epochs)")  # fmt: skip
+    p.add_argument(
+        "--exposure-slots", type=int, default=1, help="quality: also with the exposure slot (0: off)"
+    )
+    p.add_argument("--exposure-pool", type=int, default=ExposureConfig.pool)
+    p.add_argument("--reuse", action="store_true",
+                   help="quality: evaluate a run's existing checkpoint in --out instead of training it again")  # fmt: skip
     p.add_argument("--out", default="runs/bench-rl")
     args = p.parse_args()
     out = Path(args.out)
@@ -152,40 +167,41 @@ def main() -> None:
             report["throughput"] = [{k: v for k, v in r.items() if k != "profile"} for r in rows]
 
         if not args.skip_quality:
-            ft = evaluate_ranking(load_recommender(args.finetuned, ds), ds).metrics
-            table = {"fine-tuned": ft}
+            policies = {"fine-tuned": load_recommender(args.finetuned, ds)}
+            minutes: dict[str, float] = {}
             # DQN explores epsilon-greedily only; PPO refuses epsilon-greedy (no gradient through it)
             allowed = {"dqn": {"epsilon"}, "ppo": {"boltzmann", "thompson"}}
             runs = [(a, st) for a in args.algorithms for st in args.strategies if st in allowed.get(a, {st})]
             for algorithm, strategy in runs:
                 for bonus in args.novelty_bonus:
-                    expl = ExplorationConfig(strategy=strategy, epsilon=0.2, epsilon_final=0.05)
-                    cfg = replace(
-                        base,
-                        algorithm=algorithm,
-                        iterations=args.iterations,
-                        exploration=expl,
-                        checkpoint_every=10_000,
-                        env=replace(env, novelty_bonus=bonus),
-                    )
                     name = f"{algorithm.upper()} + {strategy}, λ={bonus:g}"
-                    t0 = time.perf_counter()
-                    summary = train(cfg, out / f"{algorithm}-{strategy}-b{bonus:g}", progress=lambda *_: None)
-                    minutes = (time.perf_counter() - t0) / 60
-                    rec = load_recommender(summary["checkpoint"], ds)
-                    table[name] = {**evaluate_ranking(rec, ds).metrics, "train_minutes": minutes}
-                    print(f"{name}: {minutes:.1f} min", flush=True)
-            keys = ("HR@10", "NDCG@10", "coverage@10", "novelty@10")
-            print("\n## Quality (leave-one-out test users, full ranking, greedy policy)\n")
-            print("| policy | " + " | ".join(keys) + " | NDCG vs FT | coverage vs FT |")
-            print("|---|" + "---:|" * (len(keys) + 2))
-            for name, m in table.items():
-                cells = " | ".join(f"{m[k]:.4f}" for k in keys)
-                d_ndcg = m["NDCG@10"] / ft["NDCG@10"] - 1
-                d_cov = m["coverage@10"] / ft["coverage@10"] - 1
-                print(f"| {name} | {cells} | {d_ndcg:+.1%} | {d_cov:+.1%} |")
-            _plot(table, out / "accuracy_coverage.png")
-            report["quality"] = table
+                    run_dir = out / f"{algorithm}-{strategy}-b{bonus:g}"
+                    if args.reuse and is_rl_checkpoint(run_dir / "checkpoint"):
+                        print(f"{name}: reusing {run_dir / 'checkpoint'}", flush=True)
+                    else:
+                        expl = ExplorationConfig(strategy=strategy, epsilon=0.2, epsilon_final=0.05)
+                        cfg = replace(
+                            base,
+                            algorithm=algorithm,
+                            iterations=args.iterations,
+                            exploration=expl,
+                            checkpoint_every=10_000,
+                            env=replace(env, novelty_bonus=bonus),
+                        )
+                        t0 = time.perf_counter()
+                        train(cfg, run_dir, progress=lambda *_: None)
+                        minutes[name] = (time.perf_counter() - t0) / 60
+                        print(f"{name}: {minutes[name]:.1f} min", flush=True)
+                    policies[name] = load_recommender(str(run_dir / "checkpoint"), ds)
+            exposure = ExposureConfig(slots=args.exposure_slots, pool=args.exposure_pool)
+            report["quality"] = {}
+            for split in args.splits:
+                table = quality(policies, ds, split, exposure)
+                for name, m in table.items():
+                    m["train_minutes"] = minutes.get(name.removesuffix(EXPOSED))
+                _print_quality(table, split)
+                _plot(table, out / f"accuracy_coverage_{split}.png", split)
+                report["quality"][split] = table
     finally:
         ray.shutdown()
     report["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -194,8 +210,45 @@ def main() -> None:
     print(f"wrote {out / 'bench.json'}")
 
 
-def _plot(table: dict, path: Path) -> None:
-    """NDCG@10 against coverage@10: one colour per exploration strategy, one marker per novelty reward λ."""
+EXPOSED = " + exposure slot"
+
+
+def quality(policies: dict, ds, split: str, exposure: ExposureConfig) -> dict[str, dict]:
+    """Every policy greedy, then each again with the exposure slot (a fresh tracker, users in case order);
+    metrics plus the paired NDCG@10 difference against the fine-tuned model (t-test p) on ``split``."""
+    results = {}
+    for name, rec in policies.items():
+        results[name] = evaluate_ranking(rec, ds, split=split)
+        if exposure.enabled:
+            results[name + EXPOSED] = evaluate_ranking(
+                ExposureAwareRecommender(rec, exposure), ds, split=split
+            )
+    ft = results["fine-tuned"]
+    table = {}
+    for name, r in results.items():
+        paired = (
+            paired_comparison(ft, r, "NDCG@10") if name != "fine-tuned" else {"diff": 0.0, "p_value": 1.0}
+        )
+        table[name] = {**r.metrics, "ndcg_diff_vs_ft": paired["diff"], "ndcg_p_vs_ft": paired["p_value"]}
+    return table
+
+
+def _print_quality(table: dict, split: str) -> None:
+    ft = table["fine-tuned"]
+    keys = ("HR@10", "NDCG@10", "coverage@10", "novelty@10")
+    print(f"\n## Quality ({split} users, leave-one-out, full ranking, greedy policy)\n")
+    print("| policy | " + " | ".join(keys) + " | NDCG vs FT (paired p) | coverage vs FT |")
+    print("|---|" + "---:|" * (len(keys) + 2))
+    for name, m in table.items():
+        cells = " | ".join(f"{m[k]:.4f}" for k in keys)
+        d_ndcg = m["NDCG@10"] / ft["NDCG@10"] - 1
+        d_cov = m["coverage@10"] / ft["coverage@10"] - 1
+        print(f"| {name} | {cells} | {d_ndcg:+.1%} ({m['ndcg_p_vs_ft']:.2f}) | {d_cov:+.1%} |")
+
+
+def _plot(table: dict, path: Path, split: str) -> None:
+    """NDCG@10 against coverage@10: one colour per exploration strategy, one marker per novelty reward λ;
+    a policy with the exposure slot is its hollow twin, joined to it by an arrow."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,20 +259,28 @@ def _plot(table: dict, path: Path) -> None:
     markers = ["o", "s", "^", "D", "v"]
     lambdas: list[str] = []
     for name, m in table.items():
-        if name == "fine-tuned":
-            ax.scatter(m["coverage@10"], m["NDCG@10"], s=140, marker="*", color="black", label="fine-tuned")
-            continue
-        strategy, _, lam = name.partition(", ")
-        colour = colours.setdefault(strategy, f"C{len(colours)}")
-        if lam not in lambdas:
-            lambdas.append(lam)
-        marker = markers[lambdas.index(lam) % len(markers)]
-        ax.scatter(m["coverage@10"], m["NDCG@10"], s=55, marker=marker, color=colour, label=name)
-    ax.set_xlabel("catalogue coverage@10 (test users)")
-    ax.set_ylabel("NDCG@10 (leave-one-out test)")
+        base = name.removesuffix(EXPOSED)
+        hollow = base != name
+        if base == "fine-tuned":
+            colour, marker, size = "black", "*", 140
+        else:
+            strategy, _, lam = base.partition(", ")
+            colour = colours.setdefault(strategy, f"C{len(colours)}")
+            if lam not in lambdas:
+                lambdas.append(lam)
+            marker, size = markers[lambdas.index(lam) % len(markers)], 55
+        style = {"facecolors": "none", "edgecolors": colour} if hollow else {"color": colour}
+        ax.scatter(m["coverage@10"], m["NDCG@10"], s=size, marker=marker, label=name, **style)
+        if hollow and base in table:
+            b = table[base]
+            ax.annotate("", (m["coverage@10"], m["NDCG@10"]), (b["coverage@10"], b["NDCG@10"]),
+                        arrowprops={"arrowstyle": "->", "color": colour, "alpha": 0.5})  # fmt: skip
+    ax.set_xlabel(f"catalogue coverage@10 ({split} users)")
+    ax.set_ylabel(f"NDCG@10 (leave-one-out {split})")
     ax.grid(alpha=0.3)
     ax.set_title(
-        "accuracy vs coverage: exploration strategy (colour), novelty reward λ (marker)", fontsize=10
+        "accuracy vs coverage: strategy (colour), novelty reward λ (marker), exposure slot (hollow)",
+        fontsize=9,
     )
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()

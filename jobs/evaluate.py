@@ -23,6 +23,12 @@ campaign, both directions (random -> BTS, BTS -> random) and both definitions of
 
     python -m jobs.evaluate --models popularity --ope-obd --out runs/eval
     python -m jobs.evaluate --models --ope-obd --ope-repeats 5 --out runs/ope      # OPE only, 5 x 30 resamples
+
+Catalogue coverage by the exposure slot (:mod:`rec_rllib.exposure`): ``--exposure-slots 1`` evaluates every
+policy a second time as ``<name>+exposure``, the last position of each 10-item slate given to an item not
+shown lately when the user ranks one within the next 40 (``--exposure-pool``)::
+
+    python -m jobs.evaluate --models runs/ft runs/rl/checkpoint --exposure-slots 1 --out runs/eval
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from rec_rllib.data.dataset import LogDataset
 from rec_rllib.eval import DEFAULT_KS, evaluate_ranking
 from rec_rllib.eval.ranking import RankingResult
 from rec_rllib.eval.report import markdown_table, write_report
+from rec_rllib.exposure import ExposureAwareRecommender, ExposureConfig
 from rec_rllib.models import BASELINES, load_recommender
 from rec_rllib.recommender import Recommender
 
@@ -85,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the target policies' exploration for --ope-serve-log")  # fmt: skip
     p.add_argument("--ope-serve-temperature", type=float, default=1.0)
     p.add_argument("--ope-serve-epsilon", type=float, default=0.1)
+    p.add_argument("--exposure-slots", type=int, default=0, metavar="S",
+                   help="also evaluate every --models policy with the exposure slot (rec_rllib.exposure): the "
+                   "last S positions of each slate may go to items not shown lately (0: off)")  # fmt: skip
+    p.add_argument("--exposure-pool", type=int, default=ExposureConfig.pool,
+                   help="exposure slot candidates: the user's next N items after the slate")  # fmt: skip
+    p.add_argument("--exposure-window", type=int, default=ExposureConfig.window,
+                   help="slate positions the exposure tracker remembers")  # fmt: skip
+    p.add_argument("--exposure-slate", type=int, default=10, help="slate size the exposure slot applies to")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -134,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.ope_serve_log and not args.models:
         fail("--ope-serve-log needs target policies in --models")
     try:
+        exposure = ExposureConfig(
+            slots=args.exposure_slots, pool=args.exposure_pool, window=args.exposure_window
+        )
+    except ValueError as e:
+        fail(f"--exposure-*: {e}")
+    if args.exposure_slate < 1:
+        fail(f"--exposure-slate must be >= 1, got {args.exposure_slate}")
+    try:
         dataset = load_or_prepare(args.dataset, root=args.data_root)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
@@ -145,9 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     # loaded once: the ranking evaluation and --ope-serve-log evaluate the same policies
     recommenders = [load_recommender(m, dataset, scheme=args.scheme, seed=args.seed) for m in args.models]
     if recommenders:
+        # each policy with the exposure slot answers the users in case order on its own, fresh tracker
+        widened = [
+            ExposureAwareRecommender(r, exposure, slate_size=args.exposure_slate)
+            for r in (recommenders if exposure.enabled else [])
+        ]
         ranked = evaluate_models(
             dataset,
-            recommenders,
+            recommenders + widened,
             scheme=args.scheme,
             split=args.split,
             ks=args.ks,

@@ -16,8 +16,9 @@ Stages (``--stages`` picks a subset, in this order):
    ``--num-cpus`` CPUs and ``--gpus`` GPUs) into ``<out>/finetune``.
 3. ``train``: APPO trains it further as an RLlib policy on env runners replaying user logs, into
    ``<out>/rl`` (checkpoint in ``<out>/rl/checkpoint``).
-4. ``evaluate``: baselines, the fine-tuned model and the RL policy on the leave-one-out test and
-   validation users and the global temporal split, one Ray task per (model, split).
+4. ``evaluate``: baselines, the fine-tuned model and the RL policy (these two also with the exposure slot,
+   :mod:`rec_rllib.exposure`) on the leave-one-out test and validation users and the global temporal
+   split, one Ray task per (model, split).
 5. ``serve``: the RL policy (else the fine-tuned model) behind Ray Serve on http://127.0.0.1:``--port``;
    a sample request is answered and printed with the ``curl`` line to repeat it; the endpoint stays up
    until Ctrl-C (or ``--serve-seconds``), then stops cleanly (feedback flushed to ``<out>/feedback``).
@@ -72,17 +73,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-len", type=int, default=None, help="history length the model reads")
     g.add_argument("--rl-iterations", type=int, default=20, help="APPO iterations")
     g.add_argument("--gpus", type=float, default=0.0, help="GPUs for fine-tuning and the RL learner")
+    g.add_argument("--exposure-slots", type=int, default=1,
+                   help="evaluate the fine-tuned model and the RL policy also with the exposure slot "
+                   "(rec_rllib.exposure; 0: not)")  # fmt: skip
     g.add_argument("--port", type=int, default=8000, help="HTTP port of the Serve endpoint (127.0.0.1)")
     g.add_argument("--serve-seconds", type=float, default=None, help="serve this long (default: Ctrl-C)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
-def _evaluate_task(dataset, model: str, scheme: str, split: str) -> dict[str, float]:
+EXPOSED = "+exposure"
+
+
+def _evaluate_task(dataset, model: str, scheme: str, split: str, exposure_slots: int) -> dict[str, float]:
+    """``<model>+exposure``: the model with the exposure slot (a fresh tracker, users in case order)."""
     from rec_rllib.eval import evaluate_ranking
+    from rec_rllib.exposure import ExposureAwareRecommender, ExposureConfig
     from rec_rllib.models import load_recommender
 
-    rec = load_recommender(model, dataset, scheme=scheme)
+    rec = load_recommender(model.removesuffix(EXPOSED), dataset, scheme=scheme)
+    if model.endswith(EXPOSED):
+        rec = ExposureAwareRecommender(rec, ExposureConfig(slots=exposure_slots))
     return evaluate_ranking(rec, dataset, scheme=scheme, split=split).metrics
 
 
@@ -144,6 +155,8 @@ def _serve(args: argparse.Namespace, out: Path, ft_dir: Path, rl_dir: Path) -> N
 
 
 def _label(model: str) -> str:
+    if model.endswith(EXPOSED):
+        return _label(model.removesuffix(EXPOSED)) + " + exposure slot"
     p = Path(model)
     if p.name == "checkpoint":
         return f"rl-policy ({p.parent.name})"
@@ -153,6 +166,8 @@ def _label(model: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    if args.exposure_slots < 0:
+        fail(f"--exposure-slots must be >= 0, got {args.exposure_slots}")
     import ray
 
     t0 = time.perf_counter()
@@ -207,10 +222,12 @@ def main(argv: list[str] | None = None) -> int:
                 models.append(str(ft_dir))
             if (rl_dir / "checkpoint").is_dir():
                 models.append(str(rl_dir / "checkpoint"))
+            if args.exposure_slots > 0:
+                models += [m + EXPOSED for m in models if m not in args.models]
             log.info("evaluate: %d models on %d settings (Ray tasks)", len(models), len(EVAL_SETTINGS))
             evaluate = ray.remote(num_cpus=1)(_evaluate_task)
             jobs = {
-                (model, scheme, split): evaluate.remote(ml_ref, model, scheme, split)
+                (model, scheme, split): evaluate.remote(ml_ref, model, scheme, split, args.exposure_slots)
                 for scheme, split in EVAL_SETTINGS
                 for model in models
             }

@@ -323,6 +323,7 @@ class RecIngress:
             },
         )
         items = []
+        widened = result.get("exposure") or [False] * len(shown)
         for j, (idx, iid) in enumerate(zip(result["items"], shown, strict=True)):
             because = None
             if result.get("because") is not None:
@@ -339,6 +340,7 @@ class RecIngress:
                 "text": self.catalog.texts[idx],
                 "score": result["scores"][j],
                 "propensity": result["propensities"][j],
+                "exposure": widened[j],
                 "because": because,
             })  # fmt: skip
         return RecommendResponse(
@@ -477,6 +479,11 @@ class AppArgs(BaseModel):
     batch_wait_timeout_s: float = Field(0.002, ge=0.0)
     flush_rows: int = Field(256, ge=1)
     flush_seconds: float = Field(5.0, gt=0.0)
+    exposure_slots: int = Field(
+        0, ge=0, description="greedy slates: last positions that may go to items not shown lately (0: off)"
+    )
+    exposure_pool: int = Field(40, ge=1, description="exposure slot candidates: the user's next N items")
+    exposure_window: int = Field(10_000, ge=1, description="slate positions each replica's tracker remembers")
     access_log: bool = Field(
         True, description="Serve's per-request access log line (~2% of a replica's CPU when on)"
     )
@@ -498,6 +505,9 @@ def build_app(args: dict[str, Any] | AppArgs):
             "model_path": model,
             "max_batch_size": a.max_batch_size,
             "batch_wait_timeout_s": a.batch_wait_timeout_s,
+            "exposure_slots": a.exposure_slots,
+            "exposure_pool": a.exposure_pool,
+            "exposure_window": a.exposure_window,
         },
     }
     if a.autoscaling:

@@ -75,6 +75,9 @@ class ShownItem(BaseModel):
     text: str
     score: float
     propensity: float = Field(description="probability that the policy showed this item at this position")
+    exposure: bool = Field(
+        False, description="given the exposure slot: an item not shown lately that this user ranks just below"
+    )
     because: list[Because] | None = None
 
 

@@ -9,6 +9,12 @@ Per request it returns the top-``k`` slate under the requested exploration (gree
 Boltzmann; the shared :mod:`rec_rllib.explore` module) with the propensity of each shown item, and
 optionally, per item, the history items that contributed most (cosine similarity of the model's item
 vectors: "because you watched X").
+
+With ``exposure_slots`` > 0 in ``user_config`` a greedy slate's last position(s) may go to an item this
+replica has not shown within its last ``exposure_window`` slate positions, when the user ranks one within the
+next ``exposure_pool`` items (:mod:`rec_rllib.exposure`: catalogue coverage at almost no accuracy cost). Such
+an item is flagged ``exposure`` in the answer; its propensity is 1 (a deterministic choice given what the
+replica has shown). Every replica keeps its own tracker; explored slates count as shown too.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +31,7 @@ import torch
 from ray import serve
 
 from rec_rllib.explore import ExplorationConfig, behaviour_log_probs, epsilon_slate, sample_slate
+from rec_rllib.exposure import ExposureConfig, ExposureTracker
 from rec_rllib.models.seqrec import TextSeqRec, pad_histories
 from serving.catalog import ServingCatalog
 
@@ -35,6 +43,7 @@ class ScorerInputError(ValueError):
 
 
 DEFAULT_BATCH = {"max_batch_size": 16, "batch_wait_timeout_s": 0.002}
+EXPOSURE_KEYS = {"exposure_slots": "slots", "exposure_pool": "pool", "exposure_window": "window"}
 
 
 def load_serving_model(path: str, device: str) -> tuple[TextSeqRec, str]:
@@ -77,6 +86,7 @@ class PolicyScorer:
         self._state = None
         self.catalog_version = 0
         self.batch = dict(DEFAULT_BATCH)
+        self.exposure = ExposureTracker(self.catalog.n_items, ExposureConfig(slots=0))
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # used in-process (benchmarks, tests): no Serve replica around it
@@ -107,6 +117,11 @@ class PolicyScorer:
         self.batch.update(batch)
         self._score_batch.set_max_batch_size(int(self.batch["max_batch_size"]))
         self._score_batch.set_batch_wait_timeout_s(float(self.batch["batch_wait_timeout_s"]))
+        exposure = {field: config[key] for key, field in EXPOSURE_KEYS.items() if key in config}
+        if exposure:
+            cfg = ExposureConfig(**{**asdict(self.exposure.cfg), **exposure})
+            if cfg != self.exposure.cfg:  # a new tracker: what was shown under other settings is forgotten
+                self.exposure = ExposureTracker(self.model.n_items, cfg)
         path = config.get("model_path")
         if path and path != self.model_path:
             self._load(path)
@@ -170,6 +185,12 @@ class PolicyScorer:
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "items": self.model.n_items,
             "batch": self.batch,
+            "exposure": {
+                **asdict(self.exposure.cfg),
+                "answers": self.exposure.answers,
+                "swaps": self.exposure.swaps,
+                "exposed_share": round(self.exposure.exposed_share(), 4),
+            },
         }
 
     @serve.batch(
@@ -208,7 +229,13 @@ class PolicyScorer:
         if strategy == "greedy" and cold and r.get("explore_cold", True):
             strategy = "boltzmann"  # a new user gets an explored list
         masked = scores.masked_fill(~allowed, -torch.inf)
-        if strategy == "greedy":
+        widened = None
+        if strategy == "greedy" and self.exposure.cfg.enabled:
+            self.exposure.grow(n)
+            row, widened = self.exposure.slate(masked.cpu().numpy(), k)
+            items = torch.as_tensor(row, device=scores.device)
+            props = torch.ones(k, dtype=torch.float64)
+        elif strategy == "greedy":
             top = torch.topk(masked, k)
             items, props = top.indices, torch.ones(k, dtype=torch.float64)
         elif strategy == "epsilon":
@@ -219,6 +246,9 @@ class PolicyScorer:
             cfg = ExplorationConfig(strategy="boltzmann", temperature=t, temperature_final=t)
             items, props = sample_slate(behaviour_log_probs(scores[None], cfg, allowed=allowed[None]), k)
             items, props = items[0], props[0]
+        if widened is None and self.exposure.cfg.enabled:
+            self.exposure.grow(n)
+            self.exposure.record(items.cpu().numpy())
         out: dict[str, Any] = {
             "items": items.cpu().tolist(),
             "scores": scores[items].cpu().tolist(),
@@ -228,6 +258,8 @@ class PolicyScorer:
             "model_version": self.model_version,
             "replica": self.replica,
         }
+        if widened is not None:
+            out["exposure"] = widened.tolist()
         if r.get("explain") and len(history):
             recent = history[-self.model.cfg.max_len :]
             sim = self.items_unit[items] @ self.items_unit[recent].T  # [k, h]

@@ -31,13 +31,17 @@ def test_prepare_then_evaluate(job_env, tmp_path):
     manifest = json.loads((tmp_path / "data" / "ml-100k" / "manifest.json").read_text())
     assert manifest["counts"]["interactions"] == 100_000
     out = run(
-        ["jobs.evaluate", "--dataset", "ml-100k", "--models", "popularity", "random", "--out", "ev"],
+        ["jobs.evaluate", "--dataset", "ml-100k", "--models", "popularity", "random", "--out", "ev",
+         "--exposure-slots", "1"],
         job_env,
         tmp_path,
-    )
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert set(metrics) == {"popularity", "random"}
+    assert set(metrics) == {"popularity", "random", "popularity+exposure", "random+exposure"}
+    widened = metrics["popularity+exposure"]  # the 10th position walks down the chart: more items, same hits
+    assert widened["coverage@10"] > metrics["popularity"]["coverage@10"] + 0.015
+    assert abs(widened["HR@10"] - metrics["popularity"]["HR@10"]) < 0.01
     assert {"HR@10", "NDCG@10", "MRR@10", "coverage@10", "novelty@10", "diversity@10"} <= set(
         metrics["popularity"]
     )
@@ -51,6 +55,13 @@ def test_prepare_then_evaluate(job_env, tmp_path):
     assert paired["diff"] < 0 and paired["high"] < 0 and paired["p_value"] < 1e-6  # random is clearly worse
     for png in ("metric_bars.png", "accuracy_coverage.png"):
         assert (tmp_path / "ev" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_refuses_bad_exposure_settings_by_flag(job_env, tmp_path):
+    out = run(["jobs.evaluate", "--models", "popularity", "--exposure-slots", "1", "--exposure-pool", "0",
+               "--out", "ev"], job_env, tmp_path)  # fmt: skip
+    assert out.returncode != 0 and "--exposure-*" in out.stderr and "pool >= 1" in out.stderr
+    assert not (tmp_path / "ev").exists()
 
 
 def test_evaluate_off_policy_on_obd(job_env, tmp_path):
@@ -125,7 +136,10 @@ def test_pipeline_end_to_end_on_embedded_ray(job_env, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "runs" / "qs" / "metrics.json").read_text())
     assert abs(metrics["popularity"]["NDCG@10"] - 0.0449) < 0.003
-    assert set(metrics) == {"popularity", "random", "fine-tuned (finetune)", "rl-policy (rl)"}
+    policies = {"fine-tuned (finetune)", "rl-policy (rl)"}
+    assert set(metrics) == {"popularity", "random", *policies, *(p + " + exposure slot" for p in policies)}
+    for p in policies:  # the exposure slot widens the catalogue the lists cover
+        assert metrics[p + " + exposure slot"]["coverage@10"] > metrics[p]["coverage@10"]
     assert (tmp_path / "runs" / "qs" / "rl" / "checkpoint").is_dir()
     assert "curl -s -X POST http://127.0.0.1:" in out.stdout and "because:" in out.stdout
     # even two epochs of the text-aware model beat random by far

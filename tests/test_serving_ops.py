@@ -270,7 +270,8 @@ def test_killed_replica_under_load_fails_over_and_loses_no_acknowledged_feedback
 def test_low_latency_setup_answers_on_the_replicas_own_port(finetuned_run, ml_dir, tmp_path):
     """`jobs.serve --direct-ingress --topology single` (the set-up the latency figures are for), as a user
     runs it: the ingress replica answers HTTP on its own port, which the command prints; a click sent
-    there changes the next answer; Ctrl-C stops it and the feedback is on disk."""
+    there changes the next answer; the exposure slot (--exposure-slots 1) gives the last position of a repeated
+    slate to an item not shown yet; Ctrl-C stops it and the feedback is on disk."""
     import os
     import signal
     import subprocess
@@ -284,7 +285,7 @@ def test_low_latency_setup_answers_on_the_replicas_own_port(finetuned_run, ml_di
     env = dict(os.environ, RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="1")
     cmd = [sys.executable, "-m", "jobs.serve", "--model", finetuned_run, "--dataset", ml_dir, "--port", str(port),
            "--num-cpus", "2", "--topology", "single", "--batch-wait-ms", "0", "--same-thread",
-           "--direct-ingress", "--no-access-log", "--feedback-dir", str(tmp_path / "fb")]  # fmt: skip
+           "--direct-ingress", "--no-access-log", "--feedback-dir", str(tmp_path / "fb"), "--exposure-slots", "1"]  # fmt: skip
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -305,7 +306,17 @@ def test_low_latency_setup_answers_on_the_replicas_own_port(finetuned_run, ml_di
             assert r.status_code == 200, r.text
             again = c.post("/recommend", json={"user": "196", "k": 5}).json()
             assert clicked not in [it["item_id"] for it in again["items"]]
-            assert c.get("/healthz").json()["live_state"]["mirror_trusted"]
+            health = c.get("/healthz").json()
+            assert health["live_state"]["mirror_trusted"]
+            # the same slate asked twice: positions 1-4 stay, the 5th goes to an item this replica has not shown
+            body = {"history": [first["items"][1]["item_id"]], "k": 5}
+            a, b = (c.post("/recommend", json=body).json()["items"] for _ in range(2))
+            assert [it["item_id"] for it in a[:4]] == [it["item_id"] for it in b[:4]]
+            assert b[4]["exposure"] and b[4]["propensity"] == 1.0 and not any(it["exposure"] for it in b[:4])
+            assert b[4]["item_id"] not in {it["item_id"] for it in a} and b[4]["score"] <= b[3]["score"]
+            exposure = c.get("/healthz").json()["exposure"]
+            assert exposure["slots"] == 1 and exposure["answers"] == health["exposure"]["answers"] + 2
+            assert exposure["swaps"] >= 1 + health["exposure"]["swaps"]
     finally:
         stop_group(proc, signal.SIGINT, timeout=120)  # Ctrl-C
     assert proc.returncode == 0, log.read_text()[-3000:]

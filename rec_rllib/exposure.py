@@ -1,0 +1,178 @@
+"""The exposure slot: catalogue coverage for any scorer at almost no cost in accuracy.
+
+Catalogue coverage@K is a property of the *population* of slates, not of one user's: an item counts once it
+is in anybody's top K. A per-user change of the scores (a popularity penalty, a novelty reward learned by RL)
+moves every user's list toward the same tail items and pays for each covered item with many users' accuracy.
+The exposure slot spends one slate position per answer instead, and only where it is needed (aggregate
+diversity by re-ranking, Adomavicius & Kwon, IEEE TKDE 2012, done online):
+
+- the tracker remembers the items of the last ``window`` shown slate positions (a ring buffer);
+- for each answer, the last ``slots`` positions of the slate are examined from the bottom; a position whose
+  item *has* been shown within the window is given to the best-scored candidate among the user's next
+  ``pool`` items (ranks k+1 .. k+pool, never an excluded one) that has *not*; the slate stays in score order
+  and the first position is never replaced;
+- the slate's items are then recorded as shown.
+
+So early answers (nothing shown yet) are the plain top K, a boundary item that is already on display elsewhere
+yields its place to an unexposed item this user ranks almost as high, and the more of the catalogue is on
+display, the fewer swaps happen. The result depends on the order of the answers (it is a policy with state,
+deterministic given that state); the shared evaluation answers its users in a fixed order.
+
+On MovieLens-100K (leave-one-out, the fine-tuned model, one slot, pool 40): coverage@10 +27-30% on both the
+validation and the test users at an NDCG@10 change between -0.3% and +0.6% over answer orders (paired t
+below 1); a popularity penalty pays 1-7% of NDCG for +20-23% (``bench/popularity_rerank.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rec_rllib.eval.metrics import topk
+from rec_rllib.recommender import Recommendations, Recommender
+
+
+@dataclass(frozen=True)
+class ExposureConfig:
+    """``slots`` = 0 turns the exposure slot off."""
+
+    slots: int = 1
+    """positions at the bottom of each slate that may go to an unexposed item"""
+    pool: int = 40
+    """candidates: the user's next ``pool`` items after the slate"""
+    window: int = 10_000
+    """shown slate positions remembered (an item is *exposed* if it is among them)"""
+
+    def __post_init__(self) -> None:
+        for name in ("slots", "pool", "window"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"exposure {name} must be a non-negative integer, got {value!r}")
+        if self.slots and (self.pool < 1 or self.window < 1):
+            raise ValueError(f"an exposure slot needs pool >= 1 and window >= 1, got {self}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.slots > 0
+
+
+class ExposureTracker:
+    """Which items were shown lately, and the slates that widen that set (see the module docstring)."""
+
+    def __init__(self, n_items: int, cfg: ExposureConfig | None = None):
+        self.cfg = cfg or ExposureConfig()
+        self.counts = np.zeros(int(n_items), dtype=np.int64)
+        self._ring = np.full(max(self.cfg.window, 1), -1, dtype=np.int64)
+        self._pos = 0
+        self.answers = 0
+        self.swaps = 0
+
+    @property
+    def n_items(self) -> int:
+        return len(self.counts)
+
+    def grow(self, n_items: int) -> None:
+        """Items added to the catalogue at run time start unexposed."""
+        if n_items > self.n_items:
+            self.counts = np.concatenate([self.counts, np.zeros(n_items - self.n_items, dtype=np.int64)])
+
+    def exposed_share(self) -> float:
+        """Share of the catalogue shown within the window."""
+        return float((self.counts > 0).mean()) if self.n_items else 0.0
+
+    def record(self, items: np.ndarray) -> None:
+        items = np.asarray(items, dtype=np.int64).ravel()
+        if not self.cfg.window:
+            return
+        if len(items) >= len(self._ring):  # more than the window: only the newest positions stay
+            items = items[-len(self._ring) :]
+        idx = (self._pos + np.arange(len(items))) % len(self._ring)
+        old = self._ring[idx]
+        np.subtract.at(self.counts, old[old >= 0], 1)
+        self._ring[idx] = items
+        np.add.at(self.counts, items, 1)
+        self._pos = int((self._pos + len(items)) % len(self._ring))
+
+    def slate(self, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """One answer: ``scores`` [n_items] with -inf on excluded items -> (items [k] best first, replaced [k]
+        bool) and the items recorded as shown. ``k`` is clipped to the number of allowed items."""
+        scores = np.asarray(scores)
+        if len(scores) != self.n_items:
+            raise ValueError(f"scores cover {len(scores)} items, the tracker {self.n_items}")
+        allowed = int(np.isfinite(scores).sum())
+        k = min(int(k), allowed)
+        depth = min(k + (self.cfg.pool if self.cfg.enabled else 0), allowed)
+        ranked = _top(scores, depth)
+        row = ranked[:k].copy()
+        replaced = np.zeros(k, dtype=bool)
+        if self.cfg.enabled and k > 1:
+            pool = [int(i) for i in ranked[k:] if self.counts[i] == 0]
+            for pos in range(k - 1, max(1, k - self.cfg.slots) - 1, -1):  # never position 0
+                if not pool:
+                    break
+                if self.counts[row[pos]] > 0:
+                    row[pos] = pool.pop(0)
+                    replaced[pos] = True
+            if replaced.any():  # replaced items score below every kept one; keep the slate in score order
+                order = np.argsort(-scores[row], kind="stable")
+                row, replaced = row[order], replaced[order]
+                self.swaps += int(replaced.sum())
+        self.answers += 1
+        self.record(row)
+        return row, replaced
+
+
+def _top(scores: np.ndarray, depth: int) -> np.ndarray:
+    """The ``depth`` best items, best first, ties to the lower index (as :func:`topk`), without a full sort."""
+    if depth <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if depth >= len(scores):
+        part = np.arange(len(scores))
+    else:
+        kth = -np.partition(-scores, depth - 1)[depth - 1]
+        above = np.flatnonzero(scores > kth)
+        part = np.concatenate([above, np.flatnonzero(scores == kth)[: depth - len(above)]])
+    return part[np.lexsort((part, -scores[part]))].astype(np.int64)
+
+
+class ExposureAwareRecommender(Recommender):
+    """Any recommender whose slates of size ``slate_size`` get the exposure slot; answers are sequential (the
+    tracker's state carries from one user to the next, in batch order). Lists longer than the slate continue
+    in score order below it; only the slate's items count as shown."""
+
+    def __init__(self, base: Recommender, cfg: ExposureConfig | None = None, *, slate_size: int = 10):
+        if slate_size < 1:
+            raise ValueError(f"slate_size must be >= 1, got {slate_size}")
+        self.base = base
+        self.cfg = cfg or ExposureConfig()
+        self.slate_size = int(slate_size)
+        self.n_items = base.n_items
+        self.name = f"{base.name}+exposure"
+        self.tracker = ExposureTracker(self.n_items, self.cfg)
+
+    def reset(self) -> None:
+        """Forget what was shown (a fresh evaluation)."""
+        self.tracker = ExposureTracker(self.n_items, self.cfg)
+
+    def score(self, histories) -> np.ndarray:
+        return self.base.score(histories)
+
+    def recommend(self, histories, k: int, *, exclude_seen: bool = True) -> Recommendations:
+        if not 0 < k <= self.n_items:
+            raise ValueError(f"k must be in [1, {self.n_items}] (the catalogue size), got {k}")
+        scores = np.asarray(self.score(histories), dtype=np.float64)
+        items = np.zeros((len(histories), k), dtype=np.int64)
+        for b, h in enumerate(histories):
+            s = scores[b].copy()
+            if exclude_seen and len(h):
+                s[np.asarray(h, dtype=np.int64)] = -np.inf
+            head, _ = self.tracker.slate(s, min(self.slate_size, k))
+            s[head] = -np.inf
+            rest = topk(s[None], k - len(head))[0] if k > len(head) else np.zeros(0, dtype=np.int64)
+            items[b] = np.concatenate([head, rest])
+        return Recommendations(
+            items=items,
+            scores=np.take_along_axis(scores, items, axis=1),
+            propensities=np.ones(items.shape, dtype=np.float64),
+        )
