@@ -117,7 +117,13 @@ def main() -> None:
     p.add_argument("--envs-per-runner", type=int, default=32)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: RLTrainConfig's)")
     p.add_argument("--ref-kl-coeff", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0, help="seeds the env runners and learners")
     p.add_argument("--train-encoder-too", action="store_true", help="also measure end-to-end throughput")
+    p.add_argument(
+        "--train-encoder",
+        action="store_true",
+        help="quality runs train every weight end to end (default: the policy head)",
+    )
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--splits", nargs="+", default=["test", "valid"], choices=["test", "valid"],
@@ -139,6 +145,7 @@ def main() -> None:
         num_envs_per_env_runner=args.envs_per_runner,
         lr=args.lr,
         ref_kl_coeff=args.ref_kl_coeff,
+        seed=args.seed,
         env=env,
     )
     report: dict = {}
@@ -172,10 +179,11 @@ def main() -> None:
             # DQN explores epsilon-greedily only; PPO refuses epsilon-greedy (no gradient through it)
             allowed = {"dqn": {"epsilon"}, "ppo": {"boltzmann", "thompson"}}
             runs = [(a, st) for a in args.algorithms for st in args.strategies if st in allowed.get(a, {st})]
+            e2e_name, e2e_dir = (", end to end", "-e2e") if args.train_encoder else ("", "")
             for algorithm, strategy in runs:
                 for bonus in args.novelty_bonus:
-                    name = f"{algorithm.upper()} + {strategy}, λ={bonus:g}"
-                    run_dir = out / f"{algorithm}-{strategy}-b{bonus:g}"
+                    name = f"{algorithm.upper()} + {strategy}, λ={bonus:g}" + e2e_name
+                    run_dir = out / f"{algorithm}-{strategy}-b{bonus:g}{e2e_dir}"
                     if args.reuse and is_rl_checkpoint(run_dir / "checkpoint"):
                         print(f"{name}: reusing {run_dir / 'checkpoint'}", flush=True)
                     else:
@@ -187,6 +195,7 @@ def main() -> None:
                             exploration=expl,
                             checkpoint_every=10_000,
                             env=replace(env, novelty_bonus=bonus),
+                            train_encoder=args.train_encoder,
                         )
                         t0 = time.perf_counter()
                         train(cfg, run_dir, progress=lambda *_: None)

@@ -14,7 +14,7 @@ masking and the chosen exploration strategy. Env runner i of n replays its own d
 train users (rec_rllib.env.LogReplayEnv). Every --checkpoint-every iterations an RLlib checkpoint is
 written to <out>/checkpoint; --resume continues from one.
 
-What to expect on ml-100k with the defaults (2 env runners, 8 envs each, 2 CPU cores): a few seconds per
+What to expect on ml-100k with the defaults (2 env runners, 32 envs each, 2 CPU cores): a few seconds per
 iteration, per-iteration lines with episode return, hit rate, env steps/s and the KL to the fine-tuned
 policy; <out>/train_metrics.csv, <out>/training_curves.png, <out>/checkpoint (loadable by
 jobs.evaluate and serving). Settings: command line > --config YAML > defaults.
