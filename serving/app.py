@@ -29,6 +29,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from rec_rllib.data.feedback import IMPRESSION_SCHEMA, IMPRESSIONS
+from rec_rllib.exposure import ExposureConfig
 from serving.catalog import ServingCatalog
 from serving.feedback import FeedbackLog
 from serving.schemas import (
@@ -482,8 +483,12 @@ class AppArgs(BaseModel):
     exposure_slots: int = Field(
         0, ge=0, description="greedy slates: last positions that may go to items not shown lately (0: off)"
     )
-    exposure_pool: int = Field(40, ge=1, description="exposure slot candidates: the user's next N items")
-    exposure_window: int = Field(10_000, ge=1, description="slate positions each replica's tracker remembers")
+    exposure_pool: int = Field(
+        ExposureConfig.pool, ge=1, description="exposure slot candidates: the user's next N items"
+    )
+    exposure_window: int = Field(
+        ExposureConfig.window, ge=1, description="slate positions each replica's tracker remembers"
+    )
     access_log: bool = Field(
         True, description="Serve's per-request access log line (~2% of a replica's CPU when on)"
     )

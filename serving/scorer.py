@@ -230,8 +230,9 @@ class PolicyScorer:
             strategy = "boltzmann"  # a new user gets an explored list
         masked = scores.masked_fill(~allowed, -torch.inf)
         widened = None
+        if self.exposure.cfg.enabled:
+            self.exposure.grow(n)  # items added at run time start unexposed
         if strategy == "greedy" and self.exposure.cfg.enabled:
-            self.exposure.grow(n)
             row, widened = self.exposure.slate(masked.cpu().numpy(), k)
             items = torch.as_tensor(row, device=scores.device)
             props = torch.ones(k, dtype=torch.float64)
@@ -247,7 +248,6 @@ class PolicyScorer:
             items, props = sample_slate(behaviour_log_probs(scores[None], cfg, allowed=allowed[None]), k)
             items, props = items[0], props[0]
         if widened is None and self.exposure.cfg.enabled:
-            self.exposure.grow(n)
             self.exposure.record(items.cpu().numpy())
         out: dict[str, Any] = {
             "items": items.cpu().tolist(),
