@@ -10,7 +10,7 @@ driver (learner) and of an env runner, RLlib's own per-stage timers, and a cProf
 call inside an env runner: what dominates the time. The policy head on the frozen encoder (the default)
 and, with ``--train-encoder-too``, end-to-end training.
 
-Quality: for each exploration strategy (Boltzmann, epsilon-greedy, Thompson/MC dropout) and each novelty
+Quality: for each exploration strategy (Boltzmann, epsilon-greedy, Thompson/MC dropout, UCB) and each novelty
 bonus λ (``--novelty-bonus``: the env's reward scale for long-tail hits), APPO trains the policy from the
 fine-tuned weights (KL penalty toward them), and the greedy policy is evaluated by the shared evaluation
 (leave-one-out test users, full ranking, seen items excluded) beside the fine-tuned model: HR/NDCG@10,
@@ -110,7 +110,8 @@ def main() -> None:
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--iterations", type=int, default=30, help="APPO iterations per strategy (quality)")
     p.add_argument("--throughput-iterations", type=int, default=10)
-    p.add_argument("--strategies", nargs="+", default=["boltzmann", "epsilon", "thompson"])
+    p.add_argument("--strategies", nargs="+", default=["boltzmann", "epsilon", "thompson", "ucb"])
+    p.add_argument("--ucb-alpha", type=float, default=ExplorationConfig.ucb_alpha, help="UCB bonus width")
     p.add_argument("--algorithms", nargs="+", default=["appo"], choices=["appo", "ppo", "dqn"],
                    help="quality: algorithms to train (dqn explores epsilon-greedily only)")  # fmt: skip
     p.add_argument("--novelty-bonus", nargs="+", type=float, default=[0.0, 2.0], help="λ values (quality)")
@@ -176,7 +177,7 @@ def main() -> None:
         if not args.skip_quality:
             policies = {"fine-tuned": load_recommender(args.finetuned, ds)}
             minutes: dict[str, float] = {}
-            # DQN explores epsilon-greedily only; PPO refuses epsilon-greedy (no gradient through it)
+            # DQN explores epsilon-greedily only; PPO refuses epsilon-greedy and UCB (no gradient through them)
             allowed = {"dqn": {"epsilon"}, "ppo": {"boltzmann", "thompson"}}
             runs = [(a, st) for a in args.algorithms for st in args.strategies if st in allowed.get(a, {st})]
             e2e_name, e2e_dir = (", end to end", "-e2e") if args.train_encoder else ("", "")
@@ -187,7 +188,9 @@ def main() -> None:
                     if args.reuse and is_rl_checkpoint(run_dir / "checkpoint"):
                         print(f"{name}: reusing {run_dir / 'checkpoint'}", flush=True)
                     else:
-                        expl = ExplorationConfig(strategy=strategy, epsilon=0.2, epsilon_final=0.05)
+                        expl = ExplorationConfig(
+                            strategy=strategy, epsilon=0.2, epsilon_final=0.05, ucb_alpha=args.ucb_alpha
+                        )
                         cfg = replace(
                             base,
                             algorithm=algorithm,

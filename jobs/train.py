@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("epsilon", "epsilon_final", "temperature", "temperature_final"):
         e.add_argument("--" + name.replace("_", "-"), type=float, dest=name)
     e.add_argument("--decay-steps", type=int)
+    e.add_argument("--ucb-alpha", type=float, dest="ucb_alpha",
+                   help="UCB bonus width in score units (what an item never shown in that direction gains)")  # fmt: skip
     v = p.add_argument_group("environment (rec_rllib.env)")
     v.add_argument("--reward", choices=REWARDS)
     v.add_argument("--horizon", type=int)

@@ -105,6 +105,7 @@ def _scoring_fields(req: RecommendRequest | QueryRequest, history: list[int], ve
         "strategy": req.exploration,
         "epsilon": req.epsilon,
         "temperature": req.temperature,
+        "ucb_alpha": req.ucb_alpha,
         "catalog_version": version,
     }
 
@@ -342,6 +343,7 @@ class RecIngress:
                 "score": result["scores"][j],
                 "propensity": result["propensities"][j],
                 "exposure": widened[j],
+                "bonus": result["bonus"][j] if "bonus" in result else None,
                 "because": because,
             })  # fmt: skip
         return RecommendResponse(

@@ -16,11 +16,17 @@ class _Strict(BaseModel):
 
 
 class Exploration(_Strict):
-    exploration: Literal["greedy", "epsilon", "boltzmann"] = Field(
-        "greedy", description="greedy (propensity 1), epsilon (epsilon-greedy) or boltzmann (softmax / T)"
+    exploration: Literal["greedy", "epsilon", "boltzmann", "ucb"] = Field(
+        "greedy",
+        description="greedy (propensity 1), epsilon (epsilon-greedy), boltzmann (softmax / T) or ucb (top-k "
+        "of score + a LinUCB bonus for items this replica has shown little in the user's direction; "
+        "propensity 1)",
     )
     epsilon: float = Field(0.1, ge=0.0, le=1.0, description="exploration probability of `epsilon`")
     temperature: float = Field(1.0, gt=0.0, le=100.0, description="temperature of `boltzmann`")
+    ucb_alpha: float = Field(
+        0.5, ge=0.0, le=100.0, description="`ucb` bonus width in score units (what a never-shown item gains)"
+    )
 
 
 class RecommendRequest(Exploration):
@@ -78,6 +84,7 @@ class ShownItem(BaseModel):
     exposure: bool = Field(
         False, description="given the exposure slot: an item not shown lately that this user ranks just below"
     )
+    bonus: float | None = Field(None, description="`ucb`: the exploration bonus added to the score")
     because: list[Because] | None = None
 
 

@@ -6,7 +6,7 @@ batch size and wait come from ``user_config`` (``reconfigure``), as does the mod
 version rolls out replica by replica without a redeploy.
 
 Per request it returns the top-``k`` slate under the requested exploration (greedy, epsilon-greedy,
-Boltzmann; the shared :mod:`rec_rllib.explore` module) with the propensity of each shown item, and
+Boltzmann, UCB; the shared :mod:`rec_rllib.explore` module) with the propensity of each shown item, and
 optionally, per item, the history items that contributed most (cosine similarity of the model's item
 vectors: "because you watched X").
 
@@ -15,6 +15,10 @@ replica has not shown within its last ``exposure_window`` slate positions, when 
 next ``exposure_pool`` items (:mod:`rec_rllib.exposure`: catalogue coverage at almost no accuracy cost). Such
 an item is flagged ``exposure`` in the answer; its propensity is 1 (a deterministic choice given what the
 replica has shown). Every replica keeps its own tracker; explored slates count as shown too.
+
+UCB keeps per-replica diagonal LinUCB statistics of the (user state, item) pairs it showed under ``ucb``
+(what was shown, not its reward: the model's score is the mean); a new model version starts them afresh
+(its user states live in another space). On ``/query`` the bonus adds to the standardised blend of scores.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from rec_rllib.explore import ExplorationConfig, behaviour_log_probs, epsilon_slate, sample_slate
+from rec_rllib.explore import ExplorationConfig, LinUCB, behaviour_log_probs, epsilon_slate, sample_slate
 from rec_rllib.exposure import ExposureConfig, ExposureTracker
 from rec_rllib.models.seqrec import TextSeqRec, pad_histories
 from serving.catalog import ServingCatalog
@@ -102,6 +106,7 @@ class PolicyScorer:
         for a in self._added:  # items added at run time survive a model roll
             model.add_items(torch.as_tensor(a["embedding"])[None].to(self.device))
         self.model, self.model_path, self.model_version = model, model_path, version
+        self.ucb = LinUCB(model.n_items, model.cfg.hidden_size, alpha=1.0)  # the request scales the bonus
         with torch.no_grad():
             self._refresh_items()
 
@@ -185,6 +190,7 @@ class PolicyScorer:
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "items": self.model.n_items,
             "batch": self.batch,
+            "ucb": {"shown": self.ucb.shown},
             "exposure": {
                 **asdict(self.exposure.cfg),
                 "answers": self.exposure.answers,
@@ -208,9 +214,9 @@ class PolicyScorer:
             )
             state = self.model.user_state(tokens, lengths, self.items)
             scores = self.model.scores_from_state(state, self.items).float()
-            return [self._slate(r, scores[i]) for i, r in enumerate(requests)]
+            return [self._slate(r, scores[i], state[i]) for i, r in enumerate(requests)]
 
-    def _slate(self, r: dict[str, Any], scores: torch.Tensor) -> dict[str, Any]:
+    def _slate(self, r: dict[str, Any], scores: torch.Tensor, state: torch.Tensor) -> dict[str, Any]:
         n = scores.shape[0]
         history = torch.as_tensor(r["history"], dtype=torch.long, device=scores.device)
         cold = len(r["history"]) == 0
@@ -229,7 +235,7 @@ class PolicyScorer:
         if strategy == "greedy" and cold and r.get("explore_cold", True):
             strategy = "boltzmann"  # a new user gets an explored list
         masked = scores.masked_fill(~allowed, -torch.inf)
-        widened = None
+        widened = bonus = None
         if self.exposure.cfg.enabled:
             self.exposure.grow(n)  # items added at run time start unexposed
         if strategy == "greedy" and self.exposure.cfg.enabled:
@@ -239,6 +245,12 @@ class PolicyScorer:
         elif strategy == "greedy":
             top = torch.topk(masked, k)
             items, props = top.indices, torch.ones(k, dtype=torch.float64)
+        elif strategy == "ucb":
+            self.ucb.add_items(n - self.ucb.n_items)  # items added at run time: never shown
+            bonus = float(r.get("ucb_alpha", ExplorationConfig.ucb_alpha)) * self.ucb.bonus(state[None])[0]
+            items = torch.topk(masked + bonus.to(masked.device), k).indices
+            props = torch.ones(k, dtype=torch.float64)
+            self.ucb.update(state[None], items[None])
         elif strategy == "epsilon":
             items, props = epsilon_slate(scores[None], k, float(r.get("epsilon", 0.1)), allowed[None])
             items, props = items[0], props[0]
@@ -260,6 +272,8 @@ class PolicyScorer:
         }
         if widened is not None:
             out["exposure"] = widened.tolist()
+        if bonus is not None:
+            out["bonus"] = bonus[items].cpu().tolist()
         if r.get("explain") and len(history):
             recent = history[-self.model.cfg.max_len :]
             sim = self.items_unit[items] @ self.items_unit[recent].T  # [k, h]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from rec_rllib.explore import ExplorationConfig, behaviour_log_probs, epsilon_slate, sample_slate
+from rec_rllib.explore import ExplorationConfig, LinUCB, behaviour_log_probs, epsilon_slate, sample_slate
 
 
 def _empirical_first(draw, n_draws: int = 4000) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,3 +77,30 @@ def test_annealing_schedules():
     assert abs(cfg.temperature_at(50) - 1.0) < 1e-9  # geometric: halfway in log space
     eps = ExplorationConfig(strategy="epsilon", epsilon=0.3, epsilon_final=0.1, decay_steps=10)
     assert abs(eps.epsilon_at(5) - 0.2) < 1e-9 and eps.epsilon_at(1000) == 0.1
+
+
+def test_linucb_bonus_shrinks_where_an_item_was_shown_and_diagonal_matches_full_on_axis_states():
+    """A never-shown item gains alpha / sqrt(ridge); one shown n times in a direction alpha / sqrt(ridge + n)
+    there, and nothing changes in an orthogonal direction. On axis-aligned states the Gram matrices are
+    diagonal, so the diagonal statistics equal the full ones."""
+    d, n = 4, 6
+    axes = torch.eye(d) * 3.0  # lengths do not matter: states are scaled to unit length
+    diag, full = LinUCB(n, d, alpha=2.0, ridge=1.0), LinUCB(n, d, alpha=2.0, ridge=1.0, diagonal=False)
+    for ucb in (diag, full):
+        assert torch.allclose(ucb.bonus(axes), torch.full((d, n), 2.0))
+        ucb.update(axes[[0, 0, 0]], torch.tensor([1, 1, 1]))  # item 1 shown 3 times along axis 0
+        ucb.update(axes[[2]], torch.tensor([[4, 5]]))  # a slate: items 4 and 5 shown along axis 2
+        assert ucb.shown == 5
+    b = diag.bonus(axes)
+    assert torch.allclose(b, full.bonus(axes), atol=1e-6)
+    assert abs(float(b[0, 1]) - 2.0 / 2.0) < 1e-6  # alpha / sqrt(1 + 3)
+    assert abs(float(b[1, 1]) - 2.0) < 1e-6  # orthogonal direction: still unexplored
+    assert abs(float(b[2, 4]) - 2.0 / 2**0.5) < 1e-6 and abs(float(b[2, 5]) - 2.0 / 2**0.5) < 1e-6
+    mixed = torch.tensor([[1.0, 1.0, 0.0, 0.0]])  # between axes 0 and 1: partly explored for item 1
+    assert 1.0 < float(diag.bonus(mixed)[0, 1]) < 2.0
+    for ucb in (diag, full):
+        ucb.add_items(2)
+        assert ucb.n_items == n + 2
+        assert torch.allclose(ucb.bonus(axes)[:, n:], torch.full((d, 2), 2.0))
+    with pytest.raises(ValueError, match="ucb_alpha"):
+        ExplorationConfig(strategy="ucb", ucb_alpha=-1.0)

@@ -135,9 +135,39 @@ def test_exploration_log_probs_are_the_behaviour_distribution(finetuned_run, ml_
     )
 
 
-def test_deterministic_strategies_are_refused_for_training(finetuned_run):
-    with pytest.raises(ValueError, match="stochastic"):
+def test_greedy_is_refused_for_training_and_ucb_for_ppo(finetuned_run):
+    with pytest.raises(ValueError, match="never explores"):
         RLTrainConfig(finetuned=finetuned_run, exploration=ExplorationConfig(strategy="greedy"))
+    with pytest.raises(ValueError, match="no gradient"):
+        RLTrainConfig(algorithm="ppo", finetuned=finetuned_run, exploration=ExplorationConfig(strategy="ucb"))
+    assert (
+        RLTrainConfig(finetuned=finetuned_run, exploration=ExplorationConfig(strategy="ucb")).algorithm
+        == "appo"
+    )
+
+
+def test_ucb_acts_greedily_on_score_plus_bonus_and_moves_off_what_it_showed(finetuned_run, ml_dir):
+    """UCB's behaviour distribution is the arg-max of logits + bonus (log-probability 0: propensity 1);
+    the module records what it acted on, so the same users are next shown something else when the bonus
+    (here wider than any score gap among the top items) outweighs the scores."""
+    env = LogReplayEnv({"dataset": ml_dir, "window": 30})
+    obs = _obs_batch(env)
+    mask = obs[Obs.ACTION_MASK] > 0.5
+    module = _module(finetuned_run, env, strategy="ucb", ucb_alpha=50.0)
+    greedy = module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS].argmax(-1)
+    first = module.forward_exploration({Columns.OBS: obs}, t=0)[Columns.ACTION_DIST_INPUTS]
+    a1 = first.argmax(-1)
+    assert torch.equal(a1, greedy)  # nothing shown yet: the bonus is the same for every item
+    assert torch.allclose(first[torch.arange(8), a1], torch.zeros(8, dtype=first.dtype))
+    assert (first.exp() * mask).sum(-1).allclose(torch.ones(8, dtype=first.dtype))
+    assert module._ucb.shown == 8
+    a2 = module.forward_exploration({Columns.OBS: obs}, t=1)[Columns.ACTION_DIST_INPUTS].argmax(-1)
+    assert not torch.equal(a1, a2)
+    assert mask[torch.arange(8), a2].all()  # the bonus never lifts a consumed item
+    mild = _module(finetuned_run, env, strategy="ucb", ucb_alpha=1e-6)
+    for t in range(2):  # a bonus far below the score gaps: UCB is the greedy policy
+        out = mild.forward_exploration({Columns.OBS: obs}, t=t)[Columns.ACTION_DIST_INPUTS]
+        assert torch.equal(out.argmax(-1), greedy)
 
 
 def test_ppo_optimises_the_distribution_that_acted(finetuned_run, ml_dir):

@@ -70,6 +70,24 @@ def test_exploration_reports_propensities(app):
             assert props[0] > 0.5 or props[0] < 0.01
 
 
+def test_ucb_shows_the_greedy_slate_at_zero_width_and_moves_off_what_a_replica_showed(app):
+    c = app["client"]
+    greedy = c.post("/recommend", json={"user": "196", "k": 5}).json()
+    top = [it["item_id"] for it in greedy["items"]]
+    flat = c.post("/recommend", json={"user": "196", "k": 5, "exploration": "ucb", "ucb_alpha": 0}).json()
+    assert flat["strategy"] == "ucb" and [it["item_id"] for it in flat["items"]] == top
+    assert all(it["propensity"] == 1.0 and it["bonus"] == 0.0 for it in flat["items"])
+    slates = []
+    for _ in range(4):  # two scorer replicas, each with its own statistics: one of them answers twice
+        body = c.post(
+            "/recommend", json={"user": "196", "k": 5, "exploration": "ucb", "ucb_alpha": 50}
+        ).json()
+        assert all(it["propensity"] == 1.0 and 0.0 < it["bonus"] <= 50.0 + 1e-3 for it in body["items"])
+        slates.append(tuple(it["item_id"] for it in body["items"]))
+    assert len(set(slates)) > 1
+    assert any(set(s) - set(top) for s in slates)  # items outside the greedy top 5 got their turn
+
+
 def test_cold_start_user_gets_an_explored_popular_list(app):
     c = app["client"]
     body = c.post("/recommend", json={"user": "brand-new", "history": [], "k": 10}).json()

@@ -23,6 +23,9 @@ Two ways to train (``train_encoder`` in the model config):
 
 ``_forward_exploration`` turns the logits into the behaviour distribution of the configured exploration
 strategy (:mod:`rec_rllib.explore`), so the log-probabilities RLlib records are the true propensities.
+UCB acts on logits + bonus, arg-max (propensity 1): each env runner's module keeps its own diagonal
+LinUCB statistics of the (user state, item) pairs it acted on; they are runner state, not weights (a
+restored or restarted runner starts them afresh).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from ray.rllib.utils.annotations import override
 from torch import nn
 
 from rec_rllib.columns import Obs
-from rec_rllib.explore import ExplorationConfig, behaviour_log_probs
+from rec_rllib.explore import ExplorationConfig, LinUCB, behaviour_log_probs
 from rec_rllib.models.seqrec import ModelConfig, TextSeqRec
 
 REF_LOGITS = "reference_action_dist_inputs"
@@ -119,6 +122,7 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
                 self.net.set_popularity(np.asarray(mc["item_counts"]))
         self._items: torch.Tensor | None = None  # item matrix cache (no-grad paths; frozen items)
         self._batch_state: tuple[torch.Tensor, torch.Tensor] | None = None  # (shipped, completed) states
+        self._ucb: LinUCB | None = None  # UCB statistics of this module's own actions (env runners)
         hidden = self.net.cfg.hidden_size
         if not self.inference_only:
             vh = int(mc.get("value_hidden", 64))
@@ -228,7 +232,12 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
                         state = nn.functional.dropout(state, p=self.net.cfg.dropout, training=True)
                 logits = self._logits(state, obs, self.net)
             mask = obs[Obs.ACTION_MASK] > 0.5
+            if self.exploration.strategy == "ucb":
+                logits = logits + self._ucb_stats(state).bonus(state)
             log_probs = behaviour_log_probs(logits, self.exploration, step=int(t), allowed=mask)
+            if self.exploration.strategy == "ucb":
+                # deterministic: the arg-max is the action RLlib will draw from these log-probabilities
+                self._ucb.update(state, log_probs.argmax(dim=-1))
             if self.model_config.get("train_behaviour_policy"):
                 # the temperature that acted, so the learner optimises that very distribution (PPO)
                 temperature = self.exploration.temperature_at(int(t))
@@ -236,6 +245,11 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         # finite everywhere: the Categorical distribution needs no -inf
         out[Columns.ACTION_DIST_INPUTS] = log_probs.clamp(min=MASK_VALUE)
         return out
+
+    def _ucb_stats(self, state: torch.Tensor) -> LinUCB:
+        if self._ucb is None:
+            self._ucb = LinUCB(self.net.n_items, state.shape[-1], alpha=self.exploration.ucb_alpha)
+        return self._ucb
 
     @override(TorchRLModule)
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:

@@ -95,15 +95,16 @@ class RLTrainConfig(DictConfig):
         if self.algorithm == "dqn" and self.exploration.strategy != "epsilon":
             raise ValueError("dqn explores epsilon-greedily (with exploration.decay_steps); set exploration "
                              f"strategy 'epsilon', not {self.exploration.strategy!r}")  # fmt: skip
-        if self.algorithm == "ppo" and self.exploration.strategy == "epsilon":
+        if self.algorithm == "ppo" and self.exploration.strategy in ("epsilon", "ucb"):
             raise ValueError(
-                "ppo optimises the distribution that acted and epsilon-greedy's has no gradient (measured: "
-                "it collapses onto popular items); use boltzmann or thompson with ppo, or epsilon with appo/dqn"
+                f"ppo optimises the distribution that acted and {self.exploration.strategy}'s has no gradient "
+                "(measured for epsilon: it collapses onto popular items); use boltzmann or thompson with ppo, "
+                "or epsilon/ucb with appo"
             )
-        if self.exploration.strategy in ("greedy", "ucb"):
+        if self.exploration.strategy == "greedy":
             raise ValueError(
-                f"exploration {self.exploration.strategy!r} is deterministic; RL training needs a stochastic "
-                "behaviour policy: use boltzmann, epsilon or thompson (greedy and ucb are for serving)"
+                "exploration 'greedy' never explores: RL training needs a behaviour policy that tries other "
+                "items: use boltzmann, epsilon, thompson or ucb (greedy is for serving)"
             )
 
 
