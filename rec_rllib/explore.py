@@ -12,8 +12,9 @@ probabilities.
 * ``boltzmann`` — softmax(scores / T); T is annealed geometrically from ``temperature`` to
   ``temperature_final`` (a simulated-annealing schedule: hot early, greedy late).
 * ``thompson`` — Thompson-style sampling with MC dropout: the model scores with dropout active (one
-  posterior sample), the arg-max of that sample is shown. Its propensity is estimated by the frequency
-  of that arg-max over ``mc_samples`` samples (made by the caller, see :func:`thompson_propensity`).
+  posterior sample; the caller draws it) and acts by the annealed Boltzmann rule on that sample. The
+  propensity is the probability given the sample; since the dropout mask is drawn independently of the
+  action, pi(a) / mu_mask(a) is an unbiased importance weight, as the marginal over masks would be.
 * ``ucb`` — upper confidence bound on the final layer (disjoint LinUCB): item i's bonus is
   ``alpha * sqrt(u^T A_i^-1 u)`` for the unit user state u, with ``A_i`` the ridge Gram matrix of the
   states the item was shown to; the arg-max of scores + bonus is shown (deterministic given the state and the
@@ -49,8 +50,6 @@ class ExplorationConfig:
     """Environment steps (or requests) over which epsilon / temperature are annealed."""
     ucb_alpha: float = 0.5
     """Width of the UCB bonus, in score units: what an item never shown in the user's direction gains."""
-    mc_samples: int = 16
-    """Dropout samples used to estimate a Thompson pick's propensity."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -162,13 +161,6 @@ def epsilon_slate(
         return p
 
     return _draw_sequentially(s, k, probs, NEG_INF, generator)
-
-
-def thompson_propensity(sampled_scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """[B] frequency with which ``chosen`` is the arg-max across [S, B, n] dropout samples (floored at 1/S)."""
-    argmax = sampled_scores.argmax(dim=-1)  # [S, B]
-    freq = (argmax == chosen[None, :]).double().mean(dim=0)
-    return freq.clamp(min=1.0 / argmax.shape[0])
 
 
 class LinUCB:

@@ -224,7 +224,7 @@ def test_training_checkpoint_restore_and_standalone_module(
         train_encoder=train_encoder,
         exploration=ExplorationConfig(strategy="epsilon", epsilon=0.2)
         if algorithm == "dqn"
-        else ExplorationConfig(),
+        else ExplorationConfig(strategy="ucb" if train_encoder else "boltzmann"),
         finetuned=finetuned_run,
         iterations=2,
         num_env_runners=1,

@@ -222,6 +222,7 @@ def summarize(result: dict[str, Any], seconds: float) -> dict[str, float]:
     ret = _get(result, ENV_RUNNER_RESULTS, EPISODE_RETURN_MEAN)
     ep_len = _get(result, ENV_RUNNER_RESULTS, EPISODE_LEN_MEAN)
     learner = result.get(LEARNER_RESULTS, {}).get("default_policy", {})
+    updates = _get(learner, "num_module_steps_trained", default=0.0)  # samples the learner trained on
     return {
         "iteration": float(result.get("training_iteration", 0)),
         "episode_return_mean": ret,
@@ -230,7 +231,8 @@ def summarize(result: dict[str, Any], seconds: float) -> dict[str, float]:
         "env_steps": steps,
         "env_steps_lifetime": _get(result, ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME),
         "env_steps_per_s": steps / seconds if seconds > 0 else float("nan"),
-        "learner_updates": _get(learner, "num_module_steps_trained", default=0.0),
+        "learner_updates": updates,
+        "learner_samples_per_s": updates / seconds if seconds > 0 else float("nan"),
         "policy_loss": _get(learner, "policy_loss"),
         "entropy": _get(learner, "entropy"),
         "reference_kl": _get(learner, "reference_kl"),
@@ -306,6 +308,7 @@ def train(
             progress(
                 f"iter {i + 1:3d}/{cfg.iterations}  return {row['episode_return_mean']:.3f}  "
                 f"hit-rate {row['hit_rate']:.3f}  {row['env_steps_per_s']:.0f} env-steps/s  "
+                f"{row['learner_samples_per_s']:.0f} learned/s  "
                 f"ref-KL {row['reference_kl']:.4f}  {row['seconds']:.1f}s"
             )
             write_history(run, history)
