@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from rec_rllib.explore import ExplorationConfig
+
 MAX_HISTORY = 2_000
 MAX_TEXT = 2_000
 
@@ -25,7 +27,10 @@ class Exploration(_Strict):
     epsilon: float = Field(0.1, ge=0.0, le=1.0, description="exploration probability of `epsilon`")
     temperature: float = Field(1.0, gt=0.0, le=100.0, description="temperature of `boltzmann`")
     ucb_alpha: float = Field(
-        0.5, ge=0.0, le=100.0, description="`ucb` bonus width in score units (what a never-shown item gains)"
+        ExplorationConfig.ucb_alpha,
+        ge=0.0,
+        le=100.0,
+        description="`ucb` bonus width in score units (what a never-shown item gains)",
     )
 
 
