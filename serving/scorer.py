@@ -147,6 +147,7 @@ class PolicyScorer:
             self.catalog.add(a["item_id"], a["text"])
             self.model.add_items(torch.as_tensor(a["embedding"])[None].to(self.device))
         if added:
+            self.ucb.add_items(len(added))  # items added at run time: never shown
             self._refresh_popularity()
             with torch.no_grad():
                 self._refresh_items()
@@ -246,7 +247,6 @@ class PolicyScorer:
             top = torch.topk(masked, k)
             items, props = top.indices, torch.ones(k, dtype=torch.float64)
         elif strategy == "ucb":
-            self.ucb.add_items(n - self.ucb.n_items)  # items added at run time: never shown
             bonus = float(r.get("ucb_alpha", ExplorationConfig.ucb_alpha)) * self.ucb.bonus(state[None])[0]
             items = torch.topk(masked + bonus.to(masked.device), k).indices
             props = torch.ones(k, dtype=torch.float64)
