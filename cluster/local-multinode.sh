@@ -28,10 +28,13 @@ stop_all() {
   if [ -n "${DASH:-}" ] && [ -z "${SERVE_STOPPED:-}" ]; then
     serve shutdown -y --address "http://127.0.0.1:$DASH" >/dev/null 2>&1
   fi
-  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do kill -TERM -- "-${PIDS[i]}" 2>/dev/null; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-    kill -KILL -- "-$pid" 2>/dev/null
+  # one node at a time, workers first, as `ray stop` does it: SIGTERM to the node's `ray start --block`, which
+  # stops the node's processes in order (usually in seconds; SIGTERM to the whole group instead waits out
+  # ~30 s timeouts), a grace period of 16 s (`ray stop`'s default), then SIGKILL to what is left of the group
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+    kill -TERM "${PIDS[i]}" 2>/dev/null
+    for _ in $(seq 16); do kill -0 "${PIDS[i]}" 2>/dev/null || break; sleep 1; done
+    kill -KILL -- "-${PIDS[i]}" 2>/dev/null
   done
   rm -rf "$TMP"
 }

@@ -65,6 +65,9 @@ def job_env(tmp_path: Path) -> dict[str, str]:
 PY = sys.executable
 
 
+RAY_STOP_GRACE_S = 16  # `ray stop --grace-period`'s default
+
+
 class RayNodes:
     """A real Ray head on this machine, started as a user does (``ray start --head --block`` on 127.0.0.1,
     in its own process session), with ``ray job submit`` against it. :meth:`stop` stops exactly that
@@ -137,10 +140,18 @@ class RayNodes:
         import contextlib
         import shutil
         import signal
+        import subprocess
         import time
 
-        for proc in reversed(self.procs):  # workers first, the head last
-            stop_group(proc, signal.SIGTERM)
+        # One node at a time, workers first, as `ray stop` does it: SIGTERM to the node's `ray start
+        # --block`, whose handler stops the node's processes in order (usually in seconds; SIGTERM to the
+        # whole group instead waits out ~30 s timeouts), a grace period of 16 s (`ray stop`'s default),
+        # then SIGKILL to what is left of the group (below).
+        for proc in reversed(self.procs):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=RAY_STOP_GRACE_S)
         time.sleep(2)
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):
