@@ -18,14 +18,15 @@ class _Strict(BaseModel):
 
 
 class Exploration(_Strict):
-    exploration: Literal["greedy", "epsilon", "boltzmann", "ucb"] = Field(
+    exploration: Literal["greedy", "epsilon", "boltzmann", "thompson", "ucb"] = Field(
         "greedy",
-        description="greedy (propensity 1), epsilon (epsilon-greedy), boltzmann (softmax / T) or ucb (top-k "
+        description="greedy (propensity 1), epsilon (epsilon-greedy), boltzmann (softmax / T), thompson "
+        "(softmax / T of one MC-dropout sample of the scores; propensities given the sample) or ucb (top-k "
         "of score + a LinUCB bonus for items this replica has shown little in the user's direction; "
         "propensity 1)",
     )
     epsilon: float = Field(0.1, ge=0.0, le=1.0, description="exploration probability of `epsilon`")
-    temperature: float = Field(1.0, gt=0.0, le=100.0, description="temperature of `boltzmann`")
+    temperature: float = Field(1.0, gt=0.0, le=100.0, description="temperature of `boltzmann` and `thompson`")
     ucb_alpha: float = Field(
         ExplorationConfig.ucb_alpha,
         ge=0.0,

@@ -6,7 +6,7 @@ batch size and wait come from ``user_config`` (``reconfigure``), as does the mod
 version rolls out replica by replica without a redeploy.
 
 Per request it returns the top-``k`` slate under the requested exploration (greedy, epsilon-greedy,
-Boltzmann, UCB; the shared :mod:`rec_rllib.explore` module) with the propensity of each shown item, and
+Boltzmann, Thompson, UCB; the shared :mod:`rec_rllib.explore` module) with the propensity of each shown item, and
 optionally, per item, the history items that contributed most (cosine similarity of the model's item
 vectors: "because you watched X").
 
@@ -19,6 +19,12 @@ replica has shown). Every replica keeps its own tracker; explored slates count a
 UCB keeps per-replica diagonal LinUCB statistics of the (user state, item) pairs it showed under ``ucb``
 (what was shown, not its reward: the model's score is the mean); a new model version starts them afresh
 (its user states live in another space). On ``/query`` the bonus adds to the standardised blend of scores.
+
+Thompson draws one posterior sample of the final layer per request, MC dropout on the user state at the
+model's own dropout rate (what RL's env runners do with the frozen encoder; no second encoder pass), and
+draws the slate by the Boltzmann rule on the sampled scores; each propensity is the probability given that
+sample (an unbiased importance weight: the mask is drawn independently of the slate). The answer's scores
+are the model's mean scores.
 """
 
 from __future__ import annotations
@@ -215,19 +221,35 @@ class PolicyScorer:
             )
             state = self.model.user_state(tokens, lengths, self.items)
             scores = self.model.scores_from_state(state, self.items).float()
-            return [self._slate(r, scores[i], state[i]) for i, r in enumerate(requests)]
+            sampled: dict[int, torch.Tensor] = {}
+            rows = [i for i, r in enumerate(requests) if r.get("strategy") == "thompson"]
+            if rows:  # one posterior sample of the final layer per Thompson request, in one product
+                draw = torch.nn.functional.dropout(state[rows], p=self.model.cfg.dropout, training=True)
+                sampled = dict(zip(rows, self.model.scores_from_state(draw, self.items).float(), strict=True))
+            return [self._slate(r, scores[i], state[i], sampled.get(i)) for i, r in enumerate(requests)]
 
-    def _slate(self, r: dict[str, Any], scores: torch.Tensor, state: torch.Tensor) -> dict[str, Any]:
-        n = scores.shape[0]
-        history = torch.as_tensor(r["history"], dtype=torch.long, device=scores.device)
-        cold = len(r["history"]) == 0
-        if cold:  # no evidence about the user: blend the model's prior with popularity
-            scores = scores + self.popularity[:n].to(scores.device)
+    def _adjusted(self, r: dict[str, Any], scores: torch.Tensor) -> torch.Tensor:
+        """The scores a slate is drawn from: a new user's blend with popularity, a query's blend with the text."""
+        if len(r["history"]) == 0:  # no evidence about the user: blend the model's prior with popularity
+            scores = scores + self.popularity[: scores.shape[0]].to(scores.device)
         if "query_scores" in r:
             q = r["query_scores"].to(scores.device)
             weight = float(r.get("query_weight", 1.0))
             z = (scores - scores.mean()) / scores.std().clamp(min=1e-6)
             scores = (1 - weight) * z + weight * (q - q.mean()) / q.std().clamp(min=1e-6)
+        return scores
+
+    def _slate(
+        self,
+        r: dict[str, Any],
+        scores: torch.Tensor,
+        state: torch.Tensor,
+        sampled: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        n = scores.shape[0]
+        history = torch.as_tensor(r["history"], dtype=torch.long, device=scores.device)
+        cold = len(r["history"]) == 0
+        scores = self._adjusted(r, scores)
         allowed = torch.ones(n, dtype=torch.bool, device=scores.device)
         if r.get("exclude_seen", True) and len(history):
             allowed[history] = False
@@ -254,10 +276,11 @@ class PolicyScorer:
         elif strategy == "epsilon":
             items, props = epsilon_slate(scores[None], k, float(r.get("epsilon", 0.1)), allowed[None])
             items, props = items[0], props[0]
-        else:
+        else:  # boltzmann; thompson: the same rule on a posterior sample of the scores
             t = float(r.get("temperature", 1.0))
             cfg = ExplorationConfig(strategy="boltzmann", temperature=t, temperature_final=t)
-            items, props = sample_slate(behaviour_log_probs(scores[None], cfg, allowed=allowed[None]), k)
+            drawn_from = scores if sampled is None else self._adjusted(r, sampled)
+            items, props = sample_slate(behaviour_log_probs(drawn_from[None], cfg, allowed=allowed[None]), k)
             items, props = items[0], props[0]
         if widened is None and self.exposure.cfg.enabled:
             self.exposure.record(items.cpu().numpy())

@@ -62,7 +62,7 @@ def test_recommend_known_user_with_explanations(app):
 
 def test_exploration_reports_propensities(app):
     c = app["client"]
-    for mode, extra in (("epsilon", {"epsilon": 0.5}), ("boltzmann", {"temperature": 2.0})):
+    for mode, extra in (("epsilon", {"epsilon": 0.5}), ("boltzmann", {"temperature": 2.0}), ("thompson", {})):
         body = c.post("/recommend", json={"user": "196", "k": 10, "exploration": mode, **extra}).json()
         props = [it["propensity"] for it in body["items"]]
         assert body["strategy"] == mode and all(0 < p <= 1 for p in props)
@@ -87,6 +87,47 @@ def test_ucb_shows_the_greedy_slate_at_zero_width_and_moves_off_what_a_replica_s
         slates.append(tuple(it["item_id"] for it in body["items"]))
     assert len(set(slates)) > 1
     assert any(set(s) - set(top) for s in slates)  # items outside the greedy top 5 got their turn
+
+
+def test_thompson_draws_by_the_boltzmann_rule_on_one_posterior_sample(finetuned_run, ml_dir):
+    """In process (the scorer is a plain class, what each replica holds): a Thompson slate's propensities
+    are the Boltzmann rule's on the MC-dropout sample the scorer drew (redrawn here from the same seed),
+    not on the mean scores; the answer carries the mean scores; a greedy row of the same batch is untouched."""
+    import torch
+
+    from rec_rllib.models.seqrec import pad_histories
+    from serving.scorer import PolicyScorer
+
+    scorer, t = PolicyScorer(finetuned_run, ml_dir), 0.5
+    model, items = scorer.model, scorer.items
+    history = list(range(0, 60, 3))
+    req = {"history": history, "k": 5, "strategy": "thompson", "temperature": t}
+    greedy = scorer.score_requests([{**req, "strategy": "greedy"}])[0]
+    with torch.inference_mode():
+        tokens, lengths = pad_histories([history], model.cfg.max_len)
+        state = model.user_state(tokens, lengths, items)
+        mean = model.scores_from_state(state, items)[0].float()
+    allowed = torch.ones_like(mean, dtype=torch.bool)
+    allowed[history] = False
+
+    def given(scores: torch.Tensor, slate: list[int]) -> list[float]:  # Plackett-Luce, position by position
+        p = torch.softmax(scores.masked_fill(~allowed, -torch.inf) / t, dim=0).double()
+        above = torch.cumsum(p[slate], 0) - p[slate]
+        return (p[slate] / (1 - above)).tolist()
+
+    off_mean = 0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        th, gr = scorer.score_requests([req, {**req, "strategy": "greedy"}])
+        assert th["strategy"] == "thompson" and gr["items"] == greedy["items"]
+        assert th["scores"] == pytest.approx(mean[th["items"]].tolist(), abs=1e-5)
+        torch.manual_seed(seed)  # the scorer's first draw: the dropout mask of the Thompson row
+        with torch.inference_mode():
+            draw = torch.nn.functional.dropout(state, p=model.cfg.dropout, training=True)
+            sample = model.scores_from_state(draw, items)[0].float()
+        assert th["propensities"] == pytest.approx(given(sample, th["items"]), rel=1e-4)
+        off_mean += th["propensities"] != pytest.approx(given(mean, th["items"]), rel=1e-3)
+    assert off_mean == 6  # the sample, not the mean, decided every slate
 
 
 def test_cold_start_user_gets_an_explored_popular_list(app):
