@@ -213,8 +213,13 @@ def main() -> None:
         "--ray-niceness", type=int, default=0,
         help="niceness of Ray's worker processes (Ray's own default: 15); the client shares the cores",
     )  # fmt: skip
+    p.add_argument(
+        "--exploration", default=BODY["exploration"], choices=["greedy", "epsilon", "boltzmann", "thompson", "ucb"],
+        help="the requests' exploration mode",
+    )  # fmt: skip
     p.add_argument("--out", default="runs/bench-serve")
     args = p.parse_args()
+    BODY["exploration"] = args.exploration
     sys.path.insert(0, str(Path(__file__).parent))
     # a replica answering HTTP itself drains for 30 s before it stops (for load balancers); not needed here.
     # Ray starts its workers at niceness 15 (so raylet and GCS keep the CPU); with the load generator on
