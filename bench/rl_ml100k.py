@@ -115,6 +115,8 @@ def main() -> None:
     p.add_argument("--algorithms", nargs="+", default=["appo"], choices=["appo", "ppo", "dqn"],
                    help="quality: algorithms to train (dqn explores epsilon-greedily only)")  # fmt: skip
     p.add_argument("--novelty-bonus", nargs="+", type=float, default=[0.0, 2.0], help="λ values (quality)")
+    p.add_argument("--horizon", type=int, default=EnvConfig.horizon,
+                   help="hit reward: the recommendation counts when among the next H logged items")  # fmt: skip
     p.add_argument("--envs-per-runner", type=int, default=32)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: RLTrainConfig's)")
     p.add_argument("--ref-kl-coeff", type=float, default=0.05)
@@ -140,7 +142,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ds = load_or_prepare("ml-100k")
-    env = EnvConfig(dataset=str(Path(dataset_path("ml-100k")).resolve()), window=50)
+    env = EnvConfig(dataset=str(Path(dataset_path("ml-100k")).resolve()), window=50, horizon=args.horizon)
     base = RLTrainConfig(
         finetuned=args.finetuned,
         num_envs_per_env_runner=args.envs_per_runner,
