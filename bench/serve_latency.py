@@ -43,6 +43,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from rec_rllib.explore import STRATEGIES  # noqa: E402
+
 BODY = {"user": "196", "k": 10, "exploration": "boltzmann", "temperature": 1.0}
 
 
@@ -214,7 +216,7 @@ def main() -> None:
         help="niceness of Ray's worker processes (Ray's own default: 15); the client shares the cores",
     )  # fmt: skip
     p.add_argument(
-        "--exploration", default=BODY["exploration"], choices=["greedy", "epsilon", "boltzmann", "thompson", "ucb"],
+        "--exploration", default=BODY["exploration"], choices=STRATEGIES,
         help="the requests' exploration mode",
     )  # fmt: skip
     p.add_argument("--out", default="runs/bench-serve")

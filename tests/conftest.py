@@ -140,18 +140,14 @@ class RayNodes:
         import contextlib
         import shutil
         import signal
-        import subprocess
         import time
 
         # One node at a time, workers first, as `ray stop` does it: SIGTERM to the node's `ray start
         # --block`, whose handler stops the node's processes in order (usually in seconds; SIGTERM to the
         # whole group instead waits out ~30 s timeouts), a grace period of 16 s (`ray stop`'s default),
-        # then SIGKILL to what is left of the group (below).
+        # then SIGKILL to its group; below, to the stragglers of every group.
         for proc in reversed(self.procs):
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=RAY_STOP_GRACE_S)
+            stop_group(proc, signal.SIGTERM, timeout=RAY_STOP_GRACE_S, leader_only=True)
         time.sleep(2)
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):
@@ -160,15 +156,18 @@ class RayNodes:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def stop_group(proc, sig: int, timeout: float = 60) -> None:
-    """Send ``sig`` to the process group a test started (``start_new_session=True``), wait for its leader,
-    and kill the group if it has not exited within ``timeout`` seconds."""
+def stop_group(proc, sig: int, timeout: float = 60, *, leader_only: bool = False) -> None:
+    """Send ``sig`` to the process group a test started (``start_new_session=True``; with ``leader_only``, to
+    its leader alone), wait for the leader, and kill the group if it has not exited within ``timeout`` s."""
     import contextlib
     import signal
     import subprocess
 
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
+        if leader_only:
+            proc.send_signal(sig)
+        else:
+            os.killpg(proc.pid, sig)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
