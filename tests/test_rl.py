@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -112,6 +113,66 @@ def test_policy_head_starts_at_the_fine_tuned_policy_and_learns_from_shipped_sta
     end_to_end = _module(finetuned_run, env, train_encoder=True, strategy="boltzmann")
     assert end_to_end.net.state_head is None
     assert all(p.requires_grad for p in end_to_end.net.encoder.parameters())
+
+
+def test_env_runners_ship_bootstrap_states_so_the_learner_never_encodes(finetuned_run, ml_dir, local_ray):
+    """APPO with the policy head: each chunk's appended bootstrap step gets the user state of its own final
+    observation from the env runner, and the learner's forward pass runs no encoder at all."""
+    from rec_rllib.rl.bootstrap import BOOTSTRAP_STATE_MISSING, FINAL_USER_STATE
+    from rec_rllib.rl.module import USER_STATE
+
+    cfg = RLTrainConfig(
+        finetuned=finetuned_run,
+        num_env_runners=1,
+        num_envs_per_env_runner=4,
+        train_batch_size=80,
+        rollout_fragment_length=20,
+        env=EnvConfig(dataset=ml_dir, window=30),
+    )
+    algo = build_algo_config(cfg, model_config_from_run(finetuned_run)).build_algo()
+    try:
+        chunks = []
+        for _ in range(4):  # enough calls for some episodes to end inside a chunk
+            chunks += algo.env_runner_group.foreach_env_runner(lambda r: r.sample(), local_env_runner=False)[
+                0
+            ]
+        assert any(e.is_terminated for e in chunks) and any(not e.is_terminated for e in chunks)
+        assert all((FINAL_USER_STATE in e.custom_data) != e.is_terminated for e in chunks)
+        # a chunk that arrives without its state (e.g. from an older runner) is flagged, and encoded
+        stripped = copy.deepcopy(chunks)
+        lost = next(i for i, e in enumerate(stripped) if not e.is_terminated)
+        del stripped[lost].custom_data[FINAL_USER_STATE]
+        learner = algo.learner_group._learner
+        module = learner.module["default_policy"]
+        batch, partial = (
+            learner._learner_connector(
+                rl_module=learner.module, batch={}, episodes=eps, shared_data={}, metrics=learner.metrics
+            )["default_policy"]
+            for eps in (chunks, stripped)
+        )
+    finally:
+        algo.stop()
+    appended = ~batch[Columns.LOSS_MASK].bool()
+    assert int(appended.sum()) == len(chunks) and not batch[BOOTSTRAP_STATE_MISSING].any()
+    bootstraps = appended.clone()
+    bootstraps[appended.nonzero().reshape(-1)] = ~torch.tensor([e.is_terminated for e in chunks])
+    obs = batch[Columns.OBS]
+    own = torch.as_tensor(module.encode_observations({k: v[bootstraps].numpy() for k, v in obs.items()}))
+    assert torch.allclose(batch[USER_STATE][bootstraps], own, atol=1e-5)
+    assert partial[BOOTSTRAP_STATE_MISSING].nonzero().reshape(-1).tolist() == [
+        appended.nonzero().reshape(-1)[lost].item()
+    ]
+    out = module.forward_train(partial)
+    assert torch.allclose(out[Columns.EMBEDDINGS][bootstraps], own, atol=1e-5)
+
+    def no_encoder(*_args, **_kwargs):
+        raise AssertionError("the learner ran the encoder")
+
+    module._batch_state = None
+    module._encode = no_encoder
+    out = module.forward_train(batch)
+    assert torch.isfinite(out[Columns.ACTION_DIST_INPUTS]).all()
+    assert torch.allclose(out[Columns.EMBEDDINGS][bootstraps], own, atol=1e-5)
 
 
 def test_exploration_log_probs_are_the_behaviour_distribution(finetuned_run, ml_dir):

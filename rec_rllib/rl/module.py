@@ -52,6 +52,7 @@ from torch import nn
 from rec_rllib.columns import Obs
 from rec_rllib.explore import ExplorationConfig, LinUCB, behaviour_log_probs
 from rec_rllib.models.seqrec import ModelConfig, TextSeqRec
+from rec_rllib.rl.bootstrap import BOOTSTRAP_STATE_MISSING
 
 REF_LOGITS = "reference_action_dist_inputs"
 USER_STATE = "user_state"
@@ -161,6 +162,14 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         lengths = obs[Obs.LENGTH].long().reshape(-1)  # [B]
         return net.user_state(tokens, lengths, self._item_matrix(net))
 
+    def encode_observations(self, obs: dict[str, Any]) -> np.ndarray:
+        """[B, H] user states of a batch of observations (numpy in, numpy out, no gradient): what the env
+        runners ship for the bootstrap steps (:func:`rec_rllib.rl.bootstrap.ship_final_user_states`)."""
+        device = self.net.known.device
+        with torch.no_grad():
+            tensors = {k: torch.as_tensor(np.asarray(v), device=device) for k, v in obs.items()}
+            return self._encode(tensors, self.net).float().cpu().numpy()
+
     def _user_state(self, batch: dict[str, Any]) -> torch.Tensor:
         """[B, H]: encoded here, or (frozen encoder) read from the batch, as the env runners computed it."""
         obs = batch[Columns.OBS]
@@ -174,14 +183,19 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         if cached is not None and cached[0] is shipped:  # forward_train, then forward_target: same batch
             return cached[1]
         state = shipped.float()
-        if Columns.LOSS_MASK in batch:
-            # RLlib appends one bootstrap step per episode chunk (outside the loss) that repeats the previous
-            # step's model outputs: encode those rows' own observations (a few per batch).
+        # RLlib appends one bootstrap step per episode chunk (outside the loss) that repeats the previous
+        # step's model outputs. The env runners ship those steps' own states (rec_rllib.rl.bootstrap) and the
+        # learner connector flags the rows still without one; lacking that column, every appended row is
+        # encoded here from its own observation.
+        redo = None
+        if BOOTSTRAP_STATE_MISSING in batch:
+            redo = batch[BOOTSTRAP_STATE_MISSING].bool().reshape(-1)
+        elif Columns.LOSS_MASK in batch:
             redo = ~batch[Columns.LOSS_MASK].bool().reshape(-1)
-            if bool(redo.any()):
-                with torch.no_grad():
-                    state = state.clone()
-                    state[redo] = self._encode({k: v[redo] for k, v in obs.items()}, self.net)
+        if redo is not None and bool(redo.any()):
+            with torch.no_grad():
+                state = state.clone()
+                state[redo] = self._encode({k: v[redo] for k, v in obs.items()}, self.net)
         self._batch_state = (shipped, state)
         return state
 

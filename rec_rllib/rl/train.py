@@ -115,6 +115,7 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
+    from rec_rllib.rl.bootstrap import FillBootstrapUserState, ship_final_user_states
     from rec_rllib.rl.learners import REF_KL_COEFF, RecAPPOLearner, RecPPOLearner
     from rec_rllib.rl.module import RecPolicyModule
 
@@ -179,6 +180,11 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
     else:
         # APPO samples asynchronously: an iteration lasts until at least one train batch was learned on
         # (otherwise `train()` returns at once while the runners are still producing their first episodes).
+        if not cfg.train_encoder:
+            # env runners encode each chunk's final observation, so the learner never runs the encoder
+            config = config.callbacks(on_sample_end=ship_final_user_states).training(
+                learner_connector=lambda *_spaces: FillBootstrapUserState()
+            )
         config = (
             config.reporting(
                 min_sample_timesteps_per_iteration=cfg.train_batch_size,
