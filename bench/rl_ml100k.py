@@ -5,8 +5,9 @@
     python bench/rl_ml100k.py --finetuned runs/ft --skip-throughput --iterations 40
 
 Throughput (APPO, the transformer policy, ``--envs-per-runner`` vectorised envs per runner, window 50):
-env steps/s sampled with 1 and 2 env runners, learner samples/s, seconds per iteration, peak memory of the
-driver (learner) and of an env runner, RLlib's own per-stage timers, and a cProfile of one ``sample()``
+env steps/s sampled with 1 and 2 env runners, learner samples/s, seconds per iteration, CPU milliseconds per
+env step of the driver (algorithm + learner) and of the env runners, peak memory of the driver (learner) and
+of an env runner, RLlib's own per-stage timers, and a cProfile of one ``sample()``
 call inside an env runner: what dominates the time. The policy head on the frozen encoder (the default)
 and, with ``--train-encoder-too``, end-to-end training.
 
@@ -28,6 +29,7 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
 import resource
 import sys
@@ -71,6 +73,15 @@ def _runner_profile(runner) -> dict:
     }
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def throughput(base: RLTrainConfig, runners: int, iterations: int) -> dict:
     cfg = replace(base, num_env_runners=runners, num_cpus_per_env_runner=0.5)
     algo = build_algo_config(cfg, model_config_from_run(cfg.finetuned)).build_algo()
@@ -79,6 +90,10 @@ def throughput(base: RLTrainConfig, runners: int, iterations: int) -> dict:
             algo.train()
         steps = trained = 0.0
         timers = {k: 0.0 for k in TIMERS}
+        # CPU time per env step of the driver (algorithm + learner) and of the env runners: what the 2-vs-1
+        # scaling on a small machine depends on (the machine's speed drifts between runs; this ratio less)
+        pids = algo.env_runner_group.foreach_env_runner(lambda _r: os.getpid(), local_env_runner=False)
+        cpu0 = [_cpu_seconds(p) for p in (os.getpid(), *pids)]
         t0 = time.perf_counter()
         for _ in range(iterations):
             r = algo.train()
@@ -88,6 +103,7 @@ def throughput(base: RLTrainConfig, runners: int, iterations: int) -> dict:
             for k in TIMERS:
                 timers[k] += float(er.get(k, 0.0))
         wall = time.perf_counter() - t0
+        cpu = [_cpu_seconds(p) - c for p, c in zip((os.getpid(), *pids), cpu0, strict=True)]
         prof = algo.env_runner_group.foreach_env_runner(_runner_profile, local_env_runner=False)[0]
     finally:
         algo.stop()
@@ -97,6 +113,8 @@ def throughput(base: RLTrainConfig, runners: int, iterations: int) -> dict:
         "env_steps_per_s": steps / wall,
         "learner_samples_per_s": trained / wall,
         "seconds_per_iteration": wall / iterations,
+        "driver_cpu_ms_per_step": 1e3 * cpu[0] / steps,
+        "runners_cpu_ms_per_step": 1e3 * sum(cpu[1:]) / steps,
         "timers_mean_s": {k: v / iterations for k, v in timers.items()},
         "runner_sample_steps_per_s": prof["steps"] / prof["seconds"],
         "runner_peak_rss_mb": prof["peak_rss_mb"],
@@ -159,13 +177,15 @@ def main() -> None:
             rows = [throughput(m, n, args.throughput_iterations) for m in modes for n in (1, 2)]
             print(f"\n## Throughput (APPO, transformer policy, {args.envs_per_runner} envs per runner)\n")
             print(
-                "| training | env runners | env steps/s | learner samples/s | s/iteration | runner peak RSS MB |"
+                "| training | env runners | env steps/s | learner samples/s | s/iteration | "
+                "CPU ms per env step: driver / runners | runner peak RSS MB |"
             )
-            print("|---|---:|---:|---:|---:|---:|")
+            print("|---|---:|---:|---:|---:|---:|---:|")
             for r in rows:
                 print(
                     f"| {r['mode']} | {r['env_runners']} | {r['env_steps_per_s']:.0f} | "
                     f"{r['learner_samples_per_s']:.0f} | {r['seconds_per_iteration']:.2f} | "
+                    f"{r['driver_cpu_ms_per_step']:.3f} / {r['runners_cpu_ms_per_step']:.3f} | "
                     f"{r['runner_peak_rss_mb']:.0f} |"
                 )
             for one, two in zip(rows[::2], rows[1::2], strict=True):

@@ -14,10 +14,10 @@ Two ways to train (``train_encoder`` in the model config):
 * ``False`` (default) — **policy head on a frozen encoder**: the fine-tuned sequence encoder and item
   representations stay fixed; RL trains the policy head of :class:`TextSeqRec` (a linear map on the user
   state, initialised to the identity, and a weight on the items' centred log train frequency, initially 0:
-  training starts at the fine-tuned policy) and the item score bias. Env
-  runners return the user state of every step (``USER_STATE``) with the action, so the learner never runs
-  the encoder except for the few bootstrap rows RLlib appends per episode chunk; the reference policy is the
-  same state through the initial head. The item matrix is computed once, not per forward pass.
+  training starts at the fine-tuned policy) and the item score bias. Env runners return the user state of
+  every step (``USER_STATE``) with the action, and (APPO) that of each chunk's bootstrap step
+  (:mod:`rec_rllib.rl.bootstrap`), so the learner never runs the encoder; the reference policy is the same
+  state through the initial head. The item matrix is computed once, not per forward pass.
 * ``True`` — every weight is trained: the learner re-encodes each batch (online, target and reference
   networks: about five encoder passes per sample, the price of end-to-end RL).
 
