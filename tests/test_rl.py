@@ -118,7 +118,7 @@ def test_policy_head_starts_at_the_fine_tuned_policy_and_learns_from_shipped_sta
 def test_env_runners_ship_bootstrap_states_so_the_learner_never_encodes(finetuned_run, ml_dir, local_ray):
     """APPO with the policy head: each chunk's appended bootstrap step gets the user state of its own final
     observation from the env runner, and the learner's forward pass runs no encoder at all."""
-    from rec_rllib.rl.bootstrap import BOOTSTRAP_STATE_MISSING, FINAL_USER_STATE
+    from rec_rllib.rl.connectors import BOOTSTRAP_STATE_MISSING, FINAL_USER_STATE
     from rec_rllib.rl.module import USER_STATE
 
     cfg = RLTrainConfig(
@@ -138,6 +138,9 @@ def test_env_runners_ship_bootstrap_states_so_the_learner_never_encodes(finetune
             ]
         assert any(e.is_terminated for e in chunks) and any(not e.is_terminated for e in chunks)
         assert all((FINAL_USER_STATE in e.custom_data) != e.is_terminated for e in chunks)
+        # the catalogue-wide distribution inputs stay in the runner; the behaviour log-probability travels
+        assert all(set(e.extra_model_outputs) >= {Columns.ACTION_LOGP, USER_STATE} for e in chunks)
+        assert not any(Columns.ACTION_DIST_INPUTS in e.extra_model_outputs for e in chunks)
         # a chunk that arrives without its state (e.g. from an older runner) is flagged, and encoded
         stripped = copy.deepcopy(chunks)
         lost = next(i for i, e in enumerate(stripped) if not e.is_terminated)

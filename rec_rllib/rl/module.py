@@ -16,7 +16,7 @@ Two ways to train (``train_encoder`` in the model config):
   state, initialised to the identity, and a weight on the items' centred log train frequency, initially 0:
   training starts at the fine-tuned policy) and the item score bias. Env runners return the user state of
   every step (``USER_STATE``) with the action, and (APPO) that of each chunk's bootstrap step
-  (:mod:`rec_rllib.rl.bootstrap`), so the learner never runs the encoder; the reference policy is the same
+  (:mod:`rec_rllib.rl.connectors`), so the learner never runs the encoder; the reference policy is the same
   state through the initial head. The item matrix is computed once, not per forward pass.
 * ``True`` — every weight is trained: the learner re-encodes each batch (online, target and reference
   networks: about five encoder passes per sample, the price of end-to-end RL).
@@ -52,7 +52,7 @@ from torch import nn
 from rec_rllib.columns import Obs
 from rec_rllib.explore import ExplorationConfig, LinUCB, behaviour_log_probs
 from rec_rllib.models.seqrec import ModelConfig, TextSeqRec
-from rec_rllib.rl.bootstrap import BOOTSTRAP_STATE_MISSING
+from rec_rllib.rl.connectors import BOOTSTRAP_STATE_MISSING
 
 REF_LOGITS = "reference_action_dist_inputs"
 USER_STATE = "user_state"
@@ -164,7 +164,7 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
 
     def encode_observations(self, obs: dict[str, Any]) -> np.ndarray:
         """[B, H] user states of a batch of observations (numpy in, numpy out, no gradient): what the env
-        runners ship for the bootstrap steps (:func:`rec_rllib.rl.bootstrap.ship_final_user_states`)."""
+        runners ship for the bootstrap steps (:func:`rec_rllib.rl.connectors.ship_final_user_states`)."""
         device = self.net.known.device
         with torch.no_grad():
             tensors = {k: torch.as_tensor(np.asarray(v), device=device) for k, v in obs.items()}
@@ -184,7 +184,7 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
             return cached[1]
         state = shipped.float()
         # RLlib appends one bootstrap step per episode chunk (outside the loss) that repeats the previous
-        # step's model outputs. The env runners ship those steps' own states (rec_rllib.rl.bootstrap) and the
+        # step's model outputs. The env runners ship those steps' own states (rec_rllib.rl.connectors) and the
         # learner connector flags the rows still without one; lacking that column, every appended row is
         # encoded here from its own observation.
         redo = None

@@ -115,7 +115,11 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
-    from rec_rllib.rl.bootstrap import FillBootstrapUserState, ship_final_user_states
+    from rec_rllib.rl.connectors import (
+        DropActionDistInputs,
+        FillBootstrapUserState,
+        ship_final_user_states,
+    )
     from rec_rllib.rl.learners import REF_KL_COEFF, RecAPPOLearner, RecPPOLearner
     from rec_rllib.rl.module import RecPolicyModule
 
@@ -180,6 +184,8 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
     else:
         # APPO samples asynchronously: an iteration lasts until at least one train batch was learned on
         # (otherwise `train()` returns at once while the runners are still producing their first episodes).
+        # the catalogue-wide behaviour-distribution inputs stay in the runners (APPO reads the log-probability)
+        config = config.env_runners(module_to_env_connector=lambda *_args: DropActionDistInputs())
         if not cfg.train_encoder:
             # env runners encode each chunk's final observation, so the learner never runs the encoder
             config = config.callbacks(on_sample_end=ship_final_user_states).training(

@@ -1,4 +1,6 @@
-"""The bootstrap user state: env runners encode it, so the learner of the policy head never runs the encoder.
+"""What APPO's env runners send the learner: the bootstrap user state, and nothing the learner does not read.
+
+**The bootstrap user state**: env runners encode it, so the learner of the policy head never runs the encoder.
 
 RLlib's APPO learner appends one artificial step to every episode chunk (``AddOneTsToEpisodesAndTruncate``:
 the chunk's final observation, whose value V-trace bootstraps from) and copies the previous step's model
@@ -12,6 +14,13 @@ pass (:func:`ship_final_user_states`, an ``on_sample_end`` callback), and sends 
 ``custom_data``. :class:`FillBootstrapUserState`, a learner connector piece that runs right after RLlib's
 ``AddOneTsToEpisodesAndTruncate``, writes it into the appended step and marks the rows that still need
 encoding (chunks that arrived without it) in the ``BOOTSTRAP_STATE_MISSING`` column, which the module reads.
+
+**No action-distribution inputs in the episodes**: RLlib stores every model output of a step in the episode,
+among them the behaviour distribution's inputs, a catalogue-wide vector (1,682 floats a step on
+MovieLens-100K, as large as the rest of the step together). APPO's loss reads only the behaviour
+log-probability of the action taken, so :class:`DropActionDistInputs`, the last custom piece of the env
+runners' module-to-env pipeline (after RLlib's ``GetActions`` sampled the action and its log-probability),
+drops the vector before it reaches the episode. PPO keeps it (its KL term reads it).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from ray.rllib.connectors.connector_v2 import ConnectorV2
+from ray.rllib.core.columns import Columns
 
 FINAL_USER_STATE = "final_user_state"
 """``custom_data`` key of an episode chunk: the user state of its final observation ([H] float32)."""
@@ -70,4 +80,13 @@ class FillBootstrapUserState(ConnectorV2):
             # a terminated chunk's bootstrap value is multiplied by 0: its (stale) state is never used
             missing = final is None and not episode.is_terminated
             self.add_n_batch_items(batch, BOOTSTRAP_STATE_MISSING, [False] * (n - 1) + [missing], n, episode)
+        return batch
+
+
+class DropActionDistInputs(ConnectorV2):
+    """Module-to-env piece (after ``GetActions``): removes ``ACTION_DIST_INPUTS`` from what the env runner
+    records with each step (APPO's learner never reads it)."""
+
+    def __call__(self, *, rl_module: Any, batch: dict[str, Any], episodes: list[Any], **kwargs) -> Any:
+        batch.pop(Columns.ACTION_DIST_INPUTS, None)
         return batch
