@@ -45,7 +45,7 @@ def ship_final_user_states(*, env_runner, samples, **kwargs) -> None:
     module = getattr(env_runner, "module", None)
     if not isinstance(module, RecPolicyModule) or module.train_encoder:
         return
-    chunks = [e for e in samples if len(e) > 0 and not e.is_terminated]
+    chunks = [e for e in samples if not e.is_terminated]  # RLlib returns no empty chunk
     if not chunks:
         return
     last = [e.get_observations(-1) for e in chunks]

@@ -182,8 +182,6 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
             rollout_fragment_length="auto"
         )
     else:
-        # APPO samples asynchronously: an iteration lasts until at least one train batch was learned on
-        # (otherwise `train()` returns at once while the runners are still producing their first episodes).
         # the catalogue-wide behaviour-distribution inputs stay in the runners (APPO reads the log-probability)
         config = config.env_runners(module_to_env_connector=lambda *_args: DropActionDistInputs())
         if not cfg.train_encoder:
@@ -191,6 +189,8 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
             config = config.callbacks(on_sample_end=ship_final_user_states).training(
                 learner_connector=lambda *_spaces: FillBootstrapUserState()
             )
+        # APPO samples asynchronously: an iteration lasts until at least one train batch was learned on
+        # (otherwise `train()` returns at once while the runners are still producing their first episodes).
         config = (
             config.reporting(
                 min_sample_timesteps_per_iteration=cfg.train_batch_size,
