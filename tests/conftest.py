@@ -146,14 +146,56 @@ class RayNodes:
         # --block`, whose handler stops the node's processes in order (usually in seconds; SIGTERM to the
         # whole group instead waits out ~30 s timeouts), a grace period of 16 s (`ray stop`'s default),
         # then SIGKILL to its group; below, to the stragglers of every group.
+        raylets = _raylets_in_groups({proc.pid for proc in self.procs})
         for proc in reversed(self.procs):
             stop_group(proc, signal.SIGTERM, timeout=RAY_STOP_GRACE_S, leader_only=True)
         time.sleep(2)
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # stragglers of each group, if any
+        # Workers of these raylets that left the group (seen once: RLlib's EnvRunnerStateServer actor
+        # outlived its head, parent 1): Ray gives every worker its raylet's pid in RAY_RAYLET_PID.
+        for pid in _workers_of(raylets):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.procs = []
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _proc_ids() -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+
+
+def _raylets_in_groups(groups: set[int]) -> set[int]:
+    """Pids of the ``raylet`` processes in the given process groups (Linux /proc; empty elsewhere)."""
+    found = set()
+    for pid in _proc_ids() if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:  # gone, or not ours to read
+            continue
+        comm, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        if comm == "raylet" and int(fields[2]) in groups:  # fields: state, ppid, pgrp, ...
+            found.add(pid)
+    return found
+
+
+def _workers_of(raylets: set[int]) -> list[int]:
+    """Live processes whose environment names one of ``raylets`` as their raylet (Ray's workers)."""
+    if not raylets:
+        return []
+    marks = {f"RAY_RAYLET_PID={pid}".encode() for pid in raylets}
+    found = []
+    for pid in _proc_ids():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = set(f.read().split(b"\0"))
+        except OSError:
+            continue
+        if env & marks:
+            found.append(pid)
+    return found
 
 
 def stop_group(proc, sig: int, timeout: float = 60, *, leader_only: bool = False) -> None:

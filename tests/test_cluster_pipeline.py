@@ -47,6 +47,9 @@ def test_pipeline_script_on_three_nodes(tmp_path):
 
 
 def test_training_resumes_from_its_checkpoint_after_the_head_restarts(tmp_path, finetuned_run, ml_dir):
+    """`ray start --head` on 127.0.0.1 and `ray job submit` of jobs.train exactly as a user types them; the
+    head is stopped (only the processes the test started), a new head started, and a second job resumes
+    from the first one's checkpoint."""
     out = tmp_path / "rl"
     train = ["python", "-m", "jobs.train", "--address", "auto", "--finetuned", finetuned_run, "--dataset", ml_dir,
              "--out", str(out), "--num-env-runners", "1", "--checkpoint-every", "1", *TINY_TRAIN]  # fmt: skip
@@ -56,7 +59,7 @@ def test_training_resumes_from_its_checkpoint_after_the_head_restarts(tmp_path, 
         first.submit([*train, "--iterations", "2"])
     finally:
         first.stop()  # the head goes away between the jobs
-    assert (out / "checkpoint").is_dir()
+    assert (out / "checkpoint").is_dir() and (out / "train_metrics.csv").exists()
     second = RayNodes(head_cpus=2)
     try:
         second.start_head()

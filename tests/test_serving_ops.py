@@ -23,6 +23,17 @@ def _replica_states(deployment: str = "PolicyScorer") -> dict[str, int]:
     return {str(k): int(v) for k, v in status.replica_states.items()}
 
 
+def _alive_replica_pids(deployment: str) -> set[int]:
+    """Pids of the deployment's live replica processes, from the GCS (no dashboard needed)."""
+    from ray._private.state import actors
+
+    return {
+        a["Pid"]
+        for a in actors().values()
+        if a["State"] == "ALIVE" and a["ActorClassName"] == f"ServeReplica:{APP_NAME}:{deployment}"
+    }
+
+
 @pytest.fixture
 def gpu_ray():
     """Ray with one *logical* GPU: Ray schedules fractional-GPU replicas; torch falls back to the CPU."""
@@ -187,8 +198,6 @@ def test_killed_replica_under_load_fails_over_and_loses_no_acknowledged_feedback
     import os
     import signal
 
-    from ray._private.state import actors
-
     from serving.feedback import read_feedback
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
@@ -237,14 +246,17 @@ def test_killed_replica_under_load_fails_over_and_loses_no_acknowledged_feedback
                 pool.submit(client, w)
             try:
                 time.sleep(4)
-                replicas = [a["Pid"] for a in actors().values()  # from the GCS (no dashboard needed)
-                            if a["State"] == "ALIVE" and a["ActorClassName"].startswith("ServeReplica:")
-                            and a["ActorClassName"].endswith(":RecIngress")]  # fmt: skip
+                replicas = sorted(_alive_replica_pids("RecIngress"))
                 assert len(replicas) == 2, replicas
                 os.kill(replicas[0], signal.SIGKILL)  # a replica of the app this test started
                 acked_at_kill = len(acked)
                 deadline = time.time() + 90
-                while time.time() < deadline and _replica_states("RecIngress").get("RUNNING", 0) < 2:
+                # replaced: a new replica process is alive and Serve counts two running (right after the
+                # kill it may still count the dead one as running until its health check fails)
+                while time.time() < deadline and not (
+                    len(_alive_replica_pids("RecIngress") - {replicas[0]}) == 2
+                    and _replica_states("RecIngress").get("RUNNING", 0) == 2
+                ):
                     time.sleep(1)
                 time.sleep(3)
             finally:
