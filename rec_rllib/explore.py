@@ -19,7 +19,8 @@ probabilities.
   ``alpha * sqrt(u^T A_i^-1 u)`` for the unit user state u, with ``A_i`` the ridge Gram matrix of the
   states the item was shown to; the arg-max of scores + bonus is shown (deterministic given the state and the
   statistics, so propensity 1). The policy's score is the mean, so the statistics need only what was
-  shown, not its reward. :class:`LinUCB` keeps them (RL env runners and serving replicas keep their own).
+  shown, not its reward. :class:`LinUCB` keeps them (RL training: the learner, for all env runners, synced to
+  them with the weights; serving: each replica its own).
 """
 
 from __future__ import annotations
@@ -174,10 +175,20 @@ class LinUCB:
     NeuralTS use at scale (Zhou et al., ICML 2020; Zhang et al., ICLR 2021): O(n·d) memory and one [B, d] x
     [d, n] product per batch. The full matrices cost O(n·d²) memory (220 MB for 1,682 items at d = 128) and
     B·n·d² per batch; both are exact when the states are axis-aligned.
+
+    ``a_diag`` (diagonal only): keep the statistics in a given [n, d] tensor, updated in place (of any float
+    dtype and device; e.g. an RLModule buffer, so they travel with its weights and checkpoints).
     """
 
     def __init__(
-        self, n_items: int, dim: int, *, alpha: float = 0.5, ridge: float = 1.0, diagonal: bool = True
+        self,
+        n_items: int,
+        dim: int,
+        *,
+        alpha: float = 0.5,
+        ridge: float = 1.0,
+        diagonal: bool = True,
+        a_diag: torch.Tensor | None = None,
     ):
         if alpha < 0 or ridge <= 0:
             raise ValueError(f"LinUCB needs alpha >= 0 and ridge > 0, got alpha={alpha}, ridge={ridge}")
@@ -186,7 +197,13 @@ class LinUCB:
         self.diagonal = diagonal
         self.shown = 0
         """(state, item) pairs recorded so far."""
-        if diagonal:
+        if a_diag is not None:
+            if not diagonal or tuple(a_diag.shape) != (n_items, dim):
+                raise ValueError(
+                    f"a_diag must be the [{n_items}, {dim}] diagonal statistics, got {tuple(a_diag.shape)}"
+                )
+            self.a_diag = a_diag
+        elif diagonal:
             self.a_diag = torch.full((n_items, dim), ridge, dtype=torch.float64)  # [n, d]
         else:
             self.a_inv = (torch.eye(dim, dtype=torch.float64) / ridge).expand(n_items, dim, dim).clone()
@@ -199,22 +216,26 @@ class LinUCB:
         """[B, d] -> [B, n] exploration bonus alpha * sqrt(u^T A_i^-1 u), u = s / |s|."""
         s = self._unit(states)
         if self.diagonal:
-            quad = (s * s) @ self.a_diag.reciprocal().T
+            quad = (s * s) @ self.a_diag.reciprocal().to("cpu", torch.float64).T
         else:
             quad = torch.einsum("bd,nde,be->bn", s, self.a_inv, s)
         return (self.alpha * quad.clamp(min=0.0).sqrt()).to(states.dtype).to(states.device)
 
-    def update(self, states: torch.Tensor, items: torch.Tensor) -> None:
+    def update(self, states: torch.Tensor, items: torch.Tensor, *, weight: float = 1.0) -> None:
         """Record that row b's items ([B] or [B, k]) were shown to state b: A_i += s s^T for each pair
-        (Sherman-Morrison on the inverse for the full matrices)."""
+        (Sherman-Morrison on the inverse for the full matrices); ``weight`` counts each pair that many times
+        (diagonal only: e.g. a sample standing for several)."""
         s = self._unit(states)
         items = torch.as_tensor(items).reshape(len(s), -1).cpu()
         rows = s.repeat_interleave(items.shape[1], dim=0)
         flat = items.reshape(-1)
         self.shown += len(flat)
         if self.diagonal:
-            self.a_diag.index_add_(0, flat, rows * rows)
+            a = self.a_diag
+            a.index_add_(0, flat.to(a.device), (weight * rows * rows).to(a.device, a.dtype))
             return
+        if weight != 1.0:
+            raise ValueError("weighted updates need the diagonal statistics")
         for row, i in zip(rows, flat.tolist(), strict=True):
             a = self.a_inv[i]
             v = a @ row
@@ -230,7 +251,8 @@ class LinUCB:
         if n_new <= 0:
             return
         if self.diagonal:
-            fresh = torch.full((n_new, self.a_diag.shape[1]), self.ridge, dtype=torch.float64)
+            a = self.a_diag
+            fresh = torch.full((n_new, a.shape[1]), self.ridge, dtype=a.dtype, device=a.device)
             self.a_diag = torch.cat([self.a_diag, fresh])
         else:
             d = self.a_inv.shape[1]

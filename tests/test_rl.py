@@ -18,7 +18,7 @@ from ray.rllib.core.learner.training_data import TrainingData
 from rec_rllib.columns import Obs
 from rec_rllib.env import EnvConfig, LogReplayEnv
 from rec_rllib.explore import ExplorationConfig
-from rec_rllib.rl.module import MASK_VALUE, RecPolicyModule, model_config_from_run
+from rec_rllib.rl.module import MASK_VALUE, UCB_STATS, RecPolicyModule, model_config_from_run
 from rec_rllib.rl.policy import load_policy_module
 from rec_rllib.rl.replay_eval import (
     current_module,
@@ -117,12 +117,14 @@ def test_policy_head_starts_at_the_fine_tuned_policy_and_learns_from_shipped_sta
 
 def test_env_runners_ship_bootstrap_states_so_the_learner_never_encodes(finetuned_run, ml_dir, local_ray):
     """APPO with the policy head: each chunk's appended bootstrap step gets the user state of its own final
-    observation from the env runner, and the learner's forward pass runs no encoder at all."""
+    observation from the env runner, and the learner's forward pass runs no encoder at all. Under UCB the
+    learner connector adds each real step (not the appended ones) once to the module's synced statistics."""
     from rec_rllib.rl.connectors import BOOTSTRAP_STATE_MISSING, FINAL_USER_STATE
     from rec_rllib.rl.module import USER_STATE
 
     cfg = RLTrainConfig(
         finetuned=finetuned_run,
+        exploration=ExplorationConfig(strategy="ucb"),
         num_env_runners=1,
         num_envs_per_env_runner=4,
         train_batch_size=80,
@@ -147,6 +149,7 @@ def test_env_runners_ship_bootstrap_states_so_the_learner_never_encodes(finetune
         del stripped[lost].custom_data[FINAL_USER_STATE]
         learner = algo.learner_group._learner
         module = learner.module["default_policy"]
+        assert torch.equal(getattr(module, UCB_STATS), torch.ones_like(getattr(module, UCB_STATS)))
         batch, partial = (
             learner._learner_connector(
                 rl_module=learner.module, batch={}, episodes=eps, shared_data={}, metrics=learner.metrics
@@ -157,6 +160,10 @@ def test_env_runners_ship_bootstrap_states_so_the_learner_never_encodes(finetune
         algo.stop()
     appended = ~batch[Columns.LOSS_MASK].bool()
     assert int(appended.sum()) == len(chunks) and not batch[BOOTSTRAP_STATE_MISSING].any()
+    # two pipeline calls (chunks, stripped), each real step counted once per call: unit states add 1 a pair
+    shown = torch.bincount(batch[Columns.ACTIONS][~appended].long(), minlength=module.net.n_items)
+    recorded = (getattr(module, UCB_STATS) - 1).sum(-1)
+    assert shown.sum() > 0 and torch.allclose(recorded, 2 * shown.float(), atol=1e-3)
     bootstraps = appended.clone()
     bootstraps[appended.nonzero().reshape(-1)] = ~torch.tensor([e.is_terminated for e in chunks])
     obs = batch[Columns.OBS]
@@ -288,7 +295,7 @@ def test_training_checkpoint_restore_and_standalone_module(
         train_encoder=train_encoder,
         exploration=ExplorationConfig(strategy="epsilon", epsilon=0.2)
         if algorithm == "dqn"
-        else ExplorationConfig(strategy="ucb" if train_encoder else "boltzmann"),
+        else ExplorationConfig(strategy="ucb" if algorithm == "appo" else "boltzmann"),
         finetuned=finetuned_run,
         iterations=2,
         num_env_runners=1,
@@ -318,6 +325,15 @@ def test_training_checkpoint_restore_and_standalone_module(
         a = module.forward_inference(dict(batch))[Columns.ACTION_DIST_INPUTS].argmax(-1)
         b = restored.forward_inference(dict(batch))[Columns.ACTION_DIST_INPUTS].argmax(-1)
         assert torch.equal(a, b)
+        if algorithm == "appo" and not train_encoder:
+            # UCB statistics: accumulated from the runners' steps, saved, and back in the runner on restore
+            saved = getattr(module, UCB_STATS)
+            pairs = float((saved - 1).sum())  # each (unit state, item) pair adds 1
+            assert pairs >= cfg.train_batch_size and abs(pairs - round(pairs)) < 1e-2
+            in_runner = algo.env_runner_group.foreach_env_runner(
+                lambda r: getattr(r.module, UCB_STATS).numpy().copy(), local_env_runner=False
+            )
+            assert np.allclose(in_runner[0], saved.numpy())
         if algorithm == "appo":  # a package whose episodes all died with their runner: skipped, no crash
             lost = TrainingData(episodes_refs=[ray.put([])])
             assert algo.learner_group.update(training_data=lost, timesteps={}) == [{}]
@@ -419,23 +435,6 @@ def test_env_runners_on_two_nodes_replay_disjoint_shards(finetuned_run, ml_dir, 
     assert not a & b and len(a | b) == 943  # disjoint, and together every train user
     for i in info:
         assert i["seen"] and set(i["seen"]) <= set(i["shard"])  # each replays only its own users
-
-
-@pytest.mark.slow
-def test_ray_job_submit_trains_on_a_started_head(finetuned_run, ml_dir, tmp_path):
-    """`ray start --head` on 127.0.0.1, then `ray job submit` of jobs.train exactly as a user types it."""
-    from tests.conftest import RayNodes
-
-    out_dir = tmp_path / "rl"
-    nodes = RayNodes(head_cpus=2)
-    try:
-        nodes.start_head()
-        nodes.submit(["python", "-m", "jobs.train", "--address", "auto", "--finetuned", finetuned_run,
-                      "--dataset", ml_dir, "--out", str(out_dir), "--iterations", "1", "--num-env-runners", "1",
-                      "--num-envs-per-env-runner", "2", "--train-batch-size", "80", "--window", "30"])  # fmt: skip
-    finally:
-        nodes.stop()  # exactly the processes it started
-    assert (out_dir / "checkpoint").is_dir() and (out_dir / "train_metrics.csv").exists()
 
 
 @pytest.mark.slow

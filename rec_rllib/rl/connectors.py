@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core.columns import Columns
 
@@ -80,6 +81,38 @@ class FillBootstrapUserState(ConnectorV2):
             # a terminated chunk's bootstrap value is multiplied by 0: its (stale) state is never used
             missing = final is None and not episode.is_terminated
             self.add_n_batch_items(batch, BOOTSTRAP_STATE_MISSING, [False] * (n - 1) + [missing], n, episode)
+        return batch
+
+
+class RecordUCBStatistics(ConnectorV2):
+    """Learner connector piece (UCB on the frozen encoder, after ``AddOneTsToEpisodesAndTruncate``): adds
+    every real step's (user state, action) to the module's synced LinUCB statistics
+    (:meth:`~rec_rllib.rl.module.RecPolicyModule.record_ucb`), which then reach the env runners with the
+    weights and the checkpoints with them. The connector runs once per train batch (APPO's circular
+    buffer may then learn on the batch twice: the statistics count it once). With ``num_learners`` learners
+    each sees about 1/n of the batches and weighs its steps n-fold; runners read learner 0's statistics."""
+
+    def __init__(self, *args, num_learners: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight = float(max(1, num_learners))
+
+    def __call__(self, *, rl_module: Any, batch: dict[str, Any], episodes: list[Any], **kwargs) -> Any:
+        from ray.rllib.core import DEFAULT_MODULE_ID
+
+        from rec_rllib.rl.module import USER_STATE
+
+        states, actions = [], []
+        for episode in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
+            real = slice(0, len(episode) - 1)  # the appended bootstrap step was never acted on
+            states.append(np.asarray(episode.get_extra_model_outputs(USER_STATE, indices=real)))
+            actions.append(np.asarray(episode.get_actions(indices=real)))
+        if states:
+            module = rl_module[DEFAULT_MODULE_ID].unwrapped()
+            module.record_ucb(
+                torch.as_tensor(np.concatenate(states)),
+                torch.as_tensor(np.concatenate(actions)),
+                weight=self.weight,
+            )
         return batch
 
 

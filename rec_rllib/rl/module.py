@@ -23,9 +23,13 @@ Two ways to train (``train_encoder`` in the model config):
 
 ``_forward_exploration`` turns the logits into the behaviour distribution of the configured exploration
 strategy (:mod:`rec_rllib.explore`), so the log-probabilities RLlib records are the true propensities.
-UCB acts on logits + bonus, arg-max (propensity 1): each env runner's module keeps its own diagonal
-LinUCB statistics of the (user state, item) pairs it acted on; they are runner state, not weights (a
-restored or restarted runner starts them afresh).
+UCB acts on logits + bonus, arg-max (propensity 1), from diagonal LinUCB statistics of the (user state,
+item) pairs acted on. With the frozen encoder they are a module buffer (``ucb_gram_diag``) that the learner
+accumulates from every runner's steps it trains on (:class:`~rec_rllib.rl.connectors.RecordUCBStatistics`,
+each step once) and that travels with the weights: each runner sees what *all* runners showed (up to the
+batches still in flight; it adds its own steps in between syncs), a restarted runner gets them back with the
+weights, and checkpoints keep them. End to end (``train_encoder``) each runner keeps its own, unsaved (the
+user states move as the encoder trains).
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ from rec_rllib.models.seqrec import ModelConfig, TextSeqRec
 from rec_rllib.rl.connectors import BOOTSTRAP_STATE_MISSING
 
 REF_LOGITS = "reference_action_dist_inputs"
+UCB_STATS = "ucb_gram_diag"
+"""Buffer of the frozen-encoder UCB policy: the synced diagonal LinUCB statistics, [n_items, H]."""
 USER_STATE = "user_state"
 BEHAVIOUR_TEMPERATURE = "behaviour_temperature"
 MASK_VALUE = -1e9
@@ -123,8 +129,11 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
                 self.net.set_popularity(np.asarray(mc["item_counts"]))
         self._items: torch.Tensor | None = None  # item matrix cache (no-grad paths; frozen items)
         self._batch_state: tuple[torch.Tensor, torch.Tensor] | None = None  # (shipped, completed) states
-        self._ucb: LinUCB | None = None  # UCB statistics of this module's own actions (env runners)
+        self._ucb: LinUCB | None = None  # UCB statistics of the actions taken
         hidden = self.net.cfg.hidden_size
+        if self.exploration.strategy == "ucb" and not self.train_encoder:
+            # [n_items, H] diagonal Gram statistics (ridge 1 = never shown): synced, checkpointed
+            self.register_buffer(UCB_STATS, torch.ones(self.net.n_items, hidden))
         if not self.inference_only:
             vh = int(mc.get("value_hidden", 64))
             self.value_head = nn.Sequential(nn.Linear(hidden, vh), nn.Tanh(), nn.Linear(vh, 1))
@@ -261,9 +270,18 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         return out
 
     def _ucb_stats(self, state: torch.Tensor) -> LinUCB:
+        shared = getattr(self, UCB_STATS, None)
         if self._ucb is None:
-            self._ucb = LinUCB(self.net.n_items, state.shape[-1], alpha=self.exploration.ucb_alpha)
+            self._ucb = LinUCB(
+                self.net.n_items, state.shape[-1], alpha=self.exploration.ucb_alpha, a_diag=shared
+            )
+        elif shared is not None:
+            self._ucb.a_diag = shared  # the buffer is replaced when the module moves to another device
         return self._ucb
+
+    def record_ucb(self, states: torch.Tensor, items: torch.Tensor, *, weight: float = 1.0) -> None:
+        """Learner side: add (state, item) pairs, each counted ``weight`` times, to the synced statistics."""
+        self._ucb_stats(states).update(states, items, weight=weight)
 
     @override(TorchRLModule)
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:

@@ -118,6 +118,7 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
     from rec_rllib.rl.connectors import (
         DropActionDistInputs,
         FillBootstrapUserState,
+        RecordUCBStatistics,
         ship_final_user_states,
     )
     from rec_rllib.rl.learners import REF_KL_COEFF, RecAPPOLearner, RecPPOLearner
@@ -185,9 +186,16 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
         # the catalogue-wide behaviour-distribution inputs stay in the runners (APPO reads the log-probability)
         config = config.env_runners(module_to_env_connector=lambda *_args: DropActionDistInputs())
         if not cfg.train_encoder:
-            # env runners encode each chunk's final observation, so the learner never runs the encoder
+            # env runners encode each chunk's final observation, so the learner never runs the encoder;
+            # UCB: the learner keeps the statistics of every runner's actions (synced to them, checkpointed)
+            def learner_pieces(*_spaces) -> list:
+                pieces = [FillBootstrapUserState()]
+                if cfg.exploration.strategy == "ucb":
+                    pieces.append(RecordUCBStatistics(num_learners=cfg.num_learners))
+                return pieces
+
             config = config.callbacks(on_sample_end=ship_final_user_states).training(
-                learner_connector=lambda *_spaces: FillBootstrapUserState()
+                learner_connector=learner_pieces
             )
         # APPO samples asynchronously: an iteration lasts until at least one train batch was learned on
         # (otherwise `train()` returns at once while the runners are still producing their first episodes).
