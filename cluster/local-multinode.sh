@@ -18,6 +18,9 @@ OUT=$(realpath -m "${OUT:-runs/multinode}")
 FINETUNE_ARGS=${FINETUNE_ARGS:-"--max-minutes 3"}
 TRAIN_ARGS=${TRAIN_ARGS:-"--iterations 10"}
 export RAY_AUTH_MODE=token
+# the nodes stop all together at the end: no drain on SIGTERM (Ray's default waits up to 30 s per node for
+# Serve to move replicas to nodes that stay)
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
 unset RAY_ADDRESS
 mkdir -p "$OUT"
 TMP=$(mktemp -d /tmp/rmn-XXXXXX)  # short: Ray's socket paths have a length limit

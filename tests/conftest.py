@@ -77,7 +77,9 @@ class RayNodes:
         import tempfile
 
         self.bindir = str(Path(sys.executable).parent)
-        self.env = dict(os.environ, RAY_AUTH_MODE="token")
+        # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: a node's SIGTERM handler otherwise first drains it (for up to
+        # 30 s, so that Serve can move replicas to nodes that stay); :meth:`stop` ends every node at once
+        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
         self.env["PATH"] = self.bindir + os.pathsep + os.environ.get("PATH", "")
         self.env.pop("RAY_ADDRESS", None)
         self.temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")  # short: socket paths have a length limit
