@@ -31,6 +31,11 @@ stop_all() {
   if [ -n "${DASH:-}" ] && [ -z "${SERVE_STOPPED:-}" ]; then
     serve shutdown -y --address "http://127.0.0.1:$DASH" >/dev/null 2>&1
   fi
+  # the raylets of our nodes: their workers carry RAY_RAYLET_PID=<raylet pid> (one that left the process
+  # group, e.g. RLlib's EnvRunnerStateServer once, is found by it below)
+  local raylets groups
+  groups=$(IFS=,; echo "${PIDS[*]}")
+  raylets=$(ps -o pid=,comm= --sid "$groups" 2>/dev/null | awk '$2 == "raylet" {print $1}')
   # one node at a time, workers first, as `ray stop` does it: SIGTERM to the node's `ray start --block`, which
   # stops the node's processes in order (usually in seconds; SIGTERM to the whole group instead waits out
   # ~30 s timeouts), a grace period of 16 s (`ray stop`'s default), then SIGKILL to what is left of the group
@@ -38,6 +43,11 @@ stop_all() {
     kill -TERM "${PIDS[i]}" 2>/dev/null
     for _ in $(seq 16); do kill -0 "${PIDS[i]}" 2>/dev/null || break; sleep 1; done
     kill -KILL -- "-${PIDS[i]}" 2>/dev/null
+  done
+  for r in $raylets; do
+    for f in $(grep -lzx "RAY_RAYLET_PID=$r" /proc/[0-9]*/environ 2>/dev/null); do
+      f=${f#/proc/}; kill -KILL "${f%/environ}" 2>/dev/null
+    done
   done
   rm -rf "$TMP"
 }
