@@ -1,6 +1,6 @@
 """The whole pipeline on a real multi-node Ray started with `ray start` (head + two workers on 127.0.0.1),
-driven by `ray job submit` and `serve deploy` exactly as on a cluster; and a training job that resumes
-from its checkpoint after the head was restarted."""
+driven by `ray job submit` and `serve deploy` exactly as on a cluster; then, on a new head, a training job
+that resumes from that run's checkpoint."""
 
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ TINY_TRAIN = ["--num-envs-per-env-runner", "2", "--train-batch-size", "80", "--r
               "--window", "30"]  # fmt: skip
 
 
-def test_pipeline_script_on_three_nodes(tmp_path):
+def test_pipeline_script_on_three_nodes_then_training_resumes_on_a_new_head(tmp_path):
     """`bash cluster/local-multinode.sh` (the README's multi-node recipe) with a tiny budget: head + two
-    workers, four `ray job submit` jobs, `serve deploy`, an HTTP answer; it stops what it started."""
+    workers, four `ray job submit` jobs, `serve deploy`, an HTTP answer; it stops what it started. Then the
+    cluster is gone: a new head (`ray start --head` on 127.0.0.1, as a user types it) and a `ray job submit`
+    of jobs.train that resumes from the script's checkpoint."""
     import os
     import subprocess
     import sys
@@ -45,28 +47,18 @@ def test_pipeline_script_on_three_nodes(tmp_path):
     assert all(0 < it["propensity"] <= 1 for it in answer["items"])
     assert proc.stdout.count("succeeded") >= 4 and "multi-node pipeline done" in proc.stdout
 
-
-def test_training_resumes_from_its_checkpoint_after_the_head_restarts(tmp_path, finetuned_run, ml_dir):
-    """`ray start --head` on 127.0.0.1 and `ray job submit` of jobs.train exactly as a user types them; the
-    head is stopped (only the processes the test started), a new head started, and a second job resumes
-    from the first one's checkpoint."""
-    out = tmp_path / "rl"
-    train = ["python", "-m", "jobs.train", "--address", "auto", "--finetuned", finetuned_run, "--dataset", ml_dir,
-             "--out", str(out), "--num-env-runners", "1", "--checkpoint-every", "1", *TINY_TRAIN]  # fmt: skip
-    first = RayNodes(head_cpus=2)
+    # the script's cluster is gone (checked above: it stopped what it started); its checkpoint is on disk
+    train = ["python", "-m", "jobs.train", "--address", "auto", "--finetuned", str(out / "ft"), "--dataset",
+             str(out / "data" / "ml-100k"), "--out", str(out / "rl"), "--num-env-runners", "1",
+             "--checkpoint-every", "1", *TINY_TRAIN, "--iterations", "4",
+             "--resume", str(out / "rl" / "checkpoint")]  # fmt: skip
+    head = RayNodes(head_cpus=2)
     try:
-        first.start_head()
-        first.submit([*train, "--iterations", "2"])
+        head.start_head()
+        log = head.submit(train)
     finally:
-        first.stop()  # the head goes away between the jobs
-    assert (out / "checkpoint").is_dir() and (out / "train_metrics.csv").exists()
-    second = RayNodes(head_cpus=2)
-    try:
-        second.start_head()
-        log = second.submit([*train, "--iterations", "4", "--resume", str(out / "checkpoint")])
-    finally:
-        second.stop()
-    assert "resumed from" in log
-    with open(out / "train_metrics.csv") as f:
+        head.stop()
+    assert "resumed from" in log and "at iteration 2" in log
+    with open(out / "rl" / "train_metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(float(r["iteration"])) for r in rows] == [1, 2, 3, 4]
