@@ -36,21 +36,44 @@ def ml_dir(ml100k: LogDataset, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def finetuned_run(ml100k: LogDataset, tmp_path_factory) -> str:
-    """A small TextSeqRec fine-tuned briefly on the real MovieLens-100K (a run directory)."""
+    """A small TextSeqRec fine-tuned briefly on the real MovieLens-100K (a run directory; read-only)."""
     from rec_rllib.finetune import FinetuneConfig, finetune
     from rec_rllib.models.seqrec import ModelConfig
 
-    run = tmp_path_factory.mktemp("finetuned")
-    model = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, max_len=30, dropout=0.1)
-    finetune(
-        ml100k,
-        model,
-        FinetuneConfig(
-            epochs=2, eval_every=2, batch_size=128, lr=3e-3, warmup_steps=10, progress=False, seed=5
-        ),
-        run,
-    )
-    return str(run)
+    def build(run: Path) -> None:
+        model = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, max_len=30, dropout=0.1)
+        finetune(
+            ml100k,
+            model,
+            FinetuneConfig(
+                epochs=2, eval_every=2, batch_size=128, lr=3e-3, warmup_steps=10, progress=False, seed=5
+            ),
+            run,
+        )
+
+    return str(_built_once(tmp_path_factory, "finetuned", build))
+
+
+def _built_once(tmp_path_factory, name: str, build) -> Path:
+    """A directory ``build`` fills once per test run: with pytest-xdist the workers share it (the first to
+    take the file lock builds it, the others wait and reuse it), without it once per session."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        path = tmp_path_factory.mktemp(name)
+        build(path)
+        return path
+    import shutil
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent  # shared by the workers of this run
+    path, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)  # a half-built one, if a worker died building it
+            path.mkdir()
+            build(path)
+            done.touch()
+    return path
 
 
 @pytest.fixture
