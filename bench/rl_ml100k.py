@@ -138,6 +138,8 @@ def main() -> None:
     p.add_argument("--envs-per-runner", type=int, default=32)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: RLTrainConfig's)")
     p.add_argument("--ref-kl-coeff", type=float, default=0.05)
+    p.add_argument("--next-item-ce-coeff", type=float, default=RLTrainConfig.next_item_ce_coeff,
+                   help="dqn: weight of the logged next item's cross-entropy on the Q-values (0 = plain DQN)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seeds the env runners and learners")
     p.add_argument("--train-encoder-too", action="store_true", help="also measure end-to-end throughput")
     p.add_argument(
@@ -166,6 +168,7 @@ def main() -> None:
         num_envs_per_env_runner=args.envs_per_runner,
         lr=args.lr,
         ref_kl_coeff=args.ref_kl_coeff,
+        next_item_ce_coeff=args.next_item_ce_coeff,
         seed=args.seed,
         env=env,
     )

@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float)
     g.add_argument("--ref-kl-coeff", type=float, help="KL penalty toward the fine-tuned policy (0 = off)")
     g.add_argument("--entropy-coeff", type=float)
+    g.add_argument(
+        "--next-item-ce-coeff",
+        type=float,
+        help="dqn: weight of the logged next item's cross-entropy on the Q-values (SQN's anchor; 0 = off)",
+    )
     g.add_argument("--gamma", type=float)
     g.add_argument("--checkpoint-every", type=int)
     g.add_argument("--seed", type=int)

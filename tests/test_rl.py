@@ -54,6 +54,26 @@ def _module(
     return spec.build()
 
 
+def test_dqn_anchor_reads_the_logged_next_item_from_the_next_observation(ml_dir):
+    """What RecDQNLearner's cross-entropy targets: the item the log advanced by, whatever was recommended,
+    also once the window is full and slides."""
+    from rec_rllib.rl.learners import logged_next_items
+
+    env = LogReplayEnv({"dataset": ml_dir, "window": 4, "episode_len": 12})
+    _, info = env.reset(seed=3)
+    items, _ = env.histories[info["user"]]
+    expected, nexts = [], []
+    for step in range(12):
+        expected.append(int(items[env._pos]))
+        obs, _, term, trunc, _ = env.step((step * 97) % env.n_items)  # arbitrary recommendations
+        nexts.append(obs)
+        if term or trunc:
+            break
+    batch = {k: torch.as_tensor(np.stack([o[k] for o in nexts])) for k in nexts[0]}
+    assert len(expected) > 4  # the window slid
+    assert logged_next_items(batch).tolist() == expected
+
+
 def test_module_masks_consumed_items_in_every_path(finetuned_run, ml_dir):
     env = LogReplayEnv({"dataset": ml_dir, "window": 30})
     module = _module(finetuned_run, env, strategy="boltzmann", temperature=1.0)
@@ -308,8 +328,10 @@ def test_training_checkpoint_restore_and_standalone_module(
     summary = train(cfg, tmp_path / "rl", progress=lambda *_: None)
     assert summary["iterations"] == 2 and Path(summary["checkpoint"]).is_dir()
     assert all(h["env_steps"] > 0 for h in summary["history"])
-    if algorithm == "dqn":  # learning started (after one train batch of samples): a finite TD loss
-        assert any(h["q_loss"] == h["q_loss"] for h in summary["history"]), summary["history"]
+    if algorithm == "dqn":  # learning started (after one train batch of samples): a finite TD loss, and the
+        # logged next item's cross-entropy beside it, in nats: about ln(1,682) = 7.4 for a uniform guess
+        learned = [h for h in summary["history"] if h["q_loss"] == h["q_loss"]]
+        assert learned and all(0 < h["next_item_ce"] < 7.4 for h in learned), summary["history"]
     assert (tmp_path / "rl" / "training_curves.png").exists()
     rows = (tmp_path / "rl" / "train_metrics.csv").read_text().splitlines()
     assert len(rows) == 3

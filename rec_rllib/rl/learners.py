@@ -1,4 +1,5 @@
-"""Learners: RLlib's PPO/APPO losses plus an optional KL penalty toward the fine-tuned reference policy.
+"""Learners: RLlib's PPO/APPO losses plus an optional KL penalty toward the fine-tuned reference policy;
+DQN's loss plus the cross-entropy of the logged next item (:class:`RecDQNLearner`).
 
 Each subclass changes only the loss and calls ``super()``: ``loss += ref_kl_coeff * KL(pi || pi_ref)``,
 with ``pi_ref`` the frozen fine-tuned network (:class:`~rec_rllib.rl.module.RecPolicyModule`'s
@@ -11,16 +12,21 @@ from typing import Any
 
 import torch
 from ray.rllib.algorithms.appo.torch.appo_torch_learner import APPOTorchLearner
+from ray.rllib.algorithms.dqn.dqn_learner import QF_PREDS
+from ray.rllib.algorithms.dqn.torch.dqn_torch_learner import DQNTorchLearner
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 from ray.rllib.core import ALL_MODULES
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.training_data import TrainingData
 from ray.rllib.utils.annotations import override
 
+from rec_rllib.columns import Obs, Tokens
 from rec_rllib.rl.module import REF_LOGITS
 
 REF_KL_COEFF = "ref_kl_coeff"
 REF_KL_METRIC = "reference_kl"
+NEXT_ITEM_CE_COEFF = "next_item_ce_coeff"
+NEXT_ITEM_CE_METRIC = "next_item_ce"
 LOST_UPDATES_METRIC = "updates_skipped_all_episodes_lost"
 
 
@@ -75,3 +81,40 @@ class RecPPOLearner(_ReferenceKLMixin, PPOTorchLearner):
     @override(PPOTorchLearner)
     def compute_loss_for_module(self, **kwargs):
         return super().compute_loss_for_module(**kwargs)
+
+
+def logged_next_items(next_obs: dict[str, Any]) -> torch.Tensor:
+    """[B] the item the log advanced each step's history by: the last item of the next observation's window
+    (:class:`~rec_rllib.env.LogReplayEnv` appends the logged item whatever was recommended)."""
+    history = next_obs[Obs.HISTORY].long()  # [B, W+1]: BOS, then the items
+    last = next_obs[Obs.LENGTH].long().reshape(-1) - 1
+    return history.gather(1, last[:, None]).squeeze(1) - Tokens.OFFSET
+
+
+class RecDQNLearner(DQNTorchLearner):
+    """Double Q-learning on the catalogue scores + the cross-entropy of the logged next item on the same
+    scores (``next_item_ce_coeff``; SQN's supervised head, Xin et al., SIGIR 2020, here sharing the Q head).
+
+    Without it, the TD targets of a 0-1 hit reward are nearly equal across items, and every update lowers the
+    Q-value of the item just recommended (mostly the greedy one, rarely rewarded) and nothing else, so
+    items never tried rise to the top: measured −41% to −73% NDCG@10. The cross-entropy term holds the
+    ranking to the log, over every item at every step; TD moves the scores where the rewards say."""
+
+    @override(DQNTorchLearner)
+    def compute_loss_for_module(
+        self, *, module_id: str, config: Any, batch: dict[str, Any], fwd_out: dict[str, Any]
+    ):
+        loss = super().compute_loss_for_module(
+            module_id=module_id, config=config, batch=batch, fwd_out=fwd_out
+        )
+        coeff = float(config.learner_config_dict.get(NEXT_ITEM_CE_COEFF, 0.0))
+        if coeff <= 0.0 or Columns.NEXT_OBS not in batch:
+            return loss
+        q = fwd_out[QF_PREDS]  # [B, n_items], consumed items masked
+        target = logged_next_items(batch[Columns.NEXT_OBS])
+        log_p = torch.log_softmax(q.float(), dim=-1).gather(1, target[:, None]).squeeze(1)
+        # a logged item the mask hides (a repeat consumption) has no usable log-probability: skipped
+        legal = batch[Columns.OBS][Obs.ACTION_MASK].gather(1, target[:, None]).squeeze(1) > 0.5
+        ce = -(log_p * legal).sum() / legal.sum().clamp(min=1)
+        self.metrics.log_value((module_id, NEXT_ITEM_CE_METRIC), ce.item(), window=1)
+        return loss + coeff * ce
