@@ -54,6 +54,21 @@ def _module(
     return spec.build()
 
 
+def test_metrics_history_survives_a_resume_that_adds_columns(tmp_path):
+    """A run resumed from an older version's train_metrics.csv (fewer columns) writes every column, and can
+    be resumed again."""
+    from rec_rllib.rl.train import read_history, write_history
+
+    write_history(tmp_path, [{"iteration": 1.0, "q_loss": 0.5}, {"iteration": 2.0, "q_loss": 0.4}])
+    history = read_history(tmp_path, 1)  # resumed at iteration 1
+    history.append({"iteration": 2.0, "q_loss": 0.3, "next_item_ce": 5.2})
+    write_history(tmp_path, history)
+    again = read_history(tmp_path, 2)
+    assert [r["iteration"] for r in again] == [1.0, 2.0] and again[1]["next_item_ce"] == 5.2
+    assert np.isnan(again[0]["next_item_ce"]) and again[0]["q_loss"] == 0.5
+    assert read_history(tmp_path / "none", 3) == []
+
+
 def test_dqn_anchor_reads_the_logged_next_item_from_the_next_observation(ml_dir):
     """What RecDQNLearner's cross-entropy targets: the item the log advanced by, whatever was recommended,
     also once the window is full and slides."""

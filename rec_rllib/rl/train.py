@@ -97,6 +97,8 @@ class RLTrainConfig(DictConfig):
             self.exploration = ExplorationConfig(**self.exploration)
         if isinstance(self.env, dict):
             self.env = EnvConfig(**self.env)
+        if self.next_item_ce_coeff < 0:
+            raise ValueError(f"next_item_ce_coeff must be >= 0 (0 = off), got {self.next_item_ce_coeff}")
         if self.algorithm == "dqn" and self.exploration.strategy != "epsilon":
             raise ValueError("dqn explores epsilon-greedily (with exploration.decay_steps); set exploration "
                              f"strategy 'epsilon', not {self.exploration.strategy!r}")  # fmt: skip
@@ -275,8 +277,21 @@ def summarize(result: dict[str, Any], seconds: float) -> dict[str, float]:
     }
 
 
+def read_history(run_dir: Path, iterations: int) -> list[dict[str, float]]:
+    """The first ``iterations`` rows of a run's ``train_metrics.csv`` (none if it has none)."""
+    path = run_dir / "train_metrics.csv"
+    if not path.exists():
+        return []
+    with open(path) as f:
+        rows = list(csv.DictReader(f))[:iterations]
+    # a column an older version did not write is empty in its rows
+    return [{k: float(v) if v else float("nan") for k, v in row.items()} for row in rows]
+
+
 def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
-    write_csv(run_dir / "train_metrics.csv", history)
+    # every column any row has: a run resumed from an older version's metrics gains the new ones
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    write_csv(run_dir / "train_metrics.csv", history, fieldnames=columns)
 
 
 def plot_history(run_dir: Path, history: list[dict[str, float]], title: str) -> None:
@@ -328,10 +343,7 @@ def train(
         algo.restore_from_path(str(Path(resume).resolve()))
         start_iter = int(algo.iteration)
         progress(f"resumed from {resume} at iteration {start_iter}")
-        old = run / "train_metrics.csv"
-        if old.exists():
-            with open(old) as f:
-                history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)][:start_iter]
+        history = read_history(run, start_iter)
     checkpoint = None
     try:
         for i in range(start_iter, cfg.iterations):
