@@ -53,18 +53,27 @@ stop_all() {
 }
 trap stop_all EXIT
 
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# every port the script needs, picked at once (sockets bound together): ports picked one by one can repeat,
+# and Ray refuses a node given one port twice
+read -r -a PORTS <<<"$("$PY" -c '
+import socket
+socks = [socket.socket() for _ in range(16)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))')"
+next_port() { NEXT=${PORTS[0]}; PORTS=("${PORTS[@]:1}"); }
 
 start_node() {  # start_node <log name> <ray start args...>: one node in its own process session
-  local name=$1; shift
+  local name=$1 p1 p2 p3 p4; shift
+  next_port; p1=$NEXT; next_port; p2=$NEXT; next_port; p3=$NEXT; next_port; p4=$NEXT
   setsid ray start --block --node-ip-address=127.0.0.1 \
-    --dashboard-agent-listen-port="$(free_port)" --dashboard-agent-grpc-port="$(free_port)" \
-    --runtime-env-agent-port="$(free_port)" --metrics-export-port="$(free_port)" "$@" \
+    --dashboard-agent-listen-port="$p1" --dashboard-agent-grpc-port="$p2" \
+    --runtime-env-agent-port="$p3" --metrics-export-port="$p4" "$@" \
     >"$OUT/$name.log" 2>&1 &
   PIDS+=($!)
 }
 
-GCS=$(free_port); DASH=$(free_port); SERVE_PORT=${SERVE_PORT:-$(free_port)}
+next_port; GCS=$NEXT; next_port; DASH=$NEXT; next_port; SERVE_PORT=${SERVE_PORT:-$NEXT}
 ADDRESS="http://127.0.0.1:$DASH"
 start_node head --head --port="$GCS" --num-cpus=1 --include-dashboard=true --dashboard-host=127.0.0.1 \
   --dashboard-port="$DASH" --temp-dir="$TMP/head"

@@ -106,7 +106,7 @@ class RayNodes:
         self.env["PATH"] = self.bindir + os.pathsep + os.environ.get("PATH", "")
         self.env.pop("RAY_ADDRESS", None)
         self.temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")  # short: socket paths have a length limit
-        self.gcs, self.dash = free_port(), free_port()
+        self.gcs, self.dash = free_ports(2)
         self.procs: list = []
         self.head_cpus = head_cpus
 
@@ -118,8 +118,11 @@ class RayNodes:
         import subprocess
 
         # own agent ports: another Ray may run on this machine (cluster/local-multinode.sh adds workers so)
-        ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                          "runtime-env-agent-port", "metrics-export-port")]  # fmt: skip
+        names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                 "metrics-export-port")  # fmt: skip
+        taken = {self.gcs, self.dash}
+        picked = [p for p in free_ports(len(names) + len(taken)) if p not in taken][: len(names)]
+        ports = [f"--{name}={port}" for name, port in zip(names, picked, strict=True)]
         log = open(f"{self.temp_dir}/node{len(self.procs)}.log", "w")  # noqa: SIM115 (lives with the node)
         self.procs.append(subprocess.Popen(
             [f"{self.bindir}/ray", "start", "--block", "--node-ip-address=127.0.0.1", *ports, *args],
@@ -243,8 +246,17 @@ def stop_group(proc, sig: int, timeout: float = 60, *, leader_only: bool = False
 
 
 def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1: all bound at once (ports picked one by one can repeat: the
+    OS may hand a just-released port out again, and Ray refuses a node given one port twice)."""
+    import contextlib
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
