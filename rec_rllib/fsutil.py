@@ -30,9 +30,10 @@ def write_json(path: str | Path, payload: Any) -> Path:
 def write_csv(
     path: str | Path, rows: Iterable[dict[str, Any]], fieldnames: Sequence[str] | None = None
 ) -> Path:
-    """Rows as CSV; columns are ``fieldnames`` or, by default, the first row's keys."""
+    """Rows as CSV; columns are ``fieldnames`` or, by default, every key any row has, in order of first
+    appearance (a row without one leaves its cell empty)."""
     rows = list(rows)
-    keys = list(fieldnames) if fieldnames is not None else (list(rows[0]) if rows else [])
+    keys = list(fieldnames) if fieldnames is not None else list(dict.fromkeys(k for row in rows for k in row))
 
     def write(p: Path) -> None:
         with open(p, "w", newline="") as f:

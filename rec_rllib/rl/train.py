@@ -289,9 +289,9 @@ def read_history(run_dir: Path, iterations: int) -> list[dict[str, float]]:
 
 
 def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
-    # every column any row has: a run resumed from an older version's metrics gains the new ones
-    columns = list(dict.fromkeys(k for row in history for k in row))
-    write_csv(run_dir / "train_metrics.csv", history, fieldnames=columns)
+    # every column any row has (write_csv's default): a run resumed from an older version's metrics gains
+    # the new ones
+    write_csv(run_dir / "train_metrics.csv", history)
 
 
 def plot_history(run_dir: Path, history: list[dict[str, float]], title: str) -> None:
