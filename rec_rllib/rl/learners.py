@@ -108,7 +108,7 @@ class RecDQNLearner(DQNTorchLearner):
             module_id=module_id, config=config, batch=batch, fwd_out=fwd_out
         )
         coeff = float(config.learner_config_dict.get(NEXT_ITEM_CE_COEFF, 0.0))
-        if coeff <= 0.0 or Columns.NEXT_OBS not in batch:
+        if coeff <= 0.0:
             return loss
         q = fwd_out[QF_PREDS]  # [B, n_items], consumed items masked
         target = logged_next_items(batch[Columns.NEXT_OBS])
