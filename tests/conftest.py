@@ -106,7 +106,9 @@ class RayNodes:
         self.env["PATH"] = self.bindir + os.pathsep + os.environ.get("PATH", "")
         self.env.pop("RAY_ADDRESS", None)
         self.temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")  # short: socket paths have a length limit
-        self.gcs, self.dash = free_ports(2)
+        # the head's ports, picked together so that none repeats: GCS, dashboard, and its agents' (another Ray
+        # may run on this machine: cluster/local-multinode.sh adds workers so)
+        self.gcs, self.dash, *self.agent_ports = free_ports(6)
         self.procs: list = []
         self.head_cpus = head_cpus
 
@@ -117,12 +119,9 @@ class RayNodes:
     def _start(self, args: list[str]) -> None:
         import subprocess
 
-        # own agent ports: another Ray may run on this machine (cluster/local-multinode.sh adds workers so)
         names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
                  "metrics-export-port")  # fmt: skip
-        taken = {self.gcs, self.dash}
-        picked = [p for p in free_ports(len(names) + len(taken)) if p not in taken][: len(names)]
-        ports = [f"--{name}={port}" for name, port in zip(names, picked, strict=True)]
+        ports = [f"--{name}={port}" for name, port in zip(names, self.agent_ports, strict=True)]
         log = open(f"{self.temp_dir}/node{len(self.procs)}.log", "w")  # noqa: SIM115 (lives with the node)
         self.procs.append(subprocess.Popen(
             [f"{self.bindir}/ray", "start", "--block", "--node-ip-address=127.0.0.1", *ports, *args],
