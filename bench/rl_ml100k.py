@@ -133,6 +133,9 @@ def main() -> None:
     p.add_argument("--algorithms", nargs="+", default=["appo"], choices=["appo", "ppo", "dqn"],
                    help="quality: algorithms to train (dqn explores epsilon-greedily only)")  # fmt: skip
     p.add_argument("--novelty-bonus", nargs="+", type=float, default=[0.0, 2.0], help="λ values (quality)")
+    p.add_argument("--exposure-cost", nargs="+", type=float, default=[0.0],
+                   help="λ values of the env's exposure cost (quality; 0 = off): the policy learns a weight "
+                   "on the runner's exposure counts")  # fmt: skip
     p.add_argument("--horizon", type=int, default=EnvConfig.horizon,
                    help="hit reward: the recommendation counts when among the next H logged items")  # fmt: skip
     p.add_argument("--envs-per-runner", type=int, default=32)
@@ -206,30 +209,34 @@ def main() -> None:
             allowed = {"dqn": {"epsilon"}, "ppo": {"boltzmann", "thompson"}}
             runs = [(a, st) for a in args.algorithms for st in args.strategies if st in allowed.get(a, {st})]
             e2e_name, e2e_dir = (", end to end", "-e2e") if args.train_encoder else ("", "")
-            for algorithm, strategy in runs:
-                for bonus in args.novelty_bonus:
-                    name = f"{algorithm.upper()} + {strategy}, λ={bonus:g}" + e2e_name
-                    run_dir = out / f"{algorithm}-{strategy}-b{bonus:g}{e2e_dir}"
-                    if args.reuse and is_rl_checkpoint(run_dir / "checkpoint"):
-                        print(f"{name}: reusing {run_dir / 'checkpoint'}", flush=True)
-                    else:
-                        expl = ExplorationConfig(
-                            strategy=strategy, epsilon=0.2, epsilon_final=0.05, ucb_alpha=args.ucb_alpha
-                        )
-                        cfg = replace(
-                            base,
-                            algorithm=algorithm,
-                            iterations=args.iterations,
-                            exploration=expl,
-                            checkpoint_every=10_000,
-                            env=replace(env, novelty_bonus=bonus),
-                            train_encoder=args.train_encoder,
-                        )
-                        t0 = time.perf_counter()
-                        train(cfg, run_dir, progress=lambda *_: None)
-                        minutes[name] = (time.perf_counter() - t0) / 60
-                        print(f"{name}: {minutes[name]:.1f} min", flush=True)
-                    policies[name] = load_recommender(str(run_dir / "checkpoint"), ds)
+            grid = [(a, st, b, c) for a, st in runs for b in args.novelty_bonus for c in args.exposure_cost]
+            for algorithm, strategy, bonus, cost in grid:
+                cost_name, cost_dir = (f", exposure cost {cost:g}", f"-x{cost:g}") if cost else ("", "")
+                name = f"{algorithm.upper()} + {strategy}, λ={bonus:g}" + cost_name + e2e_name
+                run_dir = out / f"{algorithm}-{strategy}-b{bonus:g}{cost_dir}{e2e_dir}"
+                if args.reuse and is_rl_checkpoint(run_dir / "checkpoint"):
+                    print(f"{name}: reusing {run_dir / 'checkpoint'}", flush=True)
+                else:
+                    expl = ExplorationConfig(
+                        strategy=strategy, epsilon=0.2, epsilon_final=0.05, ucb_alpha=args.ucb_alpha
+                    )
+                    cfg = replace(
+                        base,
+                        algorithm=algorithm,
+                        iterations=args.iterations,
+                        exploration=expl,
+                        checkpoint_every=10_000,
+                        env=replace(env, novelty_bonus=bonus, exposure_cost=cost),
+                        train_encoder=args.train_encoder,
+                    )
+                    t0 = time.perf_counter()
+                    train(cfg, run_dir, progress=lambda *_: None)
+                    minutes[name] = (time.perf_counter() - t0) / 60
+                    print(f"{name}: {minutes[name]:.1f} min", flush=True)
+                policies[name] = load_recommender(str(run_dir / "checkpoint"), ds)
+                beta = getattr(getattr(policies[name], "cfg", None), "penalty", None)
+                if beta is not None:
+                    print(f"{name}: learned exposure weight β = {beta:.4f}", flush=True)
             exposure = ExposureConfig(slots=args.exposure_slots, pool=args.exposure_pool)
             report["quality"] = {}
             for split in args.splits:

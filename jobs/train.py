@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="add L * item novelty (0-1) to every reward: the accuracy-coverage knob (0 = off)",
     )
+    v.add_argument(
+        "--exposure-cost",
+        type=float,
+        help="price what is on display: a recommendation costs L * log(1 + times recommended in the runner's "
+        "window) / log(1 + window); the policy learns a weight on those counts (coverage; 0 = off)",
+    )
+    v.add_argument("--exposure-window", type=int, help="recommendations the exposure tracker remembers")
     v.add_argument("--window", type=int)
     v.add_argument("--episode-len", type=int)
     p.add_argument("-v", "--verbose", action="store_true")

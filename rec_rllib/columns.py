@@ -79,3 +79,4 @@ class Obs:
     HISTORY = "history"  # int64 [window + 1]: [BOS] + most recent items as tokens, right-padded
     LENGTH = "length"  # int64 [1]: tokens in HISTORY that are not padding
     ACTION_MASK = "action_mask"  # float32 [n_items]: 1 = may be recommended (not consumed yet)
+    EXPOSURE = "exposure"  # float32 [n_items]: log(1 + times recommended lately), only with an exposure cost

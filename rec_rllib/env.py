@@ -21,6 +21,16 @@ training (λ = 0: relevance alone): relevance keeps the policy on items the user
 moves probability from the head of the popularity curve to its tail. (Scaling only the *hit* rewards by
 novelty was tried first: hits on tail items are too rare to move the policy, coverage fell.)
 
+``exposure_cost`` (λ ≥ 0) prices *aggregate* exposure, the population-level side of catalogue coverage that a
+per-item bonus cannot express (an item counts for coverage once it is shown to anybody). The sub-environments
+of one process (one env runner: its vectorised envs, all its users) share a tracker of the last
+``exposure_window`` recommendations; the observation carries ``log(1 + times each item was recommended within
+it)`` (``Obs.EXPOSURE``), and a recommendation costs ``λ · log(1 + its count) / log(1 + exposure_window)``
+(in [0, λ]: λ = 1 prices an item recommended in every step of the window like a lost full hit). The policy can
+then learn to lower what is on display everywhere in favour of what this user ranks almost as high (the
+module's exposure weight, :class:`~rec_rllib.rl.module.RecPolicyModule`); evaluation and serving keep the
+same tracker over their answers (:class:`~rec_rllib.exposure.ExposureConfig` ``penalty``).
+
 Sharding: env runner ``i`` of ``n`` (``worker_index``/``num_workers`` of RLlib's ``EnvContext``; the local
 runner, index 0, samples only when there are no remote runners) owns the users with
 ``user_idx % n == i - 1`` and reads only their rows from Parquet. The union of the shards is every train
@@ -41,6 +51,7 @@ import numpy as np
 import pyarrow.dataset as pads
 
 from rec_rllib.columns import Col, Obs, Split, SplitScheme, Tokens
+from rec_rllib.exposure import ExposureConfig, ExposureTracker
 
 REWARDS = ("hit", "simulator")
 
@@ -63,6 +74,11 @@ class EnvConfig:
     """``hit`` or ``simulator``."""
     novelty_bonus: float = 0.0
     """λ: every recommendation earns ``λ · novelty(item)`` on top of its relevance reward (0 = off)."""
+    exposure_cost: float = 0.0
+    """λ: a recommendation costs ``λ · log(1 + times recommended in the process's window) / log(1 + window)``;
+    > 0 adds the exposure counts to the observation (0 = off)."""
+    exposure_window: int = 10_000
+    """Recommendations the exposure tracker remembers (all sub-environments of the process together)."""
     num_shards: int = 0
     """Shards of the user population (0 = from the env context: the number of env runners)."""
     shard_id: int = -1
@@ -75,7 +91,9 @@ class EnvConfig:
             raise ValueError(f"unknown reward {self.reward!r}; expected one of {REWARDS}")
         if self.novelty_bonus < 0:
             raise ValueError(f"novelty_bonus must be >= 0, got {self.novelty_bonus}")
-        for name in ("window", "horizon", "episode_len"):
+        if not self.exposure_cost >= 0:
+            raise ValueError(f"exposure_cost must be >= 0, got {self.exposure_cost}")
+        for name in ("window", "horizon", "episode_len", "exposure_window"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -83,6 +101,18 @@ class EnvConfig:
     def from_dict(cls, d: dict[str, Any]) -> EnvConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+_SHARED_EXPOSURE: dict[tuple, ExposureTracker] = {}
+
+
+def shared_exposure_tracker(key: tuple, n_items: int, window: int) -> ExposureTracker:
+    """The exposure tracker shared by every env of this process with the same ``key`` (one env runner's
+    population of users); created empty on first use."""
+    full = (*key, int(n_items), int(window))
+    if full not in _SHARED_EXPOSURE:
+        _SHARED_EXPOSURE[full] = ExposureTracker(n_items, ExposureConfig(slots=0, window=int(window)))
+    return _SHARED_EXPOSURE[full]
 
 
 def shard_of(worker_index: int, num_workers: int) -> tuple[int, int]:
@@ -197,12 +227,22 @@ class LogReplayEnv(gym.Env):
             all_histories, _ = read_train_histories(self.cfg.dataset, self.cfg.scheme)
             self.simulator = ItemKNNSimulator(all_histories, self.n_items, n_users)
 
+        self.exposure: ExposureTracker | None = None
+        if self.cfg.exposure_cost > 0:
+            # one population per env runner: its sub-environments (and nothing else) share the counts
+            key = (self.cfg.dataset, self.cfg.scheme, worker_index, shard_id, num_shards, self.cfg.seed)
+            self.exposure = shared_exposure_tracker(key, self.n_items, self.cfg.exposure_window)
+        self._exposure_obs = np.zeros(self.n_items, dtype=np.float32)
         w = self.cfg.window
-        self.observation_space = gym.spaces.Dict({
+        spaces = {
             Obs.HISTORY: gym.spaces.Box(0, self.n_items + Tokens.OFFSET - 1, (w + 1,), np.int64),
             Obs.LENGTH: gym.spaces.Box(1, w + 1, (1,), np.int64),
             Obs.ACTION_MASK: gym.spaces.Box(0.0, 1.0, (self.n_items,), np.float32),
-        })  # fmt: skip
+        }
+        if self.exposure is not None:
+            top = float(np.log1p(self.cfg.exposure_window))
+            spaces[Obs.EXPOSURE] = gym.spaces.Box(0.0, top, (self.n_items,), np.float32)
+        self.observation_space = gym.spaces.Dict(spaces)
         self.action_space = gym.spaces.Discrete(self.n_items)
         self._seed = self.cfg.seed * 1_000_003 + worker_index * 1_009 + vector_index
         self.np_random, _ = gym.utils.seeding.np_random(self._seed)
@@ -242,6 +282,12 @@ class LogReplayEnv(gym.Env):
             reward = 0.0
         if self.cfg.novelty_bonus:
             reward += self.cfg.novelty_bonus * float(self.novelty[a])
+        if self.exposure is not None:
+            # priced on the counts the policy observed (other envs of the runner may have acted since)
+            reward -= (
+                self.cfg.exposure_cost * float(self._exposure_obs[a]) / np.log1p(self.cfg.exposure_window)
+            )
+            self.exposure.record(np.array([a]))
         # the logged item advances the history
         self._mask[self._items[self._pos]] = 0.0
         self._pos += 1
@@ -259,11 +305,15 @@ class LogReplayEnv(gym.Env):
         mask = self._mask.copy()
         if mask.sum() == 0:  # never leave the policy without a legal action
             mask[:] = 1.0
-        return {
+        obs = {
             Obs.HISTORY: history,
             Obs.LENGTH: np.array([len(recent) + 1], dtype=np.int64),
             Obs.ACTION_MASK: mask,
         }
+        if self.exposure is not None:
+            self._exposure_obs = np.log1p(self.exposure.counts).astype(np.float32)
+            obs[Obs.EXPOSURE] = self._exposure_obs
+        return obs
 
     def describe(self) -> dict[str, Any]:
         return {

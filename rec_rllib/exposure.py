@@ -25,7 +25,7 @@ below 1); a popularity penalty pays 1-7% of NDCG for +20-23% (``bench/popularity
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -43,6 +43,10 @@ class ExposureConfig:
     """candidates: the user's next ``pool`` items after the slate"""
     window: int = 10_000
     """shown slate positions remembered (an item is *exposed* if it is among them)"""
+    penalty: float = 0.0
+    """β: every item's score is lowered by ``β · log(1 + times shown within the window)`` before the slate is
+    chosen (the exposure term an RL policy learns with an exposure cost, :mod:`rec_rllib.env`; 0 = off, < 0
+    favours what is on display)"""
 
     def __post_init__(self) -> None:
         for name in ("slots", "pool", "window"):
@@ -51,10 +55,20 @@ class ExposureConfig:
                 raise ValueError(f"exposure {name} must be a non-negative integer, got {value!r}")
         if self.slots and (self.pool < 1 or self.window < 1):
             raise ValueError(f"an exposure slot needs pool >= 1 and window >= 1, got {self}")
+        if not np.isfinite(self.penalty):
+            raise ValueError(f"exposure penalty must be a finite number, got {self.penalty!r}")
+        if self.penalty and self.window < 1:
+            raise ValueError(f"an exposure penalty needs window >= 1, got {self}")
 
     @property
     def enabled(self) -> bool:
+        """The slot is on."""
         return self.slots > 0
+
+    @property
+    def active(self) -> bool:
+        """Slates depend on what was shown (slot or penalty): the tracker must record them."""
+        return self.slots > 0 or self.penalty != 0
 
 
 class ExposureTracker:
@@ -81,6 +95,13 @@ class ExposureTracker:
         """Share of the catalogue shown within the window."""
         return float((self.counts > 0).mean()) if self.n_items else 0.0
 
+    def penalised(self, scores: np.ndarray) -> np.ndarray:
+        """``scores`` - penalty · log(1 + times shown within the window) (the scores themselves without a
+        penalty); excluded items stay at -inf."""
+        if not self.cfg.penalty:
+            return scores
+        return scores - self.cfg.penalty * np.log1p(self.counts[: len(scores)])
+
     def record(self, items: np.ndarray) -> None:
         items = np.asarray(items, dtype=np.int64).ravel()
         if not self.cfg.window:
@@ -100,6 +121,7 @@ class ExposureTracker:
         scores = np.asarray(scores)
         if len(scores) != self.n_items:
             raise ValueError(f"scores cover {len(scores)} items, the tracker {self.n_items}")
+        scores = self.penalised(scores)
         allowed = int(np.isfinite(scores).sum())
         k = min(int(k), allowed)
         depth = min(k + (self.cfg.pool if self.cfg.enabled else 0), allowed)
@@ -144,8 +166,14 @@ class ExposureAwareRecommender(Recommender):
     def __init__(self, base: Recommender, cfg: ExposureConfig | None = None, *, slate_size: int = 10):
         if slate_size < 1:
             raise ValueError(f"slate_size must be >= 1, got {slate_size}")
+        cfg = cfg or ExposureConfig()
+        if isinstance(base, ExposureAwareRecommender):
+            # a policy that already has an exposure term (an RL policy trained with an exposure cost) gets the
+            # slot on top of it: one tracker, its penalty kept
+            cfg = replace(cfg, penalty=cfg.penalty or base.cfg.penalty)
+            base = base.base
         self.base = base
-        self.cfg = cfg or ExposureConfig()
+        self.cfg = cfg
         self.slate_size = int(slate_size)
         self.n_items = base.n_items
         self.name = f"{base.name}+exposure"

@@ -46,6 +46,11 @@ class Recommender(ABC):
         """[B, k] propensities of the shown items; deterministic policies show their top-k with probability 1."""
         return np.ones(items.shape, dtype=np.float64)
 
+    def reset(self) -> None:
+        """Forget what earlier answers left behind (a policy with state, e.g. an exposure tracker); an
+        evaluation starts with it."""
+        return None  # stateless by default
+
     def recommend(
         self, histories: Sequence[np.ndarray], k: int, *, exclude_seen: bool = True
     ) -> Recommendations:

@@ -14,7 +14,10 @@ With ``exposure_slots`` > 0 in ``user_config`` a greedy slate's last position(s)
 replica has not shown within its last ``exposure_window`` slate positions, when the user ranks one within the
 next ``exposure_pool`` items (:mod:`rec_rllib.exposure`: catalogue coverage at almost no accuracy cost). Such
 an item is flagged ``exposure`` in the answer; its propensity is 1 (a deterministic choice given what the
-replica has shown). Every replica keeps its own tracker; explored slates count as shown too.
+replica has shown). Every replica keeps its own tracker; explored slates count as shown too. An RL policy
+trained with an exposure cost (:mod:`rec_rllib.env`) brings its learned exposure weight β: every slate, greedy
+or explored, is then drawn from the scores minus β · log(1 + times the replica showed the item within the
+window), as the policy acted in training (``exposure.penalty`` in ``/info``).
 
 UCB keeps per-replica diagonal LinUCB statistics of the (user state, item) pairs it showed under ``ucb``
 (what was shown, not its reward: the model's score is the mean); a new model version starts them afresh
@@ -32,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,17 +59,20 @@ DEFAULT_BATCH = {"max_batch_size": 16, "batch_wait_timeout_s": 0.002}
 EXPOSURE_KEYS = {"exposure_slots": "slots", "exposure_pool": "pool", "exposure_window": "window"}
 
 
-def load_serving_model(path: str, device: str) -> tuple[TextSeqRec, str]:
-    """A fine-tuned run directory or an RLlib checkpoint -> (the TextSeqRec, a version string)."""
+def load_serving_model(path: str, device: str) -> tuple[TextSeqRec, str, float]:
+    """A fine-tuned run directory or an RLlib checkpoint -> (the TextSeqRec, a version string, the policy's
+    exposure weight β: 0 unless an RL policy learned one)."""
     from rec_rllib.models.run import is_run_dir, load_run
-    from rec_rllib.rl.policy import MODULE_SUBDIR, is_rl_checkpoint, load_policy_module
+    from rec_rllib.rl.policy import MODULE_SUBDIR, exposure_weight, is_rl_checkpoint, load_policy_module
 
     p = Path(path)
+    penalty = 0.0
     if is_run_dir(p):
         model, _ = load_run(p, device=device)
         weights = p / "model.safetensors"
     elif is_rl_checkpoint(p):
-        model = load_policy_module(p).net.to(device).eval()
+        module = load_policy_module(p)
+        model, penalty = module.net.to(device).eval(), exposure_weight(module)
         weights = next(iter(sorted((p / MODULE_SUBDIR).glob("*.pt*"))), p / MODULE_SUBDIR)
     else:
         raise ValueError(f"{path}: neither a fine-tuned run directory nor an RLlib checkpoint")
@@ -77,7 +83,8 @@ def load_serving_model(path: str, device: str) -> tuple[TextSeqRec, str]:
                 digest.update(chunk)
     else:
         digest.update(str(p.resolve()).encode())
-    return model, f"{p.resolve().name if p.name != 'checkpoint' else p.parent.name}-{digest.hexdigest()[:10]}"
+    version = f"{p.resolve().name if p.name != 'checkpoint' else p.parent.name}-{digest.hexdigest()[:10]}"
+    return model, version, penalty
 
 
 class PolicyScorer:
@@ -90,13 +97,13 @@ class PolicyScorer:
         self.catalog = ServingCatalog.from_dataset(dataset)
         self._added: list[dict[str, Any]] = []
         self._refresh_popularity()
+        self.exposure = ExposureTracker(self.catalog.n_items, ExposureConfig(slots=0))
         self._load(model_path)
         self._encoder = None
         self._state_name = state_actor
         self._state = None
         self.catalog_version = 0
         self.batch = dict(DEFAULT_BATCH)
-        self.exposure = ExposureTracker(self.catalog.n_items, ExposureConfig(slots=0))
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # used in-process (benchmarks, tests): no Serve replica around it
@@ -104,7 +111,7 @@ class PolicyScorer:
 
     # -- configuration ---------------------------------------------------------------------------------------
     def _load(self, model_path: str) -> None:
-        model, version = load_serving_model(model_path, self.device)
+        model, version, penalty = load_serving_model(model_path, self.device)
         if model.n_items < self.catalog.n_items - len(self._added):
             raise ValueError(
                 f"{model_path} scores {model.n_items} items; the dataset has {self.catalog.n_items}"
@@ -112,6 +119,7 @@ class PolicyScorer:
         for a in self._added:  # items added at run time survive a model roll
             model.add_items(torch.as_tensor(a["embedding"])[None].to(self.device))
         self.model, self.model_path, self.model_version = model, model_path, version
+        self._set_exposure(replace(self.exposure.cfg, penalty=penalty))  # the policy's own exposure weight
         self.ucb = LinUCB(model.n_items, model.cfg.hidden_size, alpha=1.0)  # the request scales the bonus
         with torch.no_grad():
             self._refresh_items()
@@ -130,13 +138,15 @@ class PolicyScorer:
         self._score_batch.set_batch_wait_timeout_s(float(self.batch["batch_wait_timeout_s"]))
         exposure = {field: config[key] for key, field in EXPOSURE_KEYS.items() if key in config}
         if exposure:
-            cfg = ExposureConfig(**{**asdict(self.exposure.cfg), **exposure})
-            if cfg != self.exposure.cfg:  # a new tracker: what was shown under other settings is forgotten
-                self.exposure = ExposureTracker(self.model.n_items, cfg)
+            self._set_exposure(ExposureConfig(**{**asdict(self.exposure.cfg), **exposure}))
         path = config.get("model_path")
         if path and path != self.model_path:
             self._load(path)
             log.info("now serving %s (%s)", self.model_version, path)
+
+    def _set_exposure(self, cfg: ExposureConfig) -> None:
+        if cfg != self.exposure.cfg:  # a new tracker: what was shown under other settings is forgotten
+            self.exposure = ExposureTracker(self.model.n_items, cfg)
 
     # -- shared state ---------------------------------------------------------------------------------------
     async def _sync_items(self, version: int) -> None:
@@ -257,11 +267,16 @@ class PolicyScorer:
         strategy = r.get("strategy", "greedy")
         if strategy == "greedy" and cold and r.get("explore_cold", True):
             strategy = "boltzmann"  # a new user gets an explored list
-        masked = scores.masked_fill(~allowed, -torch.inf)
         widened = bonus = None
-        if self.exposure.cfg.enabled:
+        if self.exposure.cfg.active:
             self.exposure.grow(n)  # items added at run time start unexposed
-        if strategy == "greedy" and self.exposure.cfg.enabled:
+        # the policy's exposure term, on what explored slates are drawn from (greedy: the tracker applies it)
+        shift: torch.Tensor | float = 0.0
+        if self.exposure.cfg.penalty and strategy != "greedy":
+            shown = torch.as_tensor(self.exposure.counts[:n], dtype=scores.dtype, device=scores.device)
+            shift = self.exposure.cfg.penalty * torch.log1p(shown)
+        masked = (scores - shift).masked_fill(~allowed, -torch.inf)
+        if strategy == "greedy" and self.exposure.cfg.active:
             row, widened = self.exposure.slate(masked.cpu().numpy(), k)
             items = torch.as_tensor(row, device=scores.device)
             props = torch.ones(k, dtype=torch.float64)
@@ -274,15 +289,17 @@ class PolicyScorer:
             props = torch.ones(k, dtype=torch.float64)
             self.ucb.update(state[None], items[None])
         elif strategy == "epsilon":
-            items, props = epsilon_slate(scores[None], k, float(r.get("epsilon", 0.1)), allowed[None])
+            items, props = epsilon_slate(
+                (scores - shift)[None], k, float(r.get("epsilon", 0.1)), allowed[None]
+            )
             items, props = items[0], props[0]
         else:  # boltzmann; thompson: the same rule on a posterior sample of the scores
             t = float(r.get("temperature", 1.0))
             cfg = ExplorationConfig(strategy="boltzmann", temperature=t, temperature_final=t)
-            drawn_from = scores if sampled is None else self._adjusted(r, sampled)
+            drawn_from = (scores if sampled is None else self._adjusted(r, sampled)) - shift
             items, props = sample_slate(behaviour_log_probs(drawn_from[None], cfg, allowed=allowed[None]), k)
             items, props = items[0], props[0]
-        if widened is None and self.exposure.cfg.enabled:
+        if widened is None and self.exposure.cfg.active:
             self.exposure.record(items.cpu().numpy())
         out: dict[str, Any] = {
             "items": items.cpu().tolist(),

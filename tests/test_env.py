@@ -85,6 +85,39 @@ def test_novelty_bonus_rewards_long_tail_recommendations(ml_dir):
     assert all(r > 0 for r in rewards[::2]) and not any(rewards[1::2])
 
 
+def test_exposure_cost_prices_what_the_runner_recommended_lately(ml_dir):
+    """The envs of one runner share one tracker of recent recommendations: the observation carries
+    log(1 + count) per item and a recommendation costs λ · log(1 + its count) / log(1 + window)."""
+    cfg = {"dataset": ml_dir, "seed": 11, "exposure_cost": 2.0, "exposure_window": 3}
+    a, b = LogReplayEnv(cfg), LogReplayEnv(cfg)  # two sub-environments of one runner
+    other = LogReplayEnv({**cfg, "seed": 12})  # another runner's population
+    plain = LogReplayEnv({"dataset": ml_dir, "seed": 11})
+    assert Obs.EXPOSURE not in plain.observation_space.spaces
+    oa, _ = a.reset(seed=1)
+    plain.reset(seed=1)
+    assert a.observation_space.contains(oa) and not oa[Obs.EXPOSURE].any()
+    item = int(a._items[a._pos])  # the logged next item: a hit, not yet shown by anybody -> no cost
+    _, r, *_ = a.step(item)
+    _, r0, *_ = plain.step(item)
+    assert r == r0 > 0
+    ob, _ = b.reset(seed=2)
+    assert ob[Obs.EXPOSURE][item] == pytest.approx(np.log(2)) and ob[Obs.EXPOSURE].sum() == pytest.approx(
+        np.log(2)
+    )
+    plain.reset(seed=2)
+    _, r1, *_ = b.step(item)
+    _, r0, *_ = plain.step(item)
+    assert r1 == pytest.approx(r0 - 2.0 * np.log(2) / np.log(4))
+    o, _ = other.reset(seed=1)
+    assert not o[Obs.EXPOSURE].any()
+    # the window (3 recommendations) forgets: two more steps on other items evict the first of `item`'s two
+    for _ in range(2):
+        o, *_ = b.step((item + 1) % b.n_items)
+    assert o[Obs.EXPOSURE][item] == pytest.approx(np.log(2))
+    with pytest.raises(ValueError, match="exposure_cost must be >= 0"):
+        EnvConfig(dataset=ml_dir, exposure_cost=-1)
+
+
 def test_bad_config_is_rejected(ml_dir):
     with pytest.raises(ValueError, match="unknown reward"):
         EnvConfig(dataset=ml_dir, reward="dwell")

@@ -62,6 +62,28 @@ def test_the_window_forgets_old_slates_and_new_items_start_unexposed():
         t.slate(scores, 2)
 
 
+def test_an_exposure_penalty_lowers_what_is_on_display_by_its_log_count(ml100k: LogDataset):
+    t = ExposureTracker(4, ExposureConfig(slots=0, penalty=1.0, window=100))
+    scores = np.array([3.0, 2.5, 2.0, 0.0])
+    np.testing.assert_array_equal(t.slate(scores, 2)[0], [0, 1])  # nothing shown yet: the plain top 2
+    # 0 and 1 now shown once: 3 - log 2 = 2.31, 2.5 - log 2 = 1.81 < 2.0
+    np.testing.assert_array_equal(t.slate(scores, 2)[0], [0, 2])
+    # counts [2, 1, 1, 0]: 3 - log 3 = 1.90, 2.5 - log 2 = 1.81, 2 - log 2 = 1.31
+    np.testing.assert_array_equal(t.slate(scores, 2)[0], [0, 1])
+    with pytest.raises(ValueError, match="penalty must be a finite number"):
+        ExposureConfig(penalty=float("nan"))
+    # a policy with a penalty gets the slot on top of it (one tracker), and every evaluation starts afresh
+    pop = make_baseline("popularity", ml100k)
+    penalised = ExposureAwareRecommender(pop, ExposureConfig(slots=0, penalty=20.0))  # scores: counts
+    both = ExposureAwareRecommender(penalised, ExposureConfig(slots=1))
+    assert both.base is pop and (both.cfg.slots, both.cfg.penalty) == (1, 20.0)
+    first, again = evaluate_ranking(penalised, ml100k), evaluate_ranking(penalised, ml100k)
+    assert first.metrics == again.metrics
+    plain = evaluate_ranking(pop, ml100k)
+    assert first.metrics["coverage@10"] > 1.1 * plain.metrics["coverage@10"]  # 0.054 -> 0.063
+    assert evaluate_ranking(both, ml100k).metrics["coverage@10"] > first.metrics["coverage@10"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"slots": -1}, "exposure slots must be a non-negative integer"),

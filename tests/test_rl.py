@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from rec_rllib.columns import Obs
 from rec_rllib.env import EnvConfig, LogReplayEnv
 from rec_rllib.explore import ExplorationConfig
 from rec_rllib.rl.module import MASK_VALUE, UCB_STATS, RecPolicyModule, model_config_from_run
-from rec_rllib.rl.policy import load_policy_module
+from rec_rllib.rl.policy import exposure_weight, load_policy_module, load_policy_recommender
 from rec_rllib.rl.replay_eval import (
     current_module,
     paired_gain,
@@ -28,6 +29,7 @@ from rec_rllib.rl.replay_eval import (
     sampling_policy,
 )
 from rec_rllib.rl.train import RLTrainConfig, build_algo_config, train
+from serving.scorer import PolicyScorer
 
 
 def _obs_batch(env: LogReplayEnv, n: int = 8) -> dict[str, torch.Tensor]:
@@ -325,6 +327,12 @@ def local_ray():
 def test_training_checkpoint_restore_and_standalone_module(
     algorithm, train_encoder, finetuned_run, ml_dir, tmp_path, local_ray
 ):
+    # the frozen-encoder APPO and DQN runs also price exposure (an extra observation, a learned weight)
+    env_cfg = {
+        "dataset": ml_dir,
+        "window": 30,
+        "exposure_cost": 1.0 if algorithm != "ppo" and not train_encoder else 0.0,
+    }
     cfg = RLTrainConfig(
         algorithm=algorithm,
         train_encoder=train_encoder,
@@ -338,7 +346,7 @@ def test_training_checkpoint_restore_and_standalone_module(
         train_batch_size=160,
         rollout_fragment_length=20,
         checkpoint_every=2,
-        env=EnvConfig(dataset=ml_dir, window=30),
+        env=EnvConfig(**env_cfg),
     )
     summary = train(cfg, tmp_path / "rl", progress=lambda *_: None)
     assert summary["iterations"] == 2 and Path(summary["checkpoint"]).is_dir()
@@ -357,11 +365,34 @@ def test_training_checkpoint_restore_and_standalone_module(
     try:
         algo.restore_from_path(summary["checkpoint"])
         restored = algo.get_module()
-        env = LogReplayEnv({"dataset": ml_dir, "window": 30})
+        env = LogReplayEnv({**env_cfg, "seed": 99})
         batch = {Columns.OBS: _obs_batch(env)}
+        if env_cfg["exposure_cost"]:  # some items on display: the learned term acts
+            batch[Columns.OBS][Obs.EXPOSURE][:, :50] = float(np.log(10))
         a = module.forward_inference(dict(batch))[Columns.ACTION_DIST_INPUTS].argmax(-1)
         b = restored.forward_inference(dict(batch))[Columns.ACTION_DIST_INPUTS].argmax(-1)
         assert torch.equal(a, b)
+        if env_cfg["exposure_cost"]:
+            # learned (it starts at 0), saved, and applied by evaluation to its own tracker of what it showed
+            beta = exposure_weight(module)
+            assert beta != 0 and beta == exposure_weight(restored)
+            rec = load_policy_recommender(summary["checkpoint"])
+            assert (rec.cfg.slots, rec.cfg.penalty, rec.cfg.window) == (0, beta, cfg.env.exposure_window)
+            logits = module.forward_inference(dict(batch))[Columns.ACTION_DIST_INPUTS]
+            batch[Columns.OBS][Obs.EXPOSURE][:] = 0
+            unexposed = module.forward_inference(dict(batch))[Columns.ACTION_DIST_INPUTS]
+            shift = (unexposed - logits)[:, :50]
+            allowed = batch[Columns.OBS][Obs.ACTION_MASK][:, :50] > 0.5
+            assert torch.allclose(shift[allowed], torch.tensor(beta * float(np.log(10))), atol=1e-4)
+            # serving brings the same weight to each replica's tracker of what it showed
+            scorer = PolicyScorer(summary["checkpoint"], ml_dir)
+            assert scorer.exposure.cfg.penalty == beta and scorer.info()["exposure"]["penalty"] == beta
+            scorer._set_exposure(replace(scorer.exposure.cfg, penalty=5.0))  # strong enough to see it act
+            req = {"history": list(range(0, 60, 3)), "k": 5}
+            first, second = (scorer.score_requests([req])[0]["items"] for _ in range(2))
+            assert first != second  # what the first answer showed now weighs on the second
+        else:
+            assert module.exposure_term is None
         if algorithm == "appo" and not train_encoder:
             # UCB statistics: accumulated from the runners' steps, saved, and back in the runner on restore
             saved = getattr(module, UCB_STATS)

@@ -60,6 +60,7 @@ def evaluate_ranking(
     if len(cases) == 0:
         raise ValueError(f"{dataset.name}: no users have a {split!r} interaction under the {scheme!r} split")
     kmax = max(ks)
+    recommender.reset()  # a stateful policy answers these users from a fresh state, in case order
     tops = []
     batches = range(0, len(cases), batch_size)
     for start in tqdm(

@@ -21,6 +21,12 @@ Two ways to train (``train_encoder`` in the model config):
 * ``True`` — every weight is trained: the learner re-encodes each batch (online, target and reference
   networks: about five encoder passes per sample, the price of end-to-end RL).
 
+With an exposure cost in the env (:mod:`rec_rllib.env`), the observation carries the runner's exposure counts
+and the logits gain ``- β · log(1 + count)`` with one learned weight β (:class:`ExposureTerm`, 0 at the start:
+the fine-tuned policy), trained by every algorithm with the rest of the head; the target network has its own
+copy, the KL reference none. Evaluation and serving apply the learned β to their own tracker of what they
+showed (:func:`rec_rllib.rl.policy.load_policy_recommender`).
+
 ``_forward_exploration`` turns the logits into the behaviour distribution of the configured exploration
 strategy (:mod:`rec_rllib.explore`), so the log-probabilities RLlib records are the true propensities.
 UCB acts on logits + bonus, arg-max (propensity 1), from diagonal LinUCB statistics of the (user state,
@@ -66,6 +72,29 @@ BEHAVIOUR_TEMPERATURE = "behaviour_temperature"
 MASK_VALUE = -1e9
 TRAINED_WITH_FROZEN_ENCODER = (*TextSeqRec.POLICY_HEAD_KEYS, "bias")
 """What RL trains when the encoder is frozen: the policy head and the item score bias."""
+
+
+class ExposureTerm(nn.Module):
+    """β of the exposure term: logits - β · log(1 + times the item was recommended lately).
+
+    β = ``SCALE`` · w with w the trained parameter: Adam moves a parameter by about the learning rate per update
+    whatever its gradient's scale, so a plain β would move ~1e-3 per update at the policy head's rate, and the
+    β that matters is of order 0.1-1 (what one more log-unit of exposure is worth in score units; the
+    fine-tuned scores fall ~1 apart between ranks 1 and 10) over a run of ~100 updates.
+    """
+
+    SCALE = 10.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(()))
+
+    @property
+    def beta(self) -> torch.Tensor:
+        return self.SCALE * self.weight
+
+    def forward(self, logits: torch.Tensor, exposure: torch.Tensor) -> torch.Tensor:
+        return logits - self.beta * exposure.float()
 
 
 def model_config_from_run(
@@ -130,6 +159,9 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         self._items: torch.Tensor | None = None  # item matrix cache (no-grad paths; frozen items)
         self._batch_state: tuple[torch.Tensor, torch.Tensor] | None = None  # (shipped, completed) states
         self._ucb: LinUCB | None = None  # UCB statistics of the actions taken
+        # the exposure term (only when the env prices exposure: its observation then carries the counts)
+        self.exposure_window = int(mc.get("exposure_window", 0))
+        self.exposure_term = ExposureTerm() if self.exposure_window else None
         hidden = self.net.cfg.hidden_size
         if self.exploration.strategy == "ucb" and not self.train_encoder:
             # [n_items, H] diagonal Gram statistics (ridge 1 = never shown): synced, checkpointed
@@ -208,15 +240,21 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         self._batch_state = (shipped, state)
         return state
 
-    def _logits(self, state: torch.Tensor, obs: dict[str, Any], net: TextSeqRec) -> torch.Tensor:
+    def _logits(
+        self, state: torch.Tensor, obs: dict[str, Any], net: TextSeqRec, *, exposure: bool = True
+    ) -> torch.Tensor:
         logits = net.scores_from_state(state, self._item_matrix(net))
+        if exposure and self.exposure_term is not None:
+            term = self._old_exposure_term if net is getattr(self, "_old_net", None) else self.exposure_term
+            logits = term(logits, obs[Obs.EXPOSURE])
         return logits.masked_fill(~(obs[Obs.ACTION_MASK] > 0.5), MASK_VALUE)
 
     def _reference_logits(self, batch: dict[str, Any], state: torch.Tensor) -> torch.Tensor | None:
         with torch.no_grad():
             if getattr(self, "_ref_net", None) is not None:
                 obs = batch[Columns.OBS]
-                return self._logits(self._encode(obs, self._ref_net), obs, self._ref_net)
+                # the fine-tuned policy has no exposure term
+                return self._logits(self._encode(obs, self._ref_net), obs, self._ref_net, exposure=False)
             if getattr(self, "_ref_bias", None) is None:
                 return None
             # frozen encoder: the fine-tuned policy is the state through the identity head, fine-tuned bias
@@ -326,10 +364,15 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
     @override(TargetNetworkAPI)
     def make_target_networks(self) -> None:
         self._old_net = make_target_network(self.net)
+        if self.exposure_term is not None:
+            self._old_exposure_term = make_target_network(self.exposure_term)
 
     @override(TargetNetworkAPI)
     def get_target_network_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.net, self._old_net)]
+        pairs = [(self.net, self._old_net)]
+        if self.exposure_term is not None:
+            pairs.append((self.exposure_term, self._old_exposure_term))
+        return pairs
 
     @override(TargetNetworkAPI)
     def forward_target(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -340,4 +383,4 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
 
     @override(InferenceOnlyAPI)
     def get_non_inference_attributes(self) -> list[str]:
-        return ["value_head", "_ref_net", "_old_net", "_ref_bias"]
+        return ["value_head", "_ref_net", "_old_net", "_ref_bias", "_old_exposure_term"]

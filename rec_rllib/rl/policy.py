@@ -29,4 +29,20 @@ def load_policy_recommender(checkpoint: str | Path, *, name: str | None = None):
 
     module = load_policy_module(checkpoint)
     label = name or Path(checkpoint).resolve().parent.name + "-rl"
-    return TransformerRecommender(module.net, name=label)
+    rec = TransformerRecommender(module.net, name=label)
+    if getattr(module, "exposure_term", None) is None:
+        return rec
+    # a policy trained with an exposure cost ranks by its scores minus its learned exposure term, over a tracker
+    # of the slates it answered (the users in answer order, as in the env's replay)
+    from rec_rllib.exposure import ExposureAwareRecommender, ExposureConfig
+
+    cfg = ExposureConfig(slots=0, penalty=exposure_weight(module), window=module.exposure_window)
+    policy = ExposureAwareRecommender(rec, cfg)
+    policy.name = label
+    return policy
+
+
+def exposure_weight(module) -> float:
+    """β of a policy module's exposure term (0 without one)."""
+    term = getattr(module, "exposure_term", None)
+    return 0.0 if term is None else float(term.beta.detach())
