@@ -20,6 +20,9 @@ the validation users — and every policy again with the exposure slot (``rec_rl
 the 10 positions goes to an item not shown yet when the user ranks one within the next 40). Prints a table
 per split and writes an accuracy-coverage plot per split. ``--reuse`` evaluates the checkpoints a previous
 run left in ``--out`` instead of training again.
+``--exposure-cost λ`` trains with the env's exposure cost (:mod:`rec_rllib.env`): such a policy is evaluated
+with its learned exposure weight β on a tracker of what it answered, and twice more, to tell apart what β and
+what the rest of the head do: without its exposure term, and as the fine-tuned model with β as a fixed penalty.
 Everything runs on an embedded local Ray with ``--num-cpus`` CPUs.
 """
 
@@ -236,7 +239,13 @@ def main() -> None:
                 policies[name] = load_recommender(str(run_dir / "checkpoint"), ds)
                 beta = getattr(getattr(policies[name], "cfg", None), "penalty", None)
                 if beta is not None:
+                    # what the learned exposure weight does and what the rest of the head does, apart
                     print(f"{name}: learned exposure weight β = {beta:.4f}", flush=True)
+                    policies[name + " without its exposure term"] = policies[name].base
+                    fixed = ExposureConfig(slots=0, penalty=beta)
+                    policies[f"fine-tuned + its β ({beta:.2f}) as a fixed penalty"] = (
+                        ExposureAwareRecommender(policies["fine-tuned"], fixed)
+                    )
             exposure = ExposureConfig(slots=args.exposure_slots, pool=args.exposure_pool)
             report["quality"] = {}
             for split in args.splits:

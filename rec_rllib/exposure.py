@@ -18,6 +18,11 @@ yields its place to an unexposed item this user ranks almost as high, and the mo
 display, the fewer swaps happen. The result depends on the order of the answers (it is a policy with state,
 deterministic given that state); the shared evaluation answers its users in a fixed order.
 
+``penalty`` (β) is the other, soft form: every item's score is lowered by β · log(1 + times shown within the
+window) before the slate is chosen. It is what an RL policy trained with the env's exposure cost learns
+(:mod:`rec_rllib.env`; :func:`rec_rllib.rl.policy.load_policy_recommender` sets it from the policy), and it
+combines with the slot on one tracker.
+
 On MovieLens-100K (leave-one-out, the fine-tuned model, one slot, pool 40): coverage@10 +27-30% on both the
 validation and the test users at an NDCG@10 change between -0.3% and +0.6% over answer orders (paired t
 below 1); a popularity penalty pays 1-7% of NDCG for +20-23% (``bench/popularity_rerank.py``).

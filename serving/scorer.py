@@ -17,7 +17,7 @@ an item is flagged ``exposure`` in the answer; its propensity is 1 (a determinis
 replica has shown). Every replica keeps its own tracker; explored slates count as shown too. An RL policy
 trained with an exposure cost (:mod:`rec_rllib.env`) brings its learned exposure weight β: every slate, greedy
 or explored, is then drawn from the scores minus β · log(1 + times the replica showed the item within the
-window), as the policy acted in training (``exposure.penalty`` in ``/info``).
+window), as the policy acted in training (``exposure.penalty`` in ``/healthz``).
 
 UCB keeps per-replica diagonal LinUCB statistics of the (user state, item) pairs it showed under ``ucb``
 (what was shown, not its reward: the model's score is the mean); a new model version starts them afresh
