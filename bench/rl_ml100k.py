@@ -111,7 +111,8 @@ def throughput(base: RLTrainConfig, runners: int, iterations: int) -> dict:
     finally:
         algo.stop()
     return {
-        "mode": "end to end" if base.train_encoder else "policy head",
+        "mode": ("end to end" if base.train_encoder else "policy head")
+        + (f", exposure cost {base.env.exposure_cost:g}" if base.env.exposure_cost else ""),
         "env_runners": runners,
         "env_steps_per_s": steps / wall,
         "learner_samples_per_s": trained / wall,
@@ -183,6 +184,8 @@ def main() -> None:
     try:
         if not args.skip_throughput:
             modes = [base] + ([replace(base, train_encoder=True)] if args.train_encoder_too else [])
+            # a non-zero --exposure-cost: also with the exposure counts in every observation
+            modes += [replace(base, env=replace(env, exposure_cost=c)) for c in args.exposure_cost[:1] if c]
             rows = [throughput(m, n, args.throughput_iterations) for m in modes for n in (1, 2)]
             print(f"\n## Throughput (APPO, transformer policy, {args.envs_per_runner} envs per runner)\n")
             print(

@@ -351,6 +351,9 @@ def test_training_checkpoint_restore_and_standalone_module(
     summary = train(cfg, tmp_path / "rl", progress=lambda *_: None)
     assert summary["iterations"] == 2 and Path(summary["checkpoint"]).is_dir()
     assert all(h["env_steps"] > 0 for h in summary["history"])
+    # the hit rate counts every sampled step once (not the return per step, which the exposure cost lowers)
+    assert all(h["replay_steps"] == h["env_steps"] and 0 <= h["hit_rate"] <= 1 for h in summary["history"])
+    assert any(h["hit_rate"] > 0 for h in summary["history"]), summary["history"]
     if algorithm == "dqn":  # learning started (after one train batch of samples): a finite TD loss, and the
         # logged next item's cross-entropy beside it, in nats: about ln(1,682) = 7.4 for a uniform guess
         learned = [h for h in summary["history"] if h["q_loss"] == h["q_loss"]]

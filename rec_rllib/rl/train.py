@@ -115,6 +115,25 @@ class RLTrainConfig(DictConfig):
             )
 
 
+REPLAY_HITS, REPLAY_STEPS = "replay_hits", "replay_steps"
+
+
+def count_replay_hits(*, metrics_logger=None, samples, **kwargs) -> None:
+    """``on_sample_end``: the steps sampled and how many recommended one of the user's next logged items (the
+    env's ``hit`` info), summed per iteration. The hit rate is their ratio: the mean return per step is not one
+    once a novelty reward or an exposure cost is added, or the hit is weighted by the rating."""
+    if metrics_logger is None:
+        return
+    hits = steps = 0
+    for episode in samples:
+        infos = episode.get_infos()[1:]  # the first belongs to the chunk's first observation (a reset, or the
+        # previous chunk's last step)
+        hits += sum(bool(i.get("hit")) for i in infos)
+        steps += len(infos)
+    metrics_logger.log_value(REPLAY_HITS, hits, reduce="sum")
+    metrics_logger.log_value(REPLAY_STEPS, steps, reduce="sum")
+
+
 def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
     """The RLlib AlgorithmConfig, as one builder chain."""
     from ray.rllib.algorithms.appo import APPOConfig
@@ -174,6 +193,7 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
         .fault_tolerance(restart_failed_env_runners=True)
         .reporting(min_time_s_per_iteration=0, metrics_num_episodes_for_smoothing=100)
         .debugging(seed=cfg.seed)
+        .callbacks(on_sample_end=count_replay_hits)
     )
     if cfg.algorithm == "dqn":
         return config.training(
@@ -211,7 +231,7 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
                     pieces.append(RecordUCBStatistics(num_learners=cfg.num_learners))
                 return pieces
 
-            config = config.callbacks(on_sample_end=ship_final_user_states).training(
+            config = config.callbacks(on_sample_end=[count_replay_hits, ship_final_user_states]).training(
                 learner_connector=learner_pieces
             )
         # APPO samples asynchronously: an iteration lasts until at least one train batch was learned on
@@ -258,13 +278,18 @@ def summarize(result: dict[str, Any], seconds: float) -> dict[str, float]:
     steps = _get(result, ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED)
     ret = _get(result, ENV_RUNNER_RESULTS, EPISODE_RETURN_MEAN)
     ep_len = _get(result, ENV_RUNNER_RESULTS, EPISODE_LEN_MEAN)
+    replay_steps = _get(result, ENV_RUNNER_RESULTS, REPLAY_STEPS)
     learner = result.get(LEARNER_RESULTS, {}).get("default_policy", {})
     updates = _get(learner, "num_module_steps_trained", default=0.0)  # samples the learner trained on
     return {
         "iteration": float(result.get("training_iteration", 0)),
         "episode_return_mean": ret,
         "episode_len_mean": ep_len,
-        "hit_rate": ret / ep_len if ep_len and ep_len == ep_len else float("nan"),
+        # the share of this iteration's steps that recommended one of the next logged items
+        "hit_rate": _get(result, ENV_RUNNER_RESULTS, REPLAY_HITS) / replay_steps
+        if replay_steps > 0
+        else float("nan"),
+        "replay_steps": replay_steps,
         "env_steps": steps,
         "env_steps_lifetime": _get(result, ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME),
         "env_steps_per_s": steps / seconds if seconds > 0 else float("nan"),
