@@ -394,6 +394,8 @@ def test_training_checkpoint_restore_and_standalone_module(
             req = {"history": list(range(0, 60, 3)), "k": 5}
             first, second = (scorer.score_requests([req])[0]["items"] for _ in range(2))
             assert first != second  # what the first answer showed now weighs on the second
+            explored = scorer.score_requests([{**req, "strategy": "thompson", "temperature": 0.5}])[0]
+            assert len(explored["items"]) == 5 and all(0 < p <= 1 for p in explored["propensities"])
         else:
             assert module.exposure_term is None
         if algorithm == "appo" and not train_encoder:
