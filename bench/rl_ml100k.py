@@ -140,6 +140,9 @@ def main() -> None:
     p.add_argument("--exposure-cost", nargs="+", type=float, default=[0.0],
                    help="λ values of the env's exposure cost (quality; 0 = off): the policy learns a weight "
                    "on the runner's exposure counts")  # fmt: skip
+    p.add_argument("--freeze-state-head", action="store_true",
+                   help="quality: keep the policy head's map on the user state at the fine-tuned identity (train the "
+                   "item bias, popularity and exposure weights only)")  # fmt: skip
     p.add_argument("--horizon", type=int, default=EnvConfig.horizon,
                    help="hit reward: the recommendation counts when among the next H logged items")  # fmt: skip
     p.add_argument("--envs-per-runner", type=int, default=32)
@@ -176,6 +179,7 @@ def main() -> None:
         lr=args.lr,
         ref_kl_coeff=args.ref_kl_coeff,
         next_item_ce_coeff=args.next_item_ce_coeff,
+        train_state_head=not args.freeze_state_head,
         seed=args.seed,
         env=env,
     )
@@ -215,6 +219,8 @@ def main() -> None:
             allowed = {"dqn": {"epsilon"}, "ppo": {"boltzmann", "thompson"}}
             runs = [(a, st) for a in args.algorithms for st in args.strategies if st in allowed.get(a, {st})]
             e2e_name, e2e_dir = (", end to end", "-e2e") if args.train_encoder else ("", "")
+            if args.freeze_state_head:
+                e2e_name, e2e_dir = ", state head frozen", "-fz"
             grid = [(a, st, b, c) for a, st in runs for b in args.novelty_bonus for c in args.exposure_cost]
             for algorithm, strategy, bonus, cost in grid:
                 cost_name, cost_dir = (f", exposure cost {cost:g}", f"-x{cost:g}") if cost else ("", "")

@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="train every weight end to end (default: a policy head on the frozen fine-tuned encoder)",
     )
+    g.add_argument(
+        "--train-state-head",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="policy head: also train the linear map on the user state (default); --no-train-state-head keeps it "
+        "at the fine-tuned identity and trains the item bias, the popularity weight and the exposure weight only",
+    )
     g.add_argument("--lr", type=float)
     g.add_argument("--ref-kl-coeff", type=float, help="KL penalty toward the fine-tuned policy (0 = off)")
     g.add_argument("--entropy-coeff", type=float)

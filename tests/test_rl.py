@@ -222,6 +222,22 @@ def test_env_runners_ship_bootstrap_states_so_the_learner_never_encodes(finetune
     assert torch.allclose(out[Columns.EMBEDDINGS][bootstraps], own, atol=1e-5)
 
 
+def test_a_frozen_state_head_trains_the_item_bias_popularity_and_exposure_weights_only(finetuned_run, ml_dir):
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    env = LogReplayEnv({"dataset": ml_dir, "exposure_cost": 0.5, "seed": 21})
+    mc = model_config_from_run(finetuned_run)
+    mc.update(train_state_head=False, exposure_window=env.cfg.exposure_window)
+    spec = RLModuleSpec(module_class=RecPolicyModule, observation_space=env.observation_space,
+                        action_space=env.action_space, model_config=mc)  # fmt: skip
+    module = spec.build()
+    trained = {n for n, p in module.named_parameters() if p.requires_grad and not n.startswith("value_head.")}
+    assert trained == {"net.bias", "net.popularity_weight", "exposure_term.weight"}
+    assert not any(p.requires_grad for p in module.net.state_head.parameters())
+    with pytest.raises(ValueError, match="end to end"):
+        RLTrainConfig(finetuned=finetuned_run, train_encoder=True, train_state_head=False)
+
+
 def test_exploration_log_probs_are_the_behaviour_distribution(finetuned_run, ml_dir):
     env = LogReplayEnv({"dataset": ml_dir, "window": 30})
     batch = {Columns.OBS: _obs_batch(env)}

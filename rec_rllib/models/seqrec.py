@@ -72,7 +72,9 @@ class ModelConfig(DictConfig):
 class TextSeqRec(nn.Module):
     """User history (item tokens) -> user state -> scores over every item."""
 
-    POLICY_HEAD_KEYS = ("state_head.", "popularity_weight", "log_popularity")
+    STATE_HEAD_KEY = "state_head."
+    """State-dict key prefix of the policy head's linear map on the user state."""
+    POLICY_HEAD_KEYS = (STATE_HEAD_KEY, "popularity_weight", "log_popularity")
     """State-dict key prefixes of the policy head (``ModelConfig.policy_head``); a fine-tuned run has none."""
 
     def __init__(

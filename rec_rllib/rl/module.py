@@ -152,8 +152,11 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         self._dropout_p = [m.p for m in self._dropouts]
         self._set_dropout(on=False)
         if not self.train_encoder:
+            trained = TRAINED_WITH_FROZEN_ENCODER
+            if not mc.get("train_state_head", True):  # the map on the user state stays the identity
+                trained = tuple(k for k in trained if k != TextSeqRec.STATE_HEAD_KEY)
             for name, param in self.net.named_parameters():
-                param.requires_grad_(name.startswith(TRAINED_WITH_FROZEN_ENCODER))
+                param.requires_grad_(name.startswith(trained))
             if mc.get("item_counts") is not None:
                 self.net.set_popularity(np.asarray(mc["item_counts"]))
         self._items: torch.Tensor | None = None  # item matrix cache (no-grad paths; frozen items)

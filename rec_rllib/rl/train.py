@@ -65,6 +65,11 @@ class RLTrainConfig(DictConfig):
     bias on the frozen fine-tuned encoder — env runners ship the user state, the learner never re-encodes (several times the throughput).
     True: train every weight end to end (the learner runs the encoder for the online, target and
     reference networks)."""
+    train_state_head: bool = True
+    """Policy head only: train its linear map on the user state. False keeps the map at its fine-tuned identity
+    and trains the item bias, the popularity weight and (with an exposure cost) the exposure weight: the
+    relevance ranking of each user stays the fine-tuned model's (with the exposure cost: NDCG@10 within 1% of the
+    fine-tuned model on its test users, where the trained map lost 3-7%)."""
     lr: float | None = None
     """Learning rate; None = 1e-3 for the policy head, 3e-5 end to end (the encoder starts fine-tuned)."""
     entropy_coeff: float = 0.0
@@ -108,6 +113,9 @@ class RLTrainConfig(DictConfig):
                 "(measured for epsilon: it collapses onto popular items); use boltzmann or thompson with ppo, "
                 "or epsilon/ucb with appo"
             )
+        if self.train_encoder and not self.train_state_head:
+            raise ValueError("train_state_head=False freezes the policy head's map; end to end (train_encoder) "
+                             "has no policy head: drop one of the two")  # fmt: skip
         if self.exploration.strategy == "greedy":
             raise ValueError(
                 "exploration 'greedy' never explores: RL training needs a behaviour policy that tries other "
@@ -167,6 +175,7 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
         "exploration": asdict(cfg.exploration),
         "ref_kl_coeff": ref_kl,
         "train_encoder": cfg.train_encoder,
+        "train_state_head": cfg.train_state_head,
         # PPO (no off-policy correction) optimises the behaviour distribution itself
         "train_behaviour_policy": cfg.algorithm == "ppo",
         # the policy head's popularity feature, from the split the env replays
