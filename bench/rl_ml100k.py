@@ -246,9 +246,9 @@ def main() -> None:
                     minutes[name] = (time.perf_counter() - t0) / 60
                     print(f"{name}: {minutes[name]:.1f} min", flush=True)
                 policies[name] = load_recommender(str(run_dir / "checkpoint"), ds)
-                beta = getattr(getattr(policies[name], "cfg", None), "penalty", None)
-                if beta is not None:
+                if isinstance(policies[name], ExposureAwareRecommender):  # trained with an exposure cost
                     # what the learned exposure weight does and what the rest of the head does, apart
+                    beta = policies[name].cfg.penalty
                     print(f"{name}: learned exposure weight β = {beta:.4f}", flush=True)
                     policies[name + " without its exposure term"] = policies[name].base
                     fixed = ExposureConfig(slots=0, penalty=beta)

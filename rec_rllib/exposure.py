@@ -100,12 +100,17 @@ class ExposureTracker:
         """Share of the catalogue shown within the window."""
         return float((self.counts > 0).mean()) if self.n_items else 0.0
 
+    def penalties(self, n_items: int) -> np.ndarray:
+        """[n_items] what the penalty takes off each item's score: penalty · log(1 + times shown within the
+        window)."""
+        return self.cfg.penalty * np.log1p(self.counts[:n_items])
+
     def penalised(self, scores: np.ndarray) -> np.ndarray:
-        """``scores`` - penalty · log(1 + times shown within the window) (the scores themselves without a
-        penalty); excluded items stay at -inf."""
+        """``scores`` - :meth:`penalties` (the scores themselves without a penalty); excluded items stay at
+        -inf."""
         if not self.cfg.penalty:
             return scores
-        return scores - self.cfg.penalty * np.log1p(self.counts[: len(scores)])
+        return scores - self.penalties(len(scores))
 
     def record(self, items: np.ndarray) -> None:
         items = np.asarray(items, dtype=np.int64).ravel()

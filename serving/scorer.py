@@ -273,8 +273,7 @@ class PolicyScorer:
         # the policy's exposure term, on what explored slates are drawn from (greedy: the tracker applies it)
         shift: torch.Tensor | float = 0.0
         if self.exposure.cfg.penalty and strategy != "greedy":
-            shown = torch.as_tensor(self.exposure.counts[:n], dtype=scores.dtype, device=scores.device)
-            shift = self.exposure.cfg.penalty * torch.log1p(shown)
+            shift = torch.as_tensor(self.exposure.penalties(n), dtype=scores.dtype, device=scores.device)
         masked = (scores - shift).masked_fill(~allowed, -torch.inf)
         if strategy == "greedy" and self.exposure.cfg.active:
             row, widened = self.exposure.slate(masked.cpu().numpy(), k)
