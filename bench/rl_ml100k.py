@@ -15,7 +15,8 @@ Quality: for each exploration strategy (Boltzmann, epsilon-greedy, Thompson/MC d
 bonus λ (``--novelty-bonus``: the env's reward scale for long-tail hits), APPO trains the policy from the
 fine-tuned weights (KL penalty toward them), and the greedy policy is evaluated by the shared evaluation
 (leave-one-out test users, full ranking, seen items excluded) beside the fine-tuned model: HR/NDCG@10,
-coverage@10, novelty@10, the paired NDCG difference against the fine-tuned model — on the test users and on
+coverage@10, novelty@10, the paired NDCG difference against the fine-tuned model (95% paired-bootstrap
+interval, t-test p) — on the test users and on
 the validation users — and every policy again with the exposure slot (``rec_rllib.exposure``: the last of
 the 10 positions goes to an item not shown yet when the user ranks one within the next 40). Prints a table
 per split and writes an accuracy-coverage plot per split. ``--reuse`` evaluates the checkpoints a previous
@@ -23,6 +24,9 @@ run left in ``--out`` instead of training again.
 ``--exposure-cost λ`` trains with the env's exposure cost (:mod:`rec_rllib.env`): such a policy is evaluated
 with its learned exposure weight β on a tracker of what it answered, and twice more, to tell apart what β and
 what the rest of the head do: without its exposure term, and as the fine-tuned model with β as a fixed penalty.
+``--exposure-shape indicator`` prices (and penalises) whether an item was recommended at all within the runner's
+``--exposure-window`` recommendations instead of log(1 + count); evaluation keeps a window of 10,000 slate
+positions either way.
 Everything runs on an embedded local Ray with ``--num-cpus`` CPUs.
 """
 
@@ -49,7 +53,7 @@ from rec_rllib.env import EnvConfig  # noqa: E402
 from rec_rllib.eval import evaluate_ranking  # noqa: E402
 from rec_rllib.eval.ranking import paired_comparison  # noqa: E402
 from rec_rllib.explore import ExplorationConfig  # noqa: E402
-from rec_rllib.exposure import ExposureAwareRecommender, ExposureConfig  # noqa: E402
+from rec_rllib.exposure import EXPOSURE_SHAPES, ExposureAwareRecommender, ExposureConfig  # noqa: E402
 from rec_rllib.models import load_recommender  # noqa: E402
 from rec_rllib.rl.module import model_config_from_run  # noqa: E402
 from rec_rllib.rl.policy import is_rl_checkpoint  # noqa: E402
@@ -140,6 +144,12 @@ def main() -> None:
     p.add_argument("--exposure-cost", nargs="+", type=float, default=[0.0],
                    help="λ values of the env's exposure cost (quality; 0 = off): the policy learns a weight "
                    "on the runner's exposure counts")  # fmt: skip
+    p.add_argument("--exposure-shape", choices=EXPOSURE_SHAPES, default=EnvConfig.exposure_shape,
+                   help="what the exposure cost and the learned term count: log(1 + count) or indicator (shown "
+                   "at all)")  # fmt: skip
+    p.add_argument("--exposure-window", type=int, default=EnvConfig.exposure_window,
+                   help="recommendations a runner's exposure tracker remembers (training; evaluation keeps as "
+                   "many slate positions)")  # fmt: skip
     p.add_argument("--freeze-state-head", action="store_true",
                    help="quality: keep the policy head's map on the user state at the fine-tuned identity (train the "
                    "item bias, popularity and exposure weights only)")  # fmt: skip
@@ -172,7 +182,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ds = load_or_prepare("ml-100k")
-    env = EnvConfig(dataset=str(Path(dataset_path("ml-100k")).resolve()), window=50, horizon=args.horizon)
+    env = EnvConfig(
+        dataset=str(Path(dataset_path("ml-100k")).resolve()),
+        window=50,
+        horizon=args.horizon,
+        exposure_shape=args.exposure_shape,
+        exposure_window=args.exposure_window,
+    )
     base = RLTrainConfig(
         finetuned=args.finetuned,
         num_envs_per_env_runner=args.envs_per_runner,
@@ -224,6 +240,11 @@ def main() -> None:
             grid = [(a, st, b, c) for a, st in runs for b in args.novelty_bonus for c in args.exposure_cost]
             for algorithm, strategy, bonus, cost in grid:
                 cost_name, cost_dir = (f", exposure cost {cost:g}", f"-x{cost:g}") if cost else ("", "")
+                if cost and args.exposure_shape != "log":
+                    cost_name, cost_dir = (
+                        cost_name + f" ({args.exposure_shape})",
+                        cost_dir + args.exposure_shape[0],
+                    )
                 name = f"{algorithm.upper()} + {strategy}, λ={bonus:g}" + cost_name + e2e_name
                 run_dir = out / f"{algorithm}-{strategy}-b{bonus:g}{cost_dir}{e2e_dir}"
                 if args.reuse and is_rl_checkpoint(run_dir / "checkpoint"):
@@ -251,7 +272,7 @@ def main() -> None:
                     beta = policies[name].cfg.penalty
                     print(f"{name}: learned exposure weight β = {beta:.4f}", flush=True)
                     policies[name + " without its exposure term"] = policies[name].base
-                    fixed = ExposureConfig(slots=0, penalty=beta)
+                    fixed = ExposureConfig(slots=0, penalty=beta, shape=policies[name].cfg.shape)
                     policies[f"fine-tuned + its β ({beta:.2f}) as a fixed penalty"] = (
                         ExposureAwareRecommender(policies["fine-tuned"], fixed)
                     )
@@ -277,7 +298,8 @@ EXPOSED = " + exposure slot"
 
 def quality(policies: dict, ds, split: str, exposure: ExposureConfig) -> dict[str, dict]:
     """Every policy greedy, then each again with the exposure slot (a fresh tracker, users in case order);
-    metrics plus the paired NDCG@10 difference against the fine-tuned model (t-test p) on ``split``."""
+    metrics plus the paired NDCG@10 difference against the fine-tuned model (95% paired-bootstrap interval,
+    t-test p) on ``split``."""
     results = {}
     for name, rec in policies.items():
         results[name] = evaluate_ranking(rec, ds, split=split)
@@ -289,9 +311,16 @@ def quality(policies: dict, ds, split: str, exposure: ExposureConfig) -> dict[st
     table = {}
     for name, r in results.items():
         paired = (
-            paired_comparison(ft, r, "NDCG@10") if name != "fine-tuned" else {"diff": 0.0, "p_value": 1.0}
+            paired_comparison(ft, r, "NDCG@10")
+            if name != "fine-tuned"
+            else {"diff": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0}
         )
-        table[name] = {**r.metrics, "ndcg_diff_vs_ft": paired["diff"], "ndcg_p_vs_ft": paired["p_value"]}
+        table[name] = {
+            **r.metrics,
+            "ndcg_diff_vs_ft": paired["diff"],
+            "ndcg_ci_vs_ft": [paired["low"], paired["high"]],
+            "ndcg_p_vs_ft": paired["p_value"],
+        }
     return table
 
 
@@ -299,13 +328,16 @@ def _print_quality(table: dict, split: str) -> None:
     ft = table["fine-tuned"]
     keys = ("HR@10", "NDCG@10", "coverage@10", "novelty@10")
     print(f"\n## Quality ({split} users, leave-one-out, full ranking, greedy policy)\n")
-    print("| policy | " + " | ".join(keys) + " | NDCG vs FT (paired p) | coverage vs FT |")
+    print("| policy | " + " | ".join(keys) + " | NDCG vs FT [95% interval] (paired p) | coverage vs FT |")
     print("|---|" + "---:|" * (len(keys) + 2))
     for name, m in table.items():
         cells = " | ".join(f"{m[k]:.4f}" for k in keys)
         d_ndcg = m["NDCG@10"] / ft["NDCG@10"] - 1
         d_cov = m["coverage@10"] / ft["coverage@10"] - 1
-        print(f"| {name} | {cells} | {d_ndcg:+.1%} ({m['ndcg_p_vs_ft']:.2f}) | {d_cov:+.1%} |")
+        lo, hi = (x / ft["NDCG@10"] for x in m["ndcg_ci_vs_ft"])
+        print(
+            f"| {name} | {cells} | {d_ndcg:+.1%} [{lo:+.1%}, {hi:+.1%}] ({m['ndcg_p_vs_ft']:.2f}) | {d_cov:+.1%} |"
+        )
 
 
 def _plot(table: dict, path: Path, split: str) -> None:

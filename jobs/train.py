@@ -33,6 +33,7 @@ from jobs._common import fail, ray_session, setup_logging
 from rec_rllib.data.catalog import dataset_path, load_or_prepare
 from rec_rllib.env import REWARDS, EnvConfig
 from rec_rllib.explore import STRATEGIES, ExplorationConfig
+from rec_rllib.exposure import EXPOSURE_SHAPES
 from rec_rllib.rl.train import ALGORITHMS, RLTrainConfig, train
 
 log = logging.getLogger("jobs.train")
@@ -122,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         "window) / log(1 + window); the policy learns a weight on those counts (coverage; 0 = off)",
     )
     v.add_argument("--exposure-window", type=int, help="recommendations the exposure tracker remembers")
+    v.add_argument(
+        "--exposure-shape",
+        choices=EXPOSURE_SHAPES,
+        help="what the exposure cost and the learned term count: log (log(1 + count), the default) or "
+        "indicator (L for an item recommended at all within the window: keeps the order of what is on display)",
+    )
     v.add_argument("--window", type=int)
     v.add_argument("--episode-len", type=int)
     p.add_argument("-v", "--verbose", action="store_true")

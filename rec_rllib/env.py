@@ -26,10 +26,12 @@ per-item bonus cannot express (an item counts for coverage once it is shown to a
 of one process (one env runner: its vectorised envs, all its users) share a tracker of the last
 ``exposure_window`` recommendations; the observation carries ``log(1 + times each item was recommended within
 it)`` (``Obs.EXPOSURE``), and a recommendation costs ``λ · log(1 + its count) / log(1 + exposure_window)``
-(in [0, λ]: λ = 1 prices an item recommended in every step of the window like a lost full hit). The policy can
-then learn to lower what is on display everywhere in favour of what this user ranks almost as high (the
-module's exposure weight, :class:`~rec_rllib.rl.module.RecPolicyModule`); evaluation and serving keep the
-same tracker over their answers (:class:`~rec_rllib.exposure.ExposureConfig` ``penalty``).
+(in [0, λ]: λ = 1 prices an item recommended in every step of the window like a lost full hit). With
+``exposure_shape="indicator"`` a recommendation costs λ if its item was recommended at all within the window,
+else nothing (:func:`~rec_rllib.exposure.exposure_feature`). The policy can then learn to lower what is on
+display everywhere in favour of what this user ranks almost as high (the module's exposure weight on the same
+feature, :class:`~rec_rllib.rl.module.RecPolicyModule`); evaluation and serving keep the same tracker over
+their answers (:class:`~rec_rllib.exposure.ExposureConfig` ``penalty`` and ``shape``).
 
 Sharding: env runner ``i`` of ``n`` (``worker_index``/``num_workers`` of RLlib's ``EnvContext``; the local
 runner, index 0, samples only when there are no remote runners) owns the users with
@@ -51,7 +53,7 @@ import numpy as np
 import pyarrow.dataset as pads
 
 from rec_rllib.columns import Col, Obs, Split, SplitScheme, Tokens
-from rec_rllib.exposure import ExposureConfig, ExposureTracker
+from rec_rllib.exposure import EXPOSURE_SHAPES, ExposureConfig, ExposureTracker, exposure_feature
 
 REWARDS = ("hit", "simulator")
 
@@ -79,6 +81,8 @@ class EnvConfig:
     > 0 adds the exposure counts to the observation (0 = off)."""
     exposure_window: int = 10_000
     """Recommendations the exposure tracker remembers (all sub-environments of the process together)."""
+    exposure_shape: str = "log"
+    """What the cost counts of an item: ``log`` (log(1 + count), normalised) or ``indicator`` (shown at all)."""
     num_shards: int = 0
     """Shards of the user population (0 = from the env context: the number of env runners)."""
     shard_id: int = -1
@@ -93,6 +97,10 @@ class EnvConfig:
             raise ValueError(f"novelty_bonus must be >= 0, got {self.novelty_bonus}")
         if not self.exposure_cost >= 0:
             raise ValueError(f"exposure_cost must be >= 0, got {self.exposure_cost}")
+        if self.exposure_shape not in EXPOSURE_SHAPES:
+            raise ValueError(
+                f"unknown exposure_shape {self.exposure_shape!r}; expected one of {EXPOSURE_SHAPES}"
+            )
         for name in ("window", "horizon", "episode_len", "exposure_window"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -284,9 +292,7 @@ class LogReplayEnv(gym.Env):
             reward += self.cfg.novelty_bonus * float(self.novelty[a])
         if self.exposure is not None:
             # priced on the counts the policy observed (other envs of the runner may have acted since)
-            reward -= (
-                self.cfg.exposure_cost * float(self._exposure_obs[a]) / np.log1p(self.cfg.exposure_window)
-            )
+            reward -= self.cfg.exposure_cost * self.exposure_price(self._exposure_obs[a])
             self.exposure.record(np.array([a]))
         # the logged item advances the history
         self._mask[self._items[self._pos]] = 0.0
@@ -295,6 +301,12 @@ class LogReplayEnv(gym.Env):
         terminated = self._pos >= len(self._items)
         truncated = not terminated and self._steps >= self.cfg.episode_len
         return self._obs(), reward, terminated, truncated, {"user": self._user, "hit": hit}
+
+    def exposure_price(self, log_count: float) -> float:
+        """The exposure cost of one recommendation per unit of λ, in [0, 1], from its item's observed
+        ``log(1 + count)``."""
+        value = float(exposure_feature(np.float64(log_count), self.cfg.exposure_shape))
+        return value / np.log1p(self.cfg.exposure_window) if self.cfg.exposure_shape == "log" else value
 
     def _obs(self) -> dict[str, np.ndarray]:
         w = self.cfg.window

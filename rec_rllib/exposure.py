@@ -18,10 +18,13 @@ yields its place to an unexposed item this user ranks almost as high, and the mo
 display, the fewer swaps happen. The result depends on the order of the answers (it is a policy with state,
 deterministic given that state); the shared evaluation answers its users in a fixed order.
 
-``penalty`` (β) is the other, soft form: every item's score is lowered by β · log(1 + times shown within the
-window) before the slate is chosen. It is what an RL policy trained with the env's exposure cost learns
-(:mod:`rec_rllib.env`; :func:`rec_rllib.rl.policy.load_policy_recommender` sets it from the policy), and it
-combines with the slot on one tracker.
+``penalty`` (β) is the other, soft form: every item's score is lowered by β · f(times shown within the window)
+before the slate is chosen, ``shape`` naming f (:func:`exposure_feature`): ``log`` (log(1 + count): the more an
+item is on display, the lower it goes) or ``indicator`` (1 once it is on display at all: the order among displayed
+items stays, an undisplayed item just below the slate can take a boundary place, as the slot does). It is what
+an RL policy trained with the env's exposure cost learns (:mod:`rec_rllib.env`;
+:func:`rec_rllib.rl.policy.load_policy_recommender` sets it from the policy), and it combines with the slot on one
+tracker.
 
 On MovieLens-100K (leave-one-out, the fine-tuned model, one slot, pool 40): coverage@10 +27-30% on both the
 validation and the test users at an NDCG@10 change between -0.3% and +0.6% over answer orders (paired t
@@ -37,6 +40,19 @@ import numpy as np
 from rec_rllib.eval.metrics import topk
 from rec_rllib.recommender import Recommendations, Recommender
 
+EXPOSURE_SHAPES = ("log", "indicator")
+
+
+def exposure_feature(log_counts, shape: str):
+    """What the exposure penalty and the env's exposure cost count of an item, from ``log(1 + times shown)``
+    (a numpy array or a torch tensor, as the observation carries it): ``log`` — that value; ``indicator`` — 1
+    if the item was shown at all, else 0."""
+    if shape == "log":
+        return log_counts
+    if shape == "indicator":
+        return (log_counts > 0) * 1.0
+    raise ValueError(f"unknown exposure shape {shape!r}; expected one of {EXPOSURE_SHAPES}")
+
 
 @dataclass(frozen=True)
 class ExposureConfig:
@@ -49,9 +65,11 @@ class ExposureConfig:
     window: int = 10_000
     """shown slate positions remembered (an item is *exposed* if it is among them)"""
     penalty: float = 0.0
-    """β: every item's score is lowered by ``β · log(1 + times shown within the window)`` before the slate is
-    chosen (the exposure term an RL policy learns with an exposure cost, :mod:`rec_rllib.env`; 0 = off, < 0
-    favours what is on display)"""
+    """β: every item's score is lowered by ``β · f(times shown within the window)`` before the slate is chosen
+    (the exposure term an RL policy learns with an exposure cost, :mod:`rec_rllib.env`; 0 = off, < 0 favours
+    what is on display)"""
+    shape: str = "log"
+    """f of the penalty (:func:`exposure_feature`): ``log`` (log(1 + count)) or ``indicator`` (shown at all)"""
 
     def __post_init__(self) -> None:
         for name in ("slots", "pool", "window"):
@@ -64,6 +82,8 @@ class ExposureConfig:
             raise ValueError(f"exposure penalty must be a finite number, got {self.penalty!r}")
         if self.penalty and self.window < 1:
             raise ValueError(f"an exposure penalty needs window >= 1, got {self}")
+        if self.shape not in EXPOSURE_SHAPES:
+            raise ValueError(f"unknown exposure shape {self.shape!r}; expected one of {EXPOSURE_SHAPES}")
 
     @property
     def enabled(self) -> bool:
@@ -101,9 +121,9 @@ class ExposureTracker:
         return float((self.counts > 0).mean()) if self.n_items else 0.0
 
     def penalties(self, n_items: int) -> np.ndarray:
-        """[n_items] what the penalty takes off each item's score: penalty · log(1 + times shown within the
-        window)."""
-        return self.cfg.penalty * np.log1p(self.counts[:n_items])
+        """[n_items] what the penalty takes off each item's score: penalty · f(times shown within the window),
+        f by the config's shape (:func:`exposure_feature`)."""
+        return self.cfg.penalty * exposure_feature(np.log1p(self.counts[:n_items]), self.cfg.shape)
 
     def penalised(self, scores: np.ndarray) -> np.ndarray:
         """``scores`` - :meth:`penalties` (the scores themselves without a penalty); excluded items stay at
@@ -180,7 +200,8 @@ class ExposureAwareRecommender(Recommender):
         if isinstance(base, ExposureAwareRecommender):
             # a policy that already has an exposure term (an RL policy trained with an exposure cost) gets the
             # slot on top of it: one tracker, its penalty kept
-            cfg = replace(cfg, penalty=cfg.penalty or base.cfg.penalty)
+            if not cfg.penalty:
+                cfg = replace(cfg, penalty=base.cfg.penalty, shape=base.cfg.shape)
             base = base.base
         self.base = base
         self.cfg = cfg

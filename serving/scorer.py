@@ -16,8 +16,9 @@ next ``exposure_pool`` items (:mod:`rec_rllib.exposure`: catalogue coverage at a
 an item is flagged ``exposure`` in the answer; its propensity is 1 (a deterministic choice given what the
 replica has shown). Every replica keeps its own tracker; explored slates count as shown too. An RL policy
 trained with an exposure cost (:mod:`rec_rllib.env`) brings its learned exposure weight β: every slate, greedy
-or explored, is then drawn from the scores minus β · log(1 + times the replica showed the item within the
-window), as the policy acted in training (``exposure.penalty`` in ``/healthz``).
+or explored, is then drawn from the scores minus β · f(times the replica showed the item within the window),
+f log(1 + count) or whether it was shown at all (the policy's shape), as the policy acted in training
+(``exposure.penalty`` and ``exposure.shape`` in ``/healthz``).
 
 UCB keeps per-replica diagonal LinUCB statistics of the (user state, item) pairs it showed under ``ucb``
 (what was shown, not its reward: the model's score is the mean); a new model version starts them afresh
@@ -59,20 +60,21 @@ DEFAULT_BATCH = {"max_batch_size": 16, "batch_wait_timeout_s": 0.002}
 EXPOSURE_KEYS = {"exposure_slots": "slots", "exposure_pool": "pool", "exposure_window": "window"}
 
 
-def load_serving_model(path: str, device: str) -> tuple[TextSeqRec, str, float]:
+def load_serving_model(path: str, device: str) -> tuple[TextSeqRec, str, dict]:
     """A fine-tuned run directory or an RLlib checkpoint -> (the TextSeqRec, a version string, the policy's
-    exposure weight β: 0 unless an RL policy learned one)."""
+    exposure term as :class:`ExposureConfig` fields: ``penalty`` β, 0 unless an RL policy learned one, and
+    ``shape``)."""
     from rec_rllib.models.run import is_run_dir, load_run
-    from rec_rllib.rl.policy import MODULE_SUBDIR, exposure_weight, is_rl_checkpoint, load_policy_module
+    from rec_rllib.rl.policy import MODULE_SUBDIR, exposure_penalty, is_rl_checkpoint, load_policy_module
 
     p = Path(path)
-    penalty = 0.0
+    penalty = {"penalty": 0.0, "shape": "log"}
     if is_run_dir(p):
         model, _ = load_run(p, device=device)
         weights = p / "model.safetensors"
     elif is_rl_checkpoint(p):
         module = load_policy_module(p)
-        model, penalty = module.net.to(device).eval(), exposure_weight(module)
+        model, penalty = module.net.to(device).eval(), exposure_penalty(module)
         weights = next(iter(sorted((p / MODULE_SUBDIR).glob("*.pt*"))), p / MODULE_SUBDIR)
     else:
         raise ValueError(f"{path}: neither a fine-tuned run directory nor an RLlib checkpoint")
@@ -119,7 +121,7 @@ class PolicyScorer:
         for a in self._added:  # items added at run time survive a model roll
             model.add_items(torch.as_tensor(a["embedding"])[None].to(self.device))
         self.model, self.model_path, self.model_version = model, model_path, version
-        self._set_exposure(replace(self.exposure.cfg, penalty=penalty))  # the policy's own exposure weight
+        self._set_exposure(replace(self.exposure.cfg, **penalty))  # the policy's own exposure term
         self.ucb = LinUCB(model.n_items, model.cfg.hidden_size, alpha=1.0)  # the request scales the bonus
         with torch.no_grad():
             self._refresh_items()

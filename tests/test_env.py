@@ -114,8 +114,20 @@ def test_exposure_cost_prices_what_the_runner_recommended_lately(ml_dir):
     for _ in range(2):
         o, *_ = b.step((item + 1) % b.n_items)
     assert o[Obs.EXPOSURE][item] == pytest.approx(np.log(2))
+    # the indicator shape: λ for an item recommended at all within the window, however often
+    ind = LogReplayEnv({**cfg, "seed": 13, "exposure_shape": "indicator"})
+    ind.reset(seed=1)
+    plain.reset(seed=1)
+    costs = []
+    for _ in range(3):
+        _, r, *_ = ind.step(item)
+        _, r0, *_ = plain.step(item)
+        costs.append(r0 - r)
+    assert costs == pytest.approx([0.0, 2.0, 2.0])
     with pytest.raises(ValueError, match="exposure_cost must be >= 0"):
         EnvConfig(dataset=ml_dir, exposure_cost=-1)
+    with pytest.raises(ValueError, match="unknown exposure_shape 'square'"):
+        EnvConfig(dataset=ml_dir, exposure_shape="square")
 
 
 def test_bad_config_is_rejected(ml_dir):

@@ -84,6 +84,29 @@ def test_an_exposure_penalty_lowers_what_is_on_display_by_its_log_count(ml100k: 
     assert evaluate_ranking(both, ml100k).metrics["coverage@10"] > first.metrics["coverage@10"]
 
 
+def test_an_indicator_penalty_lowers_everything_on_display_alike(ml100k: LogDataset):
+    """shape="indicator": β once an item is on display, however often; the order among displayed items stays
+    (the log shape pushes the most shown item down ever further)."""
+    scores = np.array([3.0, 2.2, 2.0, 0.0])
+    ind = ExposureTracker(4, ExposureConfig(slots=0, penalty=0.5, window=100, shape="indicator"))
+    log = ExposureTracker(4, ExposureConfig(slots=0, penalty=0.5, window=100))
+    np.testing.assert_array_equal(ind.slate(scores, 2)[0], [0, 1])
+    np.testing.assert_array_equal(ind.slate(scores, 2)[0], [0, 2])  # 2.5, 1.7 vs 2.0 unshown
+    tops_ind = [int(ind.slate(scores, 1)[0][0]) for _ in range(20)]
+    tops_log = [int(log.slate(scores, 1)[0][0]) for _ in range(20)]
+    assert set(tops_ind) == {0}  # 3 - 0.5 = 2.5 stays above 2.2 - 0.5 and 2 - 0.5
+    # log: 3 - 0.5 · log(1 + 4) = 2.195 < 2.2, item 1 takes over after four showings of item 0
+    assert tops_log[:4] == [0] * 4 and tops_log[4] == 1
+    np.testing.assert_allclose(ind.penalties(4), 0.5 * (ind.counts > 0))
+    with pytest.raises(ValueError, match="unknown exposure shape 'sqrt'"):
+        ExposureConfig(shape="sqrt")
+    # a policy's shape travels with its penalty when the slot is put on top
+    pop = ExposureAwareRecommender(
+        make_baseline("popularity", ml100k), ExposureConfig(slots=0, penalty=1.0, shape="indicator")
+    )
+    assert ExposureAwareRecommender(pop, ExposureConfig(slots=1)).cfg.shape == "indicator"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"slots": -1}, "exposure slots must be a non-negative integer"),

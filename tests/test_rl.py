@@ -19,6 +19,7 @@ from ray.rllib.core.learner.training_data import TrainingData
 from rec_rllib.columns import Obs
 from rec_rllib.env import EnvConfig, LogReplayEnv
 from rec_rllib.explore import ExplorationConfig
+from rec_rllib.exposure import ExposureConfig
 from rec_rllib.rl.module import MASK_VALUE, UCB_STATS, RecPolicyModule, model_config_from_run
 from rec_rllib.rl.policy import exposure_weight, load_policy_module, load_policy_recommender
 from rec_rllib.rl.replay_eval import (
@@ -343,11 +344,13 @@ def local_ray():
 def test_training_checkpoint_restore_and_standalone_module(
     algorithm, train_encoder, finetuned_run, ml_dir, tmp_path, local_ray
 ):
-    # the frozen-encoder APPO and DQN runs also price exposure (an extra observation, a learned weight)
+    # the frozen-encoder APPO and DQN runs also price exposure (an extra observation, a learned weight): APPO by
+    # log(1 + count), DQN by whether an item is on display at all (within its runner's last 500 recommendations)
     env_cfg = {
         "dataset": ml_dir,
         "window": 30,
         "exposure_cost": 1.0 if algorithm != "ppo" and not train_encoder else 0.0,
+        **({"exposure_shape": "indicator", "exposure_window": 500} if algorithm == "dqn" else {}),
     }
     cfg = RLTrainConfig(
         algorithm=algorithm,
@@ -396,16 +399,22 @@ def test_training_checkpoint_restore_and_standalone_module(
             beta = exposure_weight(module)
             assert beta != 0 and beta == exposure_weight(restored)
             rec = load_policy_recommender(summary["checkpoint"])
-            assert (rec.cfg.slots, rec.cfg.penalty, rec.cfg.window) == (0, beta, cfg.env.exposure_window)
+            shape = env_cfg.get("exposure_shape", "log")
+            assert module.exposure_window == cfg.env.exposure_window  # training's; evaluation keeps its own
+            assert (rec.cfg.slots, rec.cfg.penalty, rec.cfg.window, rec.cfg.shape) == (
+                0, beta, ExposureConfig.window, shape
+            )  # fmt: skip
             logits = module.forward_inference(dict(batch))[Columns.ACTION_DIST_INPUTS]
             batch[Columns.OBS][Obs.EXPOSURE][:] = 0
             unexposed = module.forward_inference(dict(batch))[Columns.ACTION_DIST_INPUTS]
             shift = (unexposed - logits)[:, :50]
             allowed = batch[Columns.OBS][Obs.ACTION_MASK][:, :50] > 0.5
-            assert torch.allclose(shift[allowed], torch.tensor(beta * float(np.log(10))), atol=1e-4)
+            feature = 1.0 if shape == "indicator" else float(np.log(10))
+            assert torch.allclose(shift[allowed], torch.tensor(beta * feature), atol=1e-4)
             # serving brings the same weight to each replica's tracker of what it showed
             scorer = PolicyScorer(summary["checkpoint"], ml_dir)
             assert scorer.exposure.cfg.penalty == beta and scorer.info()["exposure"]["penalty"] == beta
+            assert scorer.exposure.cfg.shape == shape == scorer.info()["exposure"]["shape"]
             scorer._set_exposure(replace(scorer.exposure.cfg, penalty=5.0))  # strong enough to see it act
             req = {"history": list(range(0, 60, 3)), "k": 5}
             first, second = (scorer.score_requests([req])[0]["items"] for _ in range(2))

@@ -22,9 +22,10 @@ Two ways to train (``train_encoder`` in the model config):
   networks: about five encoder passes per sample, the price of end-to-end RL).
 
 With an exposure cost in the env (:mod:`rec_rllib.env`), the observation carries the runner's exposure counts
-and the logits gain ``- β · log(1 + count)`` with one learned weight β (:class:`ExposureTerm`, 0 at the start:
-the fine-tuned policy), trained by every algorithm with the rest of the head; the target network has its own
-copy, the KL reference none. Evaluation and serving apply the learned β to their own tracker of what they
+and the logits gain ``- β · f(count)`` with one learned weight β (:class:`ExposureTerm`, 0 at the start: the
+fine-tuned policy; f the env's ``exposure_shape``: log(1 + count), or whether the item was recommended at all),
+trained by every algorithm with the rest of the head; the target network has its own copy, the KL reference
+none. Evaluation and serving apply the learned β to their own tracker of what they
 showed (:func:`rec_rllib.rl.policy.load_policy_recommender`).
 
 ``_forward_exploration`` turns the logits into the behaviour distribution of the configured exploration
@@ -61,6 +62,7 @@ from torch import nn
 
 from rec_rllib.columns import Obs
 from rec_rllib.explore import ExplorationConfig, LinUCB, behaviour_log_probs
+from rec_rllib.exposure import EXPOSURE_SHAPES, exposure_feature
 from rec_rllib.models.seqrec import ModelConfig, TextSeqRec
 from rec_rllib.rl.connectors import BOOTSTRAP_STATE_MISSING
 
@@ -75,18 +77,22 @@ TRAINED_WITH_FROZEN_ENCODER = (*TextSeqRec.POLICY_HEAD_KEYS, "bias")
 
 
 class ExposureTerm(nn.Module):
-    """β of the exposure term: logits - β · log(1 + times the item was recommended lately).
+    """β of the exposure term: logits - β · f(count), f by ``shape`` (:func:`~rec_rllib.exposure.exposure_feature`).
 
-    β = ``SCALE`` · w with w the trained parameter: Adam moves a parameter by about the learning rate per update
-    whatever its gradient's scale, so a plain β would move ~1e-3 per update at the policy head's rate, and the
-    β that matters is of order 0.1-1 (what one more log-unit of exposure is worth in score units; the
-    fine-tuned scores fall ~1 apart between ranks 1 and 10) over a run of ~100 updates.
+    The observation carries log(1 + times the item was recommended lately). β = ``SCALE`` · w with w the trained
+    parameter: Adam moves a parameter by about the learning rate per update whatever its gradient's scale, so a
+    plain β would move ~1e-3 per update at the policy head's rate, and the β that matters is of order 0.1-1 (what
+    one more log-unit of exposure is worth in score units; the fine-tuned scores fall ~1 apart between ranks 1
+    and 10) over a run of ~100 updates.
     """
 
     SCALE = 10.0
 
-    def __init__(self) -> None:
+    def __init__(self, shape: str = "log") -> None:
         super().__init__()
+        if shape not in EXPOSURE_SHAPES:
+            raise ValueError(f"unknown exposure shape {shape!r}; expected one of {EXPOSURE_SHAPES}")
+        self.shape = shape
         self.weight = nn.Parameter(torch.zeros(()))
 
     @property
@@ -94,7 +100,7 @@ class ExposureTerm(nn.Module):
         return self.SCALE * self.weight
 
     def forward(self, logits: torch.Tensor, exposure: torch.Tensor) -> torch.Tensor:
-        return logits - self.beta * exposure.float()
+        return logits - self.beta * exposure_feature(exposure.float(), self.shape)
 
 
 def model_config_from_run(
@@ -164,7 +170,8 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         self._ucb: LinUCB | None = None  # UCB statistics of the actions taken
         # the exposure term (only when the env prices exposure: its observation then carries the counts)
         self.exposure_window = int(mc.get("exposure_window", 0))
-        self.exposure_term = ExposureTerm() if self.exposure_window else None
+        self.exposure_shape = str(mc.get("exposure_shape", "log"))  # checkpoints before the shape: log
+        self.exposure_term = ExposureTerm(self.exposure_shape) if self.exposure_window else None
         hidden = self.net.cfg.hidden_size
         if self.exploration.strategy == "ucb" and not self.train_encoder:
             # [n_items, H] diagonal Gram statistics (ridge 1 = never shown): synced, checkpointed

@@ -23,8 +23,14 @@ def load_policy_module(checkpoint: str | Path):
     return module
 
 
-def load_policy_recommender(checkpoint: str | Path, *, name: str | None = None):
-    """The RL policy's network behind the :class:`Recommender` interface (greedy ranking by its logits)."""
+def load_policy_recommender(
+    checkpoint: str | Path, *, name: str | None = None, exposure_window: int | None = None
+):
+    """The RL policy's network behind the :class:`Recommender` interface (greedy ranking by its logits).
+
+    A policy trained with an exposure cost answers over a tracker of the last ``exposure_window`` slate positions
+    it showed (default: :class:`~rec_rllib.exposure.ExposureConfig`'s, as a serving replica keeps by default; the
+    training window counts single recommendations, a different unit)."""
     from rec_rllib.models.run import TransformerRecommender
 
     module = load_policy_module(checkpoint)
@@ -36,7 +42,8 @@ def load_policy_recommender(checkpoint: str | Path, *, name: str | None = None):
     # of the slates it answered (the users in answer order, as in the env's replay)
     from rec_rllib.exposure import ExposureAwareRecommender, ExposureConfig
 
-    cfg = ExposureConfig(slots=0, penalty=exposure_weight(module), window=module.exposure_window)
+    window = ExposureConfig.window if exposure_window is None else exposure_window
+    cfg = ExposureConfig(slots=0, window=window, **exposure_penalty(module))
     policy = ExposureAwareRecommender(rec, cfg)
     policy.name = label
     return policy
@@ -46,3 +53,10 @@ def exposure_weight(module) -> float:
     """β of a policy module's exposure term (0 without one)."""
     term = getattr(module, "exposure_term", None)
     return 0.0 if term is None else float(term.beta.detach())
+
+
+def exposure_penalty(module) -> dict:
+    """The :class:`~rec_rllib.exposure.ExposureConfig` fields that reproduce a policy module's exposure term:
+    ``penalty`` (β, 0 without a term) and ``shape``."""
+    term = getattr(module, "exposure_term", None)
+    return {"penalty": exposure_weight(module), "shape": "log" if term is None else term.shape}

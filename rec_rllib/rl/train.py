@@ -183,6 +183,7 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
         "item_counts": None if cfg.train_encoder else train_item_counts(cfg.env.dataset, cfg.env.scheme),
         # the env prices exposure: the module learns a weight on the exposure counts it observes
         "exposure_window": cfg.env.exposure_window if cfg.env.exposure_cost > 0 else 0,
+        "exposure_shape": cfg.env.exposure_shape,
     }
     config = (
         base.environment(LogReplayEnv, env_config=asdict(cfg.env), disable_env_checking=True)
