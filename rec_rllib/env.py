@@ -53,7 +53,7 @@ import numpy as np
 import pyarrow.dataset as pads
 
 from rec_rllib.columns import Col, Obs, Split, SplitScheme, Tokens
-from rec_rllib.exposure import EXPOSURE_SHAPES, ExposureConfig, ExposureTracker, exposure_feature
+from rec_rllib.exposure import ExposureConfig, ExposureTracker, check_exposure_shape, exposure_feature
 
 REWARDS = ("hit", "simulator")
 
@@ -97,10 +97,7 @@ class EnvConfig:
             raise ValueError(f"novelty_bonus must be >= 0, got {self.novelty_bonus}")
         if not self.exposure_cost >= 0:
             raise ValueError(f"exposure_cost must be >= 0, got {self.exposure_cost}")
-        if self.exposure_shape not in EXPOSURE_SHAPES:
-            raise ValueError(
-                f"unknown exposure_shape {self.exposure_shape!r}; expected one of {EXPOSURE_SHAPES}"
-            )
+        check_exposure_shape(self.exposure_shape, "exposure_shape")
         for name in ("window", "horizon", "episode_len", "exposure_window"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -241,6 +238,9 @@ class LogReplayEnv(gym.Env):
             key = (self.cfg.dataset, self.cfg.scheme, worker_index, shard_id, num_shards, self.cfg.seed)
             self.exposure = shared_exposure_tracker(key, self.n_items, self.cfg.exposure_window)
         self._exposure_obs = np.zeros(self.n_items, dtype=np.float32)
+        self._exposure_unit = float(
+            exposure_feature(np.log1p(self.cfg.exposure_window), self.cfg.exposure_shape)
+        )
         w = self.cfg.window
         spaces = {
             Obs.HISTORY: gym.spaces.Box(0, self.n_items + Tokens.OFFSET - 1, (w + 1,), np.int64),
@@ -304,9 +304,9 @@ class LogReplayEnv(gym.Env):
 
     def exposure_price(self, log_count: float) -> float:
         """The exposure cost of one recommendation per unit of λ, in [0, 1], from its item's observed
-        ``log(1 + count)``."""
-        value = float(exposure_feature(np.float64(log_count), self.cfg.exposure_shape))
-        return value / np.log1p(self.cfg.exposure_window) if self.cfg.exposure_shape == "log" else value
+        ``log(1 + count)``: the shape's feature over its largest value (an item recommended in every step of the
+        window)."""
+        return float(exposure_feature(np.float64(log_count), self.cfg.exposure_shape)) / self._exposure_unit
 
     def _obs(self) -> dict[str, np.ndarray]:
         w = self.cfg.window

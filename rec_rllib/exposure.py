@@ -43,15 +43,20 @@ from rec_rllib.recommender import Recommendations, Recommender
 EXPOSURE_SHAPES = ("log", "indicator")
 
 
+def check_exposure_shape(shape: str, name: str = "exposure shape") -> str:
+    """``shape`` if it is one of :data:`EXPOSURE_SHAPES`; a ValueError naming the setting ``name`` otherwise."""
+    if shape not in EXPOSURE_SHAPES:
+        raise ValueError(f"unknown {name} {shape!r}; expected one of {EXPOSURE_SHAPES}")
+    return shape
+
+
 def exposure_feature(log_counts, shape: str):
     """What the exposure penalty and the env's exposure cost count of an item, from ``log(1 + times shown)``
     (a numpy array or a torch tensor, as the observation carries it): ``log`` — that value; ``indicator`` — 1
     if the item was shown at all, else 0."""
-    if shape == "log":
-        return log_counts
-    if shape == "indicator":
+    if check_exposure_shape(shape) == "indicator":
         return (log_counts > 0) * 1.0
-    raise ValueError(f"unknown exposure shape {shape!r}; expected one of {EXPOSURE_SHAPES}")
+    return log_counts
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,7 @@ class ExposureConfig:
             raise ValueError(f"exposure penalty must be a finite number, got {self.penalty!r}")
         if self.penalty and self.window < 1:
             raise ValueError(f"an exposure penalty needs window >= 1, got {self}")
-        if self.shape not in EXPOSURE_SHAPES:
-            raise ValueError(f"unknown exposure shape {self.shape!r}; expected one of {EXPOSURE_SHAPES}")
+        check_exposure_shape(self.shape)
 
     @property
     def enabled(self) -> bool:

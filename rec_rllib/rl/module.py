@@ -62,7 +62,7 @@ from torch import nn
 
 from rec_rllib.columns import Obs
 from rec_rllib.explore import ExplorationConfig, LinUCB, behaviour_log_probs
-from rec_rllib.exposure import EXPOSURE_SHAPES, exposure_feature
+from rec_rllib.exposure import check_exposure_shape, exposure_feature
 from rec_rllib.models.seqrec import ModelConfig, TextSeqRec
 from rec_rllib.rl.connectors import BOOTSTRAP_STATE_MISSING
 
@@ -90,9 +90,7 @@ class ExposureTerm(nn.Module):
 
     def __init__(self, shape: str = "log") -> None:
         super().__init__()
-        if shape not in EXPOSURE_SHAPES:
-            raise ValueError(f"unknown exposure shape {shape!r}; expected one of {EXPOSURE_SHAPES}")
-        self.shape = shape
+        self.shape = check_exposure_shape(shape)
         self.weight = nn.Parameter(torch.zeros(()))
 
     @property
@@ -170,8 +168,8 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         self._ucb: LinUCB | None = None  # UCB statistics of the actions taken
         # the exposure term (only when the env prices exposure: its observation then carries the counts)
         self.exposure_window = int(mc.get("exposure_window", 0))
-        self.exposure_shape = str(mc.get("exposure_shape", "log"))  # checkpoints before the shape: log
-        self.exposure_term = ExposureTerm(self.exposure_shape) if self.exposure_window else None
+        shape = str(mc.get("exposure_shape", "log"))  # checkpoints from before the shape: log
+        self.exposure_term = ExposureTerm(shape) if self.exposure_window else None
         hidden = self.net.cfg.hidden_size
         if self.exploration.strategy == "ucb" and not self.train_encoder:
             # [n_items, H] diagonal Gram statistics (ridge 1 = never shown): synced, checkpointed
