@@ -77,6 +77,9 @@ def main() -> None:
     p.add_argument("--skip-main", action="store_true", help="only the cold-start comparison")
     p.add_argument("--id-dropout", type=float, default=0.2, help="id dropout of the cold-start text model")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--seed", type=int, default=0, help="initialisation and batch order (a run is reproducible)"
+    )
     p.add_argument("--out", default="runs/bench-finetune")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,7 +88,7 @@ def main() -> None:
     pop = evaluate_ranking(make_baseline("popularity", ds), ds).metrics
 
     model_cfg = ModelConfig()
-    train_cfg = FinetuneConfig(max_minutes=args.minutes, threads=args.threads, progress=False)
+    train_cfg = FinetuneConfig(max_minutes=args.minutes, threads=args.threads, seed=args.seed, progress=False)
     report: dict = {}
     if not args.skip_main:
         report = main_run(ds, model_cfg, train_cfg, out, pop)

@@ -153,6 +153,9 @@ def main() -> None:
     p.add_argument("--freeze-state-head", action="store_true",
                    help="quality: keep the policy head's map on the user state at the fine-tuned identity (train the "
                    "item bias, popularity and exposure weights only)")  # fmt: skip
+    p.add_argument("--freeze-item-terms", action="store_true",
+                   help="quality: keep the item bias and the popularity weight at the fine-tuned values (with "
+                   "--freeze-state-head and an exposure cost RL trains the exposure weight alone)")  # fmt: skip
     p.add_argument("--horizon", type=int, default=EnvConfig.horizon,
                    help="hit reward: the recommendation counts when among the next H logged items")  # fmt: skip
     p.add_argument("--envs-per-runner", type=int, default=32)
@@ -237,6 +240,8 @@ def main() -> None:
             e2e_name, e2e_dir = (", end to end", "-e2e") if args.train_encoder else ("", "")
             if args.freeze_state_head:
                 e2e_name, e2e_dir = ", state head frozen", "-fz"
+            if args.freeze_item_terms:
+                e2e_name, e2e_dir = e2e_name + ", item terms frozen", e2e_dir + "-fi"
             grid = [(a, st, b, c) for a, st in runs for b in args.novelty_bonus for c in args.exposure_cost]
             for algorithm, strategy, bonus, cost in grid:
                 cost_name, cost_dir = (f", exposure cost {cost:g}", f"-x{cost:g}") if cost else ("", "")
@@ -261,6 +266,8 @@ def main() -> None:
                         checkpoint_every=10_000,
                         env=replace(env, novelty_bonus=bonus, exposure_cost=cost),
                         train_encoder=args.train_encoder,
+                        # per run: the exposure weight may be all that is left to train, with a cost only
+                        train_item_terms=not args.freeze_item_terms,
                     )
                     t0 = time.perf_counter()
                     train(cfg, run_dir, progress=lambda *_: None)

@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="policy head: also train the linear map on the user state (default); --no-train-state-head keeps it "
         "at the fine-tuned identity and trains the item bias, the popularity weight and the exposure weight only",
     )
+    g.add_argument(
+        "--train-item-terms",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="policy head: train the item bias and the popularity weight (default); with --no-train-state-head and "
+        "an exposure cost, --no-train-item-terms trains the exposure weight alone",
+    )
     g.add_argument("--lr", type=float)
     g.add_argument("--ref-kl-coeff", type=float, help="KL penalty toward the fine-tuned policy (0 = off)")
     g.add_argument("--entropy-coeff", type=float)

@@ -15,6 +15,7 @@ import ray
 import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.training_data import TrainingData
+from safetensors.torch import load_file
 
 from rec_rllib.columns import Obs
 from rec_rllib.env import EnvConfig, LogReplayEnv
@@ -223,7 +224,7 @@ def test_env_runners_ship_bootstrap_states_so_the_learner_never_encodes(finetune
     assert torch.allclose(out[Columns.EMBEDDINGS][bootstraps], own, atol=1e-5)
 
 
-def test_a_frozen_state_head_trains_the_item_bias_popularity_and_exposure_weights_only(finetuned_run, ml_dir):
+def test_frozen_head_parts_leave_rl_the_rest_down_to_the_exposure_weight_alone(finetuned_run, ml_dir):
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
     env = LogReplayEnv({"dataset": ml_dir, "exposure_cost": 0.5, "seed": 21})
@@ -237,6 +238,18 @@ def test_a_frozen_state_head_trains_the_item_bias_popularity_and_exposure_weight
     assert not any(p.requires_grad for p in module.net.state_head.parameters())
     with pytest.raises(ValueError, match="end to end"):
         RLTrainConfig(finetuned=finetuned_run, train_encoder=True, train_state_head=False)
+
+    # the item terms frozen too: the exposure weight is the only policy parameter RL trains
+    module = replace(spec, model_config={**mc, "train_item_terms": False}).build()
+    trained = {n for n, p in module.named_parameters() if p.requires_grad and not n.startswith("value_head.")}
+    assert trained == {"exposure_term.weight"}
+    with pytest.raises(ValueError, match="end to end"):
+        RLTrainConfig(finetuned=finetuned_run, train_encoder=True, train_item_terms=False)
+    with pytest.raises(ValueError, match="nothing to train"):
+        RLTrainConfig(finetuned=finetuned_run, train_state_head=False, train_item_terms=False)
+    cfg = RLTrainConfig(finetuned=finetuned_run, train_state_head=False, train_item_terms=False,
+                        env=EnvConfig(dataset=ml_dir, exposure_cost=0.5))  # fmt: skip
+    assert not cfg.train_item_terms
 
 
 def test_exploration_log_probs_are_the_behaviour_distribution(finetuned_run, ml_dir):
@@ -345,7 +358,9 @@ def test_training_checkpoint_restore_and_standalone_module(
     algorithm, train_encoder, finetuned_run, ml_dir, tmp_path, local_ray
 ):
     # the frozen-encoder APPO and DQN runs also price exposure (an extra observation, a learned weight): APPO by
-    # log(1 + count), DQN by whether an item is on display at all (within its runner's last 500 recommendations)
+    # log(1 + count), DQN by whether an item is on display at all (within its runner's last 500 recommendations);
+    # the frozen-encoder APPO run keeps the item bias and the popularity weight at their fine-tuned values
+    frozen_item_terms = algorithm == "appo" and not train_encoder
     env_cfg = {
         "dataset": ml_dir,
         "window": 30,
@@ -365,6 +380,7 @@ def test_training_checkpoint_restore_and_standalone_module(
         train_batch_size=160,
         rollout_fragment_length=20,
         checkpoint_every=2,
+        train_item_terms=not frozen_item_terms,
         env=EnvConfig(**env_cfg),
     )
     summary = train(cfg, tmp_path / "rl", progress=lambda *_: None)
@@ -383,6 +399,11 @@ def test_training_checkpoint_restore_and_standalone_module(
 
     # the module alone, from the checkpoint, gives the same greedy actions as the restored algorithm
     module = load_policy_module(summary["checkpoint"])
+    if frozen_item_terms:  # trained: the map on the user state (and β); not the item terms
+        fine_tuned_bias = load_file(Path(finetuned_run) / "model.safetensors")["bias"]
+        assert torch.equal(module.net.bias.detach(), fine_tuned_bias)
+        assert float(module.net.popularity_weight) == 0.0
+        assert not torch.equal(module.net.state_head.weight.detach(), torch.eye(module.net.cfg.hidden_size))
     algo = build_algo_config(cfg, model_config_from_run(finetuned_run)).build_algo()
     try:
         algo.restore_from_path(summary["checkpoint"])

@@ -76,6 +76,8 @@ class TextSeqRec(nn.Module):
     """State-dict key prefix of the policy head's linear map on the user state."""
     POLICY_HEAD_KEYS = (STATE_HEAD_KEY, "popularity_weight", "log_popularity")
     """State-dict key prefixes of the policy head (``ModelConfig.policy_head``); a fine-tuned run has none."""
+    ITEM_TERM_KEYS = ("bias", "popularity_weight")
+    """The user-independent terms of the scores: the item bias and the weight on log popularity."""
 
     def __init__(
         self,

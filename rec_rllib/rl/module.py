@@ -159,6 +159,8 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
             trained = TRAINED_WITH_FROZEN_ENCODER
             if not mc.get("train_state_head", True):  # the map on the user state stays the identity
                 trained = tuple(k for k in trained if k != TextSeqRec.STATE_HEAD_KEY)
+            if not mc.get("train_item_terms", True):  # item bias and popularity weight stay fine-tuned
+                trained = tuple(k for k in trained if k not in TextSeqRec.ITEM_TERM_KEYS)
             for name, param in self.net.named_parameters():
                 param.requires_grad_(name.startswith(trained))
             if mc.get("item_counts") is not None:
