@@ -126,9 +126,8 @@ class RLTrainConfig(DictConfig):
         if self.train_encoder and not self.train_item_terms:
             raise ValueError("train_item_terms=False freezes the policy head's item terms; end to end "
                              "(train_encoder) trains every weight: drop one of the two")  # fmt: skip
-        if not (
-            self.train_encoder or self.train_state_head or self.train_item_terms or self.env.exposure_cost > 0
-        ):
+        # (end to end implies both head flags, checked above)
+        if not (self.train_state_head or self.train_item_terms or self.env.exposure_cost > 0):
             raise ValueError("train_state_head=False and train_item_terms=False leave RL nothing to train without an "
                              "exposure cost (whose weight it would learn): set env.exposure_cost > 0")  # fmt: skip
         if self.exploration.strategy == "greedy":
