@@ -31,7 +31,9 @@ it)`` (``Obs.EXPOSURE``), and a recommendation costs ``λ · log(1 + its count) 
 else nothing (:func:`~rec_rllib.exposure.exposure_feature`). The policy can then learn to lower what is on
 display everywhere in favour of what this user ranks almost as high (the module's exposure weight on the same
 feature, :class:`~rec_rllib.rl.module.RecPolicyModule`); evaluation and serving keep the same tracker over
-their answers (:class:`~rec_rllib.exposure.ExposureConfig` ``penalty`` and ``shape``).
+their answers (:class:`~rec_rllib.exposure.ExposureConfig` ``penalty`` and ``shape``). Each step's info says
+``on_display``: whether the recommended item was already recommended within the window (training reports the
+share per iteration).
 
 Sharding: env runner ``i`` of ``n`` (``worker_index``/``num_workers`` of RLlib's ``EnvContext``; the local
 runner, index 0, samples only when there are no remote runners) owns the users with
@@ -290,17 +292,19 @@ class LogReplayEnv(gym.Env):
             reward = 0.0
         if self.cfg.novelty_bonus:
             reward += self.cfg.novelty_bonus * float(self.novelty[a])
+        info = {"user": self._user, "hit": hit}
         if self.exposure is not None:
             # priced on the counts the policy observed (other envs of the runner may have acted since)
             reward -= self.cfg.exposure_cost * self.exposure_price(self._exposure_obs[a])
             self.exposure.record(np.array([a]))
+            info["on_display"] = bool(self._exposure_obs[a] > 0)  # recommended within the window already
         # the logged item advances the history
         self._mask[self._items[self._pos]] = 0.0
         self._pos += 1
         self._steps += 1
         terminated = self._pos >= len(self._items)
         truncated = not terminated and self._steps >= self.cfg.episode_len
-        return self._obs(), reward, terminated, truncated, {"user": self._user, "hit": hit}
+        return self._obs(), reward, terminated, truncated, info
 
     def exposure_price(self, log_count: float) -> float:
         """The exposure cost of one recommendation per unit of λ, in [0, 1], from its item's observed

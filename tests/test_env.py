@@ -97,17 +97,17 @@ def test_exposure_cost_prices_what_the_runner_recommended_lately(ml_dir):
     plain.reset(seed=1)
     assert a.observation_space.contains(oa) and not oa[Obs.EXPOSURE].any()
     item = int(a._items[a._pos])  # the logged next item: a hit, not yet shown by anybody -> no cost
-    _, r, *_ = a.step(item)
-    _, r0, *_ = plain.step(item)
-    assert r == r0 > 0
+    _, r, _, _, info = a.step(item)
+    _, r0, _, _, plain_info = plain.step(item)
+    assert r == r0 > 0 and info["on_display"] is False and "on_display" not in plain_info
     ob, _ = b.reset(seed=2)
     assert ob[Obs.EXPOSURE][item] == pytest.approx(np.log(2)) and ob[Obs.EXPOSURE].sum() == pytest.approx(
         np.log(2)
     )
     plain.reset(seed=2)
-    _, r1, *_ = b.step(item)
+    _, r1, _, _, info = b.step(item)
     _, r0, *_ = plain.step(item)
-    assert r1 == pytest.approx(r0 - 2.0 * np.log(2) / np.log(4))
+    assert r1 == pytest.approx(r0 - 2.0 * np.log(2) / np.log(4)) and info["on_display"] is True
     o, _ = other.reset(seed=1)
     assert not o[Obs.EXPOSURE].any()
     # the window (3 recommendations) forgets: two more steps on other items evict the first of `item`'s two

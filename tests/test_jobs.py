@@ -127,6 +127,32 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def test_pipeline_rl_recipes():
+    """``coverage`` (the default) trains the exposure weight alone under the measured exposure cost;
+    ``relevance`` is jobs.train's default training on the hit reward."""
+    from jobs.pipeline import _rl_config, build_parser
+    from jobs.train import build_parser as train_parser
+    from jobs.train import resolve_config
+
+    args = build_parser().parse_args([])
+    cov = _rl_config(args, Path("ft"))
+    assert (cov.iterations, cov.train_state_head, cov.train_item_terms) == (300, False, False)
+    assert cov.exploration.strategy == "thompson"
+    env = cov.env
+    assert (env.exposure_cost, env.exposure_shape, env.exposure_window) == (0.15, "indicator", 5000)
+    rel_args = build_parser().parse_args(["--rl-recipe", "relevance", "--rl-iterations", "7"])
+    rel = _rl_config(rel_args, Path("ft"))
+    default = resolve_config(train_parser().parse_args(["--finetuned", "ft", "--out", "rl"]))
+    assert (rel.iterations, rel.env.exposure_cost) == (7, 0) and rel.train_state_head and rel.train_item_terms
+    placement = {"finetuned", "iterations", "num_cpus_per_env_runner", "checkpoint_every", "env"}
+    assert {k: v for k, v in rel.to_dict().items() if k not in placement} == {
+        k: v for k, v in default.to_dict().items() if k not in placement
+    }
+    assert {**rel.to_dict()["env"], "dataset": ""} == {**default.to_dict()["env"], "dataset": ""}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--rl-recipe", "ctr"])
+
+
 def test_pipeline_end_to_end_on_embedded_ray(job_env, tmp_path):
     """The README's main command, as a subprocess (tiny budgets): embedded Ray, real data, every stage."""
     tiny = ["--finetune-epochs", "2", "--hidden-size", "32", "--max-len", "30", "--rl-iterations", "2",
@@ -141,6 +167,9 @@ def test_pipeline_end_to_end_on_embedded_ray(job_env, tmp_path):
     for p in policies:  # the exposure slot widens the catalogue the lists cover
         assert metrics[p + " + exposure slot"]["coverage@10"] > metrics[p]["coverage@10"]
     assert (tmp_path / "runs" / "qs" / "rl" / "checkpoint").is_dir()
+    rl_cfg = json.loads((tmp_path / "runs" / "qs" / "rl" / "rl_config.json").read_text())
+    # the coverage recipe
+    assert rl_cfg["env"]["exposure_shape"] == "indicator" and not rl_cfg["train_item_terms"]
     assert "curl -s -X POST http://127.0.0.1:" in out.stdout and "because:" in out.stdout
     # even two epochs of the text-aware model beat random by far
     assert metrics["fine-tuned (finetune)"]["HR@10"] > 3 * metrics["random"]["HR@10"]

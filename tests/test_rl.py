@@ -389,6 +389,11 @@ def test_training_checkpoint_restore_and_standalone_module(
     # the hit rate counts every sampled step once (not the return per step, which the exposure cost lowers)
     assert all(h["replay_steps"] == h["env_steps"] and 0 <= h["hit_rate"] <= 1 for h in summary["history"])
     assert any(h["hit_rate"] > 0 for h in summary["history"]), summary["history"]
+    shares = [h["on_display_share"] for h in summary["history"]]  # priced runs only: the share shown again
+    if env_cfg["exposure_cost"]:  # the fine-tuned policy recommends some items to several users
+        assert all(0 <= x <= 1 for x in shares) and any(x > 0 for x in shares), shares
+    else:
+        assert all(x != x for x in shares), shares
     if algorithm == "dqn":  # learning started (after one train batch of samples): a finite TD loss, and the
         # logged next item's cross-entropy beside it, in nats: about ln(1,682) = 7.4 for a uniform guess
         learned = [h for h in summary["history"] if h["q_loss"] == h["q_loss"]]
@@ -419,6 +424,9 @@ def test_training_checkpoint_restore_and_standalone_module(
             # learned (it starts at 0), saved, and applied by evaluation to its own tracker of what it showed
             beta = exposure_weight(module)
             assert beta != 0 and beta == exposure_weight(restored)
+            # the learner reports β after its updates: one update moves it ~0.01 (APPO may update once more
+            # between the last report and the checkpoint)
+            assert abs(summary["history"][-1]["exposure_weight"] - beta) < 0.05, summary["history"]
             rec = load_policy_recommender(summary["checkpoint"])
             shape = env_cfg.get("exposure_shape", "log")
             assert module.exposure_window == cfg.env.exposure_window  # training's; evaluation keeps its own

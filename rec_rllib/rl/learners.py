@@ -1,5 +1,6 @@
 """Learners: RLlib's PPO/APPO losses plus an optional KL penalty toward the fine-tuned reference policy;
-DQN's loss plus the cross-entropy of the logged next item (:class:`RecDQNLearner`).
+DQN's loss plus the cross-entropy of the logged next item (:class:`RecDQNLearner`). Each reports the module's
+exposure weight β after every update, when it has one.
 
 Each subclass changes only the loss and calls ``super()``: ``loss += ref_kl_coeff * KL(pi || pi_ref)``,
 with ``pi_ref`` the frozen fine-tuned network (:class:`~rec_rllib.rl.module.RecPolicyModule`'s
@@ -27,6 +28,7 @@ REF_KL_COEFF = "ref_kl_coeff"
 REF_KL_METRIC = "reference_kl"
 NEXT_ITEM_CE_COEFF = "next_item_ce_coeff"
 NEXT_ITEM_CE_METRIC = "next_item_ce"
+EXPOSURE_WEIGHT_METRIC = "exposure_weight"
 LOST_UPDATES_METRIC = "updates_skipped_all_episodes_lost"
 
 
@@ -52,7 +54,20 @@ class _ReferenceKLMixin:
         return loss + coeff * kl
 
 
-class RecAPPOLearner(_ReferenceKLMixin, APPOTorchLearner):
+class _ExposureWeightMixin:
+    """Logs β, the exposure term's learned weight, after every update (modules with an exposure term)."""
+
+    def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
+        super().after_gradient_based_update(timesteps=timesteps)
+        for module_id, module in self.module.items():
+            term = getattr(module.unwrapped(), "exposure_term", None)
+            if term is not None:
+                self.metrics.log_value(
+                    (module_id, EXPOSURE_WEIGHT_METRIC), float(term.beta.detach()), window=1
+                )
+
+
+class RecAPPOLearner(_ExposureWeightMixin, _ReferenceKLMixin, APPOTorchLearner):
     """APPO (V-trace actor-learner) + KL toward the fine-tuned policy."""
 
     @override(APPOTorchLearner)
@@ -75,7 +90,7 @@ class RecAPPOLearner(_ReferenceKLMixin, APPOTorchLearner):
         return super().update(training_data, **kwargs)
 
 
-class RecPPOLearner(_ReferenceKLMixin, PPOTorchLearner):
+class RecPPOLearner(_ExposureWeightMixin, _ReferenceKLMixin, PPOTorchLearner):
     """PPO + KL toward the fine-tuned policy."""
 
     @override(PPOTorchLearner)
@@ -91,7 +106,7 @@ def logged_next_items(next_obs: dict[str, Any]) -> torch.Tensor:
     return history.gather(1, last[:, None]).squeeze(1) - Tokens.OFFSET
 
 
-class RecDQNLearner(DQNTorchLearner):
+class RecDQNLearner(_ExposureWeightMixin, DQNTorchLearner):
     """Double Q-learning on the catalogue scores + the cross-entropy of the logged next item on the same
     scores (``next_item_ce_coeff``; SQN's supervised head, Xin et al., SIGIR 2020, here sharing the Q head).
 

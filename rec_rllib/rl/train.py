@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,9 +75,11 @@ class RLTrainConfig(DictConfig):
     train_item_terms: bool = True
     """Policy head only: train the item bias and the popularity weight. False keeps them at the fine-tuned values:
     with ``train_state_head=False`` and an exposure cost, RL trains the exposure weight β alone: the policy is the
-    fine-tuned scores minus the price RL learned for what is on display, the point of the fine-tuned model's own
-    accuracy-coverage frontier that the reward prices (indicator shape, 5,000 window, three fine-tuned models, 8
-    runs: test coverage@10 +25% to +30% at NDCG@10 −0.8% on average, +0.8% to −2.0%; README, RL training)."""
+    fine-tuned scores minus the price RL learned for what is on display, a point of the fine-tuned model's own
+    accuracy-coverage frontier. With a small exposure cost β settles where the reward balances (indicator shape,
+    λ = 0.15, 5,000 window, 300 iterations, three fine-tuned models: β 0.52-0.57, test coverage@10 +21% to +24% at
+    NDCG@10 −0.9% on average, validation −0.2%); at λ ≥ 0.4 it keeps climbing by up to ~0.01 an update and the
+    iteration budget sets where it stops (README, RL training: "A price RL settles on")."""
     lr: float | None = None
     """Learning rate; None = 1e-3 for the policy head, 3e-5 end to end (the encoder starts fine-tuned)."""
     entropy_coeff: float = 0.0
@@ -137,23 +140,26 @@ class RLTrainConfig(DictConfig):
             )
 
 
-REPLAY_HITS, REPLAY_STEPS = "replay_hits", "replay_steps"
+REPLAY_HITS, REPLAY_STEPS, REPLAY_ON_DISPLAY = "replay_hits", "replay_steps", "replay_on_display"
 
 
 def count_replay_hits(*, metrics_logger=None, samples, **kwargs) -> None:
     """``on_sample_end``: the steps sampled and how many recommended one of the user's next logged items (the
     env's ``hit`` info), summed per iteration. The hit rate is their ratio: the mean return per step is not one
-    once a novelty reward or an exposure cost is added, or the hit is weighted by the rating."""
+    once a novelty reward or an exposure cost is added, or the hit is weighted by the rating. With an exposure
+    cost also how many recommended an item already on display (the ``on_display`` info)."""
     if metrics_logger is None:
         return
-    hits = steps = 0
+    hits = steps = shown = 0
     for episode in samples:
         infos = episode.get_infos()[1:]  # the first belongs to the chunk's first observation (a reset, or the
         # previous chunk's last step)
         hits += sum(bool(i.get("hit")) for i in infos)
+        shown += sum(bool(i.get("on_display")) for i in infos)
         steps += len(infos)
     metrics_logger.log_value(REPLAY_HITS, hits, reduce="sum")
     metrics_logger.log_value(REPLAY_STEPS, steps, reduce="sum")
+    metrics_logger.log_value(REPLAY_ON_DISPLAY, shown, reduce="sum")
 
 
 def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
@@ -289,8 +295,9 @@ def _get(d: dict[str, Any], *path: str, default: float = float("nan")) -> float:
         return default
 
 
-def summarize(result: dict[str, Any], seconds: float) -> dict[str, float]:
-    """The per-iteration figures we log, from an RLlib result dict."""
+def summarize(result: dict[str, Any], seconds: float, *, exposure: bool = False) -> dict[str, float]:
+    """The per-iteration figures we log, from an RLlib result dict; ``exposure``: the env prices exposure (the
+    share of recommendations already on display and the learned exposure weight β, else NaN)."""
     from ray.rllib.utils.metrics import (
         ENV_RUNNER_RESULTS,
         EPISODE_LEN_MEAN,
@@ -299,6 +306,8 @@ def summarize(result: dict[str, Any], seconds: float) -> dict[str, float]:
         NUM_ENV_STEPS_SAMPLED,
         NUM_ENV_STEPS_SAMPLED_LIFETIME,
     )
+
+    from rec_rllib.rl.learners import EXPOSURE_WEIGHT_METRIC
 
     steps = _get(result, ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED)
     ret = _get(result, ENV_RUNNER_RESULTS, EPISODE_RETURN_MEAN)
@@ -325,6 +334,12 @@ def summarize(result: dict[str, Any], seconds: float) -> dict[str, float]:
         "reference_kl": _get(learner, "reference_kl"),
         "q_loss": _get(learner, "qf_loss"),
         "next_item_ce": _get(learner, "next_item_ce"),
+        # the share of this iteration's recommendations whose item its runner had on display already
+        "on_display_share": _get(result, ENV_RUNNER_RESULTS, REPLAY_ON_DISPLAY) / replay_steps
+        if exposure and replay_steps > 0
+        else float("nan"),
+        # β after the iteration's last update (NaN in an iteration without one)
+        "exposure_weight": _get(learner, EXPOSURE_WEIGHT_METRIC) if exposure else float("nan"),
         "seconds": seconds,
     }
 
@@ -353,14 +368,18 @@ def plot_history(run_dir: Path, history: list[dict[str, float]], title: str) -> 
     import matplotlib.pyplot as plt
 
     it = [h["iteration"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, label in zip(
-        axes,
-        ("episode_return_mean", "hit_rate", "env_steps_per_s"),
-        ("mean episode return", "hit rate (return / step)", "env steps / s"),
-        strict=True,
-    ):
-        ax.plot(it, [h[key] for h in history], marker="o", ms=3)
+    panels = [("episode_return_mean", "mean episode return"), ("hit_rate", "hit rate")]
+    if any(not math.isnan(h.get("exposure_weight", math.nan)) for h in history):  # the env priced exposure
+        panels += [
+            ("on_display_share", "share recommended while on display"),
+            ("exposure_weight", "exposure weight β"),
+        ]
+    panels.append(("env_steps_per_s", "env steps / s"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        ax.plot(
+            it, [h.get(key, math.nan) for h in history], marker="o", ms=3
+        )  # (a resumed older run lacks some)
         ax.set_xlabel("iteration")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -397,15 +416,23 @@ def train(
         progress(f"resumed from {resume} at iteration {start_iter}")
         history = read_history(run, start_iter)
     checkpoint = None
+    exposure = cfg.env.exposure_cost > 0
     try:
         for i in range(start_iter, cfg.iterations):
             t0 = time.perf_counter()
             result = algo.train()
-            row = summarize(result, time.perf_counter() - t0)
+            row = summarize(result, time.perf_counter() - t0, exposure=exposure)
+            if exposure and row["exposure_weight"] != row["exposure_weight"] and history:
+                row["exposure_weight"] = history[-1]["exposure_weight"]  # no update this iteration: unchanged
             history.append(row)
+            shown = (
+                f"on-display {row['on_display_share']:.2f}  β {row['exposure_weight']:.3f}  "
+                if exposure
+                else ""
+            )
             progress(
                 f"iter {i + 1:3d}/{cfg.iterations}  return {row['episode_return_mean']:.3f}  "
-                f"hit-rate {row['hit_rate']:.3f}  {row['env_steps_per_s']:.0f} env-steps/s  "
+                f"hit-rate {row['hit_rate']:.3f}  {shown}{row['env_steps_per_s']:.0f} env-steps/s  "
                 f"{row['learner_samples_per_s']:.0f} learned/s  "
                 f"ref-KL {row['reference_kl']:.4f}  {row['seconds']:.1f}s"
             )
