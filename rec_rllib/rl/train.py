@@ -377,9 +377,8 @@ def plot_history(run_dir: Path, history: list[dict[str, float]], title: str) -> 
     panels.append(("env_steps_per_s", "env steps / s"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6))
     for ax, (key, label) in zip(axes, panels, strict=True):
-        ax.plot(
-            it, [h.get(key, math.nan) for h in history], marker="o", ms=3
-        )  # (a resumed older run lacks some)
+        # .get: the rows of a run resumed from an older version lack the newer columns
+        ax.plot(it, [h.get(key, math.nan) for h in history], marker="o", ms=3)
         ax.set_xlabel("iteration")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -422,7 +421,7 @@ def train(
             t0 = time.perf_counter()
             result = algo.train()
             row = summarize(result, time.perf_counter() - t0, exposure=exposure)
-            if exposure and row["exposure_weight"] != row["exposure_weight"] and history:
+            if exposure and math.isnan(row["exposure_weight"]) and history:
                 row["exposure_weight"] = history[-1]["exposure_weight"]  # no update this iteration: unchanged
             history.append(row)
             shown = (
