@@ -155,11 +155,21 @@ class RayNodes:
         """``ray job submit --working-dir <repo> -- <command>``; asserts it SUCCEEDED, returns its output."""
         import json
         import re
+        import time
 
         args = ["job", "submit", "--address", self.dashboard, "--working-dir", str(REPO)]
         if runtime_env:
             args += ["--runtime-env-json", json.dumps(runtime_env)]
-        out = self.cli([*args, "--", *command], timeout=timeout)
+        deadline = time.time() + 120
+        while True:
+            out = self.cli([*args, "--", *command], timeout=timeout, check=False)
+            # seconds after `ray start --head` the job API may answer before the head's job agent has
+            # registered: Ray refuses the submission (no job created) and says to try again later
+            refused = "No available agent to submit job" in out.stdout + out.stderr
+            if out.returncode == 0 or not refused or time.time() > deadline:
+                break
+            time.sleep(3)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
         assert re.search(r"Job 'raysubmit_\w+' succeeded", out.stdout), out.stdout[-4000:]
         return out.stdout
 
