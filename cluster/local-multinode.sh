@@ -118,7 +118,13 @@ for d in app["deployments"]:
         d["ray_actor_options"]["resources"] = {"serve": 1}  # on the worker that offers `serve`
 yaml.safe_dump(config, open(f"{out}/serve.yaml", "w"))
 EOF
-serve deploy "$OUT/serve.yaml" --address "$ADDRESS" --working-dir .
+# serve deploy is declarative (the same config again applies nothing new): a first Serve start whose HTTP proxy
+# died while starting up (seen once on a loaded 2-core machine: "ProxyActor ... killed by ray.kill") is retried once
+serve deploy "$OUT/serve.yaml" --address "$ADDRESS" --working-dir . || {
+  echo "serve deploy failed; retrying once in 10 s" >&2
+  sleep 10
+  serve deploy "$OUT/serve.yaml" --address "$ADDRESS" --working-dir .
+}
 URL="http://127.0.0.1:$SERVE_PORT"
 BODY='{"user": "196", "k": 5, "exploration": "boltzmann", "temperature": 1.0}'
 "$PY" - "$URL" "$BODY" "$OUT/answer.json" <<'EOF'
