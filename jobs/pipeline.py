@@ -50,6 +50,8 @@ log = logging.getLogger("jobs.pipeline")
 
 STAGES = ("prepare", "finetune", "train", "evaluate", "serve")
 RL_RECIPES = ("coverage", "relevance")
+# the coverage recipe's exposure price (EnvConfig fields; measured: README, RL training, "A price RL settles on")
+COVERAGE_EXPOSURE = {"exposure_cost": 0.15, "exposure_shape": "indicator", "exposure_window": 5000}
 EVAL_SETTINGS = (
     (SplitScheme.LEAVE_ONE_OUT, "test"),
     (SplitScheme.LEAVE_ONE_OUT, "valid"),
@@ -80,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="APPO iterations (the coverage recipe's exposure weight peaks near 150 and settles by about 300)")  # fmt: skip
     g.add_argument("--rl-recipe", choices=RL_RECIPES, default="coverage",
                    help="coverage: RL learns the price of what is on display (the exposure weight alone, "
-                   "indicator exposure cost 0.15 over 5,000 recommendations, Thompson sampling) on top of the "
+                   f"{COVERAGE_EXPOSURE['exposure_shape']} exposure cost {COVERAGE_EXPOSURE['exposure_cost']} "
+                   f"over {COVERAGE_EXPOSURE['exposure_window']:,} recommendations, Thompson sampling) on top of the "
                    "fine-tuned scores, until it settles (README, RL training: 'A price RL settles on'); "
                    "relevance: APPO trains the policy head on the hit reward alone (jobs.train's defaults)")  # fmt: skip
     g.add_argument("--gpus", type=float, default=0.0, help="GPUs for fine-tuning and the RL learner")
@@ -120,7 +123,7 @@ def _rl_config(args: argparse.Namespace, ft_dir: Path):
             train_state_head=False,
             train_item_terms=False,
             exploration=ExplorationConfig(strategy="thompson"),
-            env=replace(cfg.env, exposure_cost=0.15, exposure_shape="indicator", exposure_window=5000),
+            env=replace(cfg.env, **COVERAGE_EXPOSURE),
         )
     return cfg
 

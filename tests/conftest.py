@@ -134,11 +134,13 @@ class RayNodes:
         self._start(["--head", f"--port={self.gcs}", f"--num-cpus={self.head_cpus}", "--include-dashboard=true",
                      "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}", f"--temp-dir={self.temp_dir}"])  # fmt: skip
         deadline = time.time() + 120
-        while True:  # ready when the job API answers
+        # ready when the job API answers and so does the head's dashboard agent (which runs the submitted
+        # jobs: the job API answers first, by a second or more, and refuses submissions until the agent is up)
+        while True:
             probe = self.cli(["job", "list", "--address", self.dashboard], check=False)
-            if probe.returncode == 0:
+            if probe.returncode == 0 and agent_healthy(self.agent_ports[0]):
                 return self
-            assert time.time() < deadline, probe.stderr[-2000:]
+            assert time.time() < deadline, probe.stderr[-2000:] or "the head's dashboard agent never answered"
             assert self.procs[-1].poll() is None, "ray start --head exited"
             time.sleep(2)
 
@@ -156,21 +158,31 @@ class RayNodes:
         import json
         import re
         import time
+        import uuid
 
-        args = ["job", "submit", "--address", self.dashboard, "--working-dir", str(REPO)]
+        # a submission id of our own makes the submission safe to repeat: when `ray job submit` fails without
+        # saying whether Ray took the job (seen on a loaded 2-core machine: the head's dashboard closed the
+        # connection of the submit request), `ray job status` tells; Ray refuses a second job with that id
+        job_id = f"rr-{uuid.uuid4().hex[:12]}"
+        where = ["--address", self.dashboard]
+        args = ["job", "submit", *where, "--submission-id", job_id, "--working-dir", str(REPO)]
         if runtime_env:
             args += ["--runtime-env-json", json.dumps(runtime_env)]
         deadline = time.time() + 120
         while True:
             out = self.cli([*args, "--", *command], timeout=timeout, check=False)
-            # seconds after `ray start --head` the job API may answer before the head's job agent has
-            # registered: Ray refuses the submission (no job created) and says to try again later
-            refused = "No available agent to submit job" in out.stdout + out.stderr
-            if out.returncode == 0 or not refused or time.time() > deadline:
+            if out.returncode == 0:
                 break
-            time.sleep(3)
-        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-        assert re.search(r"Job 'raysubmit_\w+' succeeded", out.stdout), out.stdout[-4000:]
+            status = self.cli(["job", "status", *where, job_id], check=False)
+            if status.returncode == 0:  # Ray has the job: follow it to its end, report its output
+                logs = self.cli(["job", "logs", *where, "--follow", job_id], timeout=timeout, check=False)
+                said = self.cli(["job", "status", *where, job_id])
+                said = said.stdout + said.stderr
+                assert f"Job '{job_id}' succeeded" in said, (said + logs.stdout)[-4000:]
+                return logs.stdout
+            assert time.time() < deadline, (out.stdout + out.stderr)[-4000:]
+            time.sleep(5)
+        assert re.search(rf"Job '{job_id}' succeeded", out.stdout), out.stdout[-4000:]
         return out.stdout
 
     def stop(self) -> None:
@@ -252,6 +264,18 @@ def stop_group(proc, sig: int, timeout: float = 60, *, leader_only: bool = False
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def agent_healthy(port: int) -> bool:
+    """Whether the Ray dashboard agent listening on 127.0.0.1:``port`` (``--dashboard-agent-listen-port``)
+    answers its health check (raylet and, on a head, GCS reachable)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/healthz", timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 def free_port() -> int:
