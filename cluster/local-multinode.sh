@@ -108,16 +108,20 @@ ENV_JSON="{\"env_vars\": {\"REC_RLLIB_DATA\": \"$OUT/data\", \"TOKENIZERS_PARALL
 # the submit request), `ray job status` tells, and Ray refuses a second job with the same id
 JOBS=0
 submit() {
-  local id status
-  JOBS=$((JOBS + 1)); id="rmn-$$-$JOBS"
+  local id said status
+  JOBS=$((JOBS + 1)); id="rmn-$$-$JOBS"; said=$(mktemp)
   for _ in 1 2 3 4 5; do
-    ray job submit --address "$ADDRESS" --submission-id "$id" --working-dir . --runtime-env-json "$ENV_JSON" \
-      -- "$@" && return 0
-    if status=$(ray job status --address "$ADDRESS" "$id" 2>&1); then  # Ray has the job: follow it to its end
-      if [[ $status == *PENDING* || $status == *RUNNING* ]]; then
-        ray job logs --address "$ADDRESS" --follow "$id" || true
-        status=$(ray job status --address "$ADDRESS" "$id" 2>&1)
-      fi
+    if ray job submit --address "$ADDRESS" --submission-id "$id" --working-dir . --runtime-env-json "$ENV_JSON" \
+      -- "$@" 2>&1 | tee "$said"; then
+      rm -f "$said"; return 0
+    fi
+    if grep -q "Job '$id' \(failed\|was stopped\)" "$said"; then  # the CLI followed the job to its end
+      rm -f "$said"; return 1
+    fi
+    if ray job status --address "$ADDRESS" "$id" >/dev/null 2>&1; then  # Ray has the job: follow it to its end
+      ray job logs --address "$ADDRESS" --follow "$id" || true
+      status=$(ray job status --address "$ADDRESS" "$id" 2>&1)
+      rm -f "$said"
       [[ $status == *"Job '$id' succeeded"* ]] || { echo "job $id did not succeed: $status" >&2; return 1; }
       echo "Job '$id' succeeded (followed after the submit command failed)"
       return 0
@@ -125,7 +129,7 @@ submit() {
     echo "Ray did not take job $id; submitting it again in 5 s" >&2
     sleep 5
   done
-  return 1
+  rm -f "$said"; return 1
 }
 submit python -m jobs.prepare --dataset ml-100k
 # shellcheck disable=SC2086  # the *_ARGS variables are word lists

@@ -50,7 +50,8 @@ log = logging.getLogger("jobs.pipeline")
 
 STAGES = ("prepare", "finetune", "train", "evaluate", "serve")
 RL_RECIPES = ("coverage", "relevance")
-# the coverage recipe's exposure price (EnvConfig fields; measured: README, RL training, "A price RL settles on")
+# the coverage recipe's exposure price (EnvConfig fields; measured: README, RL training, "A price RL settles on"):
+# λ 0.15 widens the 8-minute quick-start model's test coverage@10 by +29% at NDCG@10 −0.7%; 0.17 by +36% at −2.2%
 COVERAGE_EXPOSURE = {"exposure_cost": 0.15, "exposure_shape": "indicator", "exposure_window": 5000}
 EVAL_SETTINGS = (
     (SplitScheme.LEAVE_ONE_OUT, "test"),

@@ -62,3 +62,63 @@ def test_pipeline_script_on_three_nodes_then_training_resumes_on_a_new_head(tmp_
     with open(out / "rl" / "train_metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(float(r["iteration"])) for r in rows] == [1, 2, 3, 4]
+
+
+FAKE_RAY = """#!/usr/bin/env bash
+# `ray`, except that the first `ray job submit` fails as if the connection dropped: after Ray took the job
+# (DROP=taken: submitted with --no-wait) or before (DROP=lost: nothing submitted)
+if [ "$1 $2" = "job submit" ] && [ ! -e "$MARK" ]; then
+  touch "$MARK"
+  args=("$@"); for i in "${!args[@]}"; do [ "${args[i]}" = "--" ] && break; done
+  [ "$DROP" = lost ] || "$REAL_RAY" "${args[@]:0:i}" --no-wait "${args[@]:i}" >/dev/null 2>&1
+  echo "ConnectionError: Remote end closed connection without response" >&2
+  exit 1
+fi
+exec "$REAL_RAY" "$@"
+"""
+
+
+def test_script_submit_follows_a_job_ray_took_and_resubmits_one_it_did_not(tmp_path):
+    """`cluster/local-multinode.sh`'s `submit` against a real head: when `ray job submit` fails without saying
+    whether Ray took the job, the job runs exactly once either way and its output is shown; a job that fails is
+    reported, not rerun."""
+    import os
+    import re
+    import subprocess
+
+    script = (REPO / "cluster" / "local-multinode.sh").read_text()
+    start = script.index("JOBS=0\nsubmit() {")
+    submit = script[start : script.index("\n}\n", start) + 3]
+    fake = tmp_path / "bin" / "ray"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_RAY)
+    fake.chmod(0o755)
+    head = RayNodes(head_cpus=1)
+    try:
+        head.start_head()
+
+        def run(cmd: str, drop: str | None) -> subprocess.CompletedProcess:
+            mark = tmp_path / f"mark-{drop}"
+            env = dict(head.env, ADDRESS=head.dashboard, ENV_JSON="{}", REAL_RAY=f"{head.bindir}/ray",
+                       DROP=drop or "", MARK=str(mark))  # fmt: skip
+            if drop:
+                env["PATH"] = f"{fake.parent}{os.pathsep}{env['PATH']}"
+            return subprocess.run(["bash", "-c", f"set -euo pipefail\n{submit}\nsubmit {cmd}"], cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=300)  # fmt: skip
+
+        def runs_of(marker: str) -> int:
+            listed = head.cli(["job", "list", "--address", head.dashboard]).stdout
+            return len(re.findall(rf"entrypoint=[^,]*{marker}", listed))
+
+        taken = run("python -c 'print(\"taken-1\")'", "taken")
+        assert taken.returncode == 0, (taken.stdout + taken.stderr)[-3000:]
+        assert "followed after the submit command failed" in taken.stdout and "taken-1" in taken.stdout
+        lost = run("python -c 'print(\"lost-1\")'", "lost")
+        assert lost.returncode == 0, (lost.stdout + lost.stderr)[-3000:]
+        assert "submitting it again" in lost.stderr and "lost-1" in lost.stdout
+        failing = run("python -c 'raise SystemExit(\"failing-1\")'", None)
+        assert failing.returncode != 0, failing.stdout[-3000:]
+        assert re.search(r"Job 'rmn-\S+' failed", failing.stdout), failing.stdout[-3000:]
+        assert [runs_of(m) for m in ("taken-1", "lost-1", "failing-1")] == [1, 1, 1]
+    finally:
+        head.stop()
