@@ -85,6 +85,7 @@ def test_script_submit_follows_a_job_ray_took_and_resubmits_one_it_did_not(tmp_p
     import os
     import re
     import subprocess
+    from concurrent.futures import ThreadPoolExecutor
 
     script = (REPO / "cluster" / "local-multinode.sh").read_text()
     start = script.index("JOBS=0\nsubmit() {")
@@ -110,13 +111,14 @@ def test_script_submit_follows_a_job_ray_took_and_resubmits_one_it_did_not(tmp_p
             listed = head.cli(["job", "list", "--address", head.dashboard]).stdout
             return len(re.findall(rf"entrypoint=[^,]*{marker}", listed))
 
-        taken = run("python -c 'print(\"taken-1\")'", "taken")
+        cases = [("python -c 'print(\"taken-1\")'", "taken"), ("python -c 'print(\"lost-1\")'", "lost"),
+                 ("python -c 'raise SystemExit(\"failing-1\")'", None)]  # fmt: skip
+        with ThreadPoolExecutor(len(cases)) as pool:  # independent: run together
+            taken, lost, failing = pool.map(lambda case: run(*case), cases)
         assert taken.returncode == 0, (taken.stdout + taken.stderr)[-3000:]
         assert "followed after the submit command failed" in taken.stdout and "taken-1" in taken.stdout
-        lost = run("python -c 'print(\"lost-1\")'", "lost")
         assert lost.returncode == 0, (lost.stdout + lost.stderr)[-3000:]
         assert "submitting it again" in lost.stderr and "lost-1" in lost.stdout
-        failing = run("python -c 'raise SystemExit(\"failing-1\")'", None)
         assert failing.returncode != 0, failing.stdout[-3000:]
         assert re.search(r"Job 'rmn-\S+' failed", failing.stdout), failing.stdout[-3000:]
         assert [runs_of(m) for m in ("taken-1", "lost-1", "failing-1")] == [1, 1, 1]
