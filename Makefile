@@ -4,11 +4,11 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= runs/quickstart
-# pytest worker processes (pytest-xdist; whole test files per worker). The suite's Ray, Serve and subprocess
-# tests wait on each other's processes a third of the time, so two workers keep 2 cores busy: on CI's 2
-# cores the suite takes ~18.5 min with 2 and ~25.5 min with 1 (`make test WORKERS=0`: one process, no xdist)
+# pytest worker processes (pytest-xdist; whole test files per worker, in collection order: the files with slow
+# tests first, see tests/conftest.py). The suite's Ray, Serve and subprocess tests wait on each other's
+# processes a third of the time, so two workers keep 2 cores busy (`make test WORKERS=0`: one process, no xdist)
 WORKERS ?= 2
-XDIST   := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
+XDIST   := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile --no-loadscopereorder)
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test test-fast lint format bench clean

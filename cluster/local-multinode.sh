@@ -14,6 +14,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
+export PYTHON=$PY
+# shellcheck source=cluster/ray-job.sh
+source cluster/ray-job.sh  # ray_wait_head, ray_submit: a head that takes jobs, a submission safe to repeat
 OUT=$(realpath -m "${OUT:-runs/multinode}")
 FINETUNE_ARGS=${FINETUNE_ARGS:-"--max-minutes 3"}
 TRAIN_ARGS=${TRAIN_ARGS:-"--iterations 10"}
@@ -76,18 +79,10 @@ start_node() {  # start_node <log name> <ray start args...>: one node in its own
 
 next_port; GCS=$NEXT; next_port; DASH=$NEXT; next_port; SERVE_PORT=${SERVE_PORT:-$NEXT}
 ADDRESS="http://127.0.0.1:$DASH"
+ray_ensure_token  # auth on: without a token `ray start --head` would refuse to start (RAY_AUTH_MODE=token)
 start_node head --head --port="$GCS" --num-cpus=1 --include-dashboard=true --dashboard-host=127.0.0.1 \
   --dashboard-port="$DASH" --temp-dir="$TMP/head"
-# ready when the job API answers and so does the head's dashboard agent (it runs the submitted jobs; the job API
-# answers first, by a second or more, and refuses submissions until the agent is up)
-HEAD_AGENT=$AGENT_PORT
-head_ready() {
-  ray job list --address "$ADDRESS" >/dev/null 2>&1 &&
-    "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' \
-      "http://127.0.0.1:$HEAD_AGENT/api/healthz" 2>/dev/null
-}
-for _ in $(seq 60); do head_ready && break; sleep 2; done
-head_ready || { echo "the head did not become ready in 2 minutes: see $OUT/head.log" >&2; exit 1; }
+ray_wait_head "$ADDRESS" "$AGENT_PORT" 120 || { echo "see $OUT/head.log" >&2; exit 1; }
 start_node worker1 --address="127.0.0.1:$GCS" --num-cpus=1 --resources='{"env_runner": 1}' --temp-dir="$TMP/w1"
 start_node worker2 --address="127.0.0.1:$GCS" --num-cpus=2 \
   --resources='{"env_runner": 1, "learner": 1, "serve": 4}' --temp-dir="$TMP/w2"
@@ -103,33 +98,10 @@ print("3 nodes:", [n["Resources"].get("env_runner", 0) for n in ray.nodes() if n
 EOF
 
 ENV_JSON="{\"env_vars\": {\"REC_RLLIB_DATA\": \"$OUT/data\", \"TOKENIZERS_PARALLELISM\": \"false\"}}"
-# `ray job submit` with a submission id of our own, so that a submission is safe to repeat: when the CLI fails
-# without saying whether Ray took the job (seen on a loaded 2-core machine: the dashboard closed the connection of
-# the submit request), `ray job status` tells, and Ray refuses a second job with the same id
 JOBS=0
-submit() {
-  local id said status
-  JOBS=$((JOBS + 1)); id="rmn-$$-$JOBS"; said=$(mktemp)
-  for _ in 1 2 3 4 5; do
-    if ray job submit --address "$ADDRESS" --submission-id "$id" --working-dir . --runtime-env-json "$ENV_JSON" \
-      -- "$@" 2>&1 | tee "$said"; then
-      rm -f "$said"; return 0
-    fi
-    if grep -q "Job '$id' \(failed\|was stopped\)" "$said"; then  # the CLI followed the job to its end
-      rm -f "$said"; return 1
-    fi
-    if ray job status --address "$ADDRESS" "$id" >/dev/null 2>&1; then  # Ray has the job: follow it to its end
-      ray job logs --address "$ADDRESS" --follow "$id" || true
-      status=$(ray job status --address "$ADDRESS" "$id" 2>&1)
-      rm -f "$said"
-      [[ $status == *"Job '$id' succeeded"* ]] || { echo "job $id did not succeed: $status" >&2; return 1; }
-      echo "Job '$id' succeeded (followed after the submit command failed)"
-      return 0
-    fi
-    echo "Ray did not take job $id; submitting it again in 5 s" >&2
-    sleep 5
-  done
-  rm -f "$said"; return 1
+submit() {  # each job with a submission id of its own: ray_submit (cluster/ray-job.sh) is then safe to repeat
+  JOBS=$((JOBS + 1))
+  ray_submit "$ADDRESS" "rmn-$$-$JOBS" --working-dir . --runtime-env-json "$ENV_JSON" -- "$@"
 }
 submit python -m jobs.prepare --dataset ml-100k
 # shellcheck disable=SC2086  # the *_ARGS variables are word lists

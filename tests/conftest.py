@@ -13,6 +13,15 @@ from rec_rllib.data import LogDataset, fetch, load_movielens, load_obd
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Files that hold a test marked ``slow`` run first (the rest keep their order). The Makefile runs the suite
+    on two pytest-xdist workers, whole files each, in this order (``--dist loadfile --no-loadscopereorder``): a
+    long file started last would leave one worker running it alone at the end (xdist's own order, most tests
+    first, started the 2-test cluster pipeline file, ~8-10 minutes under load, last)."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: file and test order kept within each part
+
+
 @pytest.fixture(scope="session")
 def ml100k_dir() -> Path:
     return fetch.ml100k_dir()
@@ -96,7 +105,7 @@ class RayNodes:
     in its own process session), with ``ray job submit`` against it. :meth:`stop` stops exactly that
     session (by process group), nothing else. Worker nodes: see ``cluster/local-multinode.sh``."""
 
-    def __init__(self, *, head_cpus: int = 1):
+    def __init__(self, *, head_cpus: int = 1, home: str | None = None):
         import tempfile
 
         self.bindir = str(Path(sys.executable).parent)
@@ -104,6 +113,9 @@ class RayNodes:
         # 30 s, so that Serve can move replicas to nodes that stay); :meth:`stop` ends every node at once
         self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
         self.env["PATH"] = self.bindir + os.pathsep + os.environ.get("PATH", "")
+        self.env["PYTHON"] = sys.executable
+        if home:  # another home directory: its own ~/.ray/auth_token (as on a machine that never ran Ray)
+            self.env["HOME"] = home
         self.env.pop("RAY_ADDRESS", None)
         self.temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")  # short: socket paths have a length limit
         # the head's ports, picked together so that none repeats: GCS, dashboard, and its agents' (another Ray
@@ -131,18 +143,29 @@ class RayNodes:
     def start_head(self) -> RayNodes:
         import time
 
+        made = self.ray_job(["ensure-token"])  # a machine that never ran Ray has none; without it: auth off
+        assert made.returncode == 0, made.stderr[-2000:]
         self._start(["--head", f"--port={self.gcs}", f"--num-cpus={self.head_cpus}", "--include-dashboard=true",
                      "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}", f"--temp-dir={self.temp_dir}"])  # fmt: skip
         deadline = time.time() + 120
-        # ready when the job API answers and so does the head's dashboard agent (which runs the submitted
-        # jobs: the job API answers first, by a second or more, and refuses submissions until the agent is up)
-        while True:
-            probe = self.cli(["job", "list", "--address", self.dashboard], check=False)
-            if probe.returncode == 0 and agent_healthy(self.agent_ports[0]):
+        while (
+            True
+        ):  # until it takes jobs (cluster/ray-job.sh head-ready: its job API and its dashboard agent)
+            probe = self.ray_job(["head-ready", self.dashboard, str(self.agent_ports[0])])
+            if probe.returncode == 0:
                 return self
-            assert time.time() < deadline, probe.stderr[-2000:] or "the head's dashboard agent never answered"
+            assert time.time() < deadline, (
+                "the head did not take jobs within 120 s (job API, dashboard agent)"
+            )
             assert self.procs[-1].poll() is None, "ray start --head exited"
             time.sleep(2)
+
+    def ray_job(self, args: list[str], *, timeout: float = 60):
+        """``bash cluster/ray-job.sh <args>`` (the shared head-readiness check and safe submission)."""
+        import subprocess
+
+        return subprocess.run(["bash", str(REPO / "cluster" / "ray-job.sh"), *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
     def cli(self, args: list[str], *, check: bool = True, timeout: float = 600):
         import subprocess
@@ -154,35 +177,19 @@ class RayNodes:
         return out
 
     def submit(self, command: list[str], *, runtime_env: dict | None = None, timeout: float = 900) -> str:
-        """``ray job submit --working-dir <repo> -- <command>``; asserts it SUCCEEDED, returns its output."""
+        """``ray job submit --working-dir <repo> -- <command>`` with a submission id of its own, through
+        ``cluster/ray-job.sh submit`` (safe to repeat when the CLI fails); asserts it SUCCEEDED, returns its
+        output."""
         import json
-        import re
-        import time
         import uuid
 
-        # a submission id of our own makes the submission safe to repeat: when `ray job submit` fails without
-        # saying whether Ray took the job (seen on a loaded 2-core machine: the head's dashboard closed the
-        # connection of the submit request), `ray job status` tells; Ray refuses a second job with that id
         job_id = f"rr-{uuid.uuid4().hex[:12]}"
-        where = ["--address", self.dashboard]
-        args = ["job", "submit", *where, "--submission-id", job_id, "--working-dir", str(REPO)]
+        args = ["submit", self.dashboard, job_id, "--working-dir", str(REPO)]
         if runtime_env:
             args += ["--runtime-env-json", json.dumps(runtime_env)]
-        deadline = time.time() + 120
-        while True:
-            out = self.cli([*args, "--", *command], timeout=timeout, check=False)
-            if out.returncode == 0:
-                break
-            status = self.cli(["job", "status", *where, job_id], check=False)
-            if status.returncode == 0:  # Ray has the job: follow it to its end, report its output
-                logs = self.cli(["job", "logs", *where, "--follow", job_id], timeout=timeout, check=False)
-                said = self.cli(["job", "status", *where, job_id])
-                said = said.stdout + said.stderr
-                assert f"Job '{job_id}' succeeded" in said, (said + logs.stdout)[-4000:]
-                return logs.stdout
-            assert time.time() < deadline, (out.stdout + out.stderr)[-4000:]
-            time.sleep(5)
-        assert re.search(rf"Job '{job_id}' succeeded", out.stdout), out.stdout[-4000:]
+        out = self.ray_job([*args, "--", *command], timeout=timeout)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+        assert f"Job '{job_id}' succeeded" in out.stdout, out.stdout[-4000:]
         return out.stdout
 
     def stop(self) -> None:
@@ -264,18 +271,6 @@ def stop_group(proc, sig: int, timeout: float = 60, *, leader_only: bool = False
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-
-def agent_healthy(port: int) -> bool:
-    """Whether the Ray dashboard agent listening on 127.0.0.1:``port`` (``--dashboard-agent-listen-port``)
-    answers its health check (raylet and, on a head, GCS reachable)."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/healthz", timeout=5) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def free_port() -> int:

@@ -78,41 +78,58 @@ exec "$REAL_RAY" "$@"
 """
 
 
-def test_script_submit_follows_a_job_ray_took_and_resubmits_one_it_did_not(tmp_path):
-    """`cluster/local-multinode.sh`'s `submit` against a real head: when `ray job submit` fails without saying
-    whether Ray took the job, the job runs exactly once either way and its output is shown; a job that fails is
-    reported, not rerun."""
+def test_safe_submit_follows_a_job_ray_took_and_resubmits_one_it_did_not(tmp_path):
+    """`cluster/ray-job.sh submit` (what cluster/local-multinode.sh and RayNodes submit with) against a real
+    head: when `ray job submit` fails without saying whether Ray took the job, the job runs exactly once either
+    way and its output is shown; a job that fails is reported, not rerun. The head runs as on a machine that
+    never ran Ray (a home without ~/.ray): it starts with token auth on all the same."""
     import os
     import re
     import subprocess
+    import urllib.error
+    import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
-    script = (REPO / "cluster" / "local-multinode.sh").read_text()
-    start = script.index("JOBS=0\nsubmit() {")
-    submit = script[start : script.index("\n}\n", start) + 3]
     fake = tmp_path / "bin" / "ray"
     fake.parent.mkdir()
     fake.write_text(FAKE_RAY)
     fake.chmod(0o755)
-    head = RayNodes(head_cpus=1)
+    home = tmp_path / "home"
+    home.mkdir()
+    head = RayNodes(head_cpus=1, home=str(home))
     try:
         head.start_head()
+        assert (home / ".ray" / "auth_token").is_file()
+        # auth on: a request without the token is refused
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{head.dashboard}/api/jobs/", timeout=30)
+        assert refused.value.code in (401, 403)
 
-        def run(cmd: str, drop: str | None) -> subprocess.CompletedProcess:
-            mark = tmp_path / f"mark-{drop}"
-            env = dict(head.env, ADDRESS=head.dashboard, ENV_JSON="{}", REAL_RAY=f"{head.bindir}/ray",
-                       DROP=drop or "", MARK=str(mark))  # fmt: skip
+        def run(code: str, drop: str | None) -> subprocess.CompletedProcess:
+            env = dict(head.env, REAL_RAY=f"{head.bindir}/ray", DROP=drop or "", MARK=f"{tmp_path}/{drop}")
             if drop:
                 env["PATH"] = f"{fake.parent}{os.pathsep}{env['PATH']}"
-            return subprocess.run(["bash", "-c", f"set -euo pipefail\n{submit}\nsubmit {cmd}"], cwd=REPO, env=env,
-                                  capture_output=True, text=True, timeout=300)  # fmt: skip
+            submit = [
+                "bash",
+                "cluster/ray-job.sh",
+                "submit",
+                head.dashboard,
+                f"rt-{drop}",
+                "--working-dir",
+                ".",
+            ]
+            return subprocess.run([*submit, "--", "python", "-c", code], cwd=REPO, env=env, capture_output=True,
+                                  text=True, timeout=300)  # fmt: skip
 
         def runs_of(marker: str) -> int:
             listed = head.cli(["job", "list", "--address", head.dashboard]).stdout
             return len(re.findall(rf"entrypoint=[^,]*{marker}", listed))
 
-        cases = [("python -c 'print(\"taken-1\")'", "taken"), ("python -c 'print(\"lost-1\")'", "lost"),
-                 ("python -c 'raise SystemExit(\"failing-1\")'", None)]  # fmt: skip
+        cases = [
+            ("print('taken-1')", "taken"),
+            ("print('lost-1')", "lost"),
+            ("raise SystemExit('failing-1')", None),
+        ]
         with ThreadPoolExecutor(len(cases)) as pool:  # independent: run together
             taken, lost, failing = pool.map(lambda case: run(*case), cases)
         assert taken.returncode == 0, (taken.stdout + taken.stderr)[-3000:]
@@ -120,7 +137,7 @@ def test_script_submit_follows_a_job_ray_took_and_resubmits_one_it_did_not(tmp_p
         assert lost.returncode == 0, (lost.stdout + lost.stderr)[-3000:]
         assert "submitting it again" in lost.stderr and "lost-1" in lost.stdout
         assert failing.returncode != 0, failing.stdout[-3000:]
-        assert re.search(r"Job 'rmn-\S+' failed", failing.stdout), failing.stdout[-3000:]
+        assert "Job 'rt-None' failed" in failing.stdout, failing.stdout[-3000:]
         assert [runs_of(m) for m in ("taken-1", "lost-1", "failing-1")] == [1, 1, 1]
     finally:
         head.stop()

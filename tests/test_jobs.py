@@ -153,6 +153,7 @@ def test_pipeline_rl_recipes():
         build_parser().parse_args(["--rl-recipe", "ctr"])
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end_on_embedded_ray(job_env, tmp_path):
     """The README's main command, as a subprocess (tiny budgets): embedded Ray, real data, every stage."""
     tiny = ["--finetune-epochs", "2", "--hidden-size", "32", "--max-len", "30", "--rl-iterations", "2",

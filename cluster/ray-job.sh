@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# What a client of a Ray head needs, written once: cluster/local-multinode.sh sources this file, the
+# tests (tests/conftest.py RayNodes) run it, and so can you.
+#
+#   bash cluster/ray-job.sh ensure-token
+#       make sure ~/.ray/auth_token exists (Ray's own generator, `ray get-auth-token --generate`; an existing token
+#       is kept). Ray 2.60 has token auth on for `ray.init()`, but `ray start --head` on a machine without a token
+#       starts with auth OFF, and with RAY_AUTH_MODE=token it refuses to start. Run it before `ray start --head`.
+#   bash cluster/ray-job.sh head-ready <dashboard address> <agent port>
+#       exit 0 when the head takes jobs: its job API answers (`ray job list`) and so does its dashboard agent,
+#       which runs the submitted jobs (GET http://<head>:<agent port>/api/healthz, the head's
+#       --dashboard-agent-listen-port, 52365 by default). The job API answers first, by a second or more, and
+#       until the agent is up Ray refuses submissions ("No available agent to submit job").
+#   bash cluster/ray-job.sh wait-head <dashboard address> <agent port> [<timeout s, 120>]
+#       head-ready, polled every 2 s.
+#   bash cluster/ray-job.sh submit <dashboard address> <submission id> [ray job submit options] -- <command...>
+#       `ray job submit --submission-id <id> [options] -- <command>`, safe to repeat: when the CLI fails without
+#       saying whether Ray took the job (seen on a loaded 2-core machine: "Remote end closed connection without
+#       response"), `ray job status <id>` tells. Ray has the job: follow its logs to its end and judge it by its
+#       status. Ray does not: submit again in 5 s (up to 5 tries; Ray refuses a second job with one id, so a job
+#       never runs twice). A job that failed is reported, not rerun. Exit 0 only for a job that succeeded.
+#
+# Sourced, it defines ray_ensure_token, ray_head_ready, ray_wait_head and ray_submit (same arguments). Clients
+# send the token only with RAY_AUTH_MODE=token in their environment. The health check runs $PYTHON (else python).
+
+ray_ensure_token() {
+  ray get-auth-token --generate >/dev/null
+}
+
+ray_head_ready() {  # ray_head_ready <dashboard address> <agent port>
+  local host=${1#*://}
+  host=${host%%[:/]*}  # the agent runs on the head: the dashboard's host
+  ray job list --address "$1" >/dev/null 2>&1 &&
+    "${PYTHON:-python}" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' \
+      "http://$host:$2/api/healthz" 2>/dev/null
+}
+
+ray_wait_head() {  # ray_wait_head <dashboard address> <agent port> [<timeout s>]
+  local deadline=$((SECONDS + ${3:-120}))
+  until ray_head_ready "$1" "$2"; do
+    if ((SECONDS >= deadline)); then
+      echo "the head at $1 did not take jobs within ${3:-120} s (job API, and its agent on port $2)" >&2
+      return 1
+    fi
+    sleep 2
+  done
+}
+
+ray_submit() {  # ray_submit <dashboard address> <submission id> [ray job submit options] -- <command...>
+  local address=$1 id=$2 said status rc=1 _; shift 2
+  said=$(mktemp)
+  for _ in 1 2 3 4 5; do
+    if ray job submit --address "$address" --submission-id "$id" "$@" 2>&1 | tee "$said"; then
+      rc=0
+      break
+    fi
+    if grep -q "Job '$id' \(failed\|was stopped\)" "$said"; then  # the CLI followed the job to its end
+      break
+    fi
+    if ray job status --address "$address" "$id" >/dev/null 2>&1; then  # Ray has the job: follow it to its end
+      ray job logs --address "$address" --follow "$id" || true
+      status=$(ray job status --address "$address" "$id" 2>&1) || true
+      if [[ $status == *"Job '$id' succeeded"* ]]; then
+        echo "Job '$id' succeeded (followed after the submit command failed)"
+        rc=0
+      else
+        echo "job $id did not succeed: $status" >&2
+      fi
+      break
+    fi
+    echo "Ray did not take job $id; submitting it again in 5 s" >&2
+    sleep 5
+  done
+  rm -f "$said"
+  return $rc
+}
+
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then  # run, not sourced
+  set -euo pipefail
+  case ${1:-} in
+    ensure-token) ray_ensure_token ;;
+    head-ready) shift; ray_head_ready "$@" ;;
+    wait-head) shift; ray_wait_head "$@" ;;
+    submit) shift; ray_submit "$@" ;;
+    *) sed -n '5,21s/^# \?//p' "$0" >&2; exit 2 ;;
+  esac
+fi
