@@ -8,7 +8,7 @@ OUT    ?= runs/quickstart
 # tests first, see tests/conftest.py). The suite's Ray, Serve and subprocess tests wait on each other's
 # processes a third of the time, so two workers keep 2 cores busy (`make test WORKERS=0`: one process, no xdist)
 WORKERS ?= 2
-XDIST   := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile --no-loadscopereorder)
+XDIST   := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile --no-loadscope-reorder)
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test test-fast lint format bench clean

@@ -10,6 +10,9 @@ last ``--window`` shown slate positions (``rec_rllib.exposure``); every item's s
 * ``capped``    — ``min(log(1 + count), log 4)``: log up to three showings, flat above;
 * ``spread``    — ``log(1 + count)`` times the user's score spread (standard deviation of the allowed items'
   scores) over its mean: the same rank disruption for confident and unsure users.
+* ``prob``      — ``1[count > 0]`` subtracted from the model's probability (softmax over the allowed items),
+  not from its score: an item on display gives way to one that is not when their probabilities of being the
+  next item (what a swap costs in expected hits) differ by less than β, whatever the user's confidence.
 
 Per split: NDCG@10 and coverage@10 against the plain fine-tuned model, with the paired 95% bootstrap interval
 and t-test p of the NDCG difference (943 users: at +25% coverage the interval is about ±6% wide for the log
@@ -44,7 +47,7 @@ from rec_rllib.exposure import (  # noqa: E402
 from rec_rllib.models import load_recommender  # noqa: E402
 from rec_rllib.recommender import Recommender  # noqa: E402
 
-SHAPES = ("log", "indicator", "capped", "spread")
+SHAPES = ("log", "indicator", "capped", "spread", "prob")
 EVAL_BATCH = 512  # evaluate_ranking's default batch size
 
 
@@ -75,6 +78,11 @@ class ShapedTracker(ExposureTracker):
             f = np.minimum(np.log1p(c), np.log(4.0))
         elif self.shape == "spread":
             f = np.log1p(c) * np.std(scores[np.isfinite(scores)]) / self.mean_spread
+        elif self.shape == "prob":  # ranked by p - β·1[shown], p the model's softmax over the allowed items
+            allowed = np.isfinite(scores)
+            p = np.exp(scores - scores[allowed].max())
+            p /= p[allowed].sum()
+            return np.where(allowed, p - self.cfg.penalty * (c > 0), -np.inf)
         else:
             raise ValueError(f"unknown shape {self.shape!r}")
         return scores - self.cfg.penalty * f

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def pytest_collection_modifyitems(config, items) -> None:
     """Files that hold a test marked ``slow`` run first (the rest keep their order). The Makefile runs the suite
-    on two pytest-xdist workers, whole files each, in this order (``--dist loadfile --no-loadscopereorder``): a
+    on two pytest-xdist workers, whole files each, in this order (``--dist loadfile --no-loadscope-reorder``): a
     long file started last would leave one worker running it alone at the end (xdist's own order, most tests
     first, started the 2-test cluster pipeline file, ~8-10 minutes under load, last)."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}

@@ -13,6 +13,11 @@ def test_ray_cluster_yaml_passes_rays_schema_validation():
     validate_config(config)  # raises on any schema violation
     types = config["available_node_types"]
     assert set(types) == {"head", "cpu_worker", "gpu_worker"}
+    # token auth on every node: the token copied there, Ray started in token mode
+    assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if " start " in f" {c} "]
+        assert starts and all(c.startswith("RAY_AUTH_MODE=token ray start ") for c in starts), config[key]
     assert "env_runner" in types["cpu_worker"]["resources"]
     assert {"learner", "serve"} <= set(types["gpu_worker"]["resources"])
 
@@ -39,6 +44,7 @@ def _group_resources(cluster_spec: dict) -> dict[str, dict[str, float]]:
     """groupName -> custom resources, checking the fields KubeRay requires of every group."""
     import json
 
+    assert cluster_spec["authOptions"] == {"mode": "token"}  # KubeRay >= 1.5.1 runs it with token auth
     head = cluster_spec["headGroupSpec"]
     assert isinstance(head["rayStartParams"], dict)
     assert head["template"]["spec"]["containers"][0]["image"].startswith("rayproject/ray:2.60.0")
