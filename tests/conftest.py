@@ -13,6 +13,18 @@ from rec_rllib.data import LogDataset, fetch, load_movielens, load_obd
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config) -> None:
+    """Ray's auth token (~/.ray/auth_token) made once, before any test: an embedded ``ray.init`` and
+    ``cluster/ray-job.sh ensure-token`` each make one when there is none, and two made at once on a machine that
+    never ran Ray (two pytest-xdist workers) could leave a head holding the token the file no longer has."""
+    import subprocess
+
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller made it
+        return
+    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    subprocess.run(["bash", str(REPO / "cluster" / "ray-job.sh"), "ensure-token"], env=env, check=True)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Files that hold a test marked ``slow`` run first (the rest keep their order). The Makefile runs the suite
     on two pytest-xdist workers, whole files each, in this order (``--dist loadfile --no-loadscope-reorder``): a
