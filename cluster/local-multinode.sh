@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 export PYTHON=$PY
 # shellcheck source=cluster/ray-job.sh
-source cluster/ray-job.sh  # ray_wait_head, ray_submit: a head that takes jobs, a submission safe to repeat
+source cluster/ray-job.sh  # ray_ensure_token, ray_wait_head, ray_submit (a token, a head that takes jobs, safe submits)
 OUT=$(realpath -m "${OUT:-runs/multinode}")
 FINETUNE_ARGS=${FINETUNE_ARGS:-"--max-minutes 3"}
 TRAIN_ARGS=${TRAIN_ARGS:-"--iterations 10"}
