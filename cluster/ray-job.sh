@@ -16,8 +16,8 @@
 #   bash cluster/ray-job.sh submit <dashboard address> <submission id> [ray job submit options] -- <command...>
 #       `ray job submit --submission-id <id> [options] -- <command>`, safe to repeat: when the CLI fails without
 #       saying whether Ray took the job (seen on a loaded 2-core machine: "Remote end closed connection without
-#       response"), `ray job status <id>` tells. Ray has the job: follow its logs to its end and judge it by its
-#       status. Ray does not: submit again in 5 s (up to 5 tries; Ray refuses a second job with one id, so a job
+#       response"), `ray job status <id>` tells. Ray has the job: follow its logs to its end (again, when the log
+#       stream ends first) and judge it by its status. Ray does not: submit again in 5 s (up to 5 tries; Ray refuses a second job with one id, so a job
 #       never runs twice). A job that failed is reported, not rerun. Exit 0 only for a job that succeeded.
 #
 # Sourced, it defines ray_ensure_token, ray_head_ready, ray_wait_head and ray_submit (same arguments). Clients
@@ -58,8 +58,14 @@ ray_submit() {  # ray_submit <dashboard address> <submission id> [ray job submit
       break
     fi
     if ray job status --address "$address" "$id" >/dev/null 2>&1; then  # Ray has the job: follow it to its end
-      ray job logs --address "$address" --follow "$id" || true
-      status=$(ray job status --address "$address" "$id" 2>&1) || true
+      while :; do
+        ray job logs --address "$address" --follow "$id" || true
+        status=$(ray job status --address "$address" "$id" 2>&1) || true
+        # "Status for job '<id>': RUNNING" (or PENDING): the log stream ended before the job did; follow again
+        [[ $status == *"Status for job '$id':"* ]] || break
+        echo "the log stream of job $id ended while it runs; following it again" >&2
+        sleep 5
+      done
       if [[ $status == *"Job '$id' succeeded"* ]]; then
         echo "Job '$id' succeeded (followed after the submit command failed)"
         rc=0

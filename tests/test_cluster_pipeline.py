@@ -66,7 +66,13 @@ def test_pipeline_script_on_three_nodes_then_training_resumes_on_a_new_head(tmp_
 
 FAKE_RAY = """#!/usr/bin/env bash
 # `ray`, except that the first `ray job submit` fails as if the connection dropped: after Ray took the job
-# (DROP=taken: submitted with --no-wait) or before (DROP=lost: nothing submitted)
+# (DROP=taken: submitted with --no-wait) or before (DROP=lost: nothing submitted); with DROP=taken the first
+# `ray job logs --follow` then ends at once, the job still running (a log stream that broke off)
+if [ "$1 $2" = "job logs" ] && [ "$DROP" = taken ] && [ ! -e "$MARK.logs" ]; then
+  touch "$MARK.logs"
+  args=(); for a in "$@"; do [ "$a" = --follow ] || args+=("$a"); done
+  exec "$REAL_RAY" "${args[@]}"
+fi
 if [ "$1 $2" = "job submit" ] && [ ! -e "$MARK" ]; then
   touch "$MARK"
   args=("$@"); for i in "${!args[@]}"; do [ "${args[i]}" = "--" ] && break; done
@@ -81,7 +87,8 @@ exec "$REAL_RAY" "$@"
 def test_safe_submit_follows_a_job_ray_took_and_resubmits_one_it_did_not(tmp_path):
     """`cluster/ray-job.sh submit` (what cluster/local-multinode.sh and RayNodes submit with) against a real
     head: when `ray job submit` fails without saying whether Ray took the job, the job runs exactly once either
-    way and its output is shown; a job that fails is reported, not rerun. The head runs as on a machine that
+    way and its output is shown (followed again when its log stream ends early); a job that fails is reported,
+    not rerun. The head runs as on a machine that
     never ran Ray (a home without ~/.ray): it starts with token auth on all the same."""
     import os
     import re
@@ -126,7 +133,7 @@ def test_safe_submit_follows_a_job_ray_took_and_resubmits_one_it_did_not(tmp_pat
             return len(re.findall(rf"entrypoint=[^,]*{marker}", listed))
 
         cases = [
-            ("print('taken-1')", "taken"),
+            ("import time; time.sleep(10); print('taken-1')", "taken"),
             ("print('lost-1')", "lost"),
             ("raise SystemExit('failing-1')", None),
         ]
@@ -134,6 +141,7 @@ def test_safe_submit_follows_a_job_ray_took_and_resubmits_one_it_did_not(tmp_pat
             taken, lost, failing = pool.map(lambda case: run(*case), cases)
         assert taken.returncode == 0, (taken.stdout + taken.stderr)[-3000:]
         assert "followed after the submit command failed" in taken.stdout and "taken-1" in taken.stdout
+        assert "following it again" in taken.stderr, taken.stderr[-3000:]
         assert lost.returncode == 0, (lost.stdout + lost.stderr)[-3000:]
         assert "submitting it again" in lost.stderr and "lost-1" in lost.stdout
         assert failing.returncode != 0, failing.stdout[-3000:]
