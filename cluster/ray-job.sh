@@ -17,8 +17,9 @@
 #       `ray job submit --submission-id <id> [options] -- <command>`, safe to repeat: when the CLI fails without
 #       saying whether Ray took the job (seen on a loaded 2-core machine: "Remote end closed connection without
 #       response"), `ray job status <id>` tells. Ray has the job: follow its logs to its end (again, when the log
-#       stream ends first) and judge it by its status. Ray does not: submit again in 5 s (up to 5 tries; Ray refuses a second job with one id, so a job
-#       never runs twice). A job that failed is reported, not rerun. Exit 0 only for a job that succeeded.
+#       stream ends first) and judge it by its status. Ray does not: submit again in 5 s (up to 5 tries; Ray
+#       refuses a second job with one id, so a job never runs twice). A job that failed is reported, not rerun.
+#       Exit 0 only for a job that succeeded.
 #
 # Sourced, it defines ray_ensure_token, ray_head_ready, ray_wait_head and ray_submit (same arguments). Clients
 # send the token only with RAY_AUTH_MODE=token in their environment. The health check runs $PYTHON (else python).
@@ -88,6 +89,6 @@ if [[ ${BASH_SOURCE[0]} == "$0" ]]; then  # run, not sourced
     head-ready) shift; ray_head_ready "$@" ;;
     wait-head) shift; ray_wait_head "$@" ;;
     submit) shift; ray_submit "$@" ;;
-    *) sed -n '5,21s/^# \?//p' "$0" >&2; exit 2 ;;
+    *) sed -n '5,22s/^# \?//p' "$0" >&2; exit 2 ;;
   esac
 fi
