@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config, items) -> None:
     """Files that hold a test marked ``slow`` run first (the rest keep their order). The Makefile runs the suite
     on two pytest-xdist workers, whole files each, in this order (``--dist loadfile --no-loadscope-reorder``): a
     long file started last would leave one worker running it alone at the end (xdist's own order, most tests
-    first, started the 2-test cluster pipeline file, ~8-10 minutes under load, last)."""
+    first, started the suite's longest file, the 2-test cluster pipeline, last)."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)  # stable: file and test order kept within each part
 
@@ -160,15 +160,12 @@ class RayNodes:
         self._start(["--head", f"--port={self.gcs}", f"--num-cpus={self.head_cpus}", "--include-dashboard=true",
                      "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}", f"--temp-dir={self.temp_dir}"])  # fmt: skip
         deadline = time.time() + 120
-        while (
-            True
-        ):  # until it takes jobs (cluster/ray-job.sh head-ready: its job API and its dashboard agent)
+        # until it takes jobs (cluster/ray-job.sh head-ready: its job API and its dashboard agent answer)
+        while True:
             probe = self.ray_job(["head-ready", self.dashboard, str(self.agent_ports[0])])
             if probe.returncode == 0:
                 return self
-            assert time.time() < deadline, (
-                "the head did not take jobs within 120 s (job API, dashboard agent)"
-            )
+            assert time.time() < deadline, "the head did not take jobs within 120 s"
             assert self.procs[-1].poll() is None, "ray start --head exited"
             time.sleep(2)
 
