@@ -177,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if not is_run_dir(args.finetuned):
         fail(f"--finetuned {args.finetuned} is not a fine-tuned run directory (run jobs.finetune first)")
+    if args.resume:
+        from rec_rllib.rl.policy import check_resumable
+
+        try:
+            check_resumable(args.resume)
+        except FileNotFoundError as e:
+            fail(f"--resume: {e}")
     try:
         cfg = resolve_config(args)
     except (ValueError, TypeError) as e:

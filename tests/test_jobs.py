@@ -114,6 +114,24 @@ def test_prepare_custom_bad_file_fails_clearly_and_keeps_the_old_dataset(job_env
     assert manifest.read_text() == before
 
 
+def test_train_refuses_a_resume_that_is_not_a_checkpoint_before_writing_anything(
+    job_env, tmp_path, finetuned_run
+):
+    """`jobs.train --resume <a fine-tuned run>` (a directory, but not an algorithm checkpoint): a clear error that
+    names the flag, the path and what is missing, before Ray starts or the output directory is touched."""
+    out = run(
+        ["jobs.train", "--finetuned", finetuned_run, "--out", "rl", "--resume", finetuned_run],
+        job_env,
+        tmp_path,
+    )
+    assert out.returncode != 0
+    said = out.stderr.strip().splitlines()[-1]
+    assert said.startswith("error: --resume:") and finetuned_run in said and "algorithm_state.pkl" in said, (
+        said
+    )
+    assert "Traceback" not in out.stderr and not (tmp_path / "rl").exists()
+
+
 def test_evaluate_rejects_unknown_model(job_env, tmp_path):
     out = run(["jobs.evaluate", "--models", "sasrec9000", "--out", "x"], job_env, tmp_path)
     assert out.returncode == 2 and "unknown model" in out.stderr

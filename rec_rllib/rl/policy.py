@@ -5,10 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 MODULE_SUBDIR = Path("learner_group") / "learner" / "rl_module" / "default_policy"
+ALGORITHM_STATE = "algorithm_state.pkl"
 
 
 def is_rl_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MODULE_SUBDIR).is_dir()
+
+
+def check_resumable(path: str | Path) -> Path:
+    """``path`` resolved if it is an algorithm checkpoint training can continue from (``<out>/checkpoint`` of
+    ``jobs.train``: the algorithm's state and the policy module); a FileNotFoundError saying what is missing
+    otherwise."""
+    path = Path(path).resolve()
+    missing = [str(p) for p in (ALGORITHM_STATE, MODULE_SUBDIR) if not (path / p).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} is not an RLlib algorithm checkpoint to resume from (no {' and no '.join(missing)}); "
+            "give the checkpoint directory of an earlier jobs.train run (<out>/checkpoint)"
+        )
+    return path
 
 
 def load_policy_module(checkpoint: str | Path):

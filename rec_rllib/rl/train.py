@@ -390,14 +390,16 @@ def plot_history(run_dir: Path, history: list[dict[str, float]], title: str) -> 
 
 
 def train(
-    cfg: RLTrainConfig, run_dir: str | Path, *, resume: str | None = None, progress=print
+    cfg: RLTrainConfig, run_dir: str | Path, *, resume: str | Path | None = None, progress=print
 ) -> dict[str, Any]:
     """Build the algorithm, train ``cfg.iterations`` iterations, checkpoint, and write metrics and curves.
 
     Ray must already be initialised (the job starts it). Returns a summary with the checkpoint path.
     """
     from rec_rllib.rl.module import model_config_from_run
+    from rec_rllib.rl.policy import check_resumable
 
+    resume = check_resumable(resume) if resume else None  # before anything is written
     run = Path(run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
     model_config = model_config_from_run(cfg.finetuned)
@@ -411,7 +413,7 @@ def train(
     history: list[dict[str, float]] = []
     start_iter = 0
     if resume:
-        algo.restore_from_path(str(Path(resume).resolve()))
+        algo.restore_from_path(str(resume))
         start_iter = int(algo.iteration)
         progress(f"resumed from {resume} at iteration {start_iter}")
         history = read_history(run, start_iter)
