@@ -148,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"--ks must be positive, got {args.ks}")
     if args.ope_serve_log and not args.models:
         fail("--ope-serve-log needs target policies in --models")
+    if args.ope_serve_log:  # before any model is evaluated
+        from rec_rllib.data.feedback import impression_parts
+
+        try:
+            impression_parts(args.ope_serve_log)
+        except FileNotFoundError as e:
+            fail(f"--ope-serve-log: {e}")
     try:
         exposure = ExposureConfig(
             slots=args.exposure_slots, pool=args.exposure_pool, window=args.exposure_window

@@ -99,6 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         model_cfg, train_cfg = resolve_configs(args)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if model_cfg.text_model is not None:
+        from rec_rllib.models.text import check_text_model
+
+        try:
+            check_text_model(model_cfg.text_model)
+        except (OSError, ImportError) as e:
+            fail(f"--text-model: {e}")
+    try:
         dataset = load_or_prepare(args.dataset, root=args.data_root)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))

@@ -114,6 +114,20 @@ def resolve_dataset(model: str, dataset: str | None, data_root: str | None) -> s
     return ""
 
 
+def prepared_dir(ref: str, data_root: str | None) -> str:
+    """The prepared dataset directory for ``ref`` (a directory, or a built-in name, prepared on first use as the
+    other jobs do); a clear error before anything is deployed when there is none."""
+    from rec_rllib.data.catalog import dataset_path, load_or_prepare
+
+    if "://" in ref or Path(ref, "manifest.json").exists():
+        return ref
+    try:
+        dataset = load_or_prepare(ref, root=data_root)
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"--dataset: {e}")
+    return dataset_path(dataset.name, data_root)
+
+
 def start(app_args: dict[str, Any], port: int) -> str:
     """Deploy the app on the connected Ray (HTTP on 127.0.0.1:port); returns the base URL when ready."""
     from ray import serve
@@ -232,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         ExposureConfig(slots=args.exposure_slots, pool=args.exposure_pool, window=args.exposure_window)
     except ValueError as e:
         fail(f"--exposure-*: {e}")
-    dataset = str(Path(resolve_dataset(args.model, args.dataset, args.data_root)).resolve())
+    dataset = str(
+        Path(
+            prepared_dir(resolve_dataset(args.model, args.dataset, args.data_root), args.data_root)
+        ).resolve()
+    )
     if args.direct_ingress:
         if args.address:
             fail(

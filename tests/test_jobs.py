@@ -132,6 +132,29 @@ def test_train_refuses_a_resume_that_is_not_a_checkpoint_before_writing_anything
     assert "Traceback" not in out.stderr and not (tmp_path / "rl").exists()
 
 
+@pytest.mark.parametrize(
+    "args, flag, out",
+    [
+        (["jobs.finetune", "--dataset", "ml-100k", "--out", "ft", "--text-model", "{tmp}/no-model"], "--text-model", "ft"),
+        (["jobs.serve", "--model", "{run}", "--dataset", "{tmp}/no-data", "--smoke"], "--dataset", None),
+        (["jobs.evaluate", "--models", "popularity", "--out", "ev", "--ope-serve-log", "{tmp}/no-log"], "--ope-serve-log", "ev"),
+    ],
+    ids=["finetune-text-model", "serve-dataset", "evaluate-serve-log"],
+)  # fmt: skip
+def test_a_bad_path_is_refused_before_any_work(args, flag, out, job_env, tmp_path, finetuned_run):
+    """A text model that cannot be loaded, a dataset that is not prepared, a feedback directory without
+    impressions: one line that names the flag and the path, before training, deploying or evaluating, and no
+    output written."""
+    args = [a.format(tmp=tmp_path, run=finetuned_run) for a in args]
+    bad = next(a for a in args if a.startswith(str(tmp_path)))
+    done = run(args, job_env, tmp_path)
+    assert done.returncode != 0
+    said = done.stderr.strip().splitlines()[-1]
+    assert said.startswith(f"error: {flag}:") and bad in said, said
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert out is None or not (tmp_path / out).exists()
+
+
 def test_evaluate_rejects_unknown_model(job_env, tmp_path):
     out = run(["jobs.evaluate", "--models", "sasrec9000", "--out", "x"], job_env, tmp_path)
     assert out.returncode == 2 and "unknown model" in out.stderr

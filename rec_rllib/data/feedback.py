@@ -47,15 +47,21 @@ position j given the items above it, so ``shown_propensities[0]`` is the exact p
 pick."""
 
 
-def read_impressions(directory: str | Path) -> pa.Table:
-    """Every impression part under ``directory/impressions`` as one table in :data:`IMPRESSION_SCHEMA`."""
+def impression_parts(directory: str | Path) -> list[Path]:
+    """The impression part files under ``directory/impressions``, oldest name first; a FileNotFoundError
+    when there are none."""
     parts = sorted((Path(directory) / IMPRESSIONS).glob("part-*.parquet"))
     if not parts:
         raise FileNotFoundError(
             f"{Path(directory) / IMPRESSIONS}: no impression part files; they are written by a server of this "
             "version, when buffers flush and when it stops cleanly"
         )
-    return _read_parts(parts, IMPRESSION_SCHEMA)
+    return parts
+
+
+def read_impressions(directory: str | Path) -> pa.Table:
+    """Every impression part under ``directory/impressions`` as one table in :data:`IMPRESSION_SCHEMA`."""
+    return _read_parts(impression_parts(directory), IMPRESSION_SCHEMA)
 
 
 def feedback_parts(directory: str | Path) -> list[Path]:
