@@ -50,6 +50,17 @@ def _resources(pairs: list[str] | None) -> dict[str, float]:
     return out
 
 
+def unoffered_resources(cfg: RLTrainConfig) -> list[str]:
+    """The resources the run's env runners and learners ask for that no node of the connected Ray offers."""
+    import ray
+
+    offered = ray.cluster_resources()
+    wanted = {*cfg.env_runner_resources, *cfg.learner_resources}
+    if cfg.num_learners and cfg.num_gpus_per_learner:
+        wanted.add("GPU")
+    return sorted(name for name in wanted if offered.get(name, 0) <= 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jobs.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -146,7 +157,16 @@ def resolve_config(args: argparse.Namespace) -> RLTrainConfig:
     doc: dict = {}
     if args.config:
         doc = yaml.safe_load(Path(args.config).read_text()) or {}
+        if not isinstance(doc, dict):
+            raise ValueError(
+                f"--config {args.config}: expected a mapping of RL settings, got {type(doc).__name__}"
+            )
     top = {f.name for f in fields(RLTrainConfig)} - {"exploration", "env"}
+    unknown = sorted(set(doc) - top - {"exploration", "env"})
+    if unknown:  # a typo would otherwise be ignored
+        raise ValueError(
+            f"--config {args.config}: unknown settings {unknown}; known: {sorted(top | {'exploration', 'env'})}"
+        )
     merged = {k: v for k, v in doc.items() if k in top}
     expl = dict(doc.get("exploration") or {})
     env = dict(doc.get("env") or {})
@@ -188,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(args)
     except (ValueError, TypeError) as e:
         fail(str(e))
+    except (OSError, yaml.YAMLError) as e:
+        fail(f"--config {args.config}: {e}")
     import json
 
     meta = json.loads((Path(args.finetuned) / "config.json").read_text())
@@ -204,6 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg.env.seed = cfg.seed
 
     with ray_session(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus):
+        missing = unoffered_resources(cfg)
+        if missing:
+            said = (f"no node of this Ray offers {missing}, which the env runners or learners ask for "
+                    "(--env-runner-resource, --learner-resource, --num-gpus-per-learner)")  # fmt: skip
+            if args.address is None:  # the embedded Ray has CPUs and --num-gpus only: they would wait forever
+                fail(f"{said}; the embedded Ray offers CPU and --num-gpus only: drop those flags, or run on a "
+                     "cluster whose nodes offer them")  # fmt: skip
+            log.warning("%s: they wait until one does (an autoscaler may add such a node)", said)
         summary = train(cfg, args.out, resume=args.resume)
     print(f"checkpoint: {summary['checkpoint']}\nwrote {args.out}/train_metrics.csv and training_curves.png")
     return 0

@@ -155,6 +155,40 @@ def test_a_bad_path_is_refused_before_any_work(args, flag, out, job_env, tmp_pat
     assert out is None or not (tmp_path / out).exists()
 
 
+def test_train_on_the_embedded_ray_refuses_resources_no_node_offers(job_env, tmp_path, finetuned_run):
+    """Env runners that ask for a custom resource the embedded Ray cannot offer would wait forever: a clear error
+    instead, after Ray started and before training, with nothing written."""
+    args = [
+        "jobs.train",
+        "--finetuned",
+        finetuned_run,
+        "--out",
+        "rl",
+        "--env-runner-resource",
+        "env_runner=1",
+    ]
+    done = run(args, job_env, tmp_path)
+    assert done.returncode != 0
+    said = done.stderr.strip().splitlines()[-1]
+    assert said.startswith("error: no node of this Ray offers ['env_runner']"), said
+    assert not (tmp_path / "rl").exists()
+
+
+def test_train_config_file_refuses_an_unknown_setting(tmp_path, finetuned_run):
+    """A typo in `jobs.train --config` is an error that names it (it was silently ignored); a run's own
+    rl_config.json-style file (nested env / exploration) is read."""
+    from jobs.train import build_parser, resolve_config
+
+    path = tmp_path / "rl.yaml"
+    args = build_parser().parse_args(["--finetuned", finetuned_run, "--out", "rl", "--config", str(path)])
+    path.write_text("iteratons: 5\n")
+    with pytest.raises(ValueError, match=r"unknown settings \['iteratons'\]"):
+        resolve_config(args)
+    path.write_text("iterations: 5\nenv: {horizon: 2}\nexploration: {strategy: thompson}\n")
+    cfg = resolve_config(args)
+    assert (cfg.iterations, cfg.env.horizon, cfg.exploration.strategy) == (5, 2, "thompson")
+
+
 def test_evaluate_rejects_unknown_model(job_env, tmp_path):
     out = run(["jobs.evaluate", "--models", "sasrec9000", "--out", "x"], job_env, tmp_path)
     assert out.returncode == 2 and "unknown model" in out.stderr

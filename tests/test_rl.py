@@ -284,6 +284,27 @@ def test_greedy_is_refused_for_training_and_ucb_for_ppo(finetuned_run):
     )
 
 
+@pytest.mark.parametrize(
+    "setting, says",
+    [
+        ({"iterations": 0}, "iterations must be a number >= 1"),
+        ({"num_env_runners": -1}, "num_env_runners must be a number >= 0"),
+        ({"num_envs_per_env_runner": 0}, "num_envs_per_env_runner must be a number >= 1"),
+        ({"checkpoint_every": 0}, "checkpoint_every must be a number >= 1"),
+        ({"train_batch_size": "640"}, "train_batch_size must be a number >= 1"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"gamma": 1.5}, r"gamma must be in \[0, 1\]"),
+        ({"env_runner_resources": {"": 1.0}}, "each resource needs a name"),
+        ({"learner_resources": {"learner": 0.0}}, "each resource needs a name and an amount > 0"),
+    ],
+)
+def test_rl_config_refuses_settings_it_cannot_run(setting, says, finetuned_run):
+    """Values that would crash mid-run (checkpoint_every 0: a modulo by zero after the first iteration), run
+    nothing (0 iterations) or hang (a resource of amount 0) are refused when the config is built."""
+    with pytest.raises(ValueError, match=says):
+        RLTrainConfig(finetuned=finetuned_run, **setting)
+
+
 def test_ucb_acts_greedily_on_score_plus_bonus_and_moves_off_what_it_showed(finetuned_run, ml_dir):
     """UCB's behaviour distribution is the arg-max of logits + bonus (log-probability 0: propensity 1);
     the module records what it acted on, so the same users are next shown something else when the bonus
