@@ -23,3 +23,14 @@ class DictConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def check_numbers(
+        self, *, at_least: dict[str, float] | None = None, above: dict[str, float] | None = None
+    ) -> None:
+        """A ValueError naming the first field that is not a number ``>=`` its ``at_least`` bound or ``>`` its
+        ``above`` bound (a value that would run nothing, hang, or fail deep inside a run)."""
+        for bounds, ok, says in ((at_least, lambda v, b: v >= b, ">="), (above, lambda v, b: v > b, ">")):
+            for name, bound in (bounds or {}).items():
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value, bound):
+                    raise ValueError(f"{name} must be a number {says} {bound:g}, got {value!r}")

@@ -92,6 +92,11 @@ class FinetuneConfig(DictConfig):
         for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        self.check_numbers(
+            at_least={"weight_decay": 0, "warmup_steps": 0, "decay_epochs": 0, "grad_clip": 0, "num_negatives": 1,
+                      "patience": 1, "min_epochs": 0, "threads": 0},
+            above={"lr": 0, "max_minutes": 0},
+        )  # fmt: skip
 
 
 @dataclass

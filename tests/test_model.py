@@ -206,6 +206,22 @@ def test_seen_mask_matches_brute_force():
     assert torch.equal(got, torch.stack(want))
 
 
+@pytest.mark.parametrize(
+    "cls, setting, says",
+    [
+        (ModelConfig, {"max_len": 0}, "max_len must be a number >= 1"),  # fine-tuning hung with it
+        (ModelConfig, {"text_max_length": 0}, "text_max_length must be a number >= 1"),
+        (ModelConfig, {"num_heads": 0}, "num_heads must be a number >= 1"),  # a modulo by zero before
+        (FinetuneConfig, {"lr": -1.0}, "lr must be a number > 0"),  # an optimiser traceback before
+        (FinetuneConfig, {"max_minutes": 0}, "max_minutes must be a number > 0"),
+        (FinetuneConfig, {"patience": 0}, "patience must be a number >= 1"),
+    ],
+)
+def test_model_and_training_settings_that_cannot_run_are_refused(cls, setting, says):
+    with pytest.raises(ValueError, match=says):
+        cls(**setting)
+
+
 @pytest.mark.parametrize("attention,layers", [("causal", 3), ("bidirectional", 3), ("causal", 0)])
 def test_inference_user_state_equals_the_bert_encoders(attention, layers):
     """The inference path (no dropout, no gradient; last layer at the last position only) computes the

@@ -292,7 +292,7 @@ def test_greedy_is_refused_for_training_and_ucb_for_ppo(finetuned_run):
         ({"num_envs_per_env_runner": 0}, "num_envs_per_env_runner must be a number >= 1"),
         ({"checkpoint_every": 0}, "checkpoint_every must be a number >= 1"),
         ({"train_batch_size": "640"}, "train_batch_size must be a number >= 1"),
-        ({"lr": 0.0}, "lr must be > 0"),
+        ({"lr": 0.0}, "lr must be a number > 0"),
         ({"gamma": 1.5}, r"gamma must be in \[0, 1\]"),
         ({"env_runner_resources": {"": 1.0}}, "each resource needs a name"),
         ({"learner_resources": {"learner": 0.0}}, "each resource needs a name and an amount > 0"),

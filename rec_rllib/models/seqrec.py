@@ -59,6 +59,8 @@ class ModelConfig(DictConfig):
     (initially 0) on each item's centred log train frequency, added to its score."""
 
     def __post_init__(self) -> None:
+        self.check_numbers(at_least={"hidden_size": 1, "num_layers": 0, "num_heads": 1, "max_len": 1,
+                                     "text_finetune_layers": 0, "text_max_length": 1})  # fmt: skip
         if self.attention not in ("causal", "bidirectional"):
             raise ValueError(f"attention must be 'causal' or 'bidirectional', got {self.attention!r}")
         if self.hidden_size % self.num_heads:

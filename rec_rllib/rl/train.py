@@ -109,15 +109,12 @@ class RLTrainConfig(DictConfig):
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; expected one of {ALGORITHMS}")
-        at_least = {"iterations": 1, "num_env_runners": 0, "num_envs_per_env_runner": 1, "num_cpus_per_env_runner": 0,
-                    "rollout_fragment_length": 1, "train_batch_size": 1, "num_learners": 0, "num_gpus_per_learner": 0,
-                    "entropy_coeff": 0, "ref_kl_coeff": 0, "checkpoint_every": 1}  # fmt: skip
-        for name, low in at_least.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
-                raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0 (or None for the default), got {self.lr!r}")
+        self.check_numbers(
+            at_least={"iterations": 1, "num_env_runners": 0, "num_envs_per_env_runner": 1, "num_cpus_per_env_runner": 0,
+                      "rollout_fragment_length": 1, "train_batch_size": 1, "num_learners": 0,
+                      "num_gpus_per_learner": 0, "entropy_coeff": 0, "ref_kl_coeff": 0, "checkpoint_every": 1},
+            above={"lr": 0} if self.lr is not None else {},
+        )  # fmt: skip
         if not 0 <= self.gamma <= 1:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma!r}")
         for name in ("env_runner_resources", "learner_resources"):
