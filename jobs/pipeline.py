@@ -141,20 +141,28 @@ def _evaluate_task(dataset, model: str, scheme: str, split: str, exposure_slots:
     return evaluate_ranking(rec, dataset, scheme=scheme, split=split).metrics
 
 
-def _finetune_task(dataset, out: str, args: argparse.Namespace) -> dict:
+def _finetune_configs(args: argparse.Namespace):
+    """The fine-tune stage's (ModelConfig, FinetuneConfig)."""
     from dataclasses import replace
 
-    from rec_rllib.finetune import FinetuneConfig, finetune
+    from rec_rllib.finetune import FinetuneConfig
     from rec_rllib.models.seqrec import ModelConfig
 
     model = ModelConfig()
-    if args.hidden_size:
+    if args.hidden_size is not None:
         model = replace(model, hidden_size=args.hidden_size)
-    if args.max_len:
+    if args.max_len is not None:
         model = replace(model, max_len=args.max_len)
     cfg = FinetuneConfig(
         epochs=args.finetune_epochs, max_minutes=args.finetune_minutes, progress=False, threads=args.num_cpus
     )
+    return model, cfg
+
+
+def _finetune_task(dataset, out: str, args: argparse.Namespace) -> dict:
+    from rec_rllib.finetune import finetune
+
+    model, cfg = _finetune_configs(args)
     result = finetune(dataset, model, cfg, out)
     return {"test": result.test_metrics, "epochs_run": result.epochs_run, "seconds": result.seconds}
 
@@ -220,7 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(stages) - set(STAGES)
     if unknown:
         fail(f"--stages: unknown {sorted(unknown)}; choose from {','.join(STAGES)}")
+    if args.num_cpus < 1:
+        fail(f"--num-cpus must be >= 1, got {args.num_cpus}")
     ft_dir, rl_dir = out / "finetune", out / "rl"
+    # every stage's settings checked before the first stage runs (not after a fine-tune of several minutes)
+    for stage, build in (
+        ("finetune", lambda: _finetune_configs(args)),
+        ("train", lambda: _rl_config(args, ft_dir)),
+    ):
+        try:
+            build()
+        except ValueError as e:
+            fail(f"{stage} stage: {e}")
     with ray_session(args.address, num_cpus=args.num_cpus):
         log.info("prepare: fetch + prepare datasets")
         ml = load_or_prepare("ml-100k", root=args.data_root)

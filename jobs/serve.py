@@ -94,12 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_dataset(model: str, dataset: str | None, data_root: str | None) -> str:
-    """The dataset directory: given, or the one recorded in the model's run config."""
+def resolve_dataset(model: str, dataset: str | None) -> str:
+    """The dataset (a directory or a built-in name): given, or the one recorded in the model's run config."""
     if dataset:
         return dataset
-    from rec_rllib.data.catalog import dataset_path
-
     run = Path(model)
     for cfg_file in (run / "rl_config.json", run.parent / "rl_config.json"):  # an RL run or its checkpoint
         if cfg_file.exists():
@@ -108,10 +106,32 @@ def resolve_dataset(model: str, dataset: str | None, data_root: str | None) -> s
     if cfg_file.exists():
         meta = json.loads(cfg_file.read_text()).get("dataset", {})
         ref = meta.get("ref") or meta.get("name")
-        if ref:
-            return ref if Path(ref, "manifest.json").exists() else dataset_path(ref, data_root)
+        if ref:  # a directory, or a built-in name (prepared_dir prepares it on first use)
+            return ref
     fail(f"cannot tell which dataset {model} was trained on; pass --dataset")
     return ""
+
+
+APP_ARG_FLAGS = {"batch_wait_timeout_s": "--batch-wait-ms"}
+"""App arguments whose flag is not the argument's name with dashes."""
+
+
+def check_app_args(app_args: dict[str, Any]) -> None:
+    """The app's own validation (``serving.app.AppArgs``) before Ray starts: each refused value named by its flag."""
+    from pydantic import ValidationError
+
+    from serving.app import AppArgs
+
+    try:
+        AppArgs(**app_args)
+    except ValidationError as e:
+        said = []
+        for err in e.errors():
+            name = str(err["loc"][0]) if err["loc"] else "?"
+            flag = APP_ARG_FLAGS.get(name, "--" + name.replace("_", "-"))
+            unit = " s" if name.endswith("_s") else ""  # the app's seconds (e.g. --batch-wait-ms / 1000)
+            said.append(f"{flag}: {err['msg'].lower()}, got {err.get('input')!r}{unit}")
+        fail("; ".join(said))
 
 
 def prepared_dir(ref: str, data_root: str | None) -> str:
@@ -246,11 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         ExposureConfig(slots=args.exposure_slots, pool=args.exposure_pool, window=args.exposure_window)
     except ValueError as e:
         fail(f"--exposure-*: {e}")
-    dataset = str(
-        Path(
-            prepared_dir(resolve_dataset(args.model, args.dataset, args.data_root), args.data_root)
-        ).resolve()
-    )
+    dataset = str(Path(prepared_dir(resolve_dataset(args.model, args.dataset), args.data_root)).resolve())
     if args.direct_ingress:
         if args.address:
             fail(
@@ -280,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "exposure_pool": args.exposure_pool,
         "exposure_window": args.exposure_window,
     }
+    check_app_args(app_args)
     with ray_session(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus):
         try:
             url = start(app_args, args.port)

@@ -189,6 +189,26 @@ def test_train_config_file_refuses_an_unknown_setting(tmp_path, finetuned_run):
     assert (cfg.iterations, cfg.env.horizon, cfg.exploration.strategy) == (5, 2, "thompson")
 
 
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["jobs.pipeline", "--out", "qs", "--rl-iterations", "0"], "error: train stage: iterations must be a number >= 1"),
+        (["jobs.pipeline", "--out", "qs", "--max-len", "0"], "error: finetune stage: max_len must be a number >= 1"),
+        (["jobs.serve", "--model", "{run}", "--scorer-replicas", "0", "--smoke"], "error: --scorer-replicas: input should"),
+    ],
+    ids=["pipeline-rl-iterations", "pipeline-max-len", "serve-scorer-replicas"],
+)  # fmt: skip
+def test_a_setting_that_cannot_run_is_refused_before_any_work(args, says, job_env, tmp_path, finetuned_run):
+    """The pipeline checks every stage's settings before its first stage (an RL setting was refused only after
+    the fine-tune; --max-len 0 was silently ignored), jobs.serve the app's before Ray starts (a pydantic
+    traceback from inside the deployment before)."""
+    done = run([a.format(run=finetuned_run) for a in args], job_env, tmp_path)
+    assert done.returncode != 0
+    said = done.stderr.strip().splitlines()[-1]
+    assert said.startswith(says), said
+    assert "Traceback" not in done.stderr and not (tmp_path / "qs").exists()
+
+
 def test_evaluate_rejects_unknown_model(job_env, tmp_path):
     out = run(["jobs.evaluate", "--models", "sasrec9000", "--out", "x"], job_env, tmp_path)
     assert out.returncode == 2 and "unknown model" in out.stderr
