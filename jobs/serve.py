@@ -106,7 +106,7 @@ def resolve_dataset(model: str, dataset: str | None) -> str:
     if cfg_file.exists():
         meta = json.loads(cfg_file.read_text()).get("dataset", {})
         ref = meta.get("ref") or meta.get("name")
-        if ref:  # a directory, or a built-in name (prepared_dir prepares it on first use)
+        if ref:  # a directory, or a built-in name (dataset_dir prepares it on first use)
             return ref
     fail(f"cannot tell which dataset {model} was trained on; pass --dataset")
     return ""
@@ -134,18 +134,16 @@ def check_app_args(app_args: dict[str, Any]) -> None:
         fail("; ".join(said))
 
 
-def prepared_dir(ref: str, data_root: str | None) -> str:
+def dataset_dir(ref: str, data_root: str | None) -> str:
     """The prepared dataset directory for ``ref`` (a directory, or a built-in name, prepared on first use as the
     other jobs do); a clear error before anything is deployed when there is none."""
-    from rec_rllib.data.catalog import dataset_path, load_or_prepare
+    from rec_rllib.data.catalog import load_or_prepare, prepared_dir
 
-    if "://" in ref or Path(ref, "manifest.json").exists():
-        return ref
     try:
-        dataset = load_or_prepare(ref, root=data_root)
+        load_or_prepare(ref, root=data_root)
     except (FileNotFoundError, ValueError) as e:
         fail(f"--dataset: {e}")
-    return dataset_path(dataset.name, data_root)
+    return prepared_dir(ref, data_root)
 
 
 def start(app_args: dict[str, Any], port: int) -> str:
@@ -266,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         ExposureConfig(slots=args.exposure_slots, pool=args.exposure_pool, window=args.exposure_window)
     except ValueError as e:
         fail(f"--exposure-*: {e}")
-    dataset = str(Path(prepared_dir(resolve_dataset(args.model, args.dataset), args.data_root)).resolve())
+    dataset = str(Path(dataset_dir(resolve_dataset(args.model, args.dataset), args.data_root)).resolve())
     if args.direct_ingress:
         if args.address:
             fail(

@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from jobs._common import fail, ray_session, setup_logging
-from rec_rllib.data.catalog import dataset_path, load_or_prepare
+from rec_rllib.data.catalog import load_or_prepare, prepared_dir
 from rec_rllib.env import REWARDS, EnvConfig
 from rec_rllib.explore import STRATEGIES, ExplorationConfig
 from rec_rllib.exposure import EXPOSURE_SHAPES
@@ -221,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     trained_on = meta.get("dataset", {}).get("content_hash")
     if trained_on and trained_on != dataset.manifest.get("content_hash"):
         fail(f"{args.finetuned} was fine-tuned on another dataset than {ds_ref}")
-    ds_dir = ds_ref if Path(ds_ref, "manifest.json").exists() else dataset_path(dataset.name, args.data_root)
-    cfg.env.dataset = str(Path(ds_dir).resolve())
+    cfg.env.dataset = str(Path(prepared_dir(ds_ref, args.data_root)).resolve())
     cfg.env.seed = cfg.seed
 
     with ray_session(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus):

@@ -34,14 +34,24 @@ def prepare_builtin(name: str, *, source_dir: str | None = None) -> LogDataset:
     raise ValueError(f"unknown built-in dataset {name!r}; expected one of {BUILTIN} or a prepared directory")
 
 
+def _builtin_name(name_or_path: str) -> str:
+    return "obd-all" if name_or_path == "obd" else name_or_path
+
+
+def prepared_dir(name_or_path: str, root: str | None = None) -> str:
+    """Where :func:`load_or_prepare` reads ``name_or_path`` from (what env runners and Serve replicas are given):
+    itself when it is a prepared directory or a URI, otherwise the data root's directory of that name."""
+    if "://" in name_or_path or Path(name_or_path, MANIFEST_FILE).exists():
+        return name_or_path
+    return dataset_path(_builtin_name(name_or_path), root)
+
+
 def load_or_prepare(name_or_path: str, *, root: str | None = None) -> LogDataset:
     """A prepared directory, or a built-in name (prepared into the data root on first use)."""
-    if "://" in name_or_path or Path(name_or_path, MANIFEST_FILE).exists():
-        return LogDataset.load(name_or_path)
-    name = "obd-all" if name_or_path == "obd" else name_or_path
-    path = dataset_path(name, root)
-    if Path(path, MANIFEST_FILE).exists():
+    path = prepared_dir(name_or_path, root)
+    if "://" in path or Path(path, MANIFEST_FILE).exists():
         return LogDataset.load(path)
+    name = _builtin_name(name_or_path)
     if name not in BUILTIN:
         raise FileNotFoundError(
             f"{name_or_path!r} is neither a prepared dataset directory nor a built-in dataset {BUILTIN}; "
