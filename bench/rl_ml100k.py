@@ -56,7 +56,13 @@ from rec_rllib.explore import ExplorationConfig  # noqa: E402
 from rec_rllib.exposure import EXPOSURE_SHAPES, ExposureAwareRecommender, ExposureConfig  # noqa: E402
 from rec_rllib.models import load_recommender  # noqa: E402
 from rec_rllib.rl.module import model_config_from_run  # noqa: E402
-from rec_rllib.rl.policy import is_rl_checkpoint  # noqa: E402
+from rec_rllib.rl.policy import (  # noqa: E402
+    CooccurrenceRecommender,
+    cooccurrence_weight,
+    is_rl_checkpoint,
+    load_policy_module,
+    simulator_of,
+)
 from rec_rllib.rl.train import RLTrainConfig, build_algo_config, train  # noqa: E402
 
 TIMERS = ("sample", "rlmodule_inference_timer", "env_step_timer", "env_reset_timer", "time_between_sampling")
@@ -156,6 +162,9 @@ def main() -> None:
     p.add_argument("--freeze-item-terms", action="store_true",
                    help="quality: keep the item bias and the popularity weight at the fine-tuned values (with "
                    "--freeze-state-head and an exposure cost RL trains the exposure weight alone)")  # fmt: skip
+    p.add_argument("--cooccurrence", action="store_true",
+                   help="quality: the observation carries the item-kNN simulator's probabilities (leave-user-out) "
+                   "and the policy learns a weight γ on them")  # fmt: skip
     p.add_argument("--horizon", type=int, default=EnvConfig.horizon,
                    help="hit reward: the recommendation counts when among the next H logged items")  # fmt: skip
     p.add_argument("--envs-per-runner", type=int, default=32)
@@ -191,6 +200,7 @@ def main() -> None:
         horizon=args.horizon,
         exposure_shape=args.exposure_shape,
         exposure_window=args.exposure_window,
+        cooccurrence=args.cooccurrence,
     )
     base = RLTrainConfig(
         finetuned=args.finetuned,
@@ -242,6 +252,8 @@ def main() -> None:
                 e2e_name, e2e_dir = ", state head frozen", "-fz"
             if args.freeze_item_terms:
                 e2e_name, e2e_dir = e2e_name + ", item terms frozen", e2e_dir + "-fi"
+            if args.cooccurrence:
+                e2e_name, e2e_dir = e2e_name + ", co-occurrence", e2e_dir + "-co"
             grid = [(a, st, b, c) for a, st in runs for b in args.novelty_bonus for c in args.exposure_cost]
             for algorithm, strategy, bonus, cost in grid:
                 cost_name, cost_dir = (f", exposure cost {cost:g}", f"-x{cost:g}") if cost else ("", "")
@@ -274,6 +286,12 @@ def main() -> None:
                     minutes[name] = (time.perf_counter() - t0) / 60
                     print(f"{name}: {minutes[name]:.1f} min", flush=True)
                 policies[name] = load_recommender(str(run_dir / "checkpoint"), ds)
+                gamma = cooccurrence_weight(load_policy_module(run_dir / "checkpoint"))
+                if args.cooccurrence:  # what the learned γ does on the fine-tuned scores, alone
+                    print(f"{name}: learned co-occurrence weight γ = {gamma:.4f}", flush=True)
+                    policies[f"fine-tuned + its γ ({gamma:.2f}) fixed"] = CooccurrenceRecommender(
+                        policies["fine-tuned"], simulator_of(ds), gamma, env.window
+                    )
                 if isinstance(policies[name], ExposureAwareRecommender):  # trained with an exposure cost
                     # what the learned exposure weight does and what the rest of the head does, apart
                     beta = policies[name].cfg.penalty

@@ -147,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the exposure cost and the learned term count: log (log(1 + count), the default) or "
         "indicator (L for an item recommended at all within the window: keeps the order of what is on display)",
     )
+    v.add_argument(
+        "--cooccurrence",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the observation carries the item-kNN simulator's click probabilities for the recent window "
+        "(leave-user-out) and the policy learns a weight on them: co-occurrence evidence the fine-tuned model "
+        "lacks (off by default)",
+    )
     v.add_argument("--window", type=int)
     v.add_argument("--episode-len", type=int)
     p.add_argument("-v", "--verbose", action="store_true")

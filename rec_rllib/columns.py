@@ -80,3 +80,4 @@ class Obs:
     LENGTH = "length"  # int64 [1]: tokens in HISTORY that are not padding
     ACTION_MASK = "action_mask"  # float32 [n_items]: 1 = may be recommended (not consumed yet)
     EXPOSURE = "exposure"  # float32 [n_items]: log(1 + times recommended lately), only with an exposure cost
+    COOCCURRENCE = "cooccurrence"  # float32 [n_items]: the item-kNN simulator's probabilities for the window

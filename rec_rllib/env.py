@@ -85,6 +85,9 @@ class EnvConfig:
     """Recommendations the exposure tracker remembers (all sub-environments of the process together)."""
     exposure_shape: str = "log"
     """What the cost counts of an item: ``log`` (log(1 + count), normalised) or ``indicator`` (shown at all)."""
+    cooccurrence: bool = False
+    """The observation carries the item-kNN simulator's click probability of every item for the recent window,
+    leave-user-out (``Obs.COOCCURRENCE``): the feature the policy's co-occurrence weight reads."""
     num_shards: int = 0
     """Shards of the user population (0 = from the env context: the number of env runners)."""
     shard_id: int = -1
@@ -120,6 +123,20 @@ def shared_exposure_tracker(key: tuple, n_items: int, window: int) -> ExposureTr
     if full not in _SHARED_EXPOSURE:
         _SHARED_EXPOSURE[full] = ExposureTracker(n_items, ExposureConfig(slots=0, window=int(window)))
     return _SHARED_EXPOSURE[full]
+
+
+_SIMULATORS: dict[tuple[str, str], ItemKNNSimulator] = {}
+
+
+def shared_simulator(dataset: str, scheme: str) -> ItemKNNSimulator:
+    """The :class:`ItemKNNSimulator` of a dataset's train split, fitted once per process (every sub-environment
+    of an env runner reads the same; it is fitted on every train user, not only the runner's shard)."""
+    key = (str(dataset), str(scheme))
+    if key not in _SIMULATORS:
+        histories, manifest = read_train_histories(dataset, scheme)
+        counts = manifest["counts"]
+        _SIMULATORS[key] = ItemKNNSimulator(histories, int(counts["items"]), int(counts["users"]))
+    return _SIMULATORS[key]
 
 
 def shard_of(worker_index: int, num_workers: int) -> tuple[int, int]:
@@ -172,17 +189,46 @@ class ItemKNNSimulator:
         ui = np.zeros((n_items, max(n_users, 1)), dtype=np.float32)
         for u, (items, _) in histories.items():
             ui[items, u] = 1.0
-        norms = np.linalg.norm(ui, axis=1, keepdims=True)
-        unit = ui / np.where(norms > 0, norms, 1.0)
-        self.sim = unit @ unit.T  # [n, n]
+        self.co = ui @ ui.T  # [n, n] users who consumed both items
+        self.users = np.diag(self.co).copy()  # [n] users who consumed each item
+        norms = np.sqrt(self.users)[:, None]
+        self.sim = self.co / np.where(norms > 0, norms, 1.0) / np.where(norms > 0, norms, 1.0).T
         np.fill_diagonal(self.sim, 0.0)
 
-    def probabilities(self, window: np.ndarray) -> np.ndarray:
-        """[n_items] click probabilities given the recent items."""
+    def probabilities(self, window: np.ndarray, *, without: np.ndarray | None = None) -> np.ndarray:
+        """[n_items] click probabilities given the recent items.
+
+        ``without``: the train items of the user being scored, taken out of the co-occurrence first (leave-user-
+        out: the cosines as if that user were not in the train split), so that replaying a train user does not
+        score items by the user's own future: what the policy's co-occurrence feature sees in training
+        (:class:`LogReplayEnv` with ``cooccurrence``). Evaluation and serving compute the feature the same way, with
+        the history they are given as ``without`` (its train part is then taken out exactly; items the fit never
+        saw with the user change only the normalisation of their own row)."""
         if len(window) == 0:
             return np.full(self.sim.shape[0], 0.01)
-        s = self.sim[window].mean(axis=0)
-        return np.clip(s / max(float(s.max()), 1e-9), 0.0, 1.0)
+        return self.normalised(self.rows(window, without=without).mean(axis=0))
+
+    def rows(self, items: np.ndarray, *, without: np.ndarray | None = None) -> np.ndarray:
+        """[len(items), n_items] the cosine of each of ``items`` with every item (0 with itself), ``without``'s
+        owner taken out of the fit as in :meth:`probabilities`. A replayed episode computes its user's rows once
+        (:class:`LogReplayEnv`); each step then averages the window's."""
+        items = np.asarray(items, dtype=np.int64)
+        if without is None:
+            return self.sim[items]
+        x = np.zeros(self.sim.shape[0], dtype=np.float32)
+        x[without] = 1.0
+        co = np.maximum(self.co[items] - x[items][:, None] * x[None, :], 0.0)  # [w, n]
+        den = np.sqrt(np.maximum(self.users[items] - x[items], 0.0))[:, None] * np.sqrt(
+            np.maximum(self.users - x, 0.0)
+        )
+        out = np.divide(co, den, out=np.zeros_like(co), where=den > 0)
+        out[np.arange(len(items)), items] = 0.0
+        return out
+
+    @staticmethod
+    def normalised(scores: np.ndarray) -> np.ndarray:
+        """Mean similarities -> probabilities in [0, 1]: divided by the best item's."""
+        return np.clip(scores / max(float(scores.max()), 1e-9), 0.0, 1.0)
 
     def validate(self, dataset_histories: list[np.ndarray], targets: list[np.ndarray], k: int = 10) -> float:
         """HR@k of the simulator's ranking on held-out next items (how well it predicts real behaviour)."""
@@ -230,9 +276,8 @@ class LogReplayEnv(gym.Env):
         info = -np.log2((counts + 1.0) / (counts.sum() + self.n_items))
         self.novelty = info / info.max()  # [n_items] in (0, 1]
         self.simulator: ItemKNNSimulator | None = None
-        if self.cfg.reward == "simulator":
-            all_histories, _ = read_train_histories(self.cfg.dataset, self.cfg.scheme)
-            self.simulator = ItemKNNSimulator(all_histories, self.n_items, n_users)
+        if self.cfg.reward == "simulator" or self.cfg.cooccurrence:
+            self.simulator = shared_simulator(self.cfg.dataset, self.cfg.scheme)
 
         self.exposure: ExposureTracker | None = None
         if self.cfg.exposure_cost > 0:
@@ -252,6 +297,8 @@ class LogReplayEnv(gym.Env):
         if self.exposure is not None:
             top = float(np.log1p(self.cfg.exposure_window))
             spaces[Obs.EXPOSURE] = gym.spaces.Box(0.0, top, (self.n_items,), np.float32)
+        if self.cfg.cooccurrence:
+            spaces[Obs.COOCCURRENCE] = gym.spaces.Box(0.0, 1.0, (self.n_items,), np.float32)
         self.observation_space = gym.spaces.Dict(spaces)
         self.action_space = gym.spaces.Discrete(self.n_items)
         self._seed = self.cfg.seed * 1_000_003 + worker_index * 1_009 + vector_index
@@ -275,13 +322,15 @@ class LogReplayEnv(gym.Env):
         self._steps = 0
         self._mask = np.ones(self.n_items, dtype=np.float32)
         self._mask[self._items[: self._pos]] = 0.0
+        if self.cfg.cooccurrence:  # the user's similarity rows, leave-user-out, once per episode
+            self._cooccurrence_rows = self.simulator.rows(self._items, without=self._items)
         return self._obs(), {"user": self._user}
 
     def step(self, action):
         a = int(action)
         upcoming = self._items[self._pos : self._pos + self.cfg.horizon]
         hit = bool(np.any(upcoming == a))
-        if self.simulator is not None:
+        if self.cfg.reward == "simulator":
             p = float(
                 self.simulator.probabilities(self._items[max(0, self._pos - self.cfg.window) : self._pos])[a]
             )
@@ -329,6 +378,11 @@ class LogReplayEnv(gym.Env):
         if self.exposure is not None:
             self._exposure_obs = np.log1p(self.exposure.counts).astype(np.float32)
             obs[Obs.EXPOSURE] = self._exposure_obs
+        if self.cfg.cooccurrence:
+            # leave-user-out: the replayed user's own (future) items do not inform the feature
+            rows = self._cooccurrence_rows[max(0, self._pos - w) : self._pos]
+            p = self.simulator.normalised(rows.mean(axis=0)) if len(rows) else np.full(self.n_items, 0.01)
+            obs[Obs.COOCCURRENCE] = p.astype(np.float32)
         return obs
 
     def describe(self) -> dict[str, Any]:

@@ -60,21 +60,28 @@ DEFAULT_BATCH = {"max_batch_size": 16, "batch_wait_timeout_s": 0.002}
 EXPOSURE_KEYS = {"exposure_slots": "slots", "exposure_pool": "pool", "exposure_window": "window"}
 
 
-def load_serving_model(path: str, device: str) -> tuple[TextSeqRec, str, dict]:
+def load_serving_model(path: str, device: str) -> tuple[TextSeqRec, str, dict, dict | None]:
     """A fine-tuned run directory or an RLlib checkpoint -> (the TextSeqRec, a version string, the policy's
     exposure term as :class:`ExposureConfig` fields: ``penalty`` β, 0 unless an RL policy learned one, and
-    ``shape``)."""
+    ``shape``; the policy's co-occurrence term, :func:`~rec_rllib.rl.policy.cooccurrence_settings`, or None)."""
     from rec_rllib.models.run import is_run_dir, load_run
-    from rec_rllib.rl.policy import MODULE_SUBDIR, exposure_penalty, is_rl_checkpoint, load_policy_module
+    from rec_rllib.rl.policy import (
+        MODULE_SUBDIR,
+        cooccurrence_settings,
+        exposure_penalty,
+        is_rl_checkpoint,
+        load_policy_module,
+    )
 
     p = Path(path)
-    penalty = {"penalty": 0.0, "shape": "log"}
+    penalty, cooccurrence = {"penalty": 0.0, "shape": "log"}, None
     if is_run_dir(p):
         model, _ = load_run(p, device=device)
         weights = p / "model.safetensors"
     elif is_rl_checkpoint(p):
         module = load_policy_module(p)
         model, penalty = module.net.to(device).eval(), exposure_penalty(module)
+        cooccurrence = cooccurrence_settings(module)
         weights = next(iter(sorted((p / MODULE_SUBDIR).glob("*.pt*"))), p / MODULE_SUBDIR)
     else:
         raise ValueError(f"{path}: neither a fine-tuned run directory nor an RLlib checkpoint")
@@ -86,7 +93,7 @@ def load_serving_model(path: str, device: str) -> tuple[TextSeqRec, str, dict]:
     else:
         digest.update(str(p.resolve()).encode())
     version = f"{p.resolve().name if p.name != 'checkpoint' else p.parent.name}-{digest.hexdigest()[:10]}"
-    return model, version, penalty
+    return model, version, penalty, cooccurrence
 
 
 class PolicyScorer:
@@ -96,6 +103,7 @@ class PolicyScorer:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.dataset = dataset
         self.catalog = ServingCatalog.from_dataset(dataset)
         self._added: list[dict[str, Any]] = []
         self._refresh_popularity()
@@ -113,7 +121,7 @@ class PolicyScorer:
 
     # -- configuration ---------------------------------------------------------------------------------------
     def _load(self, model_path: str) -> None:
-        model, version, penalty = load_serving_model(model_path, self.device)
+        model, version, penalty, cooccurrence = load_serving_model(model_path, self.device)
         if model.n_items < self.catalog.n_items - len(self._added):
             raise ValueError(
                 f"{model_path} scores {model.n_items} items; the dataset has {self.catalog.n_items}"
@@ -122,6 +130,13 @@ class PolicyScorer:
             model.add_items(torch.as_tensor(a["embedding"])[None].to(self.device))
         self.model, self.model_path, self.model_version = model, model_path, version
         self._set_exposure(replace(self.exposure.cfg, **penalty))  # the policy's own exposure term
+        # the policy's co-occurrence term: γ times the item-kNN simulator's probabilities for the live history
+        self.cooccurrence = cooccurrence
+        if cooccurrence is not None:
+            from rec_rllib.data.dataset import LogDataset
+            from rec_rllib.rl.policy import simulator_of
+
+            self.simulator = simulator_of(LogDataset.load(self.dataset), cooccurrence["scheme"])
         self.ucb = LinUCB(model.n_items, model.cfg.hidden_size, alpha=1.0)  # the request scales the bonus
         with torch.no_grad():
             self._refresh_items()
@@ -210,6 +225,7 @@ class PolicyScorer:
             "items": self.model.n_items,
             "batch": self.batch,
             "ucb": {"shown": self.ucb.shown},
+            "cooccurrence": self.cooccurrence,  # the policy's learned co-occurrence term (None without one)
             "exposure": {
                 **asdict(self.exposure.cfg),
                 "answers": self.exposure.answers,
@@ -233,12 +249,28 @@ class PolicyScorer:
             )
             state = self.model.user_state(tokens, lengths, self.items)
             scores = self.model.scores_from_state(state, self.items).float()
+            term: torch.Tensor | float = 0.0
+            if self.cooccurrence is not None:
+                term = self._cooccurrence_term([r["history"] for r in requests], scores.shape[1])
+                scores = scores + term
             sampled: dict[int, torch.Tensor] = {}
             rows = [i for i, r in enumerate(requests) if r.get("strategy") == "thompson"]
             if rows:  # one posterior sample of the final layer per Thompson request, in one product
                 draw = torch.nn.functional.dropout(state[rows], p=self.model.cfg.dropout, training=True)
-                sampled = dict(zip(rows, self.model.scores_from_state(draw, self.items).float(), strict=True))
+                drawn = self.model.scores_from_state(draw, self.items).float()
+                drawn = drawn + (term[rows] if isinstance(term, torch.Tensor) else term)
+                sampled = dict(zip(rows, drawn, strict=True))
             return [self._slate(r, scores[i], state[i], sampled.get(i)) for i, r in enumerate(requests)]
+
+    def _cooccurrence_term(self, histories: list, n: int) -> torch.Tensor:
+        """[B, n] γ · the simulator's probabilities for each live history (items added at run time: 0)."""
+        from rec_rllib.rl.policy import cooccurrence_feature
+
+        co = self.cooccurrence
+        feature = cooccurrence_feature(self.simulator, histories, co["window"])
+        out = torch.zeros(len(histories), n, dtype=torch.float32)
+        out[:, : feature.shape[1]] = torch.as_tensor(feature[:, :n], dtype=torch.float32)
+        return (co["weight"] * out).to(self.device)
 
     def _adjusted(self, r: dict[str, Any], scores: torch.Tensor) -> torch.Tensor:
         """The scores a slate is drawn from: a new user's blend with popularity, a query's blend with the text."""

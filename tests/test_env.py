@@ -67,6 +67,45 @@ def test_simulator_is_fitted_on_train_and_validated(ml100k, ml_dir):
     assert r in (0.0, 1.0)
 
 
+def test_cooccurrence_feature_leaves_the_replayed_user_out_and_the_reward_alone(ml_dir):
+    """With ``cooccurrence`` the observation carries the simulator's probabilities for the recent window, fitted as
+    if the replayed user were not in the train split (their own future items must not inform it); the hit reward
+    is unchanged (the simulator is then built, but the reward stays ``hit``)."""
+    plain = LogReplayEnv({"dataset": ml_dir, "seed": 5, "window": 20})
+    env = LogReplayEnv({"dataset": ml_dir, "seed": 5, "window": 20, "cooccurrence": True})
+    assert (
+        Obs.COOCCURRENCE in env.observation_space.spaces and Obs.COOCCURRENCE not in plain.observation_space
+    )
+    histories, manifest = read_train_histories(ml_dir, "loo")
+    n_items, n_users = manifest["counts"]["items"], manifest["counts"]["users"]
+    full = ItemKNNSimulator(histories, n_items, n_users)
+    obs, info = env.reset(seed=2)
+    plain.reset(seed=2)
+    user = info["user"]
+    without = ItemKNNSimulator({u: h for u, h in histories.items() if u != user}, n_items, n_users)
+    rewards, leaked = [], 0.0
+    for step in range(8):
+        recent = env._items[max(0, env._pos - 20) : env._pos]
+        feature = obs[Obs.COOCCURRENCE]
+        assert (
+            feature.shape == (n_items,)
+            and feature.dtype == np.float32
+            and 0 <= feature.min() <= feature.max() <= 1
+        )
+        assert np.allclose(feature, without.probabilities(recent), atol=1e-5)
+        leaked = max(leaked, float(np.abs(full.probabilities(recent) - feature).max()))
+        action = int(env._items[env._pos]) if step % 2 == 0 else 0  # a hit, then (mostly) a miss
+        obs, r1, *_ = env.step(action)
+        _, r0, *_ = plain.step(action)
+        assert r1 == r0
+        rewards.append(r1)
+    assert leaked > 0.01  # the user's own row does move the full fit's probabilities
+    assert all(r > 0 for r in rewards[::2])
+    # evaluation and serving take the given history's owner out the same way
+    h = histories[user][0]
+    assert np.allclose(full.probabilities(h[-20:], without=h), without.probabilities(h[-20:]), atol=1e-5)
+
+
 def test_novelty_bonus_rewards_long_tail_recommendations(ml_dir):
     plain = LogReplayEnv({"dataset": ml_dir, "seed": 3})
     bonus = LogReplayEnv({"dataset": ml_dir, "seed": 3, "novelty_bonus": 0.5})

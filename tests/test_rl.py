@@ -17,12 +17,20 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.training_data import TrainingData
 from safetensors.torch import load_file
 
-from rec_rllib.columns import Obs
+from rec_rllib.columns import Obs, Tokens
+from rec_rllib.data.dataset import LogDataset
 from rec_rllib.env import EnvConfig, LogReplayEnv
 from rec_rllib.explore import ExplorationConfig
 from rec_rllib.exposure import ExposureConfig
 from rec_rllib.rl.module import MASK_VALUE, UCB_STATS, RecPolicyModule, model_config_from_run
-from rec_rllib.rl.policy import exposure_weight, load_policy_module, load_policy_recommender
+from rec_rllib.rl.policy import (
+    CooccurrenceRecommender,
+    cooccurrence_feature,
+    cooccurrence_weight,
+    exposure_weight,
+    load_policy_module,
+    load_policy_recommender,
+)
 from rec_rllib.rl.replay_eval import (
     current_module,
     paired_gain,
@@ -380,11 +388,13 @@ def test_training_checkpoint_restore_and_standalone_module(
 ):
     # the frozen-encoder APPO and DQN runs also price exposure (an extra observation, a learned weight): APPO by
     # log(1 + count), DQN by whether an item is on display at all (within its runner's last 500 recommendations);
-    # the frozen-encoder APPO run keeps the item bias and the popularity weight at their fine-tuned values
+    # the frozen-encoder APPO run keeps the item bias and the popularity weight at their fine-tuned values and
+    # learns a weight on the co-occurrence feature (another observation)
     frozen_item_terms = algorithm == "appo" and not train_encoder
     env_cfg = {
         "dataset": ml_dir,
         "window": 30,
+        "cooccurrence": frozen_item_terms,
         "exposure_cost": 1.0 if algorithm != "ppo" and not train_encoder else 0.0,
         **({"exposure_shape": "indicator", "exposure_window": 500} if algorithm == "dqn" else {}),
     }
@@ -448,7 +458,7 @@ def test_training_checkpoint_restore_and_standalone_module(
             # the learner reports β after its updates: one update moves it ~0.01 (APPO may update once more
             # between the last report and the checkpoint)
             assert abs(summary["history"][-1]["exposure_weight"] - beta) < 0.05, summary["history"]
-            rec = load_policy_recommender(summary["checkpoint"])
+            rec = load_policy_recommender(summary["checkpoint"], dataset=LogDataset.load(ml_dir))
             shape = env_cfg.get("exposure_shape", "log")
             assert module.exposure_window == cfg.env.exposure_window  # training's; evaluation keeps its own
             assert (rec.cfg.slots, rec.cfg.penalty, rec.cfg.window, rec.cfg.shape) == (
@@ -473,6 +483,10 @@ def test_training_checkpoint_restore_and_standalone_module(
             assert len(explored["items"]) == 5 and all(0 < p <= 1 for p in explored["propensities"])
         else:
             assert module.exposure_term is None
+        if env_cfg["cooccurrence"]:
+            _check_cooccurrence_term(module, restored, summary, ml_dir, window=cfg.env.window)
+        else:
+            assert module.cooccurrence_term is None
         if algorithm == "appo" and not train_encoder:
             # UCB statistics: accumulated from the runners' steps, saved, and back in the runner on restore
             saved = getattr(module, UCB_STATS)
@@ -489,6 +503,42 @@ def test_training_checkpoint_restore_and_standalone_module(
         algo.stop()
     config = json.loads((tmp_path / "rl" / "rl_config.json").read_text())
     assert config["algorithm"] == algorithm
+
+
+def _check_cooccurrence_term(module, restored, summary, ml_dir, *, window):
+    """γ is learned (it starts at 0), saved, and applied as in training by evaluation and by serving."""
+    gamma = cooccurrence_weight(module)
+    assert gamma != 0 and gamma == cooccurrence_weight(restored)
+    assert abs(summary["history"][-1]["cooccurrence_weight"] - gamma) < 0.05, summary["history"]
+    with pytest.raises(ValueError, match="give the dataset it was trained on"):
+        load_policy_recommender(summary["checkpoint"])
+    rec = load_policy_recommender(
+        summary["checkpoint"], dataset=LogDataset.load(ml_dir)
+    ).base  # no exposure term
+    assert isinstance(rec, CooccurrenceRecommender) and (rec.gamma, rec.window) == (gamma, window)
+    h = np.arange(0, 90, 3)  # a history longer than the window
+    recent = h[-window:]
+    tokens = np.zeros((1, window + 1), dtype=np.int64)
+    tokens[0, 0], tokens[0, 1:] = Tokens.BOS, recent + Tokens.OFFSET
+    mask = np.ones((1, module.net.n_items), dtype=np.float32)
+    mask[0, h] = 0.0
+    obs = {
+        Obs.HISTORY: tokens,
+        Obs.LENGTH: np.array([[window + 1]]),
+        Obs.ACTION_MASK: mask,
+        Obs.EXPOSURE: np.zeros_like(mask),
+        Obs.COOCCURRENCE: cooccurrence_feature(rec.simulator, [h], window).astype(np.float32),
+    }
+    logits = module.forward_inference({Columns.OBS: {k: torch.as_tensor(v) for k, v in obs.items()}})
+    logits = logits[Columns.ACTION_DIST_INPUTS][0].double().numpy()
+    scores, allowed = rec.score([h])[0], mask[0] > 0.5
+    assert np.allclose(logits[allowed], scores[allowed], atol=1e-4)  # evaluation ranks as the policy acts
+    without = rec.base.score([h])[0]
+    assert np.abs(scores - without)[allowed].max() > 1e-3  # and the term is there
+    scorer = PolicyScorer(summary["checkpoint"], ml_dir)
+    assert scorer.info()["cooccurrence"] == {"weight": gamma, "window": window, "scheme": "loo"}
+    answer = scorer.score_requests([{"history": h.tolist(), "k": 5}])[0]
+    assert np.allclose(answer["scores"], scores[answer["items"]], atol=1e-4)  # serving scores the same
 
 
 def test_appo_learns_on_movielens(finetuned_run, ml_dir, local_ray):

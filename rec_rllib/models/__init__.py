@@ -38,7 +38,7 @@ def load_recommender(
     from rec_rllib.rl.policy import is_rl_checkpoint, load_policy_recommender
 
     if is_rl_checkpoint(spec):
-        return load_policy_recommender(spec)
+        return load_policy_recommender(spec, dataset=dataset)
     raise ValueError(
         f"unknown model {spec!r}: expected one of {BASELINES}, a fine-tuned run directory or an RLlib checkpoint"
     )

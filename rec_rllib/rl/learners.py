@@ -29,6 +29,7 @@ REF_KL_METRIC = "reference_kl"
 NEXT_ITEM_CE_COEFF = "next_item_ce_coeff"
 NEXT_ITEM_CE_METRIC = "next_item_ce"
 EXPOSURE_WEIGHT_METRIC = "exposure_weight"
+COOCCURRENCE_WEIGHT_METRIC = "cooccurrence_weight"
 LOST_UPDATES_METRIC = "updates_skipped_all_episodes_lost"
 
 
@@ -54,20 +55,26 @@ class _ReferenceKLMixin:
         return loss + coeff * kl
 
 
-class _ExposureWeightMixin:
-    """Logs β, the exposure term's learned weight, after every update (modules with an exposure term)."""
+class _TermWeightsMixin:
+    """Logs the learned weights of the policy's terms after every update: β of the exposure term and γ of the
+    co-occurrence term (modules that have them)."""
 
     def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
         super().after_gradient_based_update(timesteps=timesteps)
         for module_id, module in self.module.items():
-            term = getattr(module.unwrapped(), "exposure_term", None)
-            if term is not None:
-                self.metrics.log_value(
-                    (module_id, EXPOSURE_WEIGHT_METRIC), float(term.beta.detach()), window=1
-                )
+            m = module.unwrapped()
+            for attr, weight, metric in (
+                ("exposure_term", "beta", EXPOSURE_WEIGHT_METRIC),
+                ("cooccurrence_term", "gamma", COOCCURRENCE_WEIGHT_METRIC),
+            ):
+                term = getattr(m, attr, None)
+                if term is not None:
+                    self.metrics.log_value(
+                        (module_id, metric), float(getattr(term, weight).detach()), window=1
+                    )
 
 
-class RecAPPOLearner(_ExposureWeightMixin, _ReferenceKLMixin, APPOTorchLearner):
+class RecAPPOLearner(_TermWeightsMixin, _ReferenceKLMixin, APPOTorchLearner):
     """APPO (V-trace actor-learner) + KL toward the fine-tuned policy."""
 
     @override(APPOTorchLearner)
@@ -90,7 +97,7 @@ class RecAPPOLearner(_ExposureWeightMixin, _ReferenceKLMixin, APPOTorchLearner):
         return super().update(training_data, **kwargs)
 
 
-class RecPPOLearner(_ExposureWeightMixin, _ReferenceKLMixin, PPOTorchLearner):
+class RecPPOLearner(_TermWeightsMixin, _ReferenceKLMixin, PPOTorchLearner):
     """PPO + KL toward the fine-tuned policy."""
 
     @override(PPOTorchLearner)
@@ -106,7 +113,7 @@ def logged_next_items(next_obs: dict[str, Any]) -> torch.Tensor:
     return history.gather(1, last[:, None]).squeeze(1) - Tokens.OFFSET
 
 
-class RecDQNLearner(_ExposureWeightMixin, DQNTorchLearner):
+class RecDQNLearner(_TermWeightsMixin, DQNTorchLearner):
     """Double Q-learning on the catalogue scores + the cross-entropy of the logged next item on the same
     scores (``next_item_ce_coeff``; SQN's supervised head, Xin et al., SIGIR 2020, here sharing the Q head).
 

@@ -101,6 +101,26 @@ class ExposureTerm(nn.Module):
         return logits - self.beta * exposure_feature(exposure.float(), self.shape)
 
 
+class CooccurrenceTerm(nn.Module):
+    """γ of the co-occurrence term: logits + γ · p_kNN(item | recent window), the item-kNN simulator's click
+    probability (:class:`~rec_rllib.env.ItemKNNSimulator`, in [0, 1]), which the observation carries
+    (``Obs.COOCCURRENCE``; leave-user-out in training). γ = ``SCALE`` · w, w the trained parameter (0 at the
+    start: training starts at the fine-tuned policy), for the reason :class:`ExposureTerm` gives."""
+
+    SCALE = 10.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(()))
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        return self.SCALE * self.weight
+
+    def forward(self, logits: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
+        return logits + self.gamma * probabilities.float()
+
+
 def model_config_from_run(
     run_dir: str, *, exploration: dict | None = None, value_hidden: int = 64
 ) -> dict[str, Any]:
@@ -172,6 +192,8 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         self.exposure_window = int(mc.get("exposure_window", 0))
         shape = str(mc.get("exposure_shape", "log"))  # checkpoints from before the shape: log
         self.exposure_term = ExposureTerm(shape) if self.exposure_window else None
+        # the co-occurrence term (only when the env's observation carries the simulator's probabilities)
+        self.cooccurrence_term = CooccurrenceTerm() if mc.get("cooccurrence") else None
         hidden = self.net.cfg.hidden_size
         if self.exploration.strategy == "ucb" and not self.train_encoder:
             # [n_items, H] diagonal Gram statistics (ridge 1 = never shown): synced, checkpointed
@@ -251,20 +273,26 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         return state
 
     def _logits(
-        self, state: torch.Tensor, obs: dict[str, Any], net: TextSeqRec, *, exposure: bool = True
+        self, state: torch.Tensor, obs: dict[str, Any], net: TextSeqRec, *, terms: bool = True
     ) -> torch.Tensor:
+        """Masked logits: the network's scores, then (``terms``) the learned exposure and co-occurrence terms."""
         logits = net.scores_from_state(state, self._item_matrix(net))
-        if exposure and self.exposure_term is not None:
+        if terms and self.exposure_term is not None:
             term = self._old_exposure_term if net is getattr(self, "_old_net", None) else self.exposure_term
             logits = term(logits, obs[Obs.EXPOSURE])
+        if terms and self.cooccurrence_term is not None:
+            old = net is getattr(self, "_old_net", None)
+            logits = (self._old_cooccurrence_term if old else self.cooccurrence_term)(
+                logits, obs[Obs.COOCCURRENCE]
+            )
         return logits.masked_fill(~(obs[Obs.ACTION_MASK] > 0.5), MASK_VALUE)
 
     def _reference_logits(self, batch: dict[str, Any], state: torch.Tensor) -> torch.Tensor | None:
         with torch.no_grad():
             if getattr(self, "_ref_net", None) is not None:
                 obs = batch[Columns.OBS]
-                # the fine-tuned policy has no exposure term
-                return self._logits(self._encode(obs, self._ref_net), obs, self._ref_net, exposure=False)
+                # the fine-tuned policy has neither learned term
+                return self._logits(self._encode(obs, self._ref_net), obs, self._ref_net, terms=False)
             if getattr(self, "_ref_bias", None) is None:
                 return None
             # frozen encoder: the fine-tuned policy is the state through the identity head, fine-tuned bias
@@ -376,12 +404,16 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         self._old_net = make_target_network(self.net)
         if self.exposure_term is not None:
             self._old_exposure_term = make_target_network(self.exposure_term)
+        if self.cooccurrence_term is not None:
+            self._old_cooccurrence_term = make_target_network(self.cooccurrence_term)
 
     @override(TargetNetworkAPI)
     def get_target_network_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         pairs = [(self.net, self._old_net)]
         if self.exposure_term is not None:
             pairs.append((self.exposure_term, self._old_exposure_term))
+        if self.cooccurrence_term is not None:
+            pairs.append((self.cooccurrence_term, self._old_cooccurrence_term))
         return pairs
 
     @override(TargetNetworkAPI)
@@ -393,4 +425,11 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
 
     @override(InferenceOnlyAPI)
     def get_non_inference_attributes(self) -> list[str]:
-        return ["value_head", "_ref_net", "_old_net", "_ref_bias", "_old_exposure_term"]
+        return [
+            "value_head",
+            "_ref_net",
+            "_old_net",
+            "_ref_bias",
+            "_old_exposure_term",
+            "_old_cooccurrence_term",
+        ]

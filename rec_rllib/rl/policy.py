@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from rec_rllib.recommender import Recommender
+
 MODULE_SUBDIR = Path("learner_group") / "learner" / "rl_module" / "default_policy"
 ALGORITHM_STATE = "algorithm_state.pkl"
 
@@ -39,18 +43,30 @@ def load_policy_module(checkpoint: str | Path):
 
 
 def load_policy_recommender(
-    checkpoint: str | Path, *, name: str | None = None, exposure_window: int | None = None
+    checkpoint: str | Path, *, name: str | None = None, exposure_window: int | None = None, dataset=None
 ):
     """The RL policy's network behind the :class:`Recommender` interface (greedy ranking by its logits).
 
     A policy trained with an exposure cost answers over a tracker of the last ``exposure_window`` slate positions
     it showed (default: :class:`~rec_rllib.exposure.ExposureConfig`'s, as a serving replica keeps by default; the
-    training window counts single recommendations, a different unit)."""
+    training window counts single recommendations, a different unit). A policy trained with the co-occurrence
+    feature adds its learned γ times the item-kNN simulator's probabilities, the simulator fitted on the train
+    split of ``dataset`` (a :class:`~rec_rllib.data.dataset.LogDataset`: the one it was trained on), as in
+    training."""
     from rec_rllib.models.run import TransformerRecommender
 
     module = load_policy_module(checkpoint)
     label = name or Path(checkpoint).resolve().parent.name + "-rl"
     rec = TransformerRecommender(module.net, name=label)
+    if getattr(module, "cooccurrence_term", None) is not None:
+        if dataset is None:
+            raise ValueError(
+                f"{checkpoint}: the policy reads the item-kNN simulator's probabilities (trained with the "
+                "co-occurrence feature); give the dataset it was trained on"
+            )
+        co = cooccurrence_settings(module)
+        rec = CooccurrenceRecommender(rec, simulator_of(dataset, co["scheme"]), co["weight"], co["window"])
+        rec.name = label
     if getattr(module, "exposure_term", None) is None:
         return rec
     # a policy trained with an exposure cost ranks by its scores minus its learned exposure term, over a tracker
@@ -75,3 +91,72 @@ def exposure_penalty(module) -> dict:
     ``penalty`` (β, 0 without a term) and ``shape``."""
     term = getattr(module, "exposure_term", None)
     return {"penalty": exposure_weight(module), "shape": "log" if term is None else term.shape}
+
+
+def cooccurrence_weight(module) -> float:
+    """γ of a policy module's co-occurrence term (0 without one)."""
+    term = getattr(module, "cooccurrence_term", None)
+    return 0.0 if term is None else float(term.gamma.detach())
+
+
+def cooccurrence_settings(module) -> dict | None:
+    """A policy module's co-occurrence term as what scoring needs (None without one): ``weight`` γ, ``window``
+    (the recent items the feature reads) and ``scheme`` (whose train split the simulator is fitted on)."""
+    if getattr(module, "cooccurrence_term", None) is None:
+        return None
+    mc = module.model_config
+    return {
+        "weight": cooccurrence_weight(module),
+        "window": int(mc["cooccurrence_window"]),
+        "scheme": str(mc.get("cooccurrence_scheme", "loo")),
+    }
+
+
+def simulator_of(dataset, scheme: str | None = None):
+    """The :class:`~rec_rllib.env.ItemKNNSimulator` of a :class:`~rec_rllib.data.dataset.LogDataset`'s train split
+    (the same fit as the environment's: every train user's items)."""
+    from rec_rllib.columns import Col, Split, SplitScheme
+    from rec_rllib.env import ItemKNNSimulator
+
+    df = dataset.interactions
+    train = df[df[SplitScheme.column(scheme or SplitScheme.LEAVE_ONE_OUT)] == Split.TRAIN]
+    histories = {
+        int(u): (g.to_numpy(dtype="int64"), None)
+        for u, g in train.groupby(Col.USER_IDX, sort=False)[Col.ITEM_IDX]
+    }
+    return ItemKNNSimulator(histories, dataset.n_items, dataset.n_users)
+
+
+class CooccurrenceRecommender(Recommender):
+    """A recommender's scores plus γ times the item-kNN simulator's probabilities for each history's last
+    ``window`` items (the RL policy's co-occurrence term, :class:`~rec_rllib.rl.module.CooccurrenceTerm`)."""
+
+    def __init__(self, base: Recommender, simulator, gamma: float, window: int):
+        self.base, self.simulator, self.gamma, self.window = base, simulator, float(gamma), int(window)
+        self.name = base.name
+
+    @property
+    def n_items(self) -> int:  # the base's catalogue (items added from text have no co-occurrence: 0)
+        return self.base.n_items
+
+    def reset(self) -> None:
+        self.base.reset()
+
+    def score(self, histories) -> np.ndarray:
+        scores = np.asarray(self.base.score(histories), dtype=np.float64)
+        n = self.simulator.sim.shape[0]
+        scores[:, :n] += self.gamma * cooccurrence_feature(self.simulator, histories, self.window)
+        return scores
+
+
+def cooccurrence_feature(simulator, histories, window: int) -> np.ndarray:
+    """[B, n] the co-occurrence feature of each history, as the environment computes it in training: the
+    simulator's probabilities for its last ``window`` items, the history's owner taken out of the fit (items the
+    simulator was not fitted on, e.g. added from text at run time, are skipped)."""
+    n = simulator.sim.shape[0]
+    out = np.zeros((len(histories), n), dtype=np.float64)
+    for row, h in zip(out, histories, strict=True):
+        h = np.asarray(h, dtype=np.int64)
+        h = h[h < n]
+        row[:] = simulator.probabilities(h[-window:], without=h)
+    return out

@@ -145,9 +145,15 @@ class RLTrainConfig(DictConfig):
             raise ValueError("train_item_terms=False freezes the policy head's item terms; end to end "
                              "(train_encoder) trains every weight: drop one of the two")  # fmt: skip
         # (end to end implies both head flags, checked above)
-        if not (self.train_state_head or self.train_item_terms or self.env.exposure_cost > 0):
+        if not (
+            self.train_state_head
+            or self.train_item_terms
+            or self.env.exposure_cost > 0
+            or self.env.cooccurrence
+        ):
             raise ValueError("train_state_head=False and train_item_terms=False leave RL nothing to train without an "
-                             "exposure cost (whose weight it would learn): set env.exposure_cost > 0")  # fmt: skip
+                             "exposure cost or the co-occurrence feature (whose weights it would learn): set "
+                             "env.exposure_cost > 0 or env.cooccurrence")  # fmt: skip
         if self.exploration.strategy == "greedy":
             raise ValueError(
                 "exploration 'greedy' never explores: RL training needs a behaviour policy that tries other "
@@ -219,6 +225,10 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
         # the env prices exposure: the module learns a weight on the exposure counts it observes
         "exposure_window": cfg.env.exposure_window if cfg.env.exposure_cost > 0 else 0,
         "exposure_shape": cfg.env.exposure_shape,
+        # the env's observation carries the item-kNN simulator's probabilities: the module learns a weight on them
+        "cooccurrence": cfg.env.cooccurrence,
+        "cooccurrence_window": cfg.env.window,
+        "cooccurrence_scheme": cfg.env.scheme,
     }
     config = (
         base.environment(LogReplayEnv, env_config=asdict(cfg.env), disable_env_checking=True)
@@ -310,9 +320,12 @@ def _get(d: dict[str, Any], *path: str, default: float = float("nan")) -> float:
         return default
 
 
-def summarize(result: dict[str, Any], seconds: float, *, exposure: bool = False) -> dict[str, float]:
+def summarize(
+    result: dict[str, Any], seconds: float, *, exposure: bool = False, cooccurrence: bool = False
+) -> dict[str, float]:
     """The per-iteration figures we log, from an RLlib result dict; ``exposure``: the env prices exposure (the
-    share of recommendations already on display and the learned exposure weight β, else NaN)."""
+    share of recommendations already on display and the learned exposure weight β, else NaN); ``cooccurrence``:
+    the policy has the co-occurrence term (its learned weight γ, else NaN)."""
     from ray.rllib.utils.metrics import (
         ENV_RUNNER_RESULTS,
         EPISODE_LEN_MEAN,
@@ -322,7 +335,7 @@ def summarize(result: dict[str, Any], seconds: float, *, exposure: bool = False)
         NUM_ENV_STEPS_SAMPLED_LIFETIME,
     )
 
-    from rec_rllib.rl.learners import EXPOSURE_WEIGHT_METRIC
+    from rec_rllib.rl.learners import COOCCURRENCE_WEIGHT_METRIC, EXPOSURE_WEIGHT_METRIC
 
     steps = _get(result, ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED)
     ret = _get(result, ENV_RUNNER_RESULTS, EPISODE_RETURN_MEAN)
@@ -355,6 +368,8 @@ def summarize(result: dict[str, Any], seconds: float, *, exposure: bool = False)
         else float("nan"),
         # β after the iteration's last update (NaN in an iteration without one)
         "exposure_weight": _get(learner, EXPOSURE_WEIGHT_METRIC) if exposure else float("nan"),
+        # γ of the co-occurrence term, likewise
+        "cooccurrence_weight": _get(learner, COOCCURRENCE_WEIGHT_METRIC) if cooccurrence else float("nan"),
         "seconds": seconds,
     }
 
@@ -389,6 +404,8 @@ def plot_history(run_dir: Path, history: list[dict[str, float]], title: str) -> 
             ("on_display_share", "share recommended while on display"),
             ("exposure_weight", "exposure weight β"),
         ]
+    if any(not math.isnan(h.get("cooccurrence_weight", math.nan)) for h in history):
+        panels.append(("cooccurrence_weight", "co-occurrence weight γ"))
     panels.append(("env_steps_per_s", "env steps / s"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6))
     for ax, (key, label) in zip(axes, panels, strict=True):
@@ -432,20 +449,23 @@ def train(
         progress(f"resumed from {resume} at iteration {start_iter}")
         history = read_history(run, start_iter)
     checkpoint = None
-    exposure = cfg.env.exposure_cost > 0
+    exposure, cooccurrence = cfg.env.exposure_cost > 0, cfg.env.cooccurrence
     try:
         for i in range(start_iter, cfg.iterations):
             t0 = time.perf_counter()
             result = algo.train()
-            row = summarize(result, time.perf_counter() - t0, exposure=exposure)
-            if exposure and math.isnan(row["exposure_weight"]) and history:
-                row["exposure_weight"] = history[-1]["exposure_weight"]  # no update this iteration: unchanged
+            row = summarize(result, time.perf_counter() - t0, exposure=exposure, cooccurrence=cooccurrence)
+            for key in ("exposure_weight", "cooccurrence_weight"):
+                if math.isnan(row[key]) and history:
+                    row[key] = history[-1].get(
+                        key, math.nan
+                    )  # no update this iteration: unchanged (NaN without the term)
             history.append(row)
             shown = (
                 f"on-display {row['on_display_share']:.2f}  β {row['exposure_weight']:.3f}  "
                 if exposure
                 else ""
-            )
+            ) + (f"γ {row['cooccurrence_weight']:.3f}  " if cooccurrence else "")
             progress(
                 f"iter {i + 1:3d}/{cfg.iterations}  return {row['episode_return_mean']:.3f}  "
                 f"hit-rate {row['hit_rate']:.3f}  {shown}{row['env_steps_per_s']:.0f} env-steps/s  "
