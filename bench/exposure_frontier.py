@@ -21,6 +21,7 @@ change interpolated at the coverage ``--target`` (+25%).
 
     python bench/exposure_frontier.py --finetuned runs/bench-finetune/main
     python bench/exposure_frontier.py --finetuned <run> --shapes log --betas 0.3 0.4 0.5 --splits test
+    python bench/exposure_frontier.py --finetuned <run> --shapes indicator --cooccurrence 0.25 0.5 1
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from rec_rllib.exposure import (  # noqa: E402
 )
 from rec_rllib.models import load_recommender  # noqa: E402
 from rec_rllib.recommender import Recommender  # noqa: E402
+from rec_rllib.rl.policy import CooccurrenceRecommender, simulator_of  # noqa: E402
 
 SHAPES = ("log", "indicator", "capped", "spread", "prob")
 EVAL_BATCH = 512  # evaluate_ranking's default batch size
@@ -137,9 +139,20 @@ def main() -> None:
         "--window", type=int, default=ExposureConfig.window, help="shown slate positions remembered"
     )
     p.add_argument("--target", type=float, default=0.25, help="coverage@10 change the summary reads NDCG at")
+    p.add_argument("--cooccurrence", nargs="*", type=float, default=[], metavar="γ",
+                   help="also sweep the fine-tuned scores plus γ times the item-kNN simulator's probabilities (the "
+                   "RL policy's co-occurrence term, fixed), for each γ")  # fmt: skip
     args = p.parse_args()
     ds = load_or_prepare("ml-100k")
-    ft = CachedScores(load_recommender(args.finetuned, ds))
+    plain = load_recommender(args.finetuned, ds)
+    ft = CachedScores(plain)
+    bases = [("", ft)]
+    if args.cooccurrence:
+        sim = simulator_of(ds)
+        bases += [
+            (f" + γ {g:g}", CachedScores(CooccurrenceRecommender(plain, sim, g, 50)))
+            for g in args.cooccurrence
+        ]
     for split in args.splits:
         base = evaluate_ranking(ft, ds, split=split)
         b = base.metrics
@@ -150,14 +163,14 @@ def main() -> None:
         print("| shape | β | NDCG@10 | coverage@10 | NDCG vs FT [95% interval] (p) | coverage vs FT |")
         print("|---|---:|---:|---:|---:|---:|")
         frontier: dict[str, list[tuple[float, float]]] = {}
-        for shape in args.shapes:
+        for (label, scores), shape in itertools.product(bases, args.shapes):
             for beta in args.betas:
-                r = evaluate_ranking(policy(ft, shape, beta, args.window, mean_spread), ds, split=split)
+                r = evaluate_ranking(policy(scores, shape, beta, args.window, mean_spread), ds, split=split)
                 m, pc = r.metrics, paired_comparison(base, r, "NDCG@10")
                 dn, dc = m["NDCG@10"] / b["NDCG@10"] - 1, m["coverage@10"] / b["coverage@10"] - 1
-                frontier.setdefault(shape, []).append((dc, dn))
+                frontier.setdefault(shape + label, []).append((dc, dn))
                 print(
-                    f"| {shape} | {beta:g} | {m['NDCG@10']:.4f} | {m['coverage@10']:.4f} | {dn:+.1%} "
+                    f"| {shape}{label} | {beta:g} | {m['NDCG@10']:.4f} | {m['coverage@10']:.4f} | {dn:+.1%} "
                     f"[{pc['low'] / b['NDCG@10']:+.1%}, {pc['high'] / b['NDCG@10']:+.1%}] ({pc['p_value']:.2f}) "
                     f"| {dc:+.1%} |",
                     flush=True,

@@ -35,6 +35,12 @@ their answers (:class:`~rec_rllib.exposure.ExposureConfig` ``penalty`` and ``sha
 ``on_display``: whether the recommended item was already recommended within the window (training reports the
 share per iteration).
 
+``cooccurrence`` adds ``Obs.COOCCURRENCE`` to the observation: the :class:`ItemKNNSimulator`'s probability of
+every item given the recent window, fitted on every train user but computed *leave-user-out* (the replayed
+user's own row taken out, so the feature never knows the items the user consumes next). The policy learns a
+weight on it (:class:`~rec_rllib.rl.module.CooccurrenceTerm`); evaluation and serving compute it for the history
+they are given (:func:`rec_rllib.rl.policy.cooccurrence_feature`). The reward is unchanged.
+
 Sharding: env runner ``i`` of ``n`` (``worker_index``/``num_workers`` of RLlib's ``EnvContext``; the local
 runner, index 0, samples only when there are no remote runners) owns the users with
 ``user_idx % n == i - 1`` and reads only their rows from Parquet. The union of the shards is every train
