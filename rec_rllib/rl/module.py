@@ -277,14 +277,13 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
     ) -> torch.Tensor:
         """Masked logits: the network's scores, then (``terms``) the learned exposure and co-occurrence terms."""
         logits = net.scores_from_state(state, self._item_matrix(net))
+        old = net is getattr(self, "_old_net", None)  # the target network's pass: its copies of the terms
         if terms and self.exposure_term is not None:
-            term = self._old_exposure_term if net is getattr(self, "_old_net", None) else self.exposure_term
+            term = self._old_exposure_term if old else self.exposure_term
             logits = term(logits, obs[Obs.EXPOSURE])
         if terms and self.cooccurrence_term is not None:
-            old = net is getattr(self, "_old_net", None)
-            logits = (self._old_cooccurrence_term if old else self.cooccurrence_term)(
-                logits, obs[Obs.COOCCURRENCE]
-            )
+            term = self._old_cooccurrence_term if old else self.cooccurrence_term
+            logits = term(logits, obs[Obs.COOCCURRENCE])
         return logits.masked_fill(~(obs[Obs.ACTION_MASK] > 0.5), MASK_VALUE)
 
     def _reference_logits(self, batch: dict[str, Any], state: torch.Tensor) -> torch.Tensor | None:
