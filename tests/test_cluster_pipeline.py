@@ -132,8 +132,13 @@ def test_safe_submit_follows_a_job_ray_took_and_resubmits_one_it_did_not(tmp_pat
             listed = head.cli(["job", "list", "--address", head.dashboard]).stdout
             return len(re.findall(rf"entrypoint=[^,]*{marker}", listed))
 
+        # the taken job outlives its first (broken-off) log stream by 15 s whatever the machine's load: it starts
+        # its sleep only once the fake `ray job logs` has run (a fixed 10 s sleep ended first on a loaded machine);
+        # no comma in the code (runs_of reads the entrypoint up to one)
+        broke = f"{tmp_path}/taken.logs"
+        wait = f"any(os.path.exists('{broke}') or time.sleep(0.2) for _ in range(3000))"
         cases = [
-            ("import time; time.sleep(10); print('taken-1')", "taken"),
+            (f"import os; import time; {wait}; time.sleep(15); print('taken-1')", "taken"),
             ("print('lost-1')", "lost"),
             ("raise SystemExit('failing-1')", None),
         ]
