@@ -286,8 +286,8 @@ def main() -> None:
                     minutes[name] = (time.perf_counter() - t0) / 60
                     print(f"{name}: {minutes[name]:.1f} min", flush=True)
                 policies[name] = load_recommender(str(run_dir / "checkpoint"), ds)
-                gamma = cooccurrence_weight(load_policy_module(run_dir / "checkpoint"))
                 if args.cooccurrence:  # what the learned γ does on the fine-tuned scores, alone
+                    gamma = cooccurrence_weight(load_policy_module(run_dir / "checkpoint"))
                     print(f"{name}: learned co-occurrence weight γ = {gamma:.4f}", flush=True)
                     policies[f"fine-tuned + its γ ({gamma:.2f}) fixed"] = CooccurrenceRecommender(
                         policies["fine-tuned"], simulator_of(ds), gamma, env.window
