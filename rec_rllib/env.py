@@ -197,8 +197,8 @@ class ItemKNNSimulator:
             ui[items, u] = 1.0
         self.co = ui @ ui.T  # [n, n] users who consumed both items
         self.users = np.diag(self.co).copy()  # [n] users who consumed each item
-        norms = np.sqrt(self.users)[:, None]
-        self.sim = self.co / np.where(norms > 0, norms, 1.0) / np.where(norms > 0, norms, 1.0).T
+        norms = np.sqrt(np.where(self.users > 0, self.users, 1.0))[:, None]
+        self.sim = self.co / norms / norms.T
         np.fill_diagonal(self.sim, 0.0)
 
     def probabilities(self, window: np.ndarray, *, without: np.ndarray | None = None) -> np.ndarray:
@@ -210,9 +210,7 @@ class ItemKNNSimulator:
         (:class:`LogReplayEnv` with ``cooccurrence``). Evaluation and serving compute the feature the same way, with
         the history they are given as ``without`` (its train part is then taken out exactly; items the fit never
         saw with the user change only the normalisation of their own row)."""
-        if len(window) == 0:
-            return np.full(self.sim.shape[0], 0.01)
-        return self.normalised(self.rows(window, without=without).mean(axis=0))
+        return self.from_rows(self.rows(window, without=without))
 
     def rows(self, items: np.ndarray, *, without: np.ndarray | None = None) -> np.ndarray:
         """[len(items), n_items] the cosine of each of ``items`` with every item (0 with itself), ``without``'s
@@ -231,10 +229,13 @@ class ItemKNNSimulator:
         out[np.arange(len(items)), items] = 0.0
         return out
 
-    @staticmethod
-    def normalised(scores: np.ndarray) -> np.ndarray:
-        """Mean similarities -> probabilities in [0, 1]: divided by the best item's."""
-        return np.clip(scores / max(float(scores.max()), 1e-9), 0.0, 1.0)
+    def from_rows(self, rows: np.ndarray) -> np.ndarray:
+        """[n_items] probabilities from a window's similarity rows (:meth:`rows`): their mean over the best item's,
+        in [0, 1]; 0.01 for every item when the window is empty."""
+        if len(rows) == 0:
+            return np.full(self.sim.shape[0], 0.01)
+        s = rows.mean(axis=0)
+        return np.clip(s / max(float(s.max()), 1e-9), 0.0, 1.0)
 
     def validate(self, dataset_histories: list[np.ndarray], targets: list[np.ndarray], k: int = 10) -> float:
         """HR@k of the simulator's ranking on held-out next items (how well it predicts real behaviour)."""
@@ -387,8 +388,7 @@ class LogReplayEnv(gym.Env):
         if self.cfg.cooccurrence:
             # leave-user-out: the replayed user's own (future) items do not inform the feature
             rows = self._cooccurrence_rows[max(0, self._pos - w) : self._pos]
-            p = self.simulator.normalised(rows.mean(axis=0)) if len(rows) else np.full(self.n_items, 0.01)
-            obs[Obs.COOCCURRENCE] = p.astype(np.float32)
+            obs[Obs.COOCCURRENCE] = self.simulator.from_rows(rows).astype(np.float32)
         return obs
 
     def describe(self) -> dict[str, Any]:

@@ -89,13 +89,10 @@ class FinetuneConfig(DictConfig):
             raise ValueError(f"holdout_items must be in [0, 1), got {self.holdout_items}")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
-        for name in ("epochs", "batch_size", "eval_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         self.check_numbers(
             at_least={"weight_decay": 0, "warmup_steps": 0, "decay_epochs": 0, "grad_clip": 0, "num_negatives": 1,
                       "patience": 1, "min_epochs": 0, "threads": 0},
-            above={"lr": 0, "max_minutes": 0},
+            above={"epochs": 0, "batch_size": 0, "eval_every": 0, "lr": 0, "max_minutes": 0},
         )  # fmt: skip
 
 

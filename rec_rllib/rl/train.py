@@ -455,11 +455,9 @@ def train(
             t0 = time.perf_counter()
             result = algo.train()
             row = summarize(result, time.perf_counter() - t0, exposure=exposure, cooccurrence=cooccurrence)
-            for key in ("exposure_weight", "cooccurrence_weight"):
+            for key in ("exposure_weight", "cooccurrence_weight"):  # no update this iteration: unchanged
                 if math.isnan(row[key]) and history:
-                    row[key] = history[-1].get(
-                        key, math.nan
-                    )  # no update this iteration: unchanged (NaN without the term)
+                    row[key] = history[-1].get(key, math.nan)  # (NaN without the term)
             history.append(row)
             shown = (
                 f"on-display {row['on_display_share']:.2f}  β {row['exposure_weight']:.3f}  "
