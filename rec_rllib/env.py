@@ -189,17 +189,52 @@ class ItemKNNSimulator:
 
     score(a | window) = mean over the window's items j of cos(a, j), where items are vectors of the users
     who consumed them; scores are mapped to (0, 1) by dividing by the best score among all items.
+
+    Memory: the co-occurrence counts are kept sparse (scipy CSR, O(pairs of items some user consumed both of)),
+    and dense when the catalogue is small enough that an ``n_items²`` float32 matrix fits in
+    :attr:`DENSE_BYTES` (MovieLens-100K: 11 MB, one array, faster rows). Cosine rows are computed when asked
+    for (:meth:`rows`), never as a full ``n × n`` similarity matrix, and the user × item matrix is sparse.
     """
 
+    DENSE_BYTES = 64 << 20
+
     def __init__(self, histories: dict[int, tuple[np.ndarray, np.ndarray]], n_items: int, n_users: int):
-        ui = np.zeros((n_items, max(n_users, 1)), dtype=np.float32)
-        for u, (items, _) in histories.items():
-            ui[items, u] = 1.0
-        self.co = ui @ ui.T  # [n, n] users who consumed both items
-        self.users = np.diag(self.co).copy()  # [n] users who consumed each item
-        norms = np.sqrt(np.where(self.users > 0, self.users, 1.0))[:, None]
-        self.sim = self.co / norms / norms.T
-        np.fill_diagonal(self.sim, 0.0)
+        """Fitted on ``{user_idx: (items, rewards)}`` (:func:`read_train_histories`; rewards are not used)."""
+        items = [np.asarray(i, dtype=np.int64) for i, _ in histories.values()]
+        users = [np.full(len(i), u, dtype=np.int64) for u, i in zip(histories, items, strict=True)]
+        empty = np.zeros(0, dtype=np.int64)
+        self._fit(
+            np.concatenate(users) if users else empty,
+            np.concatenate(items) if items else empty,
+            n_items,
+            n_users,
+        )
+
+    @classmethod
+    def from_pairs(cls, users: np.ndarray, items: np.ndarray, n_items: int, n_users: int) -> ItemKNNSimulator:
+        """Fitted on interactions given as two index columns (a data frame's, a Parquet table's)."""
+        sim = cls.__new__(cls)
+        sim._fit(np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64), n_items, n_users)
+        return sim
+
+    def _fit(self, users: np.ndarray, items: np.ndarray, n_items: int, n_users: int) -> None:
+        from scipy import sparse
+
+        self.n_items = int(n_items)
+        ui = sparse.csr_matrix(  # duplicates summed, then 1: a user who consumed an item twice counts once
+            (np.ones(len(items), dtype=np.float32), (items, users)),
+            shape=(self.n_items, max(int(n_users), 1)),
+        )
+        ui.data[:] = 1.0
+        co = (ui @ ui.T).tocsr()  # [n, n] users who consumed both items (exact small integers in float32)
+        self.users = co.diagonal().astype(np.float32)  # [n] users who consumed each item
+        self.co = co.toarray() if self.n_items**2 * 4 <= self.DENSE_BYTES else co
+        self._norms = np.sqrt(np.where(self.users > 0, self.users, 1.0)).astype(np.float32)
+
+    def _co_rows(self, items: np.ndarray) -> np.ndarray:
+        """[len(items), n] dense co-occurrence counts of ``items`` with every item."""
+        rows = self.co[items]
+        return rows if isinstance(rows, np.ndarray) else rows.toarray()
 
     def probabilities(self, window: np.ndarray, *, without: np.ndarray | None = None) -> np.ndarray:
         """[n_items] click probabilities given the recent items.
@@ -217,15 +252,17 @@ class ItemKNNSimulator:
         owner taken out of the fit as in :meth:`probabilities`. A replayed episode computes its user's rows once
         (:class:`LogReplayEnv`); each step then averages the window's."""
         items = np.asarray(items, dtype=np.int64)
+        co = self._co_rows(items)
         if without is None:
-            return self.sim[items]
-        x = np.zeros(self.sim.shape[0], dtype=np.float32)
-        x[without] = 1.0
-        co = np.maximum(self.co[items] - x[items][:, None] * x[None, :], 0.0)  # [w, n]
-        den = np.sqrt(np.maximum(self.users[items] - x[items], 0.0))[:, None] * np.sqrt(
-            np.maximum(self.users - x, 0.0)
-        )
-        out = np.divide(co, den, out=np.zeros_like(co), where=den > 0)
+            out = co / self._norms[items][:, None] / self._norms[None, :]
+        else:
+            x = np.zeros(self.n_items, dtype=np.float32)
+            x[without] = 1.0
+            co = np.maximum(co - x[items][:, None] * x[None, :], 0.0)  # [w, n]
+            den = np.sqrt(np.maximum(self.users[items] - x[items], 0.0))[:, None] * np.sqrt(
+                np.maximum(self.users - x, 0.0)
+            )
+            out = np.divide(co, den, out=np.zeros_like(co), where=den > 0)
         out[np.arange(len(items)), items] = 0.0
         return out
 
@@ -233,7 +270,7 @@ class ItemKNNSimulator:
         """[n_items] probabilities from a window's similarity rows (:meth:`rows`): their mean over the best item's,
         in [0, 1]; 0.01 for every item when the window is empty."""
         if len(rows) == 0:
-            return np.full(self.sim.shape[0], 0.01)
+            return np.full(self.n_items, 0.01)
         s = rows.mean(axis=0)
         return np.clip(s / max(float(s.max()), 1e-9), 0.0, 1.0)
 

@@ -108,6 +108,7 @@ class PolicyScorer:
         self._added: list[dict[str, Any]] = []
         self._refresh_popularity()
         self.exposure = ExposureTracker(self.catalog.n_items, ExposureConfig(slots=0))
+        self._simulators: dict[str, Any] = {}
         self._load(model_path)
         self._encoder = None
         self._state_name = state_actor
@@ -132,11 +133,15 @@ class PolicyScorer:
         self._set_exposure(replace(self.exposure.cfg, **penalty))  # the policy's own exposure term
         # the policy's co-occurrence term: γ times the item-kNN simulator's probabilities for the live history
         self.cooccurrence = cooccurrence
-        if cooccurrence is not None:
+        if cooccurrence is not None and cooccurrence["scheme"] not in self._simulators:
             from rec_rllib.data.dataset import LogDataset
             from rec_rllib.rl.policy import simulator_of
 
-            self.simulator = simulator_of(LogDataset.load(self.dataset), cooccurrence["scheme"])
+            # fitted once per replica and split scheme (the dataset does not change; a model roll reuses it)
+            self._simulators[cooccurrence["scheme"]] = simulator_of(
+                LogDataset.load(self.dataset), cooccurrence["scheme"]
+            )
+        self.simulator = self._simulators[cooccurrence["scheme"]] if cooccurrence is not None else None
         self.ucb = LinUCB(model.n_items, model.cfg.hidden_size, alpha=1.0)  # the request scales the bonus
         with torch.no_grad():
             self._refresh_items()

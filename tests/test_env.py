@@ -67,6 +67,24 @@ def test_simulator_is_fitted_on_train_and_validated(ml100k, ml_dir):
     assert r in (0.0, 1.0)
 
 
+def test_simulator_sparse_fit_equals_the_dense_one(ml_dir, monkeypatch):
+    """Catalogues too large for dense ``n²`` arrays keep the co-occurrence sparse: same probabilities and rows, with
+    and without the scored user, as MovieLens-100K's dense fit; a repeated item counts once per user."""
+    histories, manifest = read_train_histories(ml_dir, "loo")
+    n_items, n_users = manifest["counts"]["items"], manifest["counts"]["users"]
+    dense = ItemKNNSimulator(histories, n_items, n_users)
+    monkeypatch.setattr(ItemKNNSimulator, "DENSE_BYTES", 0)
+    repeated = {u: (np.concatenate([items, items[:3]]), r) for u, (items, r) in histories.items()}
+    sparse = ItemKNNSimulator(repeated, n_items, n_users)
+    assert isinstance(dense.co, np.ndarray) and hasattr(sparse.co, "nnz")
+    assert np.array_equal(dense.users, sparse.users)
+    for user in list(histories)[:: max(1, len(histories) // 25)]:
+        items = histories[user][0]
+        assert np.allclose(sparse.probabilities(items[-20:]), dense.probabilities(items[-20:]), atol=1e-6)
+        assert np.allclose(sparse.rows(items, without=items), dense.rows(items, without=items), atol=1e-6)
+    assert sparse.probabilities(items[-20:]).max() == 1.0
+
+
 def test_cooccurrence_feature_leaves_the_replayed_user_out_and_the_reward_alone(ml_dir):
     """With ``cooccurrence`` the observation carries the simulator's probabilities for the recent window, fitted as
     if the replayed user were not in the train split (their own future items must not inform it); the hit reward

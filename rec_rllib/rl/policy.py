@@ -120,11 +120,9 @@ def simulator_of(dataset, scheme: str | None = None):
 
     df = dataset.interactions
     train = df[df[SplitScheme.column(scheme or SplitScheme.LEAVE_ONE_OUT)] == Split.TRAIN]
-    histories = {
-        int(u): (g.to_numpy(dtype="int64"), None)
-        for u, g in train.groupby(Col.USER_IDX, sort=False)[Col.ITEM_IDX]
-    }
-    return ItemKNNSimulator(histories, dataset.n_items, dataset.n_users)
+    return ItemKNNSimulator.from_pairs(
+        train[Col.USER_IDX], train[Col.ITEM_IDX], dataset.n_items, dataset.n_users
+    )
 
 
 class CooccurrenceRecommender(Recommender):
@@ -144,7 +142,7 @@ class CooccurrenceRecommender(Recommender):
 
     def score(self, histories) -> np.ndarray:
         scores = np.asarray(self.base.score(histories), dtype=np.float64)
-        n = self.simulator.sim.shape[0]
+        n = self.simulator.n_items
         scores[:, :n] += self.gamma * cooccurrence_feature(self.simulator, histories, self.window)
         return scores
 
@@ -153,7 +151,7 @@ def cooccurrence_feature(simulator, histories, window: int) -> np.ndarray:
     """[B, n] the co-occurrence feature of each history, as the environment computes it in training: the
     simulator's probabilities for its last ``window`` items, the history's owner taken out of the fit (items the
     simulator was not fitted on, e.g. added from text at run time, are skipped)."""
-    n = simulator.sim.shape[0]
+    n = simulator.n_items
     out = np.zeros((len(histories), n), dtype=np.float64)
     for row, h in zip(out, histories, strict=True):
         h = np.asarray(h, dtype=np.int64)
