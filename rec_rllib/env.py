@@ -366,8 +366,12 @@ class LogReplayEnv(gym.Env):
         self._steps = 0
         self._mask = np.ones(self.n_items, dtype=np.float32)
         self._mask[self._items[: self._pos]] = 0.0
-        if self.cfg.cooccurrence:  # the user's similarity rows, leave-user-out, once per episode
-            self._cooccurrence_rows = self.simulator.rows(self._items, without=self._items)
+        if self.cfg.cooccurrence:
+            # the similarity rows of the items this episode's windows can hold, leave-user-out, once per episode
+            # (the history before the start and the steps the episode may take; not the user's whole history)
+            self._co_start = max(0, self._pos - self.cfg.window)
+            stretch = self._items[self._co_start : self._pos + self.cfg.episode_len]
+            self._cooccurrence_rows = self.simulator.rows(stretch, without=self._items)
         return self._obs(), {"user": self._user}
 
     def step(self, action):
@@ -424,7 +428,9 @@ class LogReplayEnv(gym.Env):
             obs[Obs.EXPOSURE] = self._exposure_obs
         if self.cfg.cooccurrence:
             # leave-user-out: the replayed user's own (future) items do not inform the feature
-            rows = self._cooccurrence_rows[max(0, self._pos - w) : self._pos]
+            rows = self._cooccurrence_rows[
+                max(0, self._pos - w) - self._co_start : self._pos - self._co_start
+            ]
             obs[Obs.COOCCURRENCE] = self.simulator.from_rows(rows).astype(np.float32)
         return obs
 
