@@ -239,7 +239,7 @@ def test_pipeline_rl_recipes():
     assert (cov.iterations, cov.train_state_head, cov.train_item_terms) == (300, False, False)
     assert cov.exploration.strategy == "thompson"
     env = cov.env
-    assert (env.exposure_cost, env.exposure_shape, env.exposure_window) == (0.15, "indicator", 5000)
+    assert (env.exposure_cost, env.exposure_shape, env.exposure_window) == (0.17, "indicator", 5000)
     rel_args = build_parser().parse_args(["--rl-recipe", "relevance", "--rl-iterations", "7"])
     rel = _rl_config(rel_args, Path("ft"))
     default = resolve_config(train_parser().parse_args(["--finetuned", "ft", "--out", "rl"]))
