@@ -249,8 +249,8 @@ class ItemKNNSimulator:
 
     def rows(self, items: np.ndarray, *, without: np.ndarray | None = None) -> np.ndarray:
         """[len(items), n_items] the cosine of each of ``items`` with every item (0 with itself), ``without``'s
-        owner taken out of the fit as in :meth:`probabilities`. A replayed episode computes its user's rows once
-        (:class:`LogReplayEnv`); each step then averages the window's."""
+        owner taken out of the fit as in :meth:`probabilities`. A replayed episode computes the rows of the items its
+        windows can hold once (:class:`LogReplayEnv`); each step then averages the window's."""
         items = np.asarray(items, dtype=np.int64)
         co = self._co_rows(items)
         if without is None:
