@@ -200,8 +200,9 @@ def test_train_config_file_refuses_an_unknown_setting(tmp_path, finetuned_run):
         (["jobs.pipeline", "--out", "qs", "--rl-iterations", "0"], "error: train stage: iterations must be a number >= 1"),
         (["jobs.pipeline", "--out", "qs", "--max-len", "0"], "error: finetune stage: max_len must be a number >= 1"),
         (["jobs.serve", "--model", "{run}", "--scorer-replicas", "0", "--smoke"], "error: --scorer-replicas: input should"),
+        (["jobs.evaluate", "--models", "popularity", "--out", "qs", "--ope-max-rounds", "0"], "error: --ope-max-rounds must be >= 1"),
     ],
-    ids=["pipeline-rl-iterations", "pipeline-max-len", "serve-scorer-replicas"],
+    ids=["pipeline-rl-iterations", "pipeline-max-len", "serve-scorer-replicas", "evaluate-ope-max-rounds"],
 )  # fmt: skip
 def test_a_setting_that_cannot_run_is_refused_before_any_work(args, says, job_env, tmp_path, finetuned_run):
     """The pipeline checks every stage's settings before its first stage (an RL setting was refused only after

@@ -314,17 +314,30 @@ def _off_policy_on_the_serve_log(app, dataset, explored: dict[str, float], n_cli
     weights = pi[np.arange(fb.n), fb.action, 0] / fb.pscore
     assert np.allclose(weights, 1.0, atol=2e-3), weights
     assert ope.point_estimate("ips", fb, pi) == pytest.approx(fb.on_policy_value(), rel=2e-3)
+    # a log longer than max_rounds: a seeded uniform subset of its answers, the rest counted
+    cap = served.feedback.n // 2
+    sub = first_slot_log(app["feedback_dir"], dataset, max_rounds=cap)
+    assert sub.feedback.n == len(sub.request_ids) == len(sub.histories) == cap
+    assert sub.dropped["not_sampled"] == served.feedback.n - cap and "not_sampled" not in served.dropped
+    full = {rid: i for i, rid in enumerate(served.request_ids)}
+    rows = np.array([full[rid] for rid in sub.request_ids])
+    assert np.all(np.diff(rows) > 0)  # a subset, in log order, each answer with its own action and propensity
+    assert np.array_equal(sub.feedback.action, served.feedback.action[rows])
+    assert np.array_equal(sub.feedback.pscore, served.feedback.pscore[rows])
+    assert first_slot_log(app["feedback_dir"], dataset, max_rounds=cap).request_ids == sub.request_ids
 
     out = tmp_path / "ope-serve"
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.evaluate", "--dataset", app["dataset"], "--models", app["finetuned_run"],
          "popularity", "--ope-serve-log", str(app["feedback_dir"]), "--out", str(out), "--split", "valid",
-         "--ks", "10"],
+         "--ks", "10", "--ope-max-rounds", str(served.feedback.n)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "ope_serve_log.json").read_text())
-    assert res["rounds"] == served.feedback.n and res["strategy"] == "greedy"
+    # the whole log (a subset of its 40-odd answers could leave a greedy target no match: SNIPS undefined)
+    assert res["rounds"] == res["max_rounds"] == served.feedback.n and res["strategy"] == "greedy"
+    assert "not_sampled" not in res["dropped"]
     for target in res["results"].values():
         for est in target.get("estimates", {}).values():
             assert np.isfinite(est["value"]) and est["low"] <= est["value"] <= est["high"]
