@@ -165,6 +165,8 @@ def main() -> None:
     p.add_argument("--cooccurrence", action="store_true",
                    help="quality: the observation carries the item-kNN simulator's probabilities (leave-user-out) "
                    "and the policy learns a weight γ on them")  # fmt: skip
+    p.add_argument("--cooccurrence-window", type=int, default=EnvConfig.cooccurrence_window,
+                   help="quality: the most recent items the co-occurrence feature averages over")  # fmt: skip
     p.add_argument("--horizon", type=int, default=EnvConfig.horizon,
                    help="hit reward: the recommendation counts when among the next H logged items")  # fmt: skip
     p.add_argument("--envs-per-runner", type=int, default=32)
@@ -201,6 +203,7 @@ def main() -> None:
         exposure_shape=args.exposure_shape,
         exposure_window=args.exposure_window,
         cooccurrence=args.cooccurrence,
+        cooccurrence_window=args.cooccurrence_window,
     )
     base = RLTrainConfig(
         finetuned=args.finetuned,
@@ -290,7 +293,7 @@ def main() -> None:
                     gamma = cooccurrence_weight(load_policy_module(run_dir / "checkpoint"))
                     print(f"{name}: learned co-occurrence weight γ = {gamma:.4f}", flush=True)
                     policies[f"fine-tuned + its γ ({gamma:.2f}) fixed"] = CooccurrenceRecommender(
-                        policies["fine-tuned"], simulator_of(ds), gamma, env.window
+                        policies["fine-tuned"], simulator_of(ds), gamma, env.cooccurrence_window
                     )
                 if isinstance(policies[name], ExposureAwareRecommender):  # trained with an exposure cost
                     # what the learned exposure weight does and what the rest of the head does, apart

@@ -155,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(leave-user-out) and the policy learns a weight on them: co-occurrence evidence the fine-tuned model "
         "lacks (off by default)",
     )
+    v.add_argument(
+        "--cooccurrence-window",
+        type=int,
+        help="the most recent items the co-occurrence feature averages over (default 5)",
+    )
     v.add_argument("--window", type=int)
     v.add_argument("--episode-len", type=int)
     p.add_argument("-v", "--verbose", action="store_true")

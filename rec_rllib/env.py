@@ -36,7 +36,8 @@ their answers (:class:`~rec_rllib.exposure.ExposureConfig` ``penalty`` and ``sha
 share per iteration).
 
 ``cooccurrence`` adds ``Obs.COOCCURRENCE`` to the observation: the :class:`ItemKNNSimulator`'s probability of
-every item given the recent window, fitted on every train user but computed *leave-user-out* (the replayed
+every item given the last ``cooccurrence_window`` items (5 by default: on MovieLens-100K the simulator ranks the
+next item far better from the last 5 items than from the last 50), fitted on every train user but computed *leave-user-out* (the replayed
 user's own row taken out, so the feature never knows the items the user consumes next). The policy learns a
 weight on it (:class:`~rec_rllib.rl.module.CooccurrenceTerm`); evaluation and serving compute it for the history
 they are given (:func:`rec_rllib.rl.policy.cooccurrence_feature`). The reward is unchanged.
@@ -92,8 +93,13 @@ class EnvConfig:
     exposure_shape: str = "log"
     """What the cost counts of an item: ``log`` (log(1 + count), normalised) or ``indicator`` (shown at all)."""
     cooccurrence: bool = False
-    """The observation carries the item-kNN simulator's click probability of every item for the recent window,
-    leave-user-out (``Obs.COOCCURRENCE``): the feature the policy's co-occurrence weight reads."""
+    """The observation carries the item-kNN simulator's click probability of every item for the last
+    ``cooccurrence_window`` items, leave-user-out (``Obs.COOCCURRENCE``): the feature the policy's co-occurrence
+    weight reads."""
+    cooccurrence_window: int = 5
+    """Most recent items the co-occurrence feature averages over. Measured on MovieLens-100K (the simulator's
+    ranking alone, leave-user-out, NDCG@10 on the test / validation users): 5 items 0.091 / 0.112, 20 items
+    0.069 / 0.093, 50 items 0.057 / 0.076 (the fine-tuned model: 0.107 / 0.121)."""
     num_shards: int = 0
     """Shards of the user population (0 = from the env context: the number of env runners)."""
     shard_id: int = -1
@@ -109,7 +115,7 @@ class EnvConfig:
         if not self.exposure_cost >= 0:
             raise ValueError(f"exposure_cost must be >= 0, got {self.exposure_cost}")
         check_exposure_shape(self.exposure_shape, "exposure_shape")
-        for name in ("window", "horizon", "episode_len", "exposure_window"):
+        for name in ("window", "horizon", "episode_len", "exposure_window", "cooccurrence_window"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -369,7 +375,7 @@ class LogReplayEnv(gym.Env):
         if self.cfg.cooccurrence:
             # the similarity rows of the items this episode's windows can hold, leave-user-out, once per episode
             # (the history before the start and the steps the episode may take; not the user's whole history)
-            self._co_start = max(0, self._pos - self.cfg.window)
+            self._co_start = max(0, self._pos - self.cfg.cooccurrence_window)
             stretch = self._items[self._co_start : self._pos + self.cfg.episode_len]
             self._cooccurrence_rows = self.simulator.rows(stretch, without=self._items)
         return self._obs(), {"user": self._user}
@@ -428,9 +434,8 @@ class LogReplayEnv(gym.Env):
             obs[Obs.EXPOSURE] = self._exposure_obs
         if self.cfg.cooccurrence:
             # leave-user-out: the replayed user's own (future) items do not inform the feature
-            rows = self._cooccurrence_rows[
-                max(0, self._pos - w) - self._co_start : self._pos - self._co_start
-            ]
+            start = max(0, self._pos - self.cfg.cooccurrence_window)
+            rows = self._cooccurrence_rows[start - self._co_start : self._pos - self._co_start]
             obs[Obs.COOCCURRENCE] = self.simulator.from_rows(rows).astype(np.float32)
         return obs
 

@@ -90,7 +90,9 @@ def test_cooccurrence_feature_leaves_the_replayed_user_out_and_the_reward_alone(
     if the replayed user were not in the train split (their own future items must not inform it); the hit reward
     is unchanged (the simulator is then built, but the reward stays ``hit``)."""
     plain = LogReplayEnv({"dataset": ml_dir, "seed": 5, "window": 20})
-    env = LogReplayEnv({"dataset": ml_dir, "seed": 5, "window": 20, "cooccurrence": True})
+    env = LogReplayEnv(
+        {"dataset": ml_dir, "seed": 5, "window": 20, "cooccurrence": True, "cooccurrence_window": 7}
+    )
     assert (
         Obs.COOCCURRENCE in env.observation_space.spaces and Obs.COOCCURRENCE not in plain.observation_space
     )
@@ -107,7 +109,7 @@ def test_cooccurrence_feature_leaves_the_replayed_user_out_and_the_reward_alone(
     rewards, leaked = [], 0.0
     step, done = 0, False
     while True:  # the whole episode, its last observation included
-        recent = env._items[max(0, env._pos - 20) : env._pos]
+        recent = env._items[max(0, env._pos - 7) : env._pos]  # the feature's window, not the observation's
         feature = obs[Obs.COOCCURRENCE]
         assert (
             feature.shape == (n_items,)
@@ -199,6 +201,8 @@ def test_bad_config_is_rejected(ml_dir):
         EnvConfig(dataset=ml_dir, reward="dwell")
     with pytest.raises(ValueError, match="shard_id"):
         LogReplayEnv({"dataset": ml_dir, "num_shards": 2, "shard_id": 2})
+    with pytest.raises(ValueError, match="cooccurrence_window must be positive"):
+        EnvConfig(dataset=ml_dir, cooccurrence=True, cooccurrence_window=0)
 
 
 def test_environment_never_imports_torch():

@@ -189,9 +189,9 @@ def test_train_config_file_refuses_an_unknown_setting(tmp_path, finetuned_run):
     assert (cfg.iterations, cfg.env.horizon, cfg.exploration.strategy) == (5, 2, "thompson")
     assert not cfg.env.cooccurrence  # off unless asked for, by the file or by the flag (which wins)
     flagged = build_parser().parse_args(["--finetuned", finetuned_run, "--out", "rl", "--config", str(path),
-                                         "--cooccurrence", "--horizon", "1"])  # fmt: skip
+                                         "--cooccurrence", "--horizon", "1", "--cooccurrence-window", "3"])  # fmt: skip
     cfg = resolve_config(flagged)
-    assert (cfg.env.cooccurrence, cfg.env.horizon) == (True, 1)
+    assert (cfg.env.cooccurrence, cfg.env.horizon, cfg.env.cooccurrence_window) == (True, 1, 3)
 
 
 @pytest.mark.parametrize(

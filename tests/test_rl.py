@@ -484,7 +484,14 @@ def test_training_checkpoint_restore_and_standalone_module(
         else:
             assert module.exposure_term is None
         if env_cfg["cooccurrence"]:
-            _check_cooccurrence_term(module, restored, summary, ml_dir, window=cfg.env.window)
+            _check_cooccurrence_term(
+                module,
+                restored,
+                summary,
+                ml_dir,
+                window=cfg.env.window,
+                co_window=cfg.env.cooccurrence_window,
+            )
         else:
             assert module.cooccurrence_term is None
         if algorithm == "appo" and not train_encoder:
@@ -505,8 +512,9 @@ def test_training_checkpoint_restore_and_standalone_module(
     assert config["algorithm"] == algorithm
 
 
-def _check_cooccurrence_term(module, restored, summary, ml_dir, *, window):
-    """γ is learned (it starts at 0), saved, and applied as in training by evaluation and by serving."""
+def _check_cooccurrence_term(module, restored, summary, ml_dir, *, window, co_window):
+    """γ is learned (it starts at 0), saved, and applied as in training by evaluation and by serving, over the
+    last ``co_window`` items (not the observation's ``window``)."""
     gamma = cooccurrence_weight(module)
     assert gamma != 0 and gamma == cooccurrence_weight(restored)
     assert abs(summary["history"][-1]["cooccurrence_weight"] - gamma) < 0.05, summary["history"]
@@ -515,7 +523,8 @@ def _check_cooccurrence_term(module, restored, summary, ml_dir, *, window):
     rec = load_policy_recommender(
         summary["checkpoint"], dataset=LogDataset.load(ml_dir)
     ).base  # no exposure term
-    assert isinstance(rec, CooccurrenceRecommender) and (rec.gamma, rec.window) == (gamma, window)
+    assert co_window < window and module.model_config["cooccurrence_window"] == co_window
+    assert isinstance(rec, CooccurrenceRecommender) and (rec.gamma, rec.window) == (gamma, co_window)
     h = np.arange(0, 90, 3)  # a history longer than the window
     recent = h[-window:]
     tokens = np.zeros((1, window + 1), dtype=np.int64)
@@ -527,7 +536,7 @@ def _check_cooccurrence_term(module, restored, summary, ml_dir, *, window):
         Obs.LENGTH: np.array([[window + 1]]),
         Obs.ACTION_MASK: mask,
         Obs.EXPOSURE: np.zeros_like(mask),
-        Obs.COOCCURRENCE: cooccurrence_feature(rec.simulator, [h], window).astype(np.float32),
+        Obs.COOCCURRENCE: cooccurrence_feature(rec.simulator, [h], co_window).astype(np.float32),
     }
     logits = module.forward_inference({Columns.OBS: {k: torch.as_tensor(v) for k, v in obs.items()}})
     logits = logits[Columns.ACTION_DIST_INPUTS][0].double().numpy()
@@ -536,7 +545,7 @@ def _check_cooccurrence_term(module, restored, summary, ml_dir, *, window):
     without = rec.base.score([h])[0]
     assert np.abs(scores - without)[allowed].max() > 1e-3  # and the term is there
     scorer = PolicyScorer(summary["checkpoint"], ml_dir)
-    assert scorer.info()["cooccurrence"] == {"weight": gamma, "window": window, "scheme": "loo"}
+    assert scorer.info()["cooccurrence"] == {"weight": gamma, "window": co_window, "scheme": "loo"}
     answer = scorer.score_requests([{"history": h.tolist(), "k": 5}])[0]
     assert np.allclose(answer["scores"], scores[answer["items"]], atol=1e-4)  # serving scores the same
 

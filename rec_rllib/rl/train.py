@@ -227,7 +227,7 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
         "exposure_shape": cfg.env.exposure_shape,
         # the env's observation carries the item-kNN simulator's probabilities: the module learns a weight on them
         "cooccurrence": cfg.env.cooccurrence,
-        "cooccurrence_window": cfg.env.window,
+        "cooccurrence_window": cfg.env.cooccurrence_window,
         "cooccurrence_scheme": cfg.env.scheme,
     }
     config = (
