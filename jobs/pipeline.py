@@ -51,9 +51,9 @@ log = logging.getLogger("jobs.pipeline")
 STAGES = ("prepare", "finetune", "train", "evaluate", "serve")
 RL_RECIPES = ("coverage", "relevance")
 # the coverage recipe's exposure price (EnvConfig fields; measured: README, RL training, "A price RL settles on"):
-# on 2 cores today the 8-minute budget fine-tunes 28 epochs (test coverage@10 0.45): λ 0.17 widens its test coverage@10
-# by +26.7% at NDCG@10 −1.0%, 0.15 by +21.0% at −1.3%; the weaker 21-epoch model of a slower machine moved
-# further for the same price (λ 0.15: +29% at −0.7%, 0.17: +36% at −2.2%)
+# on 2 cores today the 8-minute budget fine-tunes 28 epochs (test coverage@10 0.45): λ 0.17 widens its test
+# coverage@10 by +26.7% at NDCG@10 −1.0%, 0.15 by +21.0% at −1.3%; the weaker 21-epoch model of a slower
+# machine moved further for the same price (λ 0.15: +29% at −0.7%, 0.17: +36% at −2.2%)
 COVERAGE_EXPOSURE = {"exposure_cost": 0.17, "exposure_shape": "indicator", "exposure_window": 5000}
 EVAL_SETTINGS = (
     (SplitScheme.LEAVE_ONE_OUT, "test"),

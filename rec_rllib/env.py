@@ -36,11 +36,12 @@ their answers (:class:`~rec_rllib.exposure.ExposureConfig` ``penalty`` and ``sha
 share per iteration).
 
 ``cooccurrence`` adds ``Obs.COOCCURRENCE`` to the observation: the :class:`ItemKNNSimulator`'s probability of
-every item given the last ``cooccurrence_window`` items (5 by default: on MovieLens-100K the simulator ranks the
-next item far better from the last 5 items than from the last 50), fitted on every train user but computed *leave-user-out* (the replayed
-user's own row taken out, so the feature never knows the items the user consumes next). The policy learns a
-weight on it (:class:`~rec_rllib.rl.module.CooccurrenceTerm`); evaluation and serving compute it for the history
-they are given (:func:`rec_rllib.rl.policy.cooccurrence_feature`). The reward is unchanged.
+every item given the last ``cooccurrence_window`` items (5 by default: on MovieLens-100K the simulator ranks
+the next item far better from the last 5 items than from the last 50), fitted on every train user but computed
+*leave-user-out* (the replayed user's own row taken out, so the feature never knows the items the user
+consumes next). The policy learns a weight on it (:class:`~rec_rllib.rl.module.CooccurrenceTerm`); evaluation
+and serving compute it for the history they are given (:func:`rec_rllib.rl.policy.cooccurrence_feature`). The
+reward is unchanged.
 
 Sharding: env runner ``i`` of ``n`` (``worker_index``/``num_workers`` of RLlib's ``EnvContext``; the local
 runner, index 0, samples only when there are no remote runners) owns the users with
@@ -94,8 +95,8 @@ class EnvConfig:
     """What the cost counts of an item: ``log`` (log(1 + count), normalised) or ``indicator`` (shown at all)."""
     cooccurrence: bool = False
     """The observation carries the item-kNN simulator's click probability of every item for the last
-    ``cooccurrence_window`` items, leave-user-out (``Obs.COOCCURRENCE``): the feature the policy's co-occurrence
-    weight reads."""
+    ``cooccurrence_window`` items, leave-user-out (``Obs.COOCCURRENCE``): the feature the policy's
+    co-occurrence weight reads."""
     cooccurrence_window: int = 5
     """Most recent items the co-occurrence feature averages over. Measured on MovieLens-100K (the simulator's
     ranking alone, leave-user-out, NDCG@10 on the test / validation users): 5 items 0.091 / 0.112, 20 items
@@ -196,8 +197,8 @@ class ItemKNNSimulator:
     score(a | window) = mean over the window's items j of cos(a, j), where items are vectors of the users
     who consumed them; scores are mapped to (0, 1) by dividing by the best score among all items.
 
-    Memory: the co-occurrence counts are kept sparse (scipy CSR, O(pairs of items some user consumed both of)),
-    and dense when the catalogue is small enough that an ``n_items²`` float32 matrix fits in
+    Memory: the co-occurrence counts are kept sparse (scipy CSR, O(pairs of items some user consumed both
+    of)), and dense when the catalogue is small enough that an ``n_items²`` float32 matrix fits in
     :attr:`DENSE_BYTES` (MovieLens-100K: 11 MB, one array, faster rows). Cosine rows are computed when asked
     for (:meth:`rows`), never as a full ``n × n`` similarity matrix, and the user × item matrix is sparse.
     """
@@ -255,8 +256,8 @@ class ItemKNNSimulator:
 
     def rows(self, items: np.ndarray, *, without: np.ndarray | None = None) -> np.ndarray:
         """[len(items), n_items] the cosine of each of ``items`` with every item (0 with itself), ``without``'s
-        owner taken out of the fit as in :meth:`probabilities`. A replayed episode computes the rows of the items its
-        windows can hold once (:class:`LogReplayEnv`); each step then averages the window's."""
+        owner taken out of the fit as in :meth:`probabilities`. A replayed episode computes the rows of the
+        items its windows can hold once (:class:`LogReplayEnv`); each step then averages the window's."""
         items = np.asarray(items, dtype=np.int64)
         co = self._co_rows(items)
         if without is None:
@@ -273,8 +274,8 @@ class ItemKNNSimulator:
         return out
 
     def from_rows(self, rows: np.ndarray) -> np.ndarray:
-        """[n_items] probabilities from a window's similarity rows (:meth:`rows`): their mean over the best item's,
-        in [0, 1]; 0.01 for every item when the window is empty."""
+        """[n_items] probabilities from a window's similarity rows (:meth:`rows`): their mean over the best
+        item's, in [0, 1]; 0.01 for every item when the window is empty."""
         if len(rows) == 0:
             return np.full(self.n_items, 0.01)
         s = rows.mean(axis=0)
@@ -373,8 +374,8 @@ class LogReplayEnv(gym.Env):
         self._mask = np.ones(self.n_items, dtype=np.float32)
         self._mask[self._items[: self._pos]] = 0.0
         if self.cfg.cooccurrence:
-            # the similarity rows of the items this episode's windows can hold, leave-user-out, once per episode
-            # (the history before the start and the steps the episode may take; not the user's whole history)
+            # the similarity rows of the items this episode's windows can hold, leave-user-out, once per
+            # episode (the history before the start and the steps the episode may take; not the whole history)
             self._co_start = max(0, self._pos - self.cfg.cooccurrence_window)
             stretch = self._items[self._co_start : self._pos + self.cfg.episode_len]
             self._cooccurrence_rows = self.simulator.rows(stretch, without=self._items)
