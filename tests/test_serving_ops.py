@@ -23,15 +23,20 @@ def _replica_states(deployment: str = "PolicyScorer") -> dict[str, int]:
     return {str(k): int(v) for k, v in status.replica_states.items()}
 
 
-def _alive_replica_pids(deployment: str) -> set[int]:
-    """Pids of the deployment's live replica processes, from the GCS (no dashboard needed)."""
+def _alive_replicas(deployment: str) -> dict[int, str]:
+    """Pid -> replica id (what answers carry in ``served_by``) of the deployment's live replica processes, from
+    the GCS (no dashboard needed; actor names are ``SERVE_REPLICA::<app>#<deployment>#<replica id>``)."""
     from ray._private.state import actors
 
     return {
-        a["Pid"]
+        a["Pid"]: a["Name"].rsplit("#", 1)[-1]
         for a in actors().values()
         if a["State"] == "ALIVE" and a["ActorClassName"] == f"ServeReplica:{APP_NAME}:{deployment}"
     }
+
+
+def _alive_replica_pids(deployment: str) -> set[int]:
+    return set(_alive_replicas(deployment))
 
 
 @pytest.fixture
@@ -194,7 +199,11 @@ def test_killed_replica_under_load_fails_over_and_loses_no_acknowledged_feedback
 ):
     """Bounded load of /recommend + /feedback pairs on two ingress replicas; one replica process is killed
     (SIGKILL, its buffer never flushed). Clients retry failed calls (at most 5 tries); Serve restarts the
-    replica; every acknowledged feedback event is in the log afterwards (journals recovered)."""
+    replica; every acknowledged feedback event is in the log afterwards (journals recovered).
+
+    The one failure allowed: feedback on an answer the killed replica gave just before it died, whose
+    impression had not reached the shared store (answers do not wait for the store: README, serving
+    latency) — a 404 "unknown or expired", at most one per client (each has one answer in flight)."""
     import os
     import signal
 
@@ -209,11 +218,12 @@ def test_killed_replica_under_load_fails_over_and_loses_no_acknowledged_feedback
             free_port(),
         )  # fmt: skip
         acked: list[str] = []
+        ingress_seen: set[str] = set()  # ingress replica ids that answered
         failed: list[str] = []
         retries = [0]
         stop_load = threading.Event()
 
-        def call(c: httpx.Client, path: str, body: dict) -> dict | None:
+        def call(c: httpx.Client, path: str, body: dict, answered_by: str = "") -> dict | None:
             for attempt in range(5):
                 try:
                     r = c.post(path, json=body)
@@ -224,7 +234,7 @@ def test_killed_replica_under_load_fails_over_and_loses_no_acknowledged_feedback
                     error = repr(e)
                 retries[0] += 1
                 time.sleep(0.2 * (attempt + 1))
-            failed.append(f"{path}: {error}")
+            failed.append(f"{path}: {error}" + (f" (answered by {answered_by})" if answered_by else ""))
             return None
 
         def client(worker: int) -> None:
@@ -238,7 +248,8 @@ def test_killed_replica_under_load_fails_over_and_loses_no_acknowledged_feedback
                         "item_id": rec["items"][0]["item_id"],
                         "reward": 1.0,
                     }
-                    if call(c, "/feedback", body) is not None:
+                    ingress_seen.add(rec["served_by"]["ingress"])
+                    if call(c, "/feedback", body, rec["served_by"]["ingress"]) is not None:
                         acked.append(rec["request_id"])
 
         with ThreadPoolExecutor(4) as pool:
@@ -246,8 +257,10 @@ def test_killed_replica_under_load_fails_over_and_loses_no_acknowledged_feedback
                 pool.submit(client, w)
             try:
                 time.sleep(4)
-                replicas = sorted(_alive_replica_pids("RecIngress"))
+                alive = _alive_replicas("RecIngress")
+                replicas = sorted(alive)
                 assert len(replicas) == 2, replicas
+                killed_id = alive[replicas[0]]
                 os.kill(replicas[0], signal.SIGKILL)  # a replica of the app this test started
                 acked_at_kill = len(acked)
                 deadline = time.time() + 90
@@ -273,7 +286,15 @@ def test_killed_replica_under_load_fails_over_and_loses_no_acknowledged_feedback
         f"acknowledged {len(acked)} ({acked_at_kill} before the kill), retried calls {retries[0]}, "
         f"failed after retries {len(failed)}, missing from the log {len(missing)}"
     )
-    assert not failed, failed[:3]
+    lost_with_replica = [
+        f
+        for f in failed
+        if f.startswith("/feedback: 404")
+        and "unknown or expired" in f
+        and f.endswith(f"(answered by {killed_id})")
+    ]
+    assert killed_id in ingress_seen, (killed_id, ingress_seen)  # the ids match what answers carry
+    assert len(lost_with_replica) <= 4 and len(failed) == len(lost_with_replica), failed[:3]
     assert len(acked) > acked_at_kill > 0
     assert not missing
     assert list(feedback_dir.glob("part-*-recovered-*.parquet"))  # the killed replica's journal, recovered
