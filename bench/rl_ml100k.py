@@ -63,7 +63,7 @@ from rec_rllib.rl.policy import (  # noqa: E402
     load_policy_module,
     simulator_of,
 )
-from rec_rllib.rl.train import RLTrainConfig, build_algo_config, train  # noqa: E402
+from rec_rllib.rl.train import RLTrainConfig, build_algo_config, parse_cooccurrence_gamma, train  # noqa: E402
 
 TIMERS = ("sample", "rlmodule_inference_timer", "env_step_timer", "env_reset_timer", "time_between_sampling")
 
@@ -167,6 +167,9 @@ def main() -> None:
                    "and the policy learns a weight γ on them")  # fmt: skip
     p.add_argument("--cooccurrence-window", type=int, default=EnvConfig.cooccurrence_window,
                    help="quality: the most recent items the co-occurrence feature averages over")  # fmt: skip
+    p.add_argument("--cooccurrence-gamma", type=parse_cooccurrence_gamma, default=None,
+                   help="quality, with --cooccurrence: γ fixed at this number, or 'validation' (chosen on the "
+                   "validation users before training); default: learned")  # fmt: skip
     p.add_argument("--horizon", type=int, default=EnvConfig.horizon,
                    help="hit reward: the recommendation counts when among the next H logged items")  # fmt: skip
     p.add_argument("--envs-per-runner", type=int, default=32)
@@ -212,6 +215,7 @@ def main() -> None:
         ref_kl_coeff=args.ref_kl_coeff,
         next_item_ce_coeff=args.next_item_ce_coeff,
         train_state_head=not args.freeze_state_head,
+        cooccurrence_gamma=args.cooccurrence_gamma,
         seed=args.seed,
         env=env,
     )
@@ -257,6 +261,10 @@ def main() -> None:
                 e2e_name, e2e_dir = e2e_name + ", item terms frozen", e2e_dir + "-fi"
             if args.cooccurrence:
                 e2e_name, e2e_dir = e2e_name + ", co-occurrence", e2e_dir + "-co"
+                if args.cooccurrence_gamma is not None:  # fixed (or chosen on the validation users)
+                    g = args.cooccurrence_gamma
+                    e2e_name += f" (γ {g})" if g != "validation" else " (γ from validation)"
+                    e2e_dir += f"-g{g}" if g != "validation" else "-gv"
             grid = [(a, st, b, c) for a, st in runs for b in args.novelty_bonus for c in args.exposure_cost]
             for algorithm, strategy, bonus, cost in grid:
                 cost_name, cost_dir = (f", exposure cost {cost:g}", f"-x{cost:g}") if cost else ("", "")
@@ -289,9 +297,10 @@ def main() -> None:
                     minutes[name] = (time.perf_counter() - t0) / 60
                     print(f"{name}: {minutes[name]:.1f} min", flush=True)
                 policies[name] = load_recommender(str(run_dir / "checkpoint"), ds)
-                if args.cooccurrence:  # what the learned γ does on the fine-tuned scores, alone
+                if args.cooccurrence:  # what the γ does on the fine-tuned scores, alone
                     gamma = cooccurrence_weight(load_policy_module(run_dir / "checkpoint"))
-                    print(f"{name}: learned co-occurrence weight γ = {gamma:.4f}", flush=True)
+                    how = "learned" if args.cooccurrence_gamma is None else "fixed"
+                    print(f"{name}: {how} co-occurrence weight γ = {gamma:.4f}", flush=True)
                     policies[f"fine-tuned + its γ ({gamma:.2f}) fixed"] = CooccurrenceRecommender(
                         policies["fine-tuned"], simulator_of(ds), gamma, env.cooccurrence_window
                     )

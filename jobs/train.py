@@ -34,7 +34,7 @@ from rec_rllib.data.catalog import load_or_prepare, prepared_dir
 from rec_rllib.env import REWARDS, EnvConfig
 from rec_rllib.explore import STRATEGIES, ExplorationConfig
 from rec_rllib.exposure import EXPOSURE_SHAPES
-from rec_rllib.rl.train import ALGORITHMS, RLTrainConfig, train
+from rec_rllib.rl.train import ALGORITHMS, RLTrainConfig, parse_cooccurrence_gamma, train
 
 log = logging.getLogger("jobs.train")
 
@@ -159,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--cooccurrence-window",
         type=int,
         help="the most recent items the co-occurrence feature averages over (default 5)",
+    )
+    v.add_argument(
+        "--cooccurrence-gamma",
+        type=parse_cooccurrence_gamma,
+        help="with --cooccurrence: fix the co-occurrence weight γ at this number instead of learning it, or "
+        "'validation': at the γ whose fine-tuned scores plus the feature rank the validation users best "
+        "(NDCG@10; chosen before training, written to <out>/cooccurrence_gamma.json)",
     )
     v.add_argument("--window", type=int)
     v.add_argument("--episode-len", type=int)

@@ -192,6 +192,17 @@ def test_train_config_file_refuses_an_unknown_setting(tmp_path, finetuned_run):
                                          "--cooccurrence", "--horizon", "1", "--cooccurrence-window", "3"])  # fmt: skip
     cfg = resolve_config(flagged)
     assert (cfg.env.cooccurrence, cfg.env.horizon, cfg.env.cooccurrence_window) == (True, 1, 3)
+    assert cfg.cooccurrence_gamma is None  # learned unless fixed
+    base = ["--finetuned", finetuned_run, "--out", "rl", "--cooccurrence"]
+    for given, expected in (("validation", "validation"), ("1.5", 1.5)):
+        assert (
+            resolve_config(
+                build_parser().parse_args([*base, "--cooccurrence-gamma", given])
+            ).cooccurrence_gamma
+            == expected
+        )
+    with pytest.raises(SystemExit):  # argparse: "expected a number >= 0 or 'validation'"
+        build_parser().parse_args([*base, "--cooccurrence-gamma", "best"])
 
 
 @pytest.mark.parametrize(
@@ -241,6 +252,12 @@ def test_pipeline_rl_recipes():
     assert cov.exploration.strategy == "thompson"
     env = cov.env
     assert (env.exposure_cost, env.exposure_shape, env.exposure_window) == (0.17, "indicator", 5000)
+    assert (env.cooccurrence, env.horizon, env.cooccurrence_window, cov.cooccurrence_gamma) == (
+        True,
+        1,
+        5,
+        "validation",
+    )
     rel_args = build_parser().parse_args(["--rl-recipe", "relevance", "--rl-iterations", "7"])
     rel = _rl_config(rel_args, Path("ft"))
     default = resolve_config(train_parser().parse_args(["--finetuned", "ft", "--out", "rl"]))
@@ -272,6 +289,9 @@ def test_pipeline_end_to_end_on_embedded_ray(job_env, tmp_path):
     rl_cfg = json.loads((tmp_path / "runs" / "qs" / "rl" / "rl_config.json").read_text())
     # the coverage recipe
     assert rl_cfg["env"]["exposure_shape"] == "indicator" and not rl_cfg["train_item_terms"]
+    chosen = json.loads((tmp_path / "runs" / "qs" / "rl" / "cooccurrence_gamma.json").read_text())
+    assert rl_cfg["cooccurrence_gamma"] == chosen["gamma"]  # the RL run's γ: the validation users' best
+    assert chosen["figures"][f"{chosen['gamma']:g}"] == max(chosen["figures"].values())
     assert "curl -s -X POST http://127.0.0.1:" in out.stdout and "because:" in out.stdout
     # even two epochs of the text-aware model beat random by far
     assert metrics["fine-tuned (finetune)"]["HR@10"] > 3 * metrics["random"]["HR@10"]

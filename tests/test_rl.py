@@ -20,10 +20,13 @@ from safetensors.torch import load_file
 from rec_rllib.columns import Obs, Tokens
 from rec_rllib.data.dataset import LogDataset
 from rec_rllib.env import EnvConfig, LogReplayEnv
+from rec_rllib.eval import evaluate_ranking
 from rec_rllib.explore import ExplorationConfig
 from rec_rllib.exposure import ExposureConfig
+from rec_rllib.models import load_recommender
 from rec_rllib.rl.module import MASK_VALUE, UCB_STATS, RecPolicyModule, model_config_from_run
 from rec_rllib.rl.policy import (
+    COOCCURRENCE_GAMMA_GRID,
     CooccurrenceRecommender,
     cooccurrence_feature,
     cooccurrence_weight,
@@ -258,6 +261,26 @@ def test_frozen_head_parts_leave_rl_the_rest_down_to_the_exposure_weight_alone(f
     cfg = RLTrainConfig(finetuned=finetuned_run, train_state_head=False, train_item_terms=False,
                         env=EnvConfig(dataset=ml_dir, exposure_cost=0.5))  # fmt: skip
     assert not cfg.train_item_terms
+
+    # a fixed co-occurrence weight is not trained either (and alone leaves RL nothing to train)
+    module = replace(spec, model_config={**mc, "train_item_terms": False, "cooccurrence": True,
+                                         "cooccurrence_gamma": 2.5}).build()  # fmt: skip
+    trained = {n for n, p in module.named_parameters() if p.requires_grad and not n.startswith("value_head.")}
+    assert trained == {"exposure_term.weight"} and cooccurrence_weight(module) == pytest.approx(2.5)
+    learned = replace(spec, model_config={**mc, "train_item_terms": False, "cooccurrence": True}).build()
+    assert learned.cooccurrence_term.weight.requires_grad and cooccurrence_weight(learned) == 0.0
+    co_env = EnvConfig(dataset=ml_dir, cooccurrence=True)
+    with pytest.raises(ValueError, match="nothing to train"):
+        RLTrainConfig(finetuned=finetuned_run, train_state_head=False, train_item_terms=False,
+                      cooccurrence_gamma=1.0, env=co_env)  # fmt: skip
+    for bad in (-1.0, float("nan"), "best", True):
+        with pytest.raises(ValueError, match="cooccurrence_gamma must be a number >= 0 or 'validation'"):
+            RLTrainConfig(finetuned=finetuned_run, cooccurrence_gamma=bad, env=co_env)
+    with pytest.raises(ValueError, match="only with env.cooccurrence"):
+        RLTrainConfig(finetuned=finetuned_run, cooccurrence_gamma=1.0)
+    assert RLTrainConfig(
+        finetuned=finetuned_run, cooccurrence_gamma="validation", env=co_env
+    ).cooccurrence_gamma
 
 
 def test_exploration_log_probs_are_the_behaviour_distribution(finetuned_run, ml_dir):
@@ -510,6 +533,51 @@ def test_training_checkpoint_restore_and_standalone_module(
         algo.stop()
     config = json.loads((tmp_path / "rl" / "rl_config.json").read_text())
     assert config["algorithm"] == algorithm
+
+
+def test_cooccurrence_weight_chosen_on_the_validation_users_stays_fixed(
+    finetuned_run, ml_dir, tmp_path, local_ray
+):
+    """``cooccurrence_gamma: validation``: before training, γ is the grid's best for the validation users (the
+    fine-tuned scores plus γ times the feature, NDCG@10; every γ's figure recorded), and RL trains around it:
+    the checkpoint's γ is the chosen one to the bit, while the exposure weight β is learned."""
+    cfg = RLTrainConfig(
+        finetuned=finetuned_run,
+        exploration=ExplorationConfig(strategy="thompson"),
+        iterations=2,
+        num_env_runners=1,
+        num_envs_per_env_runner=4,
+        train_batch_size=160,
+        rollout_fragment_length=20,
+        train_state_head=False,
+        train_item_terms=False,
+        cooccurrence_gamma="validation",
+        env=EnvConfig(
+            dataset=ml_dir,
+            window=30,
+            horizon=1,
+            cooccurrence=True,
+            exposure_cost=0.5,
+            exposure_shape="indicator",
+            exposure_window=500,
+        ),  # fmt: skip
+    )
+    summary = train(cfg, tmp_path / "rl", progress=lambda *_: None)
+    chosen = json.loads((tmp_path / "rl" / "cooccurrence_gamma.json").read_text())
+    figures = {float(g): v for g, v in chosen["figures"].items()}
+    assert set(figures) == set(COOCCURRENCE_GAMMA_GRID) and chosen["gamma"] == max(figures, key=figures.get)
+    assert (chosen["split"], chosen["window"]) == ("valid", cfg.env.cooccurrence_window)
+    ds = LogDataset.load(ml_dir)
+    plain = evaluate_ranking(load_recommender(finetuned_run, ds), ds, split="valid").metrics["NDCG@10"]
+    assert figures[0.0] == pytest.approx(plain)  # γ 0: the fine-tuned model itself
+    assert len(set(figures.values())) > 1  # the feature moves the ranking
+    assert (
+        json.loads((tmp_path / "rl" / "rl_config.json").read_text())["cooccurrence_gamma"] == chosen["gamma"]
+    )
+    module = load_policy_module(summary["checkpoint"])
+    assert cooccurrence_weight(module) == pytest.approx(chosen["gamma"], abs=1e-6)
+    assert not module.cooccurrence_term.weight.requires_grad
+    assert exposure_weight(module) != 0  # what RL learned
 
 
 def _check_cooccurrence_term(module, restored, summary, ml_dir, *, window, co_window):

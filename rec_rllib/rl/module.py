@@ -105,13 +105,15 @@ class CooccurrenceTerm(nn.Module):
     """γ of the co-occurrence term: logits + γ · p_kNN(item | recent window), the item-kNN simulator's click
     probability (:class:`~rec_rllib.env.ItemKNNSimulator`, in [0, 1]), which the observation carries
     (``Obs.COOCCURRENCE``; leave-user-out in training). γ = ``SCALE`` · w, w the trained parameter (0 at the
-    start: training starts at the fine-tuned policy), for the reason :class:`ExposureTerm` gives."""
+    start: training starts at the fine-tuned policy), for the reason :class:`ExposureTerm` gives. ``fixed``: γ
+    is set there and not trained (``TrainConfig.cooccurrence_gamma``)."""
 
     SCALE = 10.0
 
-    def __init__(self) -> None:
+    def __init__(self, fixed: float | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(()))
+        self.weight = nn.Parameter(torch.tensor(0.0 if fixed is None else fixed / self.SCALE))
+        self.weight.requires_grad_(fixed is None)
 
     @property
     def gamma(self) -> torch.Tensor:
@@ -193,7 +195,8 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         shape = str(mc.get("exposure_shape", "log"))  # checkpoints from before the shape: log
         self.exposure_term = ExposureTerm(shape) if self.exposure_window else None
         # the co-occurrence term (only when the env's observation carries the simulator's probabilities)
-        self.cooccurrence_term = CooccurrenceTerm() if mc.get("cooccurrence") else None
+        gamma = mc.get("cooccurrence_gamma")  # None: learned
+        self.cooccurrence_term = CooccurrenceTerm(gamma) if mc.get("cooccurrence") else None
         hidden = self.net.cfg.hidden_size
         if self.exploration.strategy == "ucb" and not self.train_encoder:
             # [n_items, H] diagonal Gram statistics (ridge 1 = never shown): synced, checkpointed

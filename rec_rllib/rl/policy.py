@@ -147,6 +147,36 @@ class CooccurrenceRecommender(Recommender):
         return scores
 
 
+COOCCURRENCE_GAMMA_GRID = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0)
+
+
+def select_cooccurrence_gamma(
+    base: Recommender,
+    dataset,
+    *,
+    window: int,
+    scheme: str | None = None,
+    grid=COOCCURRENCE_GAMMA_GRID,
+    metric: str = "NDCG@10",
+) -> tuple[float, dict[float, float]]:
+    """The γ of ``grid`` under which ``base`` + γ · the co-occurrence feature (last ``window`` items, the
+    simulator fitted on ``scheme``'s train split) ranks the validation users best by ``metric``, and every
+    γ's figure (``TrainConfig.cooccurrence_gamma``). One evaluation of the validation users per γ; the test
+    users are never read."""
+    from rec_rllib.columns import SplitScheme
+    from rec_rllib.eval import evaluate_ranking
+
+    scheme = scheme or SplitScheme.LEAVE_ONE_OUT
+    simulator = simulator_of(dataset, scheme)
+    figures: dict[float, float] = {}
+    for gamma in sorted({float(g) for g in grid}):
+        if gamma < 0:
+            raise ValueError(f"co-occurrence weights must be >= 0, got {gamma} in the grid")
+        rec = base if gamma == 0 else CooccurrenceRecommender(base, simulator, gamma, window)
+        figures[gamma] = float(evaluate_ranking(rec, dataset, scheme=scheme, split="valid").metrics[metric])
+    return max(figures, key=lambda g: (figures[g], -g)), figures
+
+
 def cooccurrence_feature(simulator, histories, window: int) -> np.ndarray:
     """[B, n] the co-occurrence feature of each history, as the environment computes it in training: the
     simulator's probabilities for its last ``window`` items, the history's owner taken out of the fit (items the
