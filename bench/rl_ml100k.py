@@ -168,8 +168,8 @@ def main() -> None:
     p.add_argument("--cooccurrence-window", type=int, default=EnvConfig.cooccurrence_window,
                    help="quality: the most recent items the co-occurrence feature averages over")  # fmt: skip
     p.add_argument("--cooccurrence-gamma", type=parse_cooccurrence_gamma, default=None,
-                   help="quality, with --cooccurrence: γ fixed at this number, or 'validation' (chosen on the "
-                   "validation users before training); default: learned")  # fmt: skip
+                   help="quality, with --cooccurrence: γ fixed at this number, or 'validation' (chosen on "
+                   "the validation users before training); default: learned")  # fmt: skip
     p.add_argument("--horizon", type=int, default=EnvConfig.horizon,
                    help="hit reward: the recommendation counts when among the next H logged items")  # fmt: skip
     p.add_argument("--envs-per-runner", type=int, default=32)

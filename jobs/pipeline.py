@@ -56,9 +56,9 @@ RL_RECIPES = ("coverage", "relevance")
 # coverage@10 by +26.7% at NDCG@10 −1.0%, 0.15 by +21.0% at −1.3%; the weaker 21-epoch model of a slower
 # machine moved further for the same price (λ 0.15: +29% at −0.7%, 0.17: +36% at −2.2%)
 COVERAGE_EXPOSURE = {"exposure_cost": 0.17, "exposure_shape": "indicator", "exposure_window": 5000}
-# and the co-occurrence term over the last 5 items at the weight the validation users prefer, the hit reward at
-# horizon 1 (README, RL training: "The weight, chosen on the validation users"): on four fine-tuned models test
-# NDCG@10 +4.1% to +9.8% at coverage@10 +26.6% to +33.7% (the quick start's own model: +4.3% at +26.6%)
+# and the co-occurrence term over the last 5 items at the weight the validation users prefer, the hit reward
+# at horizon 1 (README, RL training: "The weight, chosen on the validation users"): on four fine-tuned models
+# test NDCG@10 +4.1% to +9.8% at coverage@10 +26.6% to +33.7% (the quick start's own model: +4.3% at +26.6%)
 COVERAGE_COOCCURRENCE = {"cooccurrence": True, "horizon": 1}
 EVAL_SETTINGS = (
     (SplitScheme.LEAVE_ONE_OUT, "test"),
@@ -92,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="coverage: RL learns the price of what is on display (the exposure weight alone, "
                    f"{COVERAGE_EXPOSURE['exposure_shape']} exposure cost {COVERAGE_EXPOSURE['exposure_cost']} "
                    f"over {COVERAGE_EXPOSURE['exposure_window']:,} recommendations, Thompson sampling) on top of the "
-                   "fine-tuned scores plus the co-occurrence term at the weight the validation users prefer, until "
-                   "it settles (README, RL training: 'A price RL settles on', 'The weight, chosen on the "
-                   "validation users'); "
+                   "fine-tuned scores plus the co-occurrence term at the weight the validation users prefer, "
+                   "until it settles (README, RL training: 'A price RL settles on', 'The weight, chosen on "
+                   "the validation users'); "
                    "relevance: APPO trains the policy head on the hit reward alone (jobs.train's defaults)")  # fmt: skip
     g.add_argument("--gpus", type=float, default=0.0, help="GPUs for fine-tuning and the RL learner")
     g.add_argument("--exposure-slots", type=int, default=1,

@@ -24,8 +24,8 @@ def _replica_states(deployment: str = "PolicyScorer") -> dict[str, int]:
 
 
 def _alive_replicas(deployment: str) -> dict[int, str]:
-    """Pid -> replica id (what answers carry in ``served_by``) of the deployment's live replica processes, from
-    the GCS (no dashboard needed; actor names are ``SERVE_REPLICA::<app>#<deployment>#<replica id>``)."""
+    """Pid -> replica id (what answers carry in ``served_by``) of the deployment's live replica processes,
+    from the GCS (no dashboard needed; actor names are ``SERVE_REPLICA::<app>#<deployment>#<replica id>``)."""
     from ray._private.state import actors
 
     return {

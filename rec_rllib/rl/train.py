@@ -25,7 +25,8 @@ from rec_rllib.fsutil import write_csv
 log = logging.getLogger(__name__)
 ALGORITHMS = ("appo", "ppo", "dqn")
 GAMMA_FROM_VALIDATION = "validation"
-"""``cooccurrence_gamma``'s value for a γ chosen on the validation users (:func:`choose_cooccurrence_gamma`)."""
+"""``cooccurrence_gamma``'s value for a γ chosen on the validation users
+(:func:`choose_cooccurrence_gamma`)."""
 SAMPLER_WAIT_S = 0.05
 """APPO's driver waits up to this long for env-runner samples per training step (RLlib's default: 0)."""
 
@@ -84,13 +85,14 @@ class RLTrainConfig(DictConfig):
     keeps climbing by up to ~0.01 an update and the iteration budget sets where it stops (README, RL training: "A
     price RL settles on")."""
     cooccurrence_gamma: float | str | None = None
-    """With ``env.cooccurrence``: None = RL learns γ, the co-occurrence term's weight (from 0); a number fixes γ
-    there and RL learns the rest (β, with an exposure cost); ``"validation"``: fixed at the γ under which the
-    fine-tuned scores plus the term rank the validation users best (:func:`rec_rllib.rl.policy.
-    select_cooccurrence_gamma`, chosen when training starts; ``cooccurrence_gamma.json`` in the run). RL's reward
-    (the replay's hits less the exposure price) settles a learned γ near 0.4 while the validation users' NDCG@10
-    peaks at 5-13 (four ML-100K models); with γ from validation and the coverage recipe's exposure cost, test
-    NDCG@10 +4.1% to +9.8% at coverage@10 +26.6% to +33.7% (learned γ: −2.8% to +2.2%; README, RL training)."""
+    """With ``env.cooccurrence``: None = RL learns γ, the co-occurrence term's weight (from 0); a number fixes
+    γ there and RL learns the rest (β, with an exposure cost); ``"validation"``: fixed at the γ under which
+    the fine-tuned scores plus the term rank the validation users best
+    (:func:`rec_rllib.rl.policy.select_cooccurrence_gamma`, chosen when training starts;
+    ``cooccurrence_gamma.json`` in the run). RL's reward (the replay's hits less the exposure price) settles a
+    learned γ near 0.4 while the validation users' NDCG@10 peaks at 5-13 (four ML-100K models); with γ from
+    validation and the coverage recipe's exposure cost, test NDCG@10 +4.1% to +9.8% at coverage@10 +26.6% to
+    +33.7% (learned γ: −2.8% to +2.2%; README, RL training)."""
     lr: float | None = None
     """Learning rate; None = 1e-3 for the policy head, 3e-5 end to end (the encoder starts fine-tuned)."""
     entropy_coeff: float = 0.0
@@ -166,8 +168,10 @@ class RLTrainConfig(DictConfig):
                              "env.cooccurrence without cooccurrence_gamma")  # fmt: skip
         if self.cooccurrence_gamma is not None:
             if not self.env.cooccurrence:
-                raise ValueError(f"cooccurrence_gamma={self.cooccurrence_gamma} weighs the co-occurrence feature, "
-                                 "which the env adds only with env.cooccurrence: set it, or drop the weight")  # fmt: skip
+                raise ValueError(
+                    f"cooccurrence_gamma={self.cooccurrence_gamma} weighs the co-occurrence feature, which "
+                    "the env adds only with env.cooccurrence: set it, or drop the weight"
+                )
             g = self.cooccurrence_gamma
             if g != GAMMA_FROM_VALIDATION and not (
                 isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g) and g >= 0
