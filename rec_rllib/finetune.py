@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from rec_rllib.columns import Col, SplitScheme
 from rec_rllib.config import DictConfig
-from rec_rllib.data.dataset import LogDataset
-from rec_rllib.eval.ranking import evaluate_ranking
+from rec_rllib.data.dataset import EvalCases, LogDataset
+from rec_rllib.eval import metrics as M
+from rec_rllib.eval.ranking import evaluate_ranking, sample_cases, top_items
 from rec_rllib.fsutil import write_csv
 from rec_rllib.models.run import TransformerRecommender, build_model, save_run
 from rec_rllib.models.seqrec import BOS, OFFSET, ModelConfig, TextSeqRec
@@ -52,18 +55,30 @@ class FinetuneConfig(DictConfig):
     """Cosine decay of the learning rate to 5% of ``lr`` over this many epochs after warm-up (0 = constant)."""
     grad_clip: float = 1.0
     """Gradient-norm clip (0 disables)."""
-    loss: str = "full"
-    """``full`` softmax over all items, or ``sampled`` softmax (uniform negatives, log-Q corrected)."""
+    loss: str = "auto"
+    """``full`` softmax over all items; ``sampled`` softmax over uniform and in-batch negatives, log-Q
+    corrected, whose cost per step does not grow with the catalogue; ``auto``: full up to
+    FULL_SOFTMAX_MAX_ITEMS (20,000) items, sampled above."""
     mask_history: bool = True
     """Leave items already in the window out of each position's softmax (as evaluation excludes seen items)."""
     num_negatives: int = 256
-    """Negatives per step for ``sampled``."""
+    """``sampled``: uniform draws over the catalogue per step (negatives shared by the whole batch)."""
+    in_batch_negatives: int = 256
+    """``sampled``: draws from the batch's own targets per step, as extra negatives (0 = uniform only)."""
     patience: int = 15
     """Stop after this many evaluations without a better validation NDCG@10."""
     eval_every: int = 2
     """Epochs between validation evaluations."""
     max_minutes: float = 15.0
-    """Wall-clock budget; training stops at the first evaluation after it (best weights kept)."""
+    """Wall-clock budget of training and the final evaluation, checked every step: training stops in time
+    for a last validation and the final evaluation to fit (best weights kept). Building the model (text
+    embeddings, cached) comes before it."""
+    valid_users: int = 10_000
+    """Validation users evaluated while training (a fixed seeded sample; 0 = all). The best model is
+    evaluated on every validation user at the end."""
+    eval_every_minutes: float = 5.0
+    """Also validate within an epoch once this many minutes passed since the last validation (0 = only at
+    epoch ends): on a large log one epoch outlasts the budget."""
     min_epochs: int = 0
     """Evaluations before this epoch never trigger early stopping."""
     scheme: str = SplitScheme.LEAVE_ONE_OUT
@@ -83,15 +98,17 @@ class FinetuneConfig(DictConfig):
     """Show progress bars."""
 
     def __post_init__(self) -> None:
-        if self.loss not in ("full", "sampled"):
-            raise ValueError(f"loss must be 'full' or 'sampled', got {self.loss!r}")
+        if self.loss not in ("auto", "full", "sampled"):
+            raise ValueError(f"loss must be 'auto', 'full' or 'sampled', got {self.loss!r}")
         if not 0.0 <= self.holdout_items < 1.0:
             raise ValueError(f"holdout_items must be in [0, 1), got {self.holdout_items}")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
         self.check_numbers(
-            at_least={"weight_decay": 0, "warmup_steps": 0, "decay_epochs": 0, "grad_clip": 0, "num_negatives": 1,
-                      "patience": 1, "min_epochs": 0, "threads": 0},
+            at_least={"weight_decay": 0, "warmup_steps": 0, "decay_epochs": 0, "grad_clip": 0,
+                      "num_negatives": 1, "in_batch_negatives": 0, "patience": 1, "min_epochs": 0,
+                      "threads": 0, "valid_users": 0,
+                      "eval_every_minutes": 0},
             above={"epochs": 0, "batch_size": 0, "eval_every": 0, "lr": 0, "max_minutes": 0},
         )  # fmt: skip
 
@@ -99,9 +116,9 @@ class FinetuneConfig(DictConfig):
 @dataclass
 class FinetuneResult:
     run_dir: Path
-    best_epoch: int
+    best_epoch: float
     best_valid_ndcg10: float
-    epochs_run: int
+    epochs_run: float
     seconds: float
     seconds_per_epoch: float
     history: list[dict[str, float]] = field(default_factory=list)
@@ -164,6 +181,58 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+FULL_SOFTMAX_MAX_ITEMS = 20_000
+"""``loss='auto'`` takes the full softmax up to this catalogue size and the sampled one above it: below it the
+full softmax costs little more per step than the sampled one and needs no estimate of the normaliser."""
+
+
+def resolve_loss(loss: str, n_items: int) -> str:
+    """``full`` or ``sampled``: ``loss`` itself, or for ``auto`` the choice by catalogue size."""
+    if loss != "auto":
+        return loss
+    return "full" if n_items <= FULL_SOFTMAX_MAX_ITEMS else "sampled"
+
+
+def log_not_target(histories: list[np.ndarray], n_items: int) -> torch.Tensor:
+    """[n_items] log(1 - p_i), p_i = item i's share of the training targets: what the in-batch negatives'
+    inclusion probabilities are computed from (one catalogue-sized vector, built once)."""
+    counts = np.zeros(n_items, dtype=np.float64)
+    for seq in histories:
+        np.add.at(counts, seq, 1.0)
+    p = counts / max(counts.sum(), 1.0)
+    return torch.from_numpy(np.log1p(-np.minimum(p, 1.0 - 1e-12)))
+
+
+def sample_candidates(
+    y: torch.Tensor,
+    n_items: int,
+    cfg: FinetuneConfig,
+    log_not_target: torch.Tensor | None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(candidates [C] sorted unique item indices, log inclusion probability [C]) for a sampled softmax.
+
+    The candidates are ``cfg.num_negatives`` uniform draws over the catalogue plus ``cfg.in_batch_negatives``
+    draws from the batch's own targets (in-batch negatives: draws from the data's item distribution, which
+    the uniform ones rarely reach for popular items). An item's inclusion probability is
+    ``1 - (1 - p_i)^K (1 - 1/n)^M`` (K in-batch draws, p_i the item's share of the training targets, M uniform
+    draws over n items); subtracting its log from the item's logit is the log-Q correction that makes the sum
+    over candidates a Horvitz-Thompson estimate of the full softmax's normaliser (without the positive).
+    """
+    uniform = torch.randint(0, n_items, (cfg.num_negatives,), generator=generator).to(y.device)
+    log_miss_uniform = cfg.num_negatives * math.log1p(-1.0 / n_items) if n_items > 1 else -math.inf
+    k = cfg.in_batch_negatives if log_not_target is not None else 0
+    if k and len(y):
+        picks = torch.randint(0, len(y), (k,), generator=generator).to(y.device)
+        cand = torch.unique(torch.cat([y[picks], uniform]))
+        log_miss = k * log_not_target.to(y.device, torch.float64)[cand] + log_miss_uniform
+    else:
+        cand = torch.unique(uniform)
+        log_miss = torch.full(cand.shape, log_miss_uniform, dtype=torch.float64, device=y.device)
+    log_incl = torch.log(-torch.expm1(log_miss)).float()  # log(1 - P(missed by every draw))
+    return cand, log_incl
+
+
 def next_item_loss(
     model: TextSeqRec,
     tokens: torch.Tensor,
@@ -171,8 +240,73 @@ def next_item_loss(
     targets: torch.Tensor,
     cfg: FinetuneConfig,
     generator: torch.Generator | None = None,
+    *,
+    loss: str | None = None,
+    log_not_target: torch.Tensor | None = None,
+    candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of the next item at every non-ignored position."""
+    """Cross-entropy of the next item at every non-ignored position.
+
+    ``loss`` (default: ``cfg.loss`` resolved by catalogue size) is ``full`` (every item in the softmax) or
+    ``sampled`` (the candidates of :func:`sample_candidates`, or ``candidates`` given as (items, log
+    inclusion probability); item representations are computed only for the batch's items and candidates).
+    """
+    loss = resolve_loss(loss or cfg.loss, model.n_items)
+    if loss == "full":
+        return _full_softmax_loss(model, tokens, lengths, targets, cfg, generator)
+    keep = targets != IGNORE
+    y = targets[keep]  # [N]
+    if candidates is None:
+        candidates = sample_candidates(y, model.n_items, cfg, log_not_target, generator)
+    cand, log_incl = candidates
+    # the items this batch touches: its windows' items, its targets, the candidates
+    vocab = torch.unique(torch.cat([tokens[tokens >= OFFSET] - OFFSET, y, cand]))  # [V]
+    id_keep = None
+    if cfg.id_dropout > 0 and model.training and model.cfg.text_model is not None:
+        p = torch.full((len(vocab),), 1.0 - cfg.id_dropout, device=tokens.device)
+        id_keep = torch.bernoulli(p, generator=generator) if generator is not None else torch.bernoulli(p)
+    rows = model.item_rows(vocab, id_keep)  # [V, H]
+    local = torch.where(tokens >= OFFSET, torch.searchsorted(vocab, tokens - OFFSET) + OFFSET, tokens)
+    hidden = model.encode(local, lengths, rows)  # [B, T, H]
+    h = hidden[keep]  # [N, H]
+    bias = model.bias[vocab] * model.known[vocab] * (1.0 if id_keep is None else id_keep)  # [V]
+    y_local = torch.searchsorted(vocab, y)
+    c_local = torch.searchsorted(vocab, cand)
+    pos_logit = (h * rows[y_local]).sum(-1) + bias[y_local]  # [N]
+    neg_logit = h @ rows[c_local].T + bias[c_local] - log_incl  # [N, C]
+    drop = cand[None, :] == y[:, None]  # the position's own target is its positive, not a negative
+    if cfg.mask_history:
+        drop = drop | _seen_mask(local, keep, len(vocab), c_local)
+    neg_logit = neg_logit.masked_fill(drop, float("-inf"))
+    logits = torch.cat([pos_logit[:, None], neg_logit], dim=1)
+    return nn.functional.cross_entropy(logits, torch.zeros(len(y), dtype=torch.long, device=h.device))
+
+
+class NextItemLoss(nn.Module):
+    """The model and its training objective as one module whose ``forward`` returns the loss: what Ray
+    Train's DistributedDataParallel wraps (its gradient hooks follow a ``forward`` call)."""
+
+    def __init__(self, model: TextSeqRec, cfg: FinetuneConfig, log_not_target: torch.Tensor | None = None):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+        self.loss_kind = resolve_loss(cfg.loss, model.n_items)
+        self.log_not_target = log_not_target if self.loss_kind == "sampled" else None
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return next_item_loss(
+            self.model, tokens, lengths, targets, self.cfg, loss=self.loss_kind,
+            log_not_target=self.log_not_target,
+        )  # fmt: skip
+
+
+def _full_softmax_loss(
+    model: TextSeqRec,
+    tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    targets: torch.Tensor,
+    cfg: FinetuneConfig,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     id_keep = None
     if cfg.id_dropout > 0 and model.training and model.cfg.text_model is not None:
         p = torch.full((model.n_items,), 1.0 - cfg.id_dropout, device=tokens.device)
@@ -183,30 +317,26 @@ def next_item_loss(
     h = hidden[keep]  # [N, H]
     y = targets[keep]  # [N]
     bias = model.bias * model.known * (1.0 if id_keep is None else id_keep)
-    if cfg.loss == "full":
-        logits = h @ items.T + bias  # [N, n_items]
-        if cfg.mask_history:
-            seen = _seen_mask(tokens, keep, model.n_items)  # [N, n_items]
-            seen[torch.arange(len(y), device=y.device), y] = False  # a repeated item stays a valid target
-            logits = logits.masked_fill(seen, float("-inf"))
-        return nn.functional.cross_entropy(logits, y)
-    neg = torch.randint(0, model.n_items, (cfg.num_negatives,), device=h.device, generator=generator)
-    pos_logit = (h * items[y]).sum(-1) + bias[y]  # [N]
-    neg_logit = h @ items[neg].T + bias[neg]  # [N, M]
-    # uniform sampling: log-Q correction subtracts log(M / n_items) from the sampled logits
-    neg_logit = neg_logit - math.log(cfg.num_negatives / model.n_items)
-    neg_logit = neg_logit.masked_fill(neg[None, :] == y[:, None], float("-inf"))  # accidental hits
-    logits = torch.cat([pos_logit[:, None], neg_logit], dim=1)
-    return nn.functional.cross_entropy(logits, torch.zeros(len(y), dtype=torch.long, device=h.device))
+    logits = h @ items.T + bias  # [N, n_items]
+    if cfg.mask_history:
+        seen = _seen_mask(tokens, keep, model.n_items)  # [N, n_items]
+        seen[torch.arange(len(y), device=y.device), y] = False  # a repeated item stays a valid target
+        logits = logits.masked_fill(seen, float("-inf"))
+    return nn.functional.cross_entropy(logits, y)
 
 
-def _seen_mask(tokens: torch.Tensor, keep: torch.Tensor, n_items: int) -> torch.Tensor:
-    """[N, n_items] bool for the N kept positions: item i occurs at or before that position of its window."""
+def _seen_mask(
+    tokens: torch.Tensor, keep: torch.Tensor, n_items: int, columns: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[N, n_items] bool for the N kept positions: item i occurs at or before that position of its window.
+    ``columns`` ([C] item indices) keeps only those columns ([N, C]) without building the wide mask."""
     b, t = tokens.shape
     first = torch.full((b, n_items + OFFSET), t, dtype=torch.long, device=tokens.device)
     positions = torch.arange(t, device=tokens.device).expand(b, t)
     first.scatter_reduce_(1, tokens, positions, reduce="amin")  # first position of each token per window
     rows, cols = keep.nonzero(as_tuple=True)  # same order as hidden[keep]
+    if columns is not None:
+        return first[rows[:, None], columns[None, :] + OFFSET] <= cols[:, None]
     return first[rows, OFFSET:] <= cols[:, None]
 
 
@@ -243,14 +373,16 @@ def finetune(
     for h in histories:
         known[h] = 1.0
     tokens, targets, lengths = training_windows(histories, model_cfg.max_len)
+    loss_kind = resolve_loss(cfg.loss, dataset.n_items)
     n_targets = int((targets != IGNORE).sum())
     log.info(
-        "%d users, %d windows, %d training targets, %d items (%d held out)",
+        "%d users, %d windows, %d training targets, %d items (%d held out); %s softmax",
         len(histories),
         len(tokens),
         n_targets,
         dataset.n_items,
         len(holdout),
+        loss_kind,
     )
 
     t_build = time.perf_counter()
@@ -260,86 +392,51 @@ def finetune(
         time.perf_counter() - t_build,
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}",
     )
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    objective = NextItemLoss(
+        model, cfg, log_not_target(histories, dataset.n_items) if loss_kind == "sampled" else None
+    )
     steps_per_epoch = math.ceil(len(tokens) / cfg.batch_size)
-
-    def lr_factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if not cfg.decay_epochs:
-            return 1.0
-        frac = min(1.0, (step - cfg.warmup_steps) / (cfg.decay_epochs * steps_per_epoch))
-        return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    opt, sched = make_optimizer(model, cfg, steps_per_epoch)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    rec = TransformerRecommender(model)
+    validator = Validator(
+        TransformerRecommender(model), dataset, cfg, n_final=len(dataset.eval_cases(cfg.scheme, "test"))
+    )
 
-    history: list[dict[str, float]] = []
-    best = (-1.0, 0)
-    best_state: dict[str, torch.Tensor] | None = None
-    bad_evals = 0
-    t0 = time.perf_counter()
-    train_seconds = 0.0
-    epoch = 0
-    bar = tqdm(total=cfg.epochs, desc="finetune", disable=not cfg.progress)
-    for epoch in range(1, cfg.epochs + 1):
-        te = time.perf_counter()
-        model.train()
+    def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(tokens), generator=gen)
-        losses = []
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
             width = int(lengths[idx].max())
-            loss = next_item_loss(
-                model,
-                tokens[idx, :width].to(device),
-                lengths[idx].to(device),
-                targets[idx, :width].to(device),
-                cfg,
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-        train_seconds += time.perf_counter() - te
-        row: dict[str, float] = {
-            "epoch": epoch,
-            "train_loss": float(np.mean(losses)),
-            "lr": sched.get_last_lr()[0],
-            "seconds": time.perf_counter() - t0,
-        }
-        out_of_time = (time.perf_counter() - t0) / 60 >= cfg.max_minutes
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or out_of_time:
-            model.eval()
-            val = evaluate_ranking(rec, dataset, scheme=cfg.scheme, split="valid", ks=(10,)).metrics
-            row.update({"valid_NDCG@10": val["NDCG@10"], "valid_HR@10": val["HR@10"]})
-            if val["NDCG@10"] > best[0]:
-                best = (val["NDCG@10"], epoch)
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                bad_evals = 0
-            elif epoch >= cfg.min_epochs:
-                bad_evals += 1
-        history.append(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_ndcg=f"{best[0]:.4f}")
-        _write_metrics_csv(run / "metrics.csv", history)
-        if bad_evals >= cfg.patience or out_of_time:
-            break
-    bar.close()
-    seconds = time.perf_counter() - t0
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    test = evaluate_ranking(rec, dataset, scheme=cfg.scheme, split="test").metrics
-    result = FinetuneResult(
-        run, best[1], best[0], epoch, seconds, train_seconds / max(epoch, 1), history, test, holdout.tolist()
+            yield tokens[idx, :width], lengths[idx], targets[idx, :width]
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
+        tok, lens, tgt = (x.to(device) for x in batch)
+        loss = objective(tok, lens, tgt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        return loss.item()
+
+    loop = TrainingLoop(cfg, steps_per_epoch, n_targets, validator, lambda: model.state_dict())
+    loop.run(
+        epoch_batches, step, model=model, lr=lambda: sched.get_last_lr()[0], metrics_csv=run / "metrics.csv"
     )
+    if loop.best_state is not None:
+        model.load_state_dict(loop.best_state)
+    model.eval()
+    valid_ndcg = validator.final_valid_ndcg(loop.best[0])
+    test = evaluate_ranking(TransformerRecommender(model), dataset, scheme=cfg.scheme, split="test").metrics
+    seconds = time.perf_counter() - loop.t0
+    result = FinetuneResult(
+        run, loop.best[1], valid_ndcg, loop.epochs_run, seconds,
+        loop.train_seconds / max(loop.epochs_done, 1e-9), loop.history, test, holdout.tolist(),
+    )  # fmt: skip
     meta = {
         "train": asdict(cfg),
+        "loss": loss_kind,
         "dataset": {
             "name": dataset.name,
             "ref": dataset_ref,
@@ -352,8 +449,214 @@ def finetune(
     if model_cfg.text_finetune_layers > 0:
         meta["item_texts"] = list(dataset.items[Col.TEXT])
     save_run(run, model, meta)
-    _plot_learning_curve(run / "learning_curve.png", history, title=f"{dataset.name}: fine-tuning")
+    _plot_learning_curve(run / "learning_curve.png", loop.history, title=f"{dataset.name}: fine-tuning")
+    log.info(
+        "done in %.1f min: best epoch %s, valid NDCG@10 %.4f, test NDCG@10 %.4f HR@10 %.4f",
+        seconds / 60, loop.best[1], valid_ndcg, test["NDCG@10"], test["HR@10"],
+    )  # fmt: skip
     return result
+
+
+def make_optimizer(
+    model: nn.Module, cfg: FinetuneConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with linear warm-up, then a cosine decay to 5% of ``lr`` over ``decay_epochs`` epochs."""
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+
+    def lr_factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if not cfg.decay_epochs:
+            return 1.0
+        frac = min(1.0, (step - cfg.warmup_steps) / (cfg.decay_epochs * steps_per_epoch))
+        return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+
+
+class Validator:
+    """Validation NDCG@10 / HR@10 while training, on a fixed sample of at most ``cfg.valid_users`` users, and
+    an estimate of what the final evaluation will cost (so the time budget can leave room for it)."""
+
+    def __init__(
+        self,
+        recommender: TransformerRecommender,
+        dataset: LogDataset | None,
+        cfg: FinetuneConfig,
+        *,
+        n_final: int,
+        cases: EvalCases | None = None,
+        n_valid: int | None = None,
+    ):
+        self.recommender, self.dataset, self.cfg = recommender, dataset, cfg
+        if cases is None:
+            full = dataset.eval_cases(cfg.scheme, "valid")
+            n_valid, cases = len(full), sample_cases(full, cfg.valid_users, seed=cfg.seed)
+        self.cases, self.n_valid = cases, n_valid if n_valid is not None else len(cases)
+        self.sampled = len(self.cases) < self.n_valid
+        self.n_final = n_final + (self.n_valid if self.sampled else 0)
+        self.seconds_per_user = self._time_a_chunk()
+
+    def _time_a_chunk(self) -> float:
+        histories = self.cases.histories[:256]
+        t = time.perf_counter()
+        top_items(self.recommender, histories, 10)
+        return (time.perf_counter() - t) / max(len(histories), 1)
+
+    def __call__(self) -> dict[str, float]:
+        t = time.perf_counter()
+        top = top_items(self.recommender, self.cases.histories, 10)
+        m = M.per_user_ranking_metrics(top, self.cases.targets, 10)
+        self.seconds_per_user = (time.perf_counter() - t) / max(len(self.cases), 1)
+        return {"valid_NDCG@10": float(m["NDCG"].mean()), "valid_HR@10": float(m["HR"].mean())}
+
+    def reserve_seconds(self) -> float:
+        """Seconds to keep for the stop: one more sampled validation, then the final evaluation."""
+        return 1.25 * self.seconds_per_user * (len(self.cases) + self.n_final)
+
+    def final_valid_ndcg(self, sampled_best: float) -> float:
+        """The best model's validation NDCG@10 on every validation user (the sample's figure when it held
+        them all)."""
+        if not self.sampled or self.dataset is None:
+            return sampled_best
+        res = evaluate_ranking(
+            self.recommender, self.dataset, scheme=self.cfg.scheme, split="valid", ks=(10,),
+            beyond_accuracy=False,
+        )  # fmt: skip
+        return res.metrics["NDCG@10"]
+
+
+class TrainingLoop:
+    """Epochs of steps under a wall-clock budget checked every step, validation every ``eval_every`` epochs
+    (and every ``eval_every_minutes`` within a long epoch), early stopping, a progress bar over steps and one
+    log line per validation. Shared by the single process and each Ray Train worker (``agree`` makes every
+    worker take the same decision; ``chief`` is the one that validates, logs and shows progress)."""
+
+    def __init__(
+        self,
+        cfg: FinetuneConfig,
+        steps_per_epoch: int,
+        targets_per_epoch: int,
+        validator: Validator | None,
+        state: Callable[[], dict[str, torch.Tensor]],
+        *,
+        chief: bool = True,
+        agree: Callable[[bool], bool] = lambda stop: stop,
+        on_eval: Callable[[dict[str, float], bool], None] | None = None,
+    ):
+        self.cfg, self.steps_per_epoch, self.targets_per_epoch = cfg, steps_per_epoch, targets_per_epoch
+        self.validator, self.state, self.chief, self.agree = validator, state, chief, agree
+        self.on_eval = on_eval
+        """Called on every worker after each validation point with the row and whether it was the best."""
+        self.history: list[dict[str, float]] = []
+        self.best: tuple[float, float] = (-1.0, 0)
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.bad_evals = 0
+        self.t0 = time.perf_counter()
+        self.train_seconds = 0.0
+        self.epochs_done = 0.0
+        self.epochs_run: float = 0
+        self.stopped_by = "epochs"
+
+    def budget_left(self) -> float:
+        reserve = self.validator.reserve_seconds() if self.validator is not None else 0.0
+        return self.cfg.max_minutes * 60 - (time.perf_counter() - self.t0) - reserve
+
+    def run(
+        self,
+        epoch_batches: Callable[[int], Iterator[Any]],
+        step: Callable[[Any], float],
+        *,
+        model: nn.Module,
+        lr: Callable[[], float],
+        metrics_csv: Path | None,
+    ) -> None:
+        cfg = self.cfg
+        bar = tqdm(
+            total=cfg.epochs * self.steps_per_epoch,
+            desc="finetune",
+            unit="step",
+            disable=not (cfg.progress and self.chief),
+            bar_format="{desc}: {n_fmt} steps [{elapsed}, {rate_fmt}{postfix}]",
+            mininterval=1.0,
+        )
+        last_eval = time.perf_counter()
+        with logging_redirect_tqdm():
+            for epoch in range(1, cfg.epochs + 1):
+                model.train()
+                losses: list[float] = []
+                te = time.perf_counter()
+                stop, n = False, 0
+                for n, batch in enumerate(epoch_batches(epoch), start=1):
+                    losses.append(step(batch))
+                    bar.update(1)
+                    done = (epoch - 1) + n / self.steps_per_epoch
+                    self._postfix(bar, losses, done, time.perf_counter() - te, n)
+                    stop = self.agree(self.budget_left() <= 0)
+                    if stop:
+                        break
+                    since = time.perf_counter() - last_eval
+                    due = bool(cfg.eval_every_minutes) and since >= 60 * cfg.eval_every_minutes
+                    if self.agree(due) and n < self.steps_per_epoch:
+                        self.train_seconds += time.perf_counter() - te
+                        self._row(done, losses, lr(), model, evaluate=True)
+                        last_eval, te, losses = time.perf_counter(), time.perf_counter(), []
+                        model.train()
+                self.train_seconds += time.perf_counter() - te
+                self.epochs_done = (epoch - 1) + (n / self.steps_per_epoch if stop else 1.0)
+                self.epochs_run = epoch
+                evaluate = stop or epoch % cfg.eval_every == 0 or epoch == cfg.epochs
+                self._row(self.epochs_done, losses, lr(), model, evaluate=evaluate)
+                if evaluate:
+                    last_eval = time.perf_counter()
+                if metrics_csv is not None and self.chief:
+                    _write_metrics_csv(metrics_csv, self.history)
+                if stop:
+                    self.stopped_by = "budget"
+                    break
+                if self.agree(self.bad_evals >= cfg.patience):
+                    self.stopped_by = "early stopping"
+                    break
+        bar.close()
+
+    def _postfix(self, bar: tqdm, losses: list[float], done: float, seconds: float, steps: int) -> None:
+        if not bar.disable and (steps % 10 == 0 or steps == 1):
+            rate = steps * self.targets_per_epoch / self.steps_per_epoch / max(seconds, 1e-9)
+            left_epochs = (self.cfg.epochs - done) * self.steps_per_epoch * seconds / steps
+            eta = max(0.0, min(self.budget_left(), left_epochs))
+            bar.set_postfix_str(
+                f"epoch {done:.2f}, loss {np.mean(losses[-50:]):.3f}, {rate:,.0f} targets/s, "
+                f"best valid NDCG@10 {max(self.best[0], 0):.4f}, ETA {tqdm.format_interval(eta)}",
+                refresh=False,
+            )
+
+    def _row(self, epoch: float, losses: list[float], lr: float, model: nn.Module, *, evaluate: bool) -> None:
+        row: dict[str, float] = {
+            "epoch": round(epoch, 4) if epoch != int(epoch) else int(epoch),
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "lr": lr,
+            "seconds": time.perf_counter() - self.t0,
+        }
+        improved = False
+        if evaluate and self.validator is not None:
+            model.eval()
+            t = time.perf_counter()
+            row.update(self.validator())
+            improved = row["valid_NDCG@10"] > self.best[0]
+            if improved:
+                self.best = (row["valid_NDCG@10"], row["epoch"])
+                self.best_state = {k: v.detach().clone() for k, v in self.state().items()}
+                self.bad_evals = 0
+            elif epoch >= self.cfg.min_epochs:
+                self.bad_evals += 1
+            log.info(
+                "epoch %s: train loss %.4f, valid NDCG@10 %.4f HR@10 %.4f (%d users, %.1fs)%s",
+                row["epoch"], row["train_loss"], row["valid_NDCG@10"], row["valid_HR@10"],
+                len(self.validator.cases), time.perf_counter() - t, " best" if improved else "",
+            )  # fmt: skip
+        self.history.append(row)
+        if evaluate and self.on_eval is not None:
+            self.on_eval(row, improved)
 
 
 def _write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rec_rllib.columns import Col, SplitScheme
-from rec_rllib.data.dataset import LogDataset
+from rec_rllib.data.dataset import EvalCases, LogDataset
 from rec_rllib.eval import metrics as M
 
 if TYPE_CHECKING:
@@ -47,29 +47,84 @@ def evaluate_ranking(
     batch_size: int = 512,
     item_features: np.ndarray | None = None,
     progress: bool = False,
+    cases: EvalCases | None = None,
+    beyond_accuracy: bool = True,
 ) -> RankingResult:
     """Evaluate ``recommender`` on ``dataset`` under ``scheme``/``split``.
 
     ``item_features`` ([n_items, D]) drive intra-list diversity; by default the items' genres are used
-    when the dataset has them (diversity is omitted otherwise).
+    when the dataset has them (diversity is omitted otherwise). ``cases`` evaluates those users only (e.g.
+    :func:`sample_cases`' fixed sample); ``beyond_accuracy=False`` leaves out coverage, novelty and diversity.
+    Users are scored in chunks of at most ``batch_size`` users and :data:`EVAL_CHUNK_CELLS` scores, so memory
+    does not grow with the number of users.
     """
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] <= 0:
         raise ValueError(f"ks must be positive integers, got {ks}")
-    cases = dataset.eval_cases(scheme, split)
+    cases = dataset.eval_cases(scheme, split) if cases is None else cases
     if len(cases) == 0:
         raise ValueError(f"{dataset.name}: no users have a {split!r} interaction under the {scheme!r} split")
-    kmax = max(ks)
-    recommender.reset()  # a stateful policy answers these users from a fresh state, in case order
-    tops = []
-    batches = range(0, len(cases), batch_size)
-    for start in tqdm(
-        batches, desc=f"{recommender.name} {scheme}/{split}", disable=not progress, leave=False
-    ):
-        hist = cases.histories[start : start + batch_size]
-        tops.append(recommender.recommend(hist, kmax, exclude_seen=exclude_seen).items)
-    top = np.concatenate(tops, axis=0)
+    top = top_items(
+        recommender, cases.histories, max(ks), exclude_seen=exclude_seen, batch_size=batch_size,
+        desc=f"{recommender.name} {scheme}/{split}" if progress else None,
+    )  # fmt: skip
+    out: dict[str, float] = {}
+    per_user: dict[str, np.ndarray] = {}
+    for k in ks:
+        for name, values in M.per_user_ranking_metrics(top, cases.targets, k).items():
+            key = f"{name}@{k}"
+            per_user[key] = values
+            out[key] = float(values.mean())
+    if beyond_accuracy:  # each k's figures together, accuracy first
+        out.update(_beyond_accuracy(top, dataset, scheme, ks, item_features))
+        out = {key: out[key] for k in ks for key in out if key.endswith(f"@{k}")}
+    return RankingResult(
+        metrics=out,
+        n_users=len(cases),
+        per_user=per_user,
+        user_idx=cases.user_idx,
+        history_len=np.fromiter((len(h) for h in cases.histories), dtype=np.int64, count=len(cases)),
+    )
 
+
+EVAL_CHUNK_CELLS = 1 << 23
+"""Most scores (users × items) held at once while evaluating: 32 MB of float32 whatever the catalogue."""
+
+
+def top_items(
+    recommender: Recommender,
+    histories: Sequence[np.ndarray],
+    k: int,
+    *,
+    exclude_seen: bool = True,
+    batch_size: int = 512,
+    desc: str | None = None,
+) -> np.ndarray:
+    """[U, k] each history's top ``k`` items, scored in chunks of users (a fresh state first)."""
+    recommender.reset()  # a stateful policy answers these users from a fresh state, in case order
+    chunk = max(1, min(batch_size, EVAL_CHUNK_CELLS // max(recommender.n_items, 1)))
+    tops = [
+        recommender.recommend(histories[start : start + chunk], k, exclude_seen=exclude_seen).items
+        for start in tqdm(range(0, len(histories), chunk), desc=desc, disable=desc is None, leave=False)
+    ]
+    return np.concatenate(tops, axis=0) if tops else np.zeros((0, k), dtype=np.int64)
+
+
+def sample_cases(cases: EvalCases, max_users: int, *, seed: int = 0) -> EvalCases:
+    """A fixed, seeded sample of at most ``max_users`` evaluation cases (all of them when there are fewer or
+    ``max_users`` is 0), in their original order."""
+    if not max_users or len(cases) <= max_users:
+        return cases
+    keep = np.sort(np.random.default_rng(seed).choice(len(cases), max_users, replace=False))
+    return EvalCases(
+        cases.user_idx[keep], [cases.histories[i] for i in keep], [cases.targets[i] for i in keep]
+    )
+
+
+def _beyond_accuracy(
+    top: np.ndarray, dataset: LogDataset, scheme: str, ks: Sequence[int], item_features: np.ndarray | None
+) -> dict[str, float]:
+    """coverage@k, novelty@k and (with item features or genres) diversity@k of the lists ``top``."""
     train = dataset.train_interactions(scheme)
     n_train_users = int(train[Col.USER_IDX].nunique())
     user_counts = np.bincount(
@@ -78,25 +133,13 @@ def evaluate_ranking(
     )
     info = M.self_information(user_counts, n_train_users)
     features = item_features if item_features is not None else dataset.item_genre_matrix()
-
     out: dict[str, float] = {}
-    per_user: dict[str, np.ndarray] = {}
     for k in ks:
-        for name, values in M.per_user_ranking_metrics(top, cases.targets, k).items():
-            key = f"{name}@{k}"
-            per_user[key] = values
-            out[key] = float(values.mean())
         out[f"coverage@{k}"] = M.coverage(top[:, :k], dataset.n_items)
         out[f"novelty@{k}"] = M.novelty(top[:, :k], info)
         if features is not None:
             out[f"diversity@{k}"] = M.intra_list_diversity(top[:, :k], features)
-    return RankingResult(
-        metrics=out,
-        n_users=len(cases),
-        per_user=per_user,
-        user_idx=cases.user_idx,
-        history_len=np.fromiter((len(h) for h in cases.histories), dtype=np.int64, count=len(cases)),
-    )
+    return out
 
 
 # -- analysis on per-user values ---------------------------------------------------------------------------

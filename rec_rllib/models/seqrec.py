@@ -129,6 +129,9 @@ class TextSeqRec(nn.Module):
             is_decoder=cfg.attention == "causal", use_cache=False,
         )  # fmt: skip
         self.encoder = BertModel(bert, add_pooling_layer=False)
+        # the encoder reads our own input embeddings: its one-row word table is never used (and a parameter
+        # that gets no gradient would stall DistributedDataParallel)
+        self.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
         self.state_head: nn.Linear | None = None
         if cfg.policy_head:
             self.state_head = nn.Linear(h, h)
@@ -154,6 +157,17 @@ class TextSeqRec(nn.Module):
         if self.cfg.text_model is None:
             return ids
         return ids + self.text_proj(self.item_text_embeddings())
+
+    def item_rows(self, idx: torch.Tensor, id_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """[len(idx), H]: the rows ``idx`` of :meth:`item_matrix`, computed for those items only (what a
+        sampled loss needs: its cost follows the batch, not the catalogue). ``id_keep`` is [len(idx)].
+        A trained text tower still encodes every item's text (its output is catalogue-wide)."""
+        known = self.known[idx] if id_keep is None else self.known[idx] * id_keep
+        ids = self.id_embedding.weight[idx + OFFSET] * known[:, None]
+        if self.cfg.text_model is None:
+            return ids
+        text = self.text_tower()[idx] if self.text_tower is not None else self.text_embeddings[idx]
+        return ids + self.text_proj(text)
 
     def token_embeddings(self, items: torch.Tensor) -> torch.Tensor:
         """[n_items + 2, H]: padding, [BOS], then every item."""

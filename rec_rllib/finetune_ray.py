@@ -1,0 +1,384 @@
+"""Data-parallel fine-tuning on Ray Train: the same model, objective and loop as :mod:`rec_rllib.finetune`,
+on ``num_workers`` Ray Train workers (PyTorch DDP: gloo on CPU, NCCL on GPU).
+
+Data flow: the driver writes the training windows once as Parquet files in the run directory
+(``train_windows/``, one row per window: its items, how many of them are input, whether it starts the user's
+history); Ray Data streams them to the workers (``streaming_split`` without dropping rows, block order
+shuffled every epoch plus a local shuffle buffer), so each window is a target of exactly one worker once per
+epoch and no worker holds the whole log. Each worker pads its batches, computes the loss through DDP
+(gradients averaged every step) and agrees with the others every step on whether to go on (the time budget,
+early stopping, an uneven last batch). Worker 0 validates on the fixed sample of validation users, shows
+progress and reports a checkpoint through Ray Train whenever validation improves. The driver then loads the
+best checkpoint, evaluates it on every validation and test user and writes the same run directory as the
+single-process path, so RL training, evaluation and serving read it unchanged.
+
+``batch_size`` is per worker: N workers take N × batch_size windows a step (scale ``lr`` with it if needed).
+The run directory (and so Ray Train's storage under it) must be reachable from every node: a shared
+filesystem or a URI such as ``s3://...``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rec_rllib.columns import Col
+from rec_rllib.data.dataset import LogDataset
+from rec_rllib.eval.ranking import evaluate_ranking, sample_cases
+from rec_rllib.finetune import (
+    IGNORE,
+    FinetuneConfig,
+    FinetuneResult,
+    NextItemLoss,
+    TrainingLoop,
+    Validator,
+    _plot_learning_curve,
+    _write_metrics_csv,
+    log_not_target,
+    make_optimizer,
+    resolve_device,
+    resolve_loss,
+    train_histories,
+)
+from rec_rllib.models.run import TransformerRecommender, build_model, save_run
+from rec_rllib.models.seqrec import BOS, OFFSET, ModelConfig, TextSeqRec
+
+log = logging.getLogger(__name__)
+
+WINDOWS_DIR = "train_windows"
+WINDOWS_PER_FILE = 20_000
+BEST_WEIGHTS = "model.safetensors"
+SUMMARY_FILE = "run_summary.json"
+
+
+# -- the training windows as Parquet -----------------------------------------------------------------------
+def window_rows(histories: list[np.ndarray], max_len: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """(items, n_input, from_start) of every training window, the same windows as
+    :func:`rec_rllib.finetune.training_windows`: the window's input items followed by the item after them
+    (when there is one); ``from_start`` marks a window that starts the user's history ([BOS] predicts its
+    first item)."""
+    items, n_input, from_start = [], [], []
+    for seq in histories:
+        end = len(seq)
+        while end > 0:
+            start = max(0, end - max_len)
+            items.append(seq[start : end + 1].astype(np.int32))
+            n_input.append(end - start)
+            from_start.append(start == 0)
+            end = start
+    return items, np.asarray(n_input, dtype=np.int32), np.asarray(from_start, dtype=bool)
+
+
+def write_windows(histories: list[np.ndarray], max_len: int, directory: str | Path) -> tuple[int, int]:
+    """Write the training windows to ``directory`` as Parquet files; (windows, targets)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.parquet"):
+        old.unlink()
+    items, n_input, from_start = window_rows(histories, max_len)
+    n = len(items)
+    n_files = max(8, math.ceil(n / WINDOWS_PER_FILE))
+    for f, lo in enumerate(range(0, n, math.ceil(n / n_files))):
+        hi = min(n, lo + math.ceil(n / n_files))
+        table = pa.table({
+            "items": pa.array(items[lo:hi], type=pa.list_(pa.int32())),
+            "n_input": pa.array(n_input[lo:hi]),
+            "from_start": pa.array(from_start[lo:hi]),
+        })  # fmt: skip
+        pq.write_table(table, out / f"part-{f:05d}.parquet")
+    return n, int(n_input.sum() + from_start.sum())
+
+
+def collate_windows(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Ray Data batch of windows -> (tokens [B, T], lengths [B], targets [B, T]) as training_windows makes
+    them (T = the longest window in the batch + 1)."""
+    rows, n_input, from_start = batch["items"], batch["n_input"], batch["from_start"]
+    width = int(n_input.max()) + 1
+    tokens = np.zeros((len(rows), width), dtype=np.int64)
+    targets = np.full((len(rows), width), IGNORE, dtype=np.int64)
+    tokens[:, 0] = BOS
+    for b, (seq, n) in enumerate(zip(rows, n_input, strict=True)):
+        seq = np.asarray(seq, dtype=np.int64)
+        tokens[b, 1 : n + 1] = seq[:n] + OFFSET
+        nxt = seq[1:]
+        targets[b, 1 : len(nxt) + 1] = nxt
+        if from_start[b]:
+            targets[b, 0] = seq[0]
+    return torch.from_numpy(tokens), torch.from_numpy(n_input.astype(np.int64) + 1), torch.from_numpy(targets)
+
+
+# -- one worker ---------------------------------------------------------------------------------------------
+def _train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``: DDP training of the shared loop on this worker's shard."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    chief = rank == 0
+    cfg = FinetuneConfig.from_dict(config["train"])
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed + rank)
+    model_cfg = ModelConfig.from_dict(config["model"])
+    state = ray.get(config["initial_state"])
+    model = TextSeqRec(
+        model_cfg, config["n_items"], text_embeddings=state.get("text_embeddings"), known_items=state["known"]
+    )
+    model.load_state_dict(state)
+    del state
+    device = ray.train.torch.get_device() if cfg.device != "cpu" else torch.device("cpu")
+    model.to(device)
+    objective = NextItemLoss(model, cfg, ray.get(config["log_not_target"]))
+    # buffers (the frozen text table) are the same on every worker and never change: not broadcast per step
+    ddp = ray.train.torch.prepare_model(
+        objective, move_to_device=device, parallel_strategy_kwargs={"broadcast_buffers": False}
+    )
+    steps_per_epoch = config["steps_per_epoch"]
+    opt, sched = make_optimizer(model, cfg, steps_per_epoch)
+    validator = None
+    if chief:
+        cases, n_valid, n_final = ray.get(config["valid_cases"])
+        validator = Validator(
+            TransformerRecommender(model), None, cfg, n_final=n_final, cases=cases, n_valid=n_valid
+        )
+    flag = torch.zeros(1, dtype=torch.int32)
+
+    def agree(value: bool) -> bool:
+        """Whether any worker says yes (every worker calls this at the same points)."""
+        flag.fill_(int(value))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    shard = ray.train.get_dataset_shard("train")
+    epoch_steps: list[int] = []  # this worker's own batches per epoch
+
+    def epoch_batches(epoch: int):
+        """This worker's batches; when its shard runs out before the others', it repeats its last batch
+        with weight 0 (DDP needs every worker in every step) until every shard is done."""
+        batches = shard.iter_batches(
+            batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * cfg.batch_size,
+            local_shuffle_seed=cfg.seed + 1000 * epoch + rank, drop_last=False,
+        )  # fmt: skip
+        # a one-window stand-in (weight 0) for a worker whose shard has nothing before the others are done
+        last = (torch.tensor([[BOS, OFFSET]]), torch.tensor([2]), torch.tensor([[0, IGNORE]]))
+        it, mine = iter(batches), 0
+        counts = torch.zeros(1, dtype=torch.int32)
+        while True:
+            batch = next(it, None)
+            counts.fill_(int(batch is not None))
+            dist.all_reduce(counts)
+            active = int(counts.item())
+            if active == 0:
+                return
+            if batch is not None:
+                last, mine = collate_windows(batch), mine + 1
+                yield last, world / active
+            else:
+                yield last, 0.0
+        log.debug("worker %d: %d batches of its own in epoch %d", rank, mine, epoch)
+        epoch_steps.append(mine)
+
+    def step(item) -> float:
+        (tok, lens, tgt), weight = item
+        loss = ddp(tok.to(device), lens.to(device), tgt.to(device))
+        opt.zero_grad(set_to_none=True)
+        (loss * weight).backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        return loss.item()
+
+    def on_eval(row: dict[str, float], improved: bool) -> None:
+        """Every worker reports each validation point to Ray Train; worker 0 attaches the weights when they
+        are the best so far (Ray Train keeps that checkpoint)."""
+        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+        if chief and improved:
+            with tempfile.TemporaryDirectory() as tmp:
+                weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+                save_file(weights, os.path.join(tmp, BEST_WEIGHTS))
+                ray.train.report(
+                    metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=
+                    f"best-{len(loop.history):05d}",
+                )  # fmt: skip
+        else:
+            ray.train.report(metrics)
+
+    loop = TrainingLoop(
+        cfg, steps_per_epoch, config["targets_per_worker_epoch"], validator, model.state_dict,
+        chief=chief, agree=agree, on_eval=on_eval,
+    )  # fmt: skip
+    loop.run(epoch_batches, step, model=model, lr=lambda: sched.get_last_lr()[0], metrics_csv=None)
+    counts = [None] * world
+    dist.all_gather_object(counts, epoch_steps)
+    # the last report's checkpoint carries the best weights and worker 0's record of the run to the driver
+    if chief:
+        summary = {
+            "history": loop.history, "best": list(loop.best), "epochs_run": loop.epochs_run,
+            "epochs_done": loop.epochs_done, "train_seconds": loop.train_seconds, "stopped_by": loop.stopped_by,
+            "batches_per_worker": counts,
+        }  # fmt: skip
+        best = loop.best_state if loop.best_state is not None else model.state_dict()
+        with tempfile.TemporaryDirectory() as tmp:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in best.items()}, os.path.join(tmp, BEST_WEIGHTS)
+            )
+            Path(tmp, SUMMARY_FILE).write_text(json.dumps(summary))
+            ray.train.report(
+                {"best_valid_NDCG@10": loop.best[0]}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name="final",
+            )  # fmt: skip
+    else:
+        ray.train.report({"best_valid_NDCG@10": loop.best[0]})
+
+
+# -- the driver ----------------------------------------------------------------------------------------------
+def finetune_distributed(
+    dataset: LogDataset,
+    model_cfg: ModelConfig,
+    cfg: FinetuneConfig,
+    run_dir: str | Path,
+    *,
+    num_workers: int = 2,
+    use_gpu: bool = False,
+    cpus_per_worker: float = 1.0,
+    dataset_ref: str | None = None,
+) -> FinetuneResult:
+    """Fine-tune on ``num_workers`` Ray Train workers (Ray must be initialised); same run directory as
+    :func:`rec_rllib.finetune.finetune`."""
+    import ray
+    import ray.data
+    import ray.train
+    import torch.distributed as dist
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if cfg.holdout_items > 0:
+        raise ValueError("holdout_items is a single-process setting; train without --num-workers for it")
+    run = Path(run_dir).absolute()
+    run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    histories = train_histories(dataset, cfg.scheme)
+    known = np.zeros(dataset.n_items, dtype=np.float32)
+    for h in histories:
+        known[h] = 1.0
+    n_windows, n_targets = write_windows(histories, model_cfg.max_len, run / WINDOWS_DIR)
+    loss_kind = resolve_loss(cfg.loss, dataset.n_items)
+    log.info(
+        "%d users, %d windows, %d training targets, %d items; %s softmax; %d Ray Train workers%s",
+        len(histories), n_windows, n_targets, dataset.n_items, loss_kind, num_workers,
+        " on GPUs" if use_gpu else "",
+    )  # fmt: skip
+    model = build_model(model_cfg, list(dataset.items[Col.TEXT]), known_items=known)
+    state_ref = ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    lnt_ref = ray.put(log_not_target(histories, dataset.n_items) if loss_kind == "sampled" else None)
+    full_valid = dataset.eval_cases(cfg.scheme, "valid")
+    n_test = len(dataset.eval_cases(cfg.scheme, "test"))
+    cases_ref = ray.put((sample_cases(full_valid, cfg.valid_users, seed=cfg.seed), len(full_valid), n_test))
+    del histories
+    config = {
+        "train": asdict(cfg), "model": model_cfg.to_dict(), "n_items": dataset.n_items,
+        "initial_state": state_ref, "log_not_target": lnt_ref, "valid_cases": cases_ref,
+        "steps_per_epoch": math.ceil(n_windows / num_workers / cfg.batch_size),
+        "targets_per_worker_epoch": math.ceil(n_targets / num_workers),
+    }  # fmt: skip
+    backend = "cpu:gloo,cuda:nccl" if use_gpu and dist.is_nccl_available() else "gloo"
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the loop shows progress
+    windows = ray.data.read_parquet(str(run / WINDOWS_DIR)).randomize_block_order()
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name="finetune", storage_path=str(run / "ray_train"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+        ),
+        datasets={"train": windows},
+        dataset_config=_exactly_once_split(),
+        # gloo for the CPU tensors (the workers' agreement flags, CPU training), NCCL for CUDA gradients
+        torch_config=TorchConfig(backend=backend),
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    with result.checkpoint.as_directory() as ckpt:
+        model.load_state_dict(load_file(os.path.join(ckpt, BEST_WEIGHTS)))
+        summary = json.loads(Path(ckpt, SUMMARY_FILE).read_text())
+    model = model.to(resolve_device("cpu" if not use_gpu else cfg.device)).eval()
+    rec = TransformerRecommender(model)
+    valid = evaluate_ranking(rec, dataset, scheme=cfg.scheme, split="valid", ks=(10,), beyond_accuracy=False)
+    test = evaluate_ranking(rec, dataset, scheme=cfg.scheme, split="test").metrics
+    seconds = time.perf_counter() - t0
+    history = summary["history"]
+    best_valid, best_epoch = summary["best"]
+    res = FinetuneResult(
+        run, best_epoch, valid.metrics["NDCG@10"], summary["epochs_run"], seconds,
+        summary["train_seconds"] / max(summary["epochs_done"], 1e-9), history, test, [],
+    )  # fmt: skip
+    meta = {
+        "train": asdict(cfg),
+        "loss": loss_kind,
+        "distributed": {
+            "num_workers": num_workers, "use_gpu": use_gpu, "backend": backend,
+            "sampled_best_valid_ndcg10": best_valid,
+        },
+        "dataset": {
+            "name": dataset.name, "ref": dataset_ref, "content_hash": dataset.manifest.get("content_hash"),
+        },
+        "item_ids": list(map(str, dataset.items[Col.ITEM_ID])),
+        "holdout_items": [],
+        "result": {k: v for k, v in asdict(res).items() if k not in ("history", "run_dir")},
+    }  # fmt: skip
+    if model_cfg.text_finetune_layers > 0:
+        meta["item_texts"] = list(dataset.items[Col.TEXT])
+    save_run(run, model, meta)
+    _write_metrics_csv(run / "metrics.csv", history)
+    _plot_learning_curve(
+        run / "learning_curve.png", history, title=f"{dataset.name}: fine-tuning ({num_workers} workers)"
+    )
+    log.info(
+        "done in %.1f min on %d workers: best epoch %s, valid NDCG@10 %.4f, test NDCG@10 %.4f HR@10 %.4f",
+        seconds / 60, num_workers, best_epoch, res.best_valid_ndcg10, test["NDCG@10"], test["HR@10"],
+    )  # fmt: skip
+    return res
+
+
+def _exactly_once_split():
+    """Ray Train's data config with ``streaming_split(equal=False)``: the default (``equal=True``) drops rows
+    to give every worker the same count; here every window is trained on once per epoch and the loop evens
+    out the last steps instead (Ray Train's documented way to change the split: override ``configure``)."""
+    from ray.train import DataConfig
+
+    class ExactlyOnceSplit(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            output = [{} for _ in range(world_size)]
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    output[i][name] = split
+            return output
+
+    return ExactlyOnceSplit()
