@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs._common import fail, ray_session, setup_logging
+from jobs._common import fail, parse_resources, ray_session, setup_logging
 from rec_rllib.data.catalog import load_or_prepare, prepared_dir
 from rec_rllib.env import REWARDS, EnvConfig
 from rec_rllib.explore import STRATEGIES, ExplorationConfig
@@ -39,22 +39,11 @@ from rec_rllib.rl.train import ALGORITHMS, RLTrainConfig, parse_cooccurrence_gam
 log = logging.getLogger("jobs.train")
 
 
-def _resources(pairs: list[str] | None) -> dict[str, float]:
-    out = {}
-    for pair in pairs or []:
-        key, _, value = pair.partition("=")
-        try:
-            out[key] = float(value or 1)
-        except ValueError:
-            fail(f"resource {pair!r} must look like NAME=AMOUNT (e.g. env_runner=1)")
-    return out
-
-
-def unoffered_resources(cfg: RLTrainConfig) -> list[str]:
+def unofferedparse_resources(cfg: RLTrainConfig) -> list[str]:
     """The resources the run's env runners and learners ask for that no node of the connected Ray offers."""
     import ray
 
-    offered = ray.cluster_resources()
+    offered = ray.clusterparse_resources()
     wanted = {*cfg.env_runner_resources, *cfg.learner_resources}
     if cfg.num_learners and cfg.num_gpus_per_learner:
         wanted.add("GPU")
@@ -196,9 +185,9 @@ def resolve_config(args: argparse.Namespace) -> RLTrainConfig:
             merged[name] = value
     merged["finetuned"] = args.finetuned
     if args.env_runner_resource:
-        merged["env_runner_resources"] = _resources(args.env_runner_resource)
+        merged["env_runner_resources"] = parse_resources(args.env_runner_resource)
     if args.learner_resource:
-        merged["learner_resources"] = _resources(args.learner_resource)
+        merged["learner_resources"] = parse_resources(args.learner_resource)
     for f in fields(ExplorationConfig):
         value = getattr(args, f.name, None)
         if value is not None:
@@ -245,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.env.seed = cfg.seed
 
     with ray_session(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus):
-        missing = unoffered_resources(cfg)
+        missing = unofferedparse_resources(cfg)
         if missing:
             said = (f"no node of this Ray offers {missing}, which the env runners or learners ask for "
                     "(--env-runner-resource, --learner-resource, --num-gpus-per-learner)")  # fmt: skip

@@ -124,6 +124,10 @@ class FinetuneResult:
     history: list[dict[str, float]] = field(default_factory=list)
     test_metrics: dict[str, float] = field(default_factory=dict)
     holdout: list[int] = field(default_factory=list)
+    targets_per_second: float = 0.0
+    """Training targets (next-item predictions) per second of training, evaluation excluded."""
+    stopped_by: str = "epochs"
+    """What ended training: ``epochs``, ``early stopping`` or ``budget``."""
 
 
 def train_histories(
@@ -433,6 +437,7 @@ def finetune(
     result = FinetuneResult(
         run, loop.best[1], valid_ndcg, loop.epochs_run, seconds,
         loop.train_seconds / max(loop.epochs_done, 1e-9), loop.history, test, holdout.tolist(),
+        n_targets * loop.epochs_done / max(loop.train_seconds, 1e-9), loop.stopped_by,
     )  # fmt: skip
     meta = {
         "train": asdict(cfg),

@@ -60,7 +60,8 @@ from rec_rllib.models.seqrec import BOS, OFFSET, ModelConfig, TextSeqRec
 log = logging.getLogger(__name__)
 
 WINDOWS_DIR = "train_windows"
-WINDOWS_PER_FILE = 20_000
+WINDOWS_PER_FILE = 5_000
+"""At most this many windows a file, and at least 32 files: the unit Ray Data balances across workers."""
 BEST_WEIGHTS = "model.safetensors"
 SUMMARY_FILE = "run_summary.json"
 
@@ -84,17 +85,20 @@ def window_rows(histories: list[np.ndarray], max_len: int) -> tuple[list[np.ndar
 
 
 def write_windows(histories: list[np.ndarray], max_len: int, directory: str | Path) -> tuple[int, int]:
-    """Write the training windows to ``directory`` as Parquet files; (windows, targets)."""
+    """Write the training windows to ``directory`` as Parquet files (``window`` numbers them); (windows,
+    targets)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.parquet"):
         old.unlink()
     items, n_input, from_start = window_rows(histories, max_len)
     n = len(items)
-    n_files = max(8, math.ceil(n / WINDOWS_PER_FILE))
-    for f, lo in enumerate(range(0, n, math.ceil(n / n_files))):
-        hi = min(n, lo + math.ceil(n / n_files))
+    n_files = max(32, math.ceil(n / WINDOWS_PER_FILE))
+    per_file = max(1, math.ceil(n / n_files))
+    for f, lo in enumerate(range(0, n, per_file)):
+        hi = min(n, lo + per_file)
         table = pa.table({
+            "window": pa.array(np.arange(lo, hi, dtype=np.int64)),
             "items": pa.array(items[lo:hi], type=pa.list_(pa.int32())),
             "n_input": pa.array(n_input[lo:hi]),
             "from_start": pa.array(from_start[lo:hi]),
@@ -121,7 +125,72 @@ def collate_windows(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.T
     return torch.from_numpy(tokens), torch.from_numpy(n_input.astype(np.int64) + 1), torch.from_numpy(targets)
 
 
+def windows_dataset(directory: str | Path, *, workers: int, seed: int = 0):
+    """The training windows as a Ray Dataset read from their Parquet files, the files in a new seeded order
+    every epoch, in blocks small enough (about 16 a worker) for Ray's split to balance the workers: Ray Data
+    otherwise reads small files into one block, which one worker would get whole."""
+    import ray.data
+
+    files = sorted(Path(directory).glob("*.parquet"))
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    in_memory = sum(_list_values(f) * 4 + 24 for f in files) + 16 * rows  # int32 items, offsets, row ids
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the training loop shows progress
+    saved = ctx.target_max_block_size
+    ctx.target_max_block_size = int(min(saved, max(16 * 1024, in_memory / (16 * workers))))
+    try:  # the dataset keeps a copy of the context it was made in
+        order = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True)
+        return ray.data.read_parquet(str(directory), shuffle=order)
+    finally:
+        ctx.target_max_block_size = saved
+
+
+def _list_values(path: Path) -> int:
+    """The number of items in a windows file's ``items`` lists (from its metadata)."""
+    meta = pq.ParquetFile(path).metadata
+    return sum(
+        meta.row_group(g).column(c).num_values
+        for g in range(meta.num_row_groups)
+        for c in range(meta.num_columns)
+        if meta.row_group(g).column(c).path_in_schema.startswith("items.")
+    )
+
+
 # -- one worker ---------------------------------------------------------------------------------------------
+STAND_IN = {
+    "window": np.array([-1]),
+    "items": np.array([np.array([0], dtype=np.int32)], dtype=object),
+    "n_input": np.array([1], dtype=np.int32),
+    "from_start": np.array([True]),
+}
+"""A one-window batch a worker trains on with weight 0 when its shard ran out before the others'."""
+
+
+def shard_batches(shard, cfg: FinetuneConfig, epoch: int, rank: int, world: int):
+    """(Ray Data batch of windows, loss weight) for one epoch of this worker's shard, in lockstep with the
+    other workers: every step all of them agree on how many still have a batch; a worker whose shard ran out
+    steps on :data:`STAND_IN` with weight 0 (DDP needs every worker in every step) and the others weigh their
+    loss by world / active, so the averaged gradient is the active workers' mean. Ends when every shard is
+    done: each window is trained on exactly once per epoch."""
+    import torch.distributed as dist
+
+    batches = shard.iter_batches(
+        batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * cfg.batch_size,
+        local_shuffle_seed=cfg.seed + 1000 * epoch + rank, drop_last=False,
+    )  # fmt: skip
+    it = iter(batches)
+    count = torch.zeros(1, dtype=torch.int32)
+    while True:
+        batch = next(it, None)
+        count.fill_(int(batch is not None))
+        if world > 1:
+            dist.all_reduce(count)
+        active = int(count.item())
+        if active == 0:
+            return
+        yield (batch, world / active) if batch is not None else (STAND_IN, 0.0)
+
+
 def _train_worker(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: DDP training of the shared loop on this worker's shard."""
     import ray
@@ -170,30 +239,10 @@ def _train_worker(config: dict[str, Any]) -> None:
     epoch_steps: list[int] = []  # this worker's own batches per epoch
 
     def epoch_batches(epoch: int):
-        """This worker's batches; when its shard runs out before the others', it repeats its last batch
-        with weight 0 (DDP needs every worker in every step) until every shard is done."""
-        batches = shard.iter_batches(
-            batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * cfg.batch_size,
-            local_shuffle_seed=cfg.seed + 1000 * epoch + rank, drop_last=False,
-        )  # fmt: skip
-        # a one-window stand-in (weight 0) for a worker whose shard has nothing before the others are done
-        last = (torch.tensor([[BOS, OFFSET]]), torch.tensor([2]), torch.tensor([[0, IGNORE]]))
-        it, mine = iter(batches), 0
-        counts = torch.zeros(1, dtype=torch.int32)
-        while True:
-            batch = next(it, None)
-            counts.fill_(int(batch is not None))
-            dist.all_reduce(counts)
-            active = int(counts.item())
-            if active == 0:
-                return
-            if batch is not None:
-                last, mine = collate_windows(batch), mine + 1
-                yield last, world / active
-            else:
-                yield last, 0.0
-        log.debug("worker %d: %d batches of its own in epoch %d", rank, mine, epoch)
-        epoch_steps.append(mine)
+        epoch_steps.append(0)
+        for batch, weight in shard_batches(shard, cfg, epoch, rank, world):
+            epoch_steps[-1] += int(weight > 0)
+            yield collate_windows(batch), weight
 
     def step(item) -> float:
         (tok, lens, tgt), weight = item
@@ -226,14 +275,15 @@ def _train_worker(config: dict[str, Any]) -> None:
         chief=chief, agree=agree, on_eval=on_eval,
     )  # fmt: skip
     loop.run(epoch_batches, step, model=model, lr=lambda: sched.get_last_lr()[0], metrics_csv=None)
-    counts = [None] * world
+    counts, nodes = [None] * world, [None] * world
     dist.all_gather_object(counts, epoch_steps)
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     # the last report's checkpoint carries the best weights and worker 0's record of the run to the driver
     if chief:
         summary = {
             "history": loop.history, "best": list(loop.best), "epochs_run": loop.epochs_run,
-            "epochs_done": loop.epochs_done, "train_seconds": loop.train_seconds, "stopped_by": loop.stopped_by,
-            "batches_per_worker": counts,
+            "epochs_done": loop.epochs_done, "train_seconds": loop.train_seconds,
+            "stopped_by": loop.stopped_by, "batches_per_worker": counts, "worker_nodes": nodes,
         }  # fmt: skip
         best = loop.best_state if loop.best_state is not None else model.state_dict()
         with tempfile.TemporaryDirectory() as tmp:
@@ -259,10 +309,12 @@ def finetune_distributed(
     num_workers: int = 2,
     use_gpu: bool = False,
     cpus_per_worker: float = 1.0,
+    worker_resources: dict[str, float] | None = None,
     dataset_ref: str | None = None,
 ) -> FinetuneResult:
     """Fine-tune on ``num_workers`` Ray Train workers (Ray must be initialised); same run directory as
-    :func:`rec_rllib.finetune.finetune`."""
+    :func:`rec_rllib.finetune.finetune`. ``worker_resources`` (custom resources each worker asks for, e.g.
+    ``{"trainer": 1}``) places workers on the nodes that offer them."""
     import ray
     import ray.data
     import ray.train
@@ -301,13 +353,13 @@ def finetune_distributed(
         "targets_per_worker_epoch": math.ceil(n_targets / num_workers),
     }  # fmt: skip
     backend = "cpu:gloo,cuda:nccl" if use_gpu and dist.is_nccl_available() else "gloo"
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the loop shows progress
-    windows = ray.data.read_parquet(str(run / WINDOWS_DIR)).randomize_block_order()
+    windows = windows_dataset(run / WINDOWS_DIR, workers=num_workers, seed=cfg.seed)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+            num_workers=num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **(worker_resources or {})},
         ),
         run_config=ray.train.RunConfig(
             name="finetune", storage_path=str(run / "ray_train"),
@@ -335,13 +387,15 @@ def finetune_distributed(
     res = FinetuneResult(
         run, best_epoch, valid.metrics["NDCG@10"], summary["epochs_run"], seconds,
         summary["train_seconds"] / max(summary["epochs_done"], 1e-9), history, test, [],
+        n_targets * summary["epochs_done"] / max(summary["train_seconds"], 1e-9), summary["stopped_by"],
     )  # fmt: skip
     meta = {
         "train": asdict(cfg),
         "loss": loss_kind,
         "distributed": {
             "num_workers": num_workers, "use_gpu": use_gpu, "backend": backend,
-            "sampled_best_valid_ndcg10": best_valid,
+            "sampled_best_valid_ndcg10": best_valid, "batches_per_worker": summary["batches_per_worker"],
+            "worker_nodes": summary["worker_nodes"],
         },
         "dataset": {
             "name": dataset.name, "ref": dataset_ref, "content_hash": dataset.manifest.get("content_hash"),
