@@ -425,6 +425,10 @@ def finetune(
         return loss.item()
 
     loop = TrainingLoop(cfg, steps_per_epoch, n_targets, validator, lambda: model.state_dict())
+    log.info(
+        "budget %.1f min, of which about %.0f s kept for the last validation and the final evaluation; "
+        "%d steps an epoch", cfg.max_minutes, validator.reserve_seconds(), steps_per_epoch,
+    )  # fmt: skip
     loop.run(
         epoch_batches, step, model=model, lr=lambda: sched.get_last_lr()[0], metrics_csv=run / "metrics.csv"
     )
@@ -503,7 +507,10 @@ class Validator:
         self.seconds_per_user = self._time_a_chunk()
 
     def _time_a_chunk(self) -> float:
-        histories = self.cases.histories[:256]
+        """Seconds per user of scoring, from a chunk of users after a warm-up (the first call pays one-time
+        costs that would make the budget's reserve far too large)."""
+        histories = self.cases.histories[:128]
+        top_items(self.recommender, histories, 10)
         t = time.perf_counter()
         top_items(self.recommender, histories, 10)
         return (time.perf_counter() - t) / max(len(histories), 1)

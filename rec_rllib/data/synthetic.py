@@ -2,13 +2,14 @@
 benchmarks measure cost growth on (MovieLens-100K itself stays the test bed for quality).
 
 Shape: user activity is heavy-tailed (log-normal from a floor of 20 draws, as MovieLens' users are; a
-user whose draws repeat items keeps fewer); items fall into topics whose popularity, and the popularity of items within a topic, follow
-Zipf's law. Each next item is, with fixed probabilities, the *successor* of the previous item (a fixed
-item-to-item transition, the sequential structure a sequence model can learn), another item of the previous
-item's topic, or an item of one of the user's favourite topics. Item text names the item and its topic's
-words, so a text encoder can tell topics apart. No user sees an item twice. Sizes by ``scale``: 1 = 1,500
-users / 1,682 items / ~100,000 interactions, 10 = 15,000 / 20,000 / ~1M, 100 = 150,000 / 100,000 / ~10M
-(:data:`SCALES`; other scales interpolate users linearly and items by :func:`items_for_scale`).
+user whose draws repeat items keeps fewer); items fall into topics whose popularity, and the popularity of
+items within a topic, follow Zipf's law. Each next item is, with fixed probabilities, the *successor* of
+the previous item (a fixed item-to-item transition, the sequential structure a sequence model can learn),
+another item of the previous item's topic, or an item of one of the user's favourite topics. Item text
+names the item and its topic's words, so a text encoder can tell topics apart. No user sees an item twice.
+Sizes by ``scale``: 1 = 1,500 users / 1,682 items / ~100,000 interactions, 10 = 15,000 / 20,000 / ~1M,
+100 = 150,000 / 100,000 / ~10M (:data:`SCALES`; other scales interpolate users linearly and items by
+:func:`items_for_scale`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ SCALES = {1: (1_500, 1_682), 10: (15_000, 20_000), 100: (150_000, 100_000)}
 MEAN_PER_USER = 74.0
 """Mean interactions drawn per user; about 10% are repeats and dropped, leaving ~66.7."""
 MIN_PER_USER = 20
+CHUNK_USERS = 20_000
 
 TOPIC_WORDS = (
     "space", "western", "noir", "romance", "war", "heist", "comedy", "horror", "sport", "music", "family",
@@ -33,8 +35,8 @@ TOPIC_WORDS = (
 )  # fmt: skip
 TITLE_WORDS = (
     "return", "night", "last", "secret", "city", "dream", "storm", "edge", "heart", "shadow", "river", "fire",
-    "garden", "letter", "silver", "promise", "journey", "empire", "echo", "winter", "summer", "bridge", "crown",
-    "road", "glass", "stone", "wild", "broken", "golden", "hidden", "lost", "first",
+    "garden", "letter", "silver", "promise", "journey", "empire", "echo", "winter", "summer", "bridge",
+    "crown", "road", "glass", "stone", "wild", "broken", "golden", "hidden", "lost", "first",
 )  # fmt: skip
 
 
@@ -46,7 +48,8 @@ class SyntheticLog:
     """item_id, text."""
 
     def write(self, directory: str | Path) -> tuple[Path, Path]:
-        """Write ``interactions.parquet`` and ``items.parquet`` (what ``jobs.prepare --dataset custom`` reads)."""
+        """Write ``interactions.parquet`` and ``items.parquet``, which ``jobs.prepare --dataset custom``
+        reads."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         inter, items = out / "interactions.parquet", out / "items.parquet"
@@ -108,8 +111,43 @@ def generate(
 
     # draw more than needed: repeats are dropped, then each user keeps its first ``counts`` distinct items
     drawn = np.ceil(counts * 2.5).astype(np.int64) + 20
+    parts = []
+    for lo in range(0, n_users, CHUNK_USERS):  # users in chunks: memory follows the chunk's longest history
+        users = np.arange(lo, min(n_users, lo + CHUNK_USERS))
+        seqs = _draw_sequences(rng, drawn[users], favourites[users], fav_weight[users], successor, topic_of,
+                               starts, sizes, p_successor, p_same_topic)  # fmt: skip
+        part = pd.DataFrame({"u": np.repeat(users, drawn[users]), "i": seqs[seqs >= 0]})
+        part = part.drop_duplicates(["u", "i"], keep="first")  # nobody sees an item twice
+        parts.append(part[part.groupby("u", sort=False).cumcount().to_numpy() < counts[part["u"].to_numpy()]])
+    frame = pd.concat(parts, ignore_index=True)
+    start = rng.integers(874_724_710, 893_286_638, size=n_users)  # MovieLens-100K's time span
+    frame["g"] = rng.exponential(3_600.0, size=len(frame)).astype(np.int64) + 1  # seconds between items
+    frame["t"] = start[frame["u"].to_numpy()] + frame.groupby("u", sort=False)["g"].cumsum().to_numpy()
+    ratings = np.clip(np.round(rng.normal(3.6, 1.1, size=len(frame))), 1, 5).astype(np.int64)
+    interactions = pd.DataFrame({
+        "user_id": (frame["u"].to_numpy() + 1).astype(str),
+        "item_id": (frame["i"].to_numpy() + 1).astype(str),
+        "timestamp": frame["t"].to_numpy(),
+        "rating": ratings,
+    })  # fmt: skip
+    return SyntheticLog(interactions, _item_texts(rng, n_items, topic_of, n_topics))
+
+
+def _draw_sequences(
+    rng: np.random.Generator,
+    drawn: np.ndarray,
+    favourites: np.ndarray,
+    fav_weight: np.ndarray,
+    successor: np.ndarray,
+    topic_of: np.ndarray,
+    starts: np.ndarray,
+    sizes: np.ndarray,
+    p_successor: float,
+    p_same_topic: float,
+) -> np.ndarray:
+    """[users, longest] item sequences (-1 past each user's ``drawn`` items), all users a step at a time."""
     max_len = int(drawn.max())
-    seqs = np.full((n_users, max_len), -1, dtype=np.int32)
+    seqs = np.full((len(drawn), max_len), -1, dtype=np.int32)
     prev = _item_in_topic(rng, favourites[:, 0], starts, sizes)
     seqs[:, 0] = prev
     for step in range(1, max_len):
@@ -128,22 +166,7 @@ def generate(
         nxt[fav] = _item_in_topic(rng, favourites[active[fav], pick], starts, sizes)
         seqs[active, step] = nxt
         prev[active] = nxt
-
-    users = np.repeat(np.arange(n_users), drawn)
-    frame = pd.DataFrame({"u": users, "i": seqs[seqs >= 0]})
-    frame = frame.drop_duplicates(["u", "i"], keep="first")  # nobody sees an item twice
-    frame = frame[frame.groupby("u", sort=False).cumcount().to_numpy() < counts[frame["u"].to_numpy()]]
-    start = rng.integers(874_724_710, 893_286_638, size=n_users)  # MovieLens-100K's time span
-    frame["g"] = rng.exponential(3_600.0, size=len(frame)).astype(np.int64) + 1  # seconds between items
-    frame["t"] = start[frame["u"].to_numpy()] + frame.groupby("u", sort=False)["g"].cumsum().to_numpy()
-    ratings = np.clip(np.round(rng.normal(3.6, 1.1, size=len(frame))), 1, 5).astype(np.int64)
-    interactions = pd.DataFrame({
-        "user_id": (frame["u"].to_numpy() + 1).astype(str),
-        "item_id": (frame["i"].to_numpy() + 1).astype(str),
-        "timestamp": frame["t"].to_numpy(),
-        "rating": ratings,
-    })  # fmt: skip
-    return SyntheticLog(interactions, _item_texts(rng, n_items, topic_of, n_topics))
+    return seqs
 
 
 def _zipf_topics(rng: np.random.Generator, weight: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
