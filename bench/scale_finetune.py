@@ -157,7 +157,8 @@ def main() -> None:
         if r["size"] != "1x" and r["size"] != "ml-100k" and "skipped" not in r and r["loss"] in base:
             ratio = r["targets_per_second"] / base[r["loss"]]["targets_per_second"]
             print(
-                f"{r['size']} {r['loss']}: targets/s {ratio:.2f}x the 1x figure ({r['items']:,} vs 1,682 items)"
+                f"{r['size']} {r['loss']}: targets/s {ratio:.2f}x the 1x figure "
+                f"({r['items']:,} vs 1,682 items)"
             )
 
 

@@ -26,7 +26,7 @@ from rec_rllib.columns import Col, SplitScheme
 from rec_rllib.config import DictConfig
 from rec_rllib.data.dataset import EvalCases, LogDataset
 from rec_rllib.eval import metrics as M
-from rec_rllib.eval.ranking import evaluate_ranking, sample_cases, top_items
+from rec_rllib.eval.ranking import EVAL_CHUNK_CELLS, evaluate_ranking, sample_cases, top_items
 from rec_rllib.fsutil import write_csv
 from rec_rllib.models.run import TransformerRecommender, build_model, save_run
 from rec_rllib.models.seqrec import BOS, OFFSET, ModelConfig, TextSeqRec
@@ -146,6 +146,14 @@ def train_histories(
     return [seq for seq in np.split(items, cuts) if len(seq)]
 
 
+def known_items(histories: list[np.ndarray], n_items: int) -> np.ndarray:
+    """[n_items] 1.0 for the items that occur in training, 0.0 for the rest (they score by text alone)."""
+    known = np.zeros(n_items, dtype=np.float32)
+    for h in histories:
+        known[h] = 1.0
+    return known
+
+
 def training_windows(
     histories: list[np.ndarray], max_len: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -186,8 +194,9 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 
 FULL_SOFTMAX_MAX_ITEMS = 20_000
-"""``loss='auto'`` takes the full softmax up to this catalogue size and the sampled one above it: below it the
-full softmax costs little more per step than the sampled one and needs no estimate of the normaliser."""
+"""``loss='auto'`` takes the full softmax up to this catalogue size and the sampled one above it: the full
+softmax learns more per target (docs/scale.md), but its logits per step grow with the catalogue and pass what
+one machine holds well before 100,000 items."""
 
 
 def resolve_loss(loss: str, n_items: int) -> str:
@@ -373,9 +382,7 @@ def finetune(
             rng.choice(dataset.n_items, int(round(cfg.holdout_items * dataset.n_items)), replace=False)
         )
     histories = train_histories(dataset, cfg.scheme, holdout)
-    known = np.zeros(dataset.n_items, dtype=np.float32)
-    for h in histories:
-        known[h] = 1.0
+    known = known_items(histories, dataset.n_items)
     tokens, targets, lengths = training_windows(histories, model_cfg.max_len)
     loss_kind = resolve_loss(cfg.loss, dataset.n_items)
     n_targets = int((targets != IGNORE).sum())
@@ -416,12 +423,7 @@ def finetune(
     def step(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
         tok, lens, tgt = (x.to(device) for x in batch)
         loss = objective(tok, lens, tgt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
+        apply_gradients(loss, model, opt, sched, cfg.grad_clip)
         return loss.item()
 
     loop = TrainingLoop(cfg, steps_per_epoch, n_targets, validator, lambda: model.state_dict())
@@ -443,27 +445,28 @@ def finetune(
         loop.train_seconds / max(loop.epochs_done, 1e-9), loop.history, test, holdout.tolist(),
         n_targets * loop.epochs_done / max(loop.train_seconds, 1e-9), loop.stopped_by,
     )  # fmt: skip
-    meta = {
-        "train": asdict(cfg),
-        "loss": loss_kind,
-        "dataset": {
-            "name": dataset.name,
-            "ref": dataset_ref,
-            "content_hash": dataset.manifest.get("content_hash"),
-        },
-        "item_ids": list(map(str, dataset.items[Col.ITEM_ID])),
-        "holdout_items": holdout.tolist(),
-        "result": {k: v for k, v in asdict(result).items() if k not in ("history", "run_dir")},
-    }
-    if model_cfg.text_finetune_layers > 0:
-        meta["item_texts"] = list(dataset.items[Col.TEXT])
-    save_run(run, model, meta)
-    _plot_learning_curve(run / "learning_curve.png", loop.history, title=f"{dataset.name}: fine-tuning")
+    write_run(run, model, cfg, dataset, result, loss_kind, dataset_ref=dataset_ref, title="fine-tuning")
     log.info(
         "done in %.1f min: best epoch %s, valid NDCG@10 %.4f, test NDCG@10 %.4f HR@10 %.4f",
         seconds / 60, loop.best[1], valid_ndcg, test["NDCG@10"], test["HR@10"],
     )  # fmt: skip
     return result
+
+
+def apply_gradients(
+    loss: torch.Tensor,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    grad_clip: float,
+) -> None:
+    """One optimiser step on ``loss``: gradients, norm clipping (0 = none), AdamW, the schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
 
 
 def make_optimizer(
@@ -509,7 +512,8 @@ class Validator:
     def _time_a_chunk(self) -> float:
         """Seconds per user of scoring, from a chunk of users after a warm-up (the first call pays one-time
         costs that would make the budget's reserve far too large)."""
-        histories = self.cases.histories[:128]
+        chunk = max(1, min(512, EVAL_CHUNK_CELLS // max(self.recommender.n_items, 1)))  # as evaluation
+        histories = self.cases.histories[:chunk]
         top_items(self.recommender, histories, 10)
         t = time.perf_counter()
         top_items(self.recommender, histories, 10)
@@ -523,8 +527,9 @@ class Validator:
         return {"valid_NDCG@10": float(m["NDCG"].mean()), "valid_HR@10": float(m["HR"].mean())}
 
     def reserve_seconds(self) -> float:
-        """Seconds to keep for the stop: one more sampled validation, then the final evaluation."""
-        return 1.25 * self.seconds_per_user * (len(self.cases) + self.n_final)
+        """Seconds to keep for the stop: one more sampled validation, then the final evaluation (at the last
+        validation's pace, 5% more, and a few seconds to write the run)."""
+        return 1.05 * self.seconds_per_user * (len(self.cases) + self.n_final) + 5.0
 
     def final_valid_ndcg(self, sampled_best: float) -> float:
         """The best model's validation NDCG@10 on every validation user (the sample's figure when it held
@@ -669,6 +674,40 @@ class TrainingLoop:
         self.history.append(row)
         if evaluate and self.on_eval is not None:
             self.on_eval(row, improved)
+
+
+def write_run(
+    run: Path,
+    model: TextSeqRec,
+    cfg: FinetuneConfig,
+    dataset: LogDataset,
+    result: FinetuneResult,
+    loss_kind: str,
+    *,
+    dataset_ref: str | None,
+    title: str,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """The run directory: weights, item tables, the resolved settings and results (config.json),
+    metrics.csv and learning_curve.png: what evaluation, RL training and serving read."""
+    meta = {
+        "train": asdict(cfg),
+        "loss": loss_kind,
+        **(extra or {}),
+        "dataset": {
+            "name": dataset.name,
+            "ref": dataset_ref,
+            "content_hash": dataset.manifest.get("content_hash"),
+        },
+        "item_ids": list(map(str, dataset.items[Col.ITEM_ID])),
+        "holdout_items": list(result.holdout),
+        "result": {k: v for k, v in asdict(result).items() if k not in ("history", "run_dir")},
+    }
+    if model.cfg.text_finetune_layers > 0:
+        meta["item_texts"] = list(dataset.items[Col.TEXT])
+    save_run(run, model, meta)
+    _write_metrics_csv(run / "metrics.csv", result.history)
+    _plot_learning_curve(run / "learning_curve.png", result.history, title=f"{dataset.name}: {title}")
 
 
 def _write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:

@@ -34,7 +34,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from rec_rllib.columns import Col
 from rec_rllib.data.dataset import LogDataset
@@ -46,15 +45,16 @@ from rec_rllib.finetune import (
     NextItemLoss,
     TrainingLoop,
     Validator,
-    _plot_learning_curve,
-    _write_metrics_csv,
+    apply_gradients,
+    known_items,
     log_not_target,
     make_optimizer,
     resolve_device,
     resolve_loss,
     train_histories,
+    write_run,
 )
-from rec_rllib.models.run import TransformerRecommender, build_model, save_run
+from rec_rllib.models.run import TransformerRecommender, build_model
 from rec_rllib.models.seqrec import BOS, OFFSET, ModelConfig, TextSeqRec
 
 log = logging.getLogger(__name__)
@@ -247,12 +247,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     def step(item) -> float:
         (tok, lens, tgt), weight = item
         loss = ddp(tok.to(device), lens.to(device), tgt.to(device))
-        opt.zero_grad(set_to_none=True)
-        (loss * weight).backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
+        apply_gradients(loss * weight, model, opt, sched, cfg.grad_clip)
         return loss.item()
 
     def on_eval(row: dict[str, float], improved: bool) -> None:
@@ -329,9 +324,7 @@ def finetune_distributed(
     run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     histories = train_histories(dataset, cfg.scheme)
-    known = np.zeros(dataset.n_items, dtype=np.float32)
-    for h in histories:
-        known[h] = 1.0
+    known = known_items(histories, dataset.n_items)
     n_windows, n_targets = write_windows(histories, model_cfg.max_len, run / WINDOWS_DIR)
     loss_kind = resolve_loss(cfg.loss, dataset.n_items)
     log.info(
@@ -389,28 +382,15 @@ def finetune_distributed(
         summary["train_seconds"] / max(summary["epochs_done"], 1e-9), history, test, [],
         n_targets * summary["epochs_done"] / max(summary["train_seconds"], 1e-9), summary["stopped_by"],
     )  # fmt: skip
-    meta = {
-        "train": asdict(cfg),
-        "loss": loss_kind,
-        "distributed": {
-            "num_workers": num_workers, "use_gpu": use_gpu, "backend": backend,
-            "sampled_best_valid_ndcg10": best_valid, "batches_per_worker": summary["batches_per_worker"],
-            "worker_nodes": summary["worker_nodes"],
-        },
-        "dataset": {
-            "name": dataset.name, "ref": dataset_ref, "content_hash": dataset.manifest.get("content_hash"),
-        },
-        "item_ids": list(map(str, dataset.items[Col.ITEM_ID])),
-        "holdout_items": [],
-        "result": {k: v for k, v in asdict(res).items() if k not in ("history", "run_dir")},
+    distributed = {
+        "num_workers": num_workers, "use_gpu": use_gpu, "backend": backend,
+        "sampled_best_valid_ndcg10": best_valid, "batches_per_worker": summary["batches_per_worker"],
+        "worker_nodes": summary["worker_nodes"],
     }  # fmt: skip
-    if model_cfg.text_finetune_layers > 0:
-        meta["item_texts"] = list(dataset.items[Col.TEXT])
-    save_run(run, model, meta)
-    _write_metrics_csv(run / "metrics.csv", history)
-    _plot_learning_curve(
-        run / "learning_curve.png", history, title=f"{dataset.name}: fine-tuning ({num_workers} workers)"
-    )
+    write_run(
+        run, model, cfg, dataset, res, loss_kind, dataset_ref=dataset_ref,
+        title=f"fine-tuning ({num_workers} workers)", extra={"distributed": distributed},
+    )  # fmt: skip
     log.info(
         "done in %.1f min on %d workers: best epoch %s, valid NDCG@10 %.4f, test NDCG@10 %.4f HR@10 %.4f",
         seconds / 60, num_workers, best_epoch, res.best_valid_ndcg10, test["NDCG@10"], test["HR@10"],

@@ -153,6 +153,21 @@ def test_chunked_evaluation_equals_one_chunk(ml100k, tmp_path, monkeypatch):
         assert chunked.metrics[k] == pytest.approx(v, abs=1e-9), k
 
 
+def test_the_recommender_reuses_its_item_matrix_until_a_weight_changes():
+    n = 300
+    model = TextSeqRec(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, max_len=8), n,
+                       text_embeddings=torch.randn(n, 12))  # fmt: skip
+    rec = TransformerRecommender(model)
+    histories = [np.array([1, 2, 3]), np.array([7])]
+    before = rec.score(histories)
+    assert rec.item_matrix() is rec.item_matrix()  # computed once while nothing changes
+    with torch.no_grad():
+        model.text_proj[0].weight.mul_(2.0)  # an in-place update, as an optimiser step makes
+    after = rec.score(histories)
+    assert not np.allclose(before, after)
+    np.testing.assert_array_equal(after, TransformerRecommender(model).score(histories))
+
+
 # -- Ray Train --------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ray_data_feed_gives_every_window_once_per_epoch_across_workers(ml100k, tmp_path):

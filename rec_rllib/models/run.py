@@ -107,6 +107,7 @@ class TransformerRecommender(Recommender):
     def __init__(self, model: TextSeqRec, *, name: str | None = None, batch_size: int = 256):
         self.model = model.eval()
         self.batch_size = batch_size
+        self._items: tuple[tuple, torch.Tensor] | None = None  # (weights' versions, item matrix)
         if name:
             self.name = name
 
@@ -121,10 +122,21 @@ class TransformerRecommender(Recommender):
         model, _ = load_run(run_dir, device=device)
         return cls(model, name=name or Path(run_dir).name)
 
+    def item_matrix(self) -> torch.Tensor:
+        """The model's item matrix, computed again only when a weight or buffer it may depend on changed
+        (each in-place update bumps a tensor's version; added items replace tensors): an evaluation scores
+        its users in many chunks, and at 100,000 items the matrix costs more than a chunk's users."""
+        m = self.model
+        key = (m.n_items, *((id(t), t._version) for t in (*m.parameters(), *m.buffers())))
+        if self._items is None or self._items[0] != key:
+            with torch.no_grad():
+                self._items = (key, m.item_matrix())
+        return self._items[1]
+
     @torch.no_grad()
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         device = next(self.model.parameters()).device
-        items = self.model.item_matrix()
+        items = self.item_matrix()
         out = []
         for start in range(0, len(histories), self.batch_size):
             tokens, lengths = pad_histories(
