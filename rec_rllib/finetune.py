@@ -77,8 +77,8 @@ class FinetuneConfig(DictConfig):
     """Validation users evaluated while training (a fixed seeded sample; 0 = all). The best model is
     evaluated on every validation user at the end."""
     eval_every_minutes: float = 5.0
-    """Also validate within an epoch once this many minutes passed since the last validation (0 = only at
-    epoch ends): on a large log one epoch outlasts the budget."""
+    """Also validate within an epoch once this many minutes (or a quarter of the budget, if shorter) passed
+    since the last validation (0 = only at epoch ends): on a large log one epoch outlasts the budget."""
     min_epochs: int = 0
     """Evaluations before this epoch never trigger early stopping."""
     scheme: str = SplitScheme.LEAVE_ONE_OUT
@@ -574,6 +574,14 @@ class TrainingLoop:
         self.epochs_done = 0.0
         self.epochs_run: float = 0
         self.stopped_by = "epochs"
+        self.validated = False
+        """Whether a validation ran (and so measured the pace the budget's reserve is computed from)."""
+
+    def eval_interval_minutes(self) -> float:
+        """Minutes between validations inside an epoch: ``eval_every_minutes``, or a quarter of the budget
+        when that is shorter (so even a short run validates, and the budget's reserve is measured, not
+        guessed, before the stop)."""
+        return min(self.cfg.eval_every_minutes, self.cfg.max_minutes / 4)
 
     def budget_left(self) -> float:
         reserve = self.validator.reserve_seconds() if self.validator is not None else 0.0
@@ -610,10 +618,16 @@ class TrainingLoop:
                     done = (epoch - 1) + n / self.steps_per_epoch
                     self._postfix(bar, losses, done, time.perf_counter() - te, n)
                     stop = self.agree(self.budget_left() <= 0)
-                    if stop:
+                    if stop and not self.validated and n < self.steps_per_epoch:
+                        stop = (
+                            False  # the reserve is still an estimate from one chunk: validate to measure it
+                        )
+                        due = True
+                    elif stop:
                         break
-                    since = time.perf_counter() - last_eval
-                    due = bool(cfg.eval_every_minutes) and since >= 60 * cfg.eval_every_minutes
+                    else:
+                        since = time.perf_counter() - last_eval
+                        due = bool(cfg.eval_every_minutes) and since >= 60 * self.eval_interval_minutes()
                     if self.agree(due) and n < self.steps_per_epoch:
                         self.train_seconds += time.perf_counter() - te
                         self._row(done, losses, lr(), model, evaluate=True)
@@ -655,6 +669,7 @@ class TrainingLoop:
             "seconds": time.perf_counter() - self.t0,
         }
         improved = False
+        self.validated = self.validated or evaluate
         if evaluate and self.validator is not None:
             model.eval()
             t = time.perf_counter()
