@@ -39,11 +39,11 @@ from rec_rllib.rl.train import ALGORITHMS, RLTrainConfig, parse_cooccurrence_gam
 log = logging.getLogger("jobs.train")
 
 
-def unofferedparse_resources(cfg: RLTrainConfig) -> list[str]:
+def unoffered_resources(cfg: RLTrainConfig) -> list[str]:
     """The resources the run's env runners and learners ask for that no node of the connected Ray offers."""
     import ray
 
-    offered = ray.clusterparse_resources()
+    offered = ray.cluster_resources()
     wanted = {*cfg.env_runner_resources, *cfg.learner_resources}
     if cfg.num_learners and cfg.num_gpus_per_learner:
         wanted.add("GPU")
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.env.seed = cfg.seed
 
     with ray_session(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus):
-        missing = unofferedparse_resources(cfg)
+        missing = unoffered_resources(cfg)
         if missing:
             said = (f"no node of this Ray offers {missing}, which the env runners or learners ask for "
                     "(--env-runner-resource, --learner-resource, --num-gpus-per-learner)")  # fmt: skip
