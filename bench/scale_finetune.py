@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from rec_rllib.data import LogDataset
+from rec_rllib.data.catalog import load_or_prepare
 from rec_rllib.data.synthetic import SCALES, generate
 from rec_rllib.eval import evaluate_ranking
 from rec_rllib.models import PopularityRecommender
@@ -115,11 +115,7 @@ def main() -> None:
         else:
             path, prep_s, prep_gb = prepare(scale, root)
             dataset = str(path)
-        ds = LogDataset.load(dataset) if scale is not None else None
-        if ds is None:
-            from rec_rllib.data.catalog import load_or_prepare
-
-            ds = load_or_prepare("ml-100k")
+        ds = load_or_prepare(dataset)
         pop = evaluate_ranking(
             PopularityRecommender.fit(ds), ds, split="test", ks=(10,), beyond_accuracy=False
         )

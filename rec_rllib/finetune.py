@@ -162,26 +162,40 @@ def training_windows(
     A window is ``[BOS] + seq[s:e]``; the token at position p predicts ``seq[s + p]``. Only the first window
     of a user lets [BOS] predict (its first item); later windows start mid-history, so [BOS] is silent there.
     """
-    toks, tgts, lens = [], [], []
+    return pad_windows(*window_rows(histories, max_len), width=max_len + 1)
+
+
+def window_rows(histories: list[np.ndarray], max_len: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """(items, n_input, from_start) of every training window, cut from each history's end back in steps of
+    ``max_len``: the window's input items followed by the item after them (when there is one);
+    ``from_start`` marks a window that starts the user's history ([BOS] predicts its first item)."""
+    items, n_input, from_start = [], [], []
     for seq in histories:
-        n = len(seq)
-        end = n
+        end = len(seq)
         while end > 0:
             start = max(0, end - max_len)
-            window = seq[start:end]
-            t = np.zeros(max_len + 1, dtype=np.int64)
-            y = np.full(max_len + 1, IGNORE, dtype=np.int64)
-            t[0] = BOS
-            t[1 : len(window) + 1] = window + OFFSET
-            nxt = seq[start + 1 : end + 1]  # targets of the window's items (the last may have none)
-            y[1 : len(nxt) + 1] = nxt
-            if start == 0:
-                y[0] = seq[0]
-            toks.append(t)
-            tgts.append(y)
-            lens.append(len(window) + 1)
+            items.append(seq[start : end + 1])
+            n_input.append(end - start)
+            from_start.append(start == 0)
             end = start
-    return torch.from_numpy(np.stack(toks)), torch.from_numpy(np.stack(tgts)), torch.tensor(lens)
+    return items, np.asarray(n_input, dtype=np.int64), np.asarray(from_start, dtype=bool)
+
+
+def pad_windows(
+    items, n_input: np.ndarray, from_start: np.ndarray, *, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Windows of :func:`window_rows` -> right-padded (tokens [N, width], targets [N, width], lengths [N])."""
+    tokens = np.zeros((len(items), width), dtype=np.int64)
+    targets = np.full((len(items), width), IGNORE, dtype=np.int64)
+    tokens[:, 0] = BOS
+    for b, (seq, n) in enumerate(zip(items, n_input, strict=True)):
+        seq = np.asarray(seq, dtype=np.int64)
+        tokens[b, 1 : n + 1] = seq[:n] + OFFSET
+        targets[b, 1 : len(seq)] = seq[1:]  # targets of the window's items (the last may have none)
+        if from_start[b]:
+            targets[b, 0] = seq[0]
+    lengths = np.asarray(n_input, dtype=np.int64) + 1
+    return torch.from_numpy(tokens), torch.from_numpy(targets), torch.from_numpy(lengths)
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -409,9 +423,8 @@ def finetune(
     steps_per_epoch = math.ceil(len(tokens) / cfg.batch_size)
     opt, sched = make_optimizer(model, cfg, steps_per_epoch)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    validator = Validator(
-        TransformerRecommender(model), dataset, cfg, n_final=len(dataset.eval_cases(cfg.scheme, "test"))
-    )
+    test_cases = dataset.eval_cases(cfg.scheme, "test")
+    validator = Validator(TransformerRecommender(model), dataset, cfg, n_final=len(test_cases))
 
     def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(tokens), generator=gen)
@@ -438,7 +451,9 @@ def finetune(
         model.load_state_dict(loop.best_state)
     model.eval()
     valid_ndcg = validator.final_valid_ndcg(loop.best[0])
-    test = evaluate_ranking(TransformerRecommender(model), dataset, scheme=cfg.scheme, split="test").metrics
+    test = evaluate_ranking(
+        TransformerRecommender(model), dataset, scheme=cfg.scheme, split="test", cases=test_cases
+    ).metrics
     seconds = time.perf_counter() - loop.t0
     result = FinetuneResult(
         run, loop.best[1], valid_ndcg, loop.epochs_run, seconds,
@@ -501,9 +516,13 @@ class Validator:
         n_valid: int | None = None,
     ):
         self.recommender, self.dataset, self.cfg = recommender, dataset, cfg
+        self.full_cases: EvalCases | None = None  # every validation user, kept for the final figure
         if cases is None:
-            full = dataset.eval_cases(cfg.scheme, "valid")
-            n_valid, cases = len(full), sample_cases(full, cfg.valid_users, seed=cfg.seed)
+            self.full_cases = dataset.eval_cases(cfg.scheme, "valid")
+            n_valid, cases = (
+                len(self.full_cases),
+                sample_cases(self.full_cases, cfg.valid_users, seed=cfg.seed),
+            )
         self.cases, self.n_valid = cases, n_valid if n_valid is not None else len(cases)
         self.sampled = len(self.cases) < self.n_valid
         self.n_final = n_final + (self.n_valid if self.sampled else 0)
@@ -538,7 +557,7 @@ class Validator:
             return sampled_best
         res = evaluate_ranking(
             self.recommender, self.dataset, scheme=self.cfg.scheme, split="valid", ks=(10,),
-            beyond_accuracy=False,
+            beyond_accuracy=False, cases=self.full_cases,
         )  # fmt: skip
         return res.metrics["NDCG@10"]
 

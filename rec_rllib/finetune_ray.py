@@ -39,7 +39,6 @@ from rec_rllib.columns import Col
 from rec_rllib.data.dataset import LogDataset
 from rec_rllib.eval.ranking import evaluate_ranking, sample_cases
 from rec_rllib.finetune import (
-    IGNORE,
     FinetuneConfig,
     FinetuneResult,
     NextItemLoss,
@@ -49,13 +48,15 @@ from rec_rllib.finetune import (
     known_items,
     log_not_target,
     make_optimizer,
+    pad_windows,
     resolve_device,
     resolve_loss,
     train_histories,
+    window_rows,
     write_run,
 )
 from rec_rllib.models.run import TransformerRecommender, build_model
-from rec_rllib.models.seqrec import BOS, OFFSET, ModelConfig, TextSeqRec
+from rec_rllib.models.seqrec import ModelConfig, TextSeqRec
 
 log = logging.getLogger(__name__)
 
@@ -67,23 +68,6 @@ SUMMARY_FILE = "run_summary.json"
 
 
 # -- the training windows as Parquet -----------------------------------------------------------------------
-def window_rows(histories: list[np.ndarray], max_len: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """(items, n_input, from_start) of every training window, the same windows as
-    :func:`rec_rllib.finetune.training_windows`: the window's input items followed by the item after them
-    (when there is one); ``from_start`` marks a window that starts the user's history ([BOS] predicts its
-    first item)."""
-    items, n_input, from_start = [], [], []
-    for seq in histories:
-        end = len(seq)
-        while end > 0:
-            start = max(0, end - max_len)
-            items.append(seq[start : end + 1].astype(np.int32))
-            n_input.append(end - start)
-            from_start.append(start == 0)
-            end = start
-    return items, np.asarray(n_input, dtype=np.int32), np.asarray(from_start, dtype=bool)
-
-
 def write_windows(histories: list[np.ndarray], max_len: int, directory: str | Path) -> tuple[int, int]:
     """Write the training windows to ``directory`` as Parquet files (``window`` numbers them); (windows,
     targets)."""
@@ -99,8 +83,8 @@ def write_windows(histories: list[np.ndarray], max_len: int, directory: str | Pa
         hi = min(n, lo + per_file)
         table = pa.table({
             "window": pa.array(np.arange(lo, hi, dtype=np.int64)),
-            "items": pa.array(items[lo:hi], type=pa.list_(pa.int32())),
-            "n_input": pa.array(n_input[lo:hi]),
+            "items": pa.array([w.astype(np.int32) for w in items[lo:hi]], type=pa.list_(pa.int32())),
+            "n_input": pa.array(n_input[lo:hi].astype(np.int32)),
             "from_start": pa.array(from_start[lo:hi]),
         })  # fmt: skip
         pq.write_table(table, out / f"part-{f:05d}.parquet")
@@ -110,19 +94,11 @@ def write_windows(histories: list[np.ndarray], max_len: int, directory: str | Pa
 def collate_windows(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A Ray Data batch of windows -> (tokens [B, T], lengths [B], targets [B, T]) as training_windows makes
     them (T = the longest window in the batch + 1)."""
-    rows, n_input, from_start = batch["items"], batch["n_input"], batch["from_start"]
-    width = int(n_input.max()) + 1
-    tokens = np.zeros((len(rows), width), dtype=np.int64)
-    targets = np.full((len(rows), width), IGNORE, dtype=np.int64)
-    tokens[:, 0] = BOS
-    for b, (seq, n) in enumerate(zip(rows, n_input, strict=True)):
-        seq = np.asarray(seq, dtype=np.int64)
-        tokens[b, 1 : n + 1] = seq[:n] + OFFSET
-        nxt = seq[1:]
-        targets[b, 1 : len(nxt) + 1] = nxt
-        if from_start[b]:
-            targets[b, 0] = seq[0]
-    return torch.from_numpy(tokens), torch.from_numpy(n_input.astype(np.int64) + 1), torch.from_numpy(targets)
+    n_input = batch["n_input"]
+    tokens, targets, lengths = pad_windows(
+        batch["items"], n_input, batch["from_start"], width=int(n_input.max()) + 1
+    )
+    return tokens, lengths, targets
 
 
 def windows_dataset(directory: str | Path, *, workers: int, seed: int = 0):
@@ -255,13 +231,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         are the best so far (Ray Train keeps that checkpoint)."""
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
         if chief and improved:
-            with tempfile.TemporaryDirectory() as tmp:
-                weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-                save_file(weights, os.path.join(tmp, BEST_WEIGHTS))
-                ray.train.report(
-                    metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=
-                    f"best-{len(loop.history):05d}",
-                )  # fmt: skip
+            _report_weights(metrics, model.state_dict(), f"best-{len(loop.history):05d}")
         else:
             ray.train.report(metrics)
 
@@ -281,17 +251,28 @@ def _train_worker(config: dict[str, Any]) -> None:
             "stopped_by": loop.stopped_by, "batches_per_worker": counts, "worker_nodes": nodes,
         }  # fmt: skip
         best = loop.best_state if loop.best_state is not None else model.state_dict()
-        with tempfile.TemporaryDirectory() as tmp:
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in best.items()}, os.path.join(tmp, BEST_WEIGHTS)
-            )
-            Path(tmp, SUMMARY_FILE).write_text(json.dumps(summary))
-            ray.train.report(
-                {"best_valid_NDCG@10": loop.best[0]}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name="final",
-            )  # fmt: skip
+        _report_weights(
+            {"best_valid_NDCG@10": loop.best[0]}, best, "final", {SUMMARY_FILE: json.dumps(summary)}
+        )
     else:
         ray.train.report({"best_valid_NDCG@10": loop.best[0]})
+
+
+def _report_weights(
+    metrics: dict[str, float], state: dict[str, torch.Tensor], name: str, files: dict[str, str] | None = None
+) -> None:
+    """``ray.train.report`` with a checkpoint named ``name`` holding the weights ``state`` (and ``files``)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(tmp, BEST_WEIGHTS)
+        )
+        for fname, text in (files or {}).items():
+            Path(tmp, fname).write_text(text)
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name
+        )
 
 
 # -- the driver ----------------------------------------------------------------------------------------------
@@ -336,8 +317,9 @@ def finetune_distributed(
     state_ref = ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})
     lnt_ref = ray.put(log_not_target(histories, dataset.n_items) if loss_kind == "sampled" else None)
     full_valid = dataset.eval_cases(cfg.scheme, "valid")
-    n_test = len(dataset.eval_cases(cfg.scheme, "test"))
-    cases_ref = ray.put((sample_cases(full_valid, cfg.valid_users, seed=cfg.seed), len(full_valid), n_test))
+    test_cases = dataset.eval_cases(cfg.scheme, "test")
+    valid_sample = sample_cases(full_valid, cfg.valid_users, seed=cfg.seed)
+    cases_ref = ray.put((valid_sample, len(full_valid), len(test_cases)))
     del histories
     config = {
         "train": asdict(cfg), "model": model_cfg.to_dict(), "n_items": dataset.n_items,
@@ -372,8 +354,10 @@ def finetune_distributed(
         summary = json.loads(Path(ckpt, SUMMARY_FILE).read_text())
     model = model.to(resolve_device("cpu" if not use_gpu else cfg.device)).eval()
     rec = TransformerRecommender(model)
-    valid = evaluate_ranking(rec, dataset, scheme=cfg.scheme, split="valid", ks=(10,), beyond_accuracy=False)
-    test = evaluate_ranking(rec, dataset, scheme=cfg.scheme, split="test").metrics
+    valid = evaluate_ranking(
+        rec, dataset, scheme=cfg.scheme, split="valid", ks=(10,), beyond_accuracy=False, cases=full_valid
+    )
+    test = evaluate_ranking(rec, dataset, scheme=cfg.scheme, split="test", cases=test_cases).metrics
     seconds = time.perf_counter() - t0
     history = summary["history"]
     best_valid, best_epoch = summary["best"]
