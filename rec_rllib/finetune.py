@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,9 @@ from rec_rllib.models.run import TransformerRecommender, build_model, save_run
 from rec_rllib.models.seqrec import BOS, OFFSET, ModelConfig, TextSeqRec
 
 log = logging.getLogger(__name__)
+
+PROGRESS_LINE_S = 30.0
+"""Seconds between progress log lines when there is no terminal for a progress bar."""
 IGNORE = -100
 
 
@@ -526,19 +530,31 @@ class Validator:
         self.cases, self.n_valid = cases, n_valid if n_valid is not None else len(cases)
         self.sampled = len(self.cases) < self.n_valid
         self.n_final = n_final + (self.n_valid if self.sampled else 0)
+        self.matrix_seconds = 0.0
+        """Seconds to compute the item matrix once (the text tower over the catalogue), paid once per set
+        of weights rather than per user."""
         self.seconds_per_user = self._time_a_chunk()
+
+    def _time_item_matrix(self) -> None:
+        item_matrix = getattr(self.recommender, "item_matrix", None)
+        if item_matrix is not None:
+            t = time.perf_counter()
+            item_matrix()
+            self.matrix_seconds = time.perf_counter() - t
 
     def _time_a_chunk(self) -> float:
         """Seconds per user of scoring, from a chunk of users after a warm-up (the first call pays one-time
         costs that would make the budget's reserve far too large)."""
         chunk = max(1, min(512, EVAL_CHUNK_CELLS // max(self.recommender.n_items, 1)))  # as evaluation
         histories = self.cases.histories[:chunk]
+        self._time_item_matrix()
         top_items(self.recommender, histories, 10)
         t = time.perf_counter()
         top_items(self.recommender, histories, 10)
         return (time.perf_counter() - t) / max(len(histories), 1)
 
     def __call__(self) -> dict[str, float]:
+        self._time_item_matrix()
         t = time.perf_counter()
         top = top_items(self.recommender, self.cases.histories, 10)
         m = M.per_user_ranking_metrics(top, self.cases.targets, 10)
@@ -546,9 +562,11 @@ class Validator:
         return {"valid_NDCG@10": float(m["NDCG"].mean()), "valid_HR@10": float(m["HR"].mean())}
 
     def reserve_seconds(self) -> float:
-        """Seconds to keep for the stop: one more sampled validation, then the final evaluation (at the last
-        validation's pace, 5% more, and a few seconds to write the run)."""
-        return 1.05 * self.seconds_per_user * (len(self.cases) + self.n_final) + 5.0
+        """Seconds to keep for the stop: one more sampled validation, then the final evaluation of the best
+        weights (at the last validation's pace per user, plus the item matrix for each of the two sets of
+        weights, 5% more, and a few seconds to write the run)."""
+        users = len(self.cases) + self.n_final
+        return 1.05 * (self.seconds_per_user * users + 2 * self.matrix_seconds) + 5.0
 
     def final_valid_ndcg(self, sampled_best: float) -> float:
         """The best model's validation NDCG@10 on every validation user (the sample's figure when it held
@@ -616,14 +634,20 @@ class TrainingLoop:
         metrics_csv: Path | None,
     ) -> None:
         cfg = self.cfg
+        show = cfg.progress and self.chief
+        # a progress bar on a terminal; elsewhere (a Ray task or job, a log file: no terminal to redraw a bar
+        # on, and a bar's carriage returns reach the log only at the end) a log line every PROGRESS_LINE_S
+        terminal = sys.stderr.isatty()
         bar = tqdm(
             total=cfg.epochs * self.steps_per_epoch,
             desc="finetune",
             unit="step",
-            disable=not (cfg.progress and self.chief),
+            disable=not (show and terminal),
             bar_format="{desc}: {n_fmt} steps [{elapsed}, {rate_fmt}{postfix}]",
             mininterval=1.0,
         )
+        self._lines = show and not terminal
+        self._last_line = time.perf_counter()
         last_eval = time.perf_counter()
         with logging_redirect_tqdm():
             for epoch in range(1, cfg.epochs + 1):
@@ -670,15 +694,21 @@ class TrainingLoop:
         bar.close()
 
     def _postfix(self, bar: tqdm, losses: list[float], done: float, seconds: float, steps: int) -> None:
-        if not bar.disable and (steps % 10 == 0 or steps == 1):
+        line_due = self._lines and time.perf_counter() - self._last_line >= PROGRESS_LINE_S
+        if (not bar.disable and (steps % 10 == 0 or steps == 1)) or line_due:
             rate = steps * self.targets_per_epoch / self.steps_per_epoch / max(seconds, 1e-9)
             left_epochs = (self.cfg.epochs - done) * self.steps_per_epoch * seconds / steps
             eta = max(0.0, min(self.budget_left(), left_epochs))
-            bar.set_postfix_str(
+            said = (
                 f"epoch {done:.2f}, loss {np.mean(losses[-50:]):.3f}, {rate:,.0f} targets/s, "
-                f"best valid NDCG@10 {max(self.best[0], 0):.4f}, ETA {tqdm.format_interval(eta)}",
-                refresh=False,
+                f"best valid NDCG@10 {max(self.best[0], 0):.4f}, ETA {tqdm.format_interval(eta)}"
             )
+            if line_due:
+                step, total = round(done * self.steps_per_epoch), self.cfg.epochs * self.steps_per_epoch
+                log.info("step %d of at most %d: %s", step, total, said)
+                self._last_line = time.perf_counter()
+            else:
+                bar.set_postfix_str(said, refresh=False)
 
     def _row(self, epoch: float, losses: list[float], lr: float, model: nn.Module, *, evaluate: bool) -> None:
         row: dict[str, float] = {
