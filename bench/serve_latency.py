@@ -6,6 +6,8 @@
 Set-ups, same model, same work per request (history lookup, scoring, exploration with propensities,
 impression logging):
 
+* ``default`` — ``python -m jobs.serve`` with no set-up flags, what ``make run`` serves (today the same as
+  ``single-direct``), loaded at the URL it prints;
 * ``inprocess`` — the scorer called directly in this process (the floor);
 * ``fastapi`` — a plain FastAPI app under uvicorn, no Ray (what a user would pick instead);
 * ``serve`` — our Serve app through Serve's default HTTP proxy;
@@ -46,6 +48,8 @@ sys.path.insert(0, str(REPO))
 from rec_rllib.explore import STRATEGIES  # noqa: E402
 
 BODY = {"user": "196", "k": 10, "exploration": "boltzmann", "temperature": 1.0}
+CLIENT = {"wrk_seconds": 0.0}
+"""Set from the command line: seconds per level of wrk, or 0 for the in-process aiohttp client."""
 
 
 def _free_port() -> int:
@@ -102,6 +106,48 @@ async def bench_http(url: str, levels: list[int], requests: int) -> dict[int, di
             await _load(call, n, min(50, requests))  # warm-up: open the connections
             if n in levels:
                 results[n] = await _load(call, n, requests)
+    return results
+
+
+WRK_SCRIPT = """wrk.method = "POST"
+wrk.body = [[%s]]
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def _wrk_ms(text: str) -> float:
+    """wrk's latency figure ("850.00us", "2.10ms", "1.02s") in milliseconds."""
+    for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    raise ValueError(f"not a wrk latency: {text!r}")
+
+
+def bench_wrk(url: str, levels: list[int], seconds: float) -> dict[int, dict[str, float]]:
+    """Load with wrk, an external load generator in C (`apt-get install wrk`): ``seconds`` per level after a
+    2-second warm-up, one connection per concurrent request, p50/p99 from its latency distribution."""
+    import re
+    import shutil
+    import tempfile
+
+    if shutil.which("wrk") is None:
+        raise SystemExit("--client wrk needs wrk on PATH (Debian/Ubuntu: apt-get install wrk)")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_SCRIPT % json.dumps(BODY))
+        script = f.name
+    results = {}
+    for n in [4, *levels]:
+        cmd = ["wrk", f"-t{min(n, 2)}", f"-c{n}", f"-d{2 if n not in levels else seconds:g}s", "--latency",
+               "-s", script, url + "/recommend"]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        if n not in levels:
+            continue
+        if "Non-2xx" in out:
+            raise RuntimeError(f"wrk saw failed requests:\n{out}")
+        pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        results[n] = {"p50_ms": _wrk_ms(pct["50"]), "p99_ms": _wrk_ms(pct["99"]), "rps": rps}
+    os.unlink(script)
     return results
 
 
@@ -168,12 +214,23 @@ def run_server(
         _wait_http(url, proc)
         if direct:  # the replica answers on its own port: load that, not the proxy's
             url = _direct_url(log, proc)
+        if CLIENT["wrk_seconds"]:
+            return bench_wrk(url, levels, CLIENT["wrk_seconds"])
         return asyncio.run(bench_http(url, levels, requests))
     finally:
         _stop(proc)
 
 
-SETUPS = ["inprocess", "fastapi", "serve", "serve-direct", "single", "single-direct", "single-direct-quiet"]
+SETUPS = [
+    "inprocess",
+    "fastapi",
+    "default",
+    "serve",
+    "serve-direct",
+    "single",
+    "single-direct",
+    "single-direct-quiet",
+]
 
 
 def run_setup(setup: str, args, env: dict[str, str], rnd: int) -> dict:
@@ -189,11 +246,14 @@ def run_setup(setup: str, args, env: dict[str, str], rnd: int) -> dict:
         return run_server(cmd, e, url, args.levels, args.requests, log, False)
     cmd = [sys.executable, "-m", "jobs.serve", "--model", args.model, "--dataset", args.dataset,
            "--port", str(port), "--num-cpus", "2", "--feedback-dir", str(Path(args.out) / "feedback")]  # fmt: skip
+    if setup == "default":  # what `make run` and a plain `python -m jobs.serve` serve
+        return run_server(cmd, env, url, args.levels, args.requests, log, True)
     direct = "-direct" in setup
-    if direct:
-        cmd.append("--direct-ingress")
+    cmd.append("--direct-ingress" if direct else "--no-direct-ingress")
     if setup.startswith("single"):  # the low-latency settings: one hop, no batch wait, no thread hop
         cmd += ["--topology", "single", "--batch-wait-ms", "0", "--same-thread"]
+    else:
+        cmd += ["--topology", "split", "--batch-wait-ms", "2", "--no-same-thread"]
     if setup.endswith("-quiet"):
         cmd.append("--no-access-log")
     return run_server(cmd, env, url, args.levels, args.requests, log, direct)
@@ -219,9 +279,16 @@ def main() -> None:
         "--exploration", default=BODY["exploration"], choices=STRATEGIES,
         help="the requests' exploration mode",
     )  # fmt: skip
+    p.add_argument(
+        "--client", choices=["aiohttp", "wrk"], default="aiohttp",
+        help="aiohttp: --requests per level from this process; wrk: the external load generator, "
+        "--wrk-seconds per level (the in-process set-up always uses direct calls)",
+    )  # fmt: skip
+    p.add_argument("--wrk-seconds", type=float, default=10.0)
     p.add_argument("--out", default="runs/bench-serve")
     args = p.parse_args()
     BODY["exploration"] = args.exploration
+    CLIENT["wrk_seconds"] = args.wrk_seconds if args.client == "wrk" else 0.0
     sys.path.insert(0, str(Path(__file__).parent))
     # a replica answering HTTP itself drains for 30 s before it stops (for load balancers); not needed here.
     # Ray starts its workers at niceness 15 (so raylet and GCS keep the CPU); with the load generator on

@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 export PYTHON=$PY
 # shellcheck source=cluster/ray-job.sh
-source cluster/ray-job.sh  # ray_ensure_token, ray_wait_head, ray_submit (a token, a head that takes jobs, safe submits)
+source cluster/ray-job.sh  # ray_ensure_token, ray_wait_head, ray_submit, ray_free_ports, ray_stop_node
 OUT=$(realpath -m "${OUT:-runs/multinode}")
 FINETUNE_ARGS=${FINETUNE_ARGS:-"--max-minutes 3"}
 TRAIN_ARGS=${TRAIN_ARGS:-"--iterations 10"}
@@ -34,36 +34,15 @@ stop_all() {
   if [ -n "${DASH:-}" ] && [ -z "${SERVE_STOPPED:-}" ]; then
     serve shutdown -y --address "http://127.0.0.1:$DASH" >/dev/null 2>&1
   fi
-  # the raylets of our nodes: their workers carry RAY_RAYLET_PID=<raylet pid> (one that left the process
-  # group, e.g. RLlib's EnvRunnerStateServer once, is found by it below)
-  local raylets groups
-  groups=$(IFS=,; echo "${PIDS[*]}")
-  raylets=$(ps -o pid=,comm= --sid "$groups" 2>/dev/null | awk '$2 == "raylet" {print $1}')
-  # one node at a time, workers first, as `ray stop` does it: SIGTERM to the node's `ray start --block`, which
-  # stops the node's processes in order (usually in seconds; SIGTERM to the whole group instead waits out
-  # ~30 s timeouts), a grace period of 16 s (`ray stop`'s default), then SIGKILL to what is left of the group
+  # one node at a time, workers first, as `ray stop` does it (ray_stop_node: SIGTERM, grace, SIGKILL)
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-    kill -TERM "${PIDS[i]}" 2>/dev/null
-    for _ in $(seq 16); do kill -0 "${PIDS[i]}" 2>/dev/null || break; sleep 1; done
-    kill -KILL -- "-${PIDS[i]}" 2>/dev/null
-  done
-  for r in $raylets; do
-    for f in $(grep -lzx "RAY_RAYLET_PID=$r" /proc/[0-9]*/environ 2>/dev/null); do
-      f=${f#/proc/}; kill -KILL "${f%/environ}" 2>/dev/null
-    done
+    ray_stop_node "${PIDS[i]}"
   done
   rm -rf "$TMP"
 }
 trap stop_all EXIT
 
-# every port the script needs, picked at once (sockets bound together): ports picked one by one can repeat,
-# and Ray refuses a node given one port twice
-read -r -a PORTS <<<"$("$PY" -c '
-import socket
-socks = [socket.socket() for _ in range(16)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))')"
+read -r -a PORTS <<<"$(ray_free_ports 16)"  # every port the script needs, picked at once
 next_port() { NEXT=${PORTS[0]}; PORTS=("${PORTS[@]:1}"); }
 
 start_node() {  # start_node <log name> <ray start args...>: one node in its own process session

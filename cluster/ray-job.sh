@@ -13,6 +13,13 @@
 #       until the agent is up Ray refuses submissions ("No available agent to submit job").
 #   bash cluster/ray-job.sh wait-head <dashboard address> <agent port> [<timeout s, 120>]
 #       head-ready, polled every 2 s.
+#   bash cluster/ray-job.sh start-head <dir> [ray start options]
+#       a Ray head of your own on this machine: a token (ensure-token), then `ray start --head --block` on
+#       127.0.0.1 and free ports, in its own process session with its own temp dir (so it neither meets nor
+#       replaces another Ray here); its log, PID and address go to <dir>. Waits until it takes jobs
+#       (wait-head), then prints its dashboard address (e.g. HEAD=$(bash cluster/ray-job.sh start-head runs/head)).
+#   bash cluster/ray-job.sh stop-head <dir>
+#       stop the head start-head started from <dir>, and nothing else (`ray stop` stops every Ray of your user).
 #   bash cluster/ray-job.sh submit <dashboard address> <submission id> [ray job submit options] -- <command...>
 #       `ray job submit --submission-id <id> [options] -- <command>`, safe to repeat: when the CLI fails without
 #       saying whether Ray took the job (seen on a loaded 2-core machine: "Remote end closed connection without
@@ -21,8 +28,9 @@
 #       refuses a second job with one id, so a job never runs twice). A job that failed is reported, not rerun.
 #       Exit 0 only for a job that succeeded.
 #
-# Sourced, it defines ray_ensure_token, ray_head_ready, ray_wait_head and ray_submit (same arguments). Clients
-# send the token only with RAY_AUTH_MODE=token in their environment. The health check runs $PYTHON (else python).
+# Sourced, it defines ray_ensure_token, ray_head_ready, ray_wait_head, ray_start_head, ray_stop_head, ray_submit
+# (same arguments) and ray_stop_node. Clients send the token only with RAY_AUTH_MODE=token in their environment.
+# The health check and the port picker run $PYTHON (else python).
 
 ray_ensure_token() {
   ray get-auth-token --generate >/dev/null
@@ -45,6 +53,75 @@ ray_wait_head() {  # ray_wait_head <dashboard address> <agent port> [<timeout s>
     fi
     sleep 2
   done
+}
+
+ray_free_ports() {  # ray_free_ports <n>: n distinct free TCP ports of 127.0.0.1 (sockets bound together: ports
+  # picked one by one can repeat, and Ray refuses a node given one port twice)
+  "${PYTHON:-python}" -c '
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
+}
+
+ray_stop_node() {  # ray_stop_node <PID of a `ray start --block` run in its own process session (setsid)>
+  # as `ray stop` does it for one node: SIGTERM to `ray start --block`, which stops the node's processes in
+  # order (usually in seconds; SIGTERM to the whole session instead waits out ~30 s timeouts), a grace period of
+  # 16 s (`ray stop`'s default), then SIGKILL to what is left of the session, and to the node's workers that left
+  # it (they carry RAY_RAYLET_PID=<the node's raylet>)
+  local pid=$1 raylets r f
+  raylets=$(ps -o pid=,comm= --sid "$pid" 2>/dev/null | awk '$2 == "raylet" {print $1}')
+  kill -TERM "$pid" 2>/dev/null
+  for _ in $(seq 16); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  kill -KILL -- "-$pid" 2>/dev/null
+  for r in $raylets; do
+    for f in $(grep -lzx "RAY_RAYLET_PID=$r" /proc/[0-9]*/environ 2>/dev/null); do
+      f=${f#/proc/}
+      kill -KILL "${f%/environ}" 2>/dev/null
+    done
+  done
+  return 0
+}
+
+ray_start_head() {  # ray_start_head <dir> [ray start options]
+  local dir=$1 pid gcs dash agent grpc rtenv metrics tmp
+  shift
+  mkdir -p "$dir"
+  if [ -f "$dir/head.pid" ] && kill -0 "$(cat "$dir/head.pid")" 2>/dev/null; then
+    echo "a head started from $dir runs already (PID $(cat "$dir/head.pid"), $(cat "$dir/address")):" \
+      "bash cluster/ray-job.sh stop-head $dir first" >&2
+    return 1
+  fi
+  ray_ensure_token || return 1
+  read -r gcs dash agent grpc rtenv metrics <<<"$(ray_free_ports 6)"
+  tmp=$(mktemp -d /tmp/rh-XXXXXX)  # short: Ray's socket paths have a length limit
+  echo "$tmp" >"$dir/temp_dir"
+  RAY_AUTH_MODE=token setsid ray start --head --block --node-ip-address=127.0.0.1 --port="$gcs" \
+    --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$dash" \
+    --dashboard-agent-listen-port="$agent" --dashboard-agent-grpc-port="$grpc" --runtime-env-agent-port="$rtenv" \
+    --metrics-export-port="$metrics" --temp-dir="$tmp" "$@" >"$dir/head.log" 2>&1 </dev/null &
+  pid=$!
+  echo "$pid" >"$dir/head.pid"
+  echo "http://127.0.0.1:$dash" >"$dir/address"
+  if ! RAY_AUTH_MODE=token ray_wait_head "http://127.0.0.1:$dash" "$agent" 120; then
+    echo "the head did not come up; its log: $dir/head.log" >&2
+    ray_stop_head "$dir"
+    return 1
+  fi
+  echo "http://127.0.0.1:$dash"
+}
+
+ray_stop_head() {  # ray_stop_head <dir>
+  local dir=$1
+  if [ ! -f "$dir/head.pid" ]; then
+    echo "no head was started from $dir (no $dir/head.pid)" >&2
+    return 1
+  fi
+  ray_stop_node "$(cat "$dir/head.pid")"
+  [ -f "$dir/temp_dir" ] && rm -rf "$(cat "$dir/temp_dir")"
+  rm -f "$dir/head.pid" "$dir/temp_dir" "$dir/address"
+  echo "stopped the head started from $dir" >&2
 }
 
 ray_submit() {  # ray_submit <dashboard address> <submission id> [ray job submit options] -- <command...>
@@ -88,7 +165,9 @@ if [[ ${BASH_SOURCE[0]} == "$0" ]]; then  # run, not sourced
     ensure-token) ray_ensure_token ;;
     head-ready) shift; ray_head_ready "$@" ;;
     wait-head) shift; ray_wait_head "$@" ;;
+    start-head) shift; ray_start_head "$@" ;;
+    stop-head) shift; ray_stop_head "$@" ;;
     submit) shift; ray_submit "$@" ;;
-    *) sed -n '5,22s/^# \?//p' "$0" >&2; exit 2 ;;
+    *) sed -n '5,29s/^# \?//p' "$0" >&2; exit 2 ;;
   esac
 fi

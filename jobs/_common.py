@@ -70,6 +70,21 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def check_outlives_job(path: str | Path | None, flag: str) -> None:
+    """Refuse a relative output path inside a Ray job: a job runs in Ray's temporary copy of its
+    ``--working-dir`` (``.../runtime_resources/working_dir_files/...``), which Ray deletes when it stops, so
+    what a relative path puts there is lost."""
+    if path is None or "://" in str(path) or Path(path).is_absolute():
+        return
+    cwd = Path.cwd()
+    if "working_dir_files" in cwd.parts:
+        fail(
+            f"{flag} {path} is relative, and this job runs in Ray's temporary copy of --working-dir ({cwd}), "
+            f"which Ray deletes when it stops: give {flag} an absolute path that outlives the job, on storage "
+            f"every node reaches (e.g. {flag} /shared/runs/{Path(path).name})"
+        )
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each annotated field of a (data)class, read from its source."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))

@@ -39,7 +39,7 @@ import shutil
 import time
 from pathlib import Path
 
-from jobs._common import fail, setup_logging, write_json
+from jobs._common import check_outlives_job, fail, setup_logging, write_json
 from rec_rllib.columns import SplitScheme
 from rec_rllib.data.catalog import load_or_prepare
 from rec_rllib.data.dataset import LogDataset
@@ -140,6 +140,7 @@ def evaluate_models(
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    check_outlives_job(args.out, "--out")
     from rec_rllib.models.run import is_run_dir
     from rec_rllib.rl.policy import is_rl_checkpoint
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs._common import fail, field_docs, setup_logging, write_json
+from jobs._common import check_outlives_job, fail, field_docs, setup_logging, write_json
 from rec_rllib.data.catalog import load_or_prepare
 from rec_rllib.finetune import FinetuneConfig, finetune
 from rec_rllib.models.seqrec import ModelConfig
@@ -120,6 +120,7 @@ def resolve_configs(args: argparse.Namespace) -> tuple[ModelConfig, FinetuneConf
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    check_outlives_job(args.out, "--out")
     try:
         model_cfg, train_cfg = resolve_configs(args)
     except (FileNotFoundError, ValueError) as e:

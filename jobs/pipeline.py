@@ -29,8 +29,8 @@ Stages (``--stages`` picks a subset, in this order):
 
 What to expect with the defaults on 2 cores: about 14.5 minutes to a live endpoint; ``<out>/report.md``
 with popularity at HR@10 0.086 / NDCG@10 0.045, the fine-tuned model near 0.19-0.20 / 0.10-0.11 and the RL
-policy above its NDCG@10 with coverage@10 a quarter to a third wider (2026-12-02: test NDCG@10 0.1107 against
-0.1065, coverage 0.570 against 0.447).
+policy above its NDCG@10 with coverage@10 a quarter to a third wider (e.g. test NDCG@10 0.1107 against 0.1065,
+coverage@10 0.570 against 0.447).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from jobs._common import fail, ray_session, setup_logging, write_json
+from jobs._common import check_outlives_job, fail, ray_session, setup_logging, write_json
 from rec_rllib.columns import SplitScheme
 from rec_rllib.data.catalog import dataset_path, load_or_prepare
 from rec_rllib.eval.report import markdown_table, write_report
@@ -51,14 +51,11 @@ log = logging.getLogger("jobs.pipeline")
 
 STAGES = ("prepare", "finetune", "train", "evaluate", "serve")
 RL_RECIPES = ("coverage", "relevance")
-# the coverage recipe's exposure price (EnvConfig fields; measured: README, RL training, "A price RL settles on"):
-# on 2 cores today the 8-minute budget fine-tunes 28 epochs (test coverage@10 0.45): λ 0.17 widens its test
-# coverage@10 by +26.7% at NDCG@10 −1.0%, 0.15 by +21.0% at −1.3%; the weaker 21-epoch model of a slower
-# machine moved further for the same price (λ 0.15: +29% at −0.7%, 0.17: +36% at −2.2%)
+# the coverage recipe (docs/rl.md): an indicator price on what the env runner has on display, which RL learns
+# the weight of (EnvConfig fields; λ 0.17 over a 5,000-step window widens coverage@10 by about a quarter)...
 COVERAGE_EXPOSURE = {"exposure_cost": 0.17, "exposure_shape": "indicator", "exposure_window": 5000}
-# and the co-occurrence term over the last 5 items at the weight the validation users prefer, the hit reward
-# at horizon 1 (README, RL training: "The weight, chosen on the validation users"): on four fine-tuned models
-# test NDCG@10 +4.1% to +9.8% at coverage@10 +26.6% to +33.7% (the quick start's own model: +4.3% at +26.6%)
+# ...and the co-occurrence term over the last 5 items at the weight the validation users prefer, with the hit
+# reward at horizon 1 (the next item, as the evaluation counts)
 COVERAGE_COOCCURRENCE = {"cooccurrence": True, "horizon": 1}
 EVAL_SETTINGS = (
     (SplitScheme.LEAVE_ONE_OUT, "test"),
@@ -139,8 +136,9 @@ def _rl_config(args: argparse.Namespace, ft_dir: Path):
     return cfg
 
 
-def _evaluate_task(dataset, model: str, scheme: str, split: str, exposure_slots: int) -> dict[str, float]:
-    """``<model>+exposure``: the model with the exposure slot (a fresh tracker, users in case order)."""
+def _evaluate_task(dataset, model: str, scheme: str, split: str, exposure_slots: int):
+    """The model's RankingResult (metrics and per-user figures); ``<model>+exposure``: the model with the
+    exposure slot (a fresh tracker, users in case order)."""
     from rec_rllib.eval import evaluate_ranking
     from rec_rllib.exposure import ExposureAwareRecommender, ExposureConfig
     from rec_rllib.models import load_recommender
@@ -148,7 +146,7 @@ def _evaluate_task(dataset, model: str, scheme: str, split: str, exposure_slots:
     rec = load_recommender(model.removesuffix(EXPOSED), dataset, scheme=scheme)
     if model.endswith(EXPOSED):
         rec = ExposureAwareRecommender(rec, ExposureConfig(slots=exposure_slots))
-    return evaluate_ranking(rec, dataset, scheme=scheme, split=split).metrics
+    return evaluate_ranking(rec, dataset, scheme=scheme, split=split)
 
 
 def _finetune_configs(args: argparse.Namespace):
@@ -164,7 +162,7 @@ def _finetune_configs(args: argparse.Namespace):
     if args.max_len is not None:
         model = replace(model, max_len=args.max_len)
     cfg = FinetuneConfig(
-        epochs=args.finetune_epochs, max_minutes=args.finetune_minutes, progress=False, threads=args.num_cpus
+        epochs=args.finetune_epochs, max_minutes=args.finetune_minutes, progress=True, threads=args.num_cpus
     )
     return model, cfg
 
@@ -172,16 +170,27 @@ def _finetune_configs(args: argparse.Namespace):
 def _finetune_task(dataset, out: str, args: argparse.Namespace) -> dict:
     from rec_rllib.finetune import finetune
 
+    setup_logging(args.verbose)  # this worker's progress and validation lines reach the driver's console
     model, cfg = _finetune_configs(args)
     result = finetune(dataset, model, cfg, out)
     return {"test": result.test_metrics, "epochs_run": result.epochs_run, "seconds": result.seconds}
 
 
 def _write_reports(out: Path, ml, models: list[str], results: dict) -> None:
+    from jobs.evaluate import ranking_analysis
+
     names = {m: _label(m) for m in models}
     for scheme, split in EVAL_SETTINGS:
-        table = {names[m]: results[(m, scheme, split)] for m in models}
+        ranked = {names[m]: results[(m, scheme, split)] for m in models}
+        table = {name: r.metrics for name, r in ranked.items()}
         sub = out if (scheme, split) == EVAL_SETTINGS[0] else out / f"{scheme}-{split}"
+        # intervals, activity buckets, plots, training curves as jobs.evaluate writes them, and the paired
+        # differences of every model against the fine-tuned one (listed first there)
+        order = sorted(models, key=lambda m: not _label(m).startswith("fine-tuned ("))
+        sections = ranking_analysis(
+            sub, {names[m]: ranked[names[m]] for m in order}, [m.removesuffix(EXPOSED) for m in order],
+            title=f"ml-100k {scheme}/{split}",
+        )  # fmt: skip
         write_report(
             sub,
             table,
@@ -190,23 +199,25 @@ def _write_reports(out: Path, ml, models: list[str], results: dict) -> None:
                 f"full ranking over {ml.n_items} items, history excluded",
                 f"dataset content {ml.manifest['content_hash']}",
             ],
+            sections=sections,
         )
         print(f"\n## ml-100k {scheme}/{split}\n{markdown_table(table)}", flush=True)
     print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}", flush=True)
 
 
-def _serve(args: argparse.Namespace, out: Path, ft_dir: Path, rl_dir: Path) -> None:
-    from jobs.serve import announce, serve_until_stopped, start, stop
+def _serve(args: argparse.Namespace, out: Path, ft_dir: Path, rl_dir: Path, proxy_port: int) -> None:
+    from jobs.serve import announce, endpoint, serve_until_stopped, start, stop
 
     model = rl_dir / "checkpoint" if (rl_dir / "checkpoint").is_dir() else ft_dir
     if not model.exists():
         fail(f"serve: no model in {out} (run the finetune and train stages first)")
     dataset = str(Path(dataset_path("ml-100k", args.data_root)).resolve())
     try:
-        url = start(
-            {"model": str(model), "dataset": dataset, "feedback_dir": str(out / "feedback")}, args.port
+        proxy = start(
+            {"model": str(model), "dataset": dataset, "feedback_dir": str(out / "feedback")}, proxy_port
         )
-        announce(url, dataset)
+        url = endpoint(proxy)
+        announce(url, dataset, proxy)
         print(
             "serving until Ctrl-C" if args.serve_seconds is None else f"serving for {args.serve_seconds:g}s"
         )
@@ -228,6 +239,7 @@ def _label(model: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    check_outlives_job(args.out, "--out")
     if args.exposure_slots < 0:
         fail(f"--exposure-slots must be >= 0, got {args.exposure_slots}")
     import ray
@@ -250,8 +262,13 @@ def main(argv: list[str] | None = None) -> int:
             build()
         except ValueError as e:
             fail(f"{stage} stage: {e}")
+    proxy_port = args.port
+    if "serve" in stages:  # before Ray starts: Serve's processes read the set-up from the environment
+        from jobs.serve import fast_path_env
+
+        proxy_port = fast_path_env(args.port, None, embedded=not args.address, direct=None, same_thread=None)
     with ray_session(args.address, num_cpus=args.num_cpus):
-        log.info("prepare: fetch + prepare datasets")
+        log.info("prepare: MovieLens-100K and the Open Bandit sample, fetched through pip once (cached)")
         ml = load_or_prepare("ml-100k", root=args.data_root)
         obd = load_or_prepare("obd-all", root=args.data_root)
         log.info(
@@ -269,21 +286,27 @@ def main(argv: list[str] | None = None) -> int:
         ml_ref = ray.put(ml)
         models = list(args.models)
         if "finetune" in stages:
-            log.info("finetune: %.0f-minute budget (Ray task, %d CPUs)", args.finetune_minutes, args.num_cpus)
+            log.info(
+                "finetune: the transformer on next-item prediction, a %.0f-minute budget (a Ray task with %d CPUs; "
+                "a progress line every 30 s, a line per validation) -> %s",
+                args.finetune_minutes, args.num_cpus, ft_dir,
+            )  # fmt: skip
             task = ray.remote(num_cpus=args.num_cpus, num_gpus=args.gpus)(_finetune_task)
             ft = ray.get(task.remote(ml_ref, str(ft_dir), args))
             t = ft["test"]
-            log.info("finetune: test HR@10 %.4f NDCG@10 %.4f", t["HR@10"], t["NDCG@10"])
+            log.info(
+                "finetune: done in %.0f s, test HR@10 %.4f NDCG@10 %.4f (popularity: 0.0859 / 0.0449)",
+                ft["seconds"], t["HR@10"], t["NDCG@10"],
+            )  # fmt: skip
         if "train" in stages:
             from rec_rllib.rl.train import train
 
             cfg = _rl_config(args, ft_dir)
             log.info(
-                "train: APPO (%s recipe), %d iterations, %d env runners",
-                args.rl_recipe,
-                cfg.iterations,
-                cfg.num_env_runners,
-            )
+                "train: APPO (%s recipe), %d iterations on %d env runners replaying user logs (a line per "
+                "iteration; about 3 minutes on 2 cores) -> %s",
+                args.rl_recipe, cfg.iterations, cfg.num_env_runners, rl_dir,
+            )  # fmt: skip
             train(cfg, rl_dir, progress=log.info)
         if "evaluate" in stages:
             if ft_dir.is_dir() and (ft_dir / "model.safetensors").exists():
@@ -292,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                 models.append(str(rl_dir / "checkpoint"))
             if args.exposure_slots > 0:
                 models += [m + EXPOSED for m in models if m not in args.models]
-            log.info("evaluate: %d models on %d settings (Ray tasks)", len(models), len(EVAL_SETTINGS))
+            log.info(
+                "evaluate: %d models on %d settings (Ray tasks; full ranking of every held-out user) -> %s",
+                len(models), len(EVAL_SETTINGS), out / "report.md",
+            )  # fmt: skip
             evaluate = ray.remote(num_cpus=1)(_evaluate_task)
             jobs = {
                 (model, scheme, split): evaluate.remote(ml_ref, model, scheme, split, args.exposure_slots)
@@ -302,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             results = dict(zip(jobs, ray.get(list(jobs.values())), strict=True))
             _write_reports(out, ml, models, results)
         if "serve" in stages:
-            _serve(args, out, ft_dir, rl_dir)
+            _serve(args, out, ft_dir, rl_dir, proxy_port)
 
     print(f"\npipeline done: {','.join(stages)} in {time.perf_counter() - t0:.0f}s")
     return 0

@@ -24,7 +24,7 @@ import argparse
 import logging
 import time
 
-from jobs._common import fail, setup_logging
+from jobs._common import check_outlives_job, fail, setup_logging
 from rec_rllib.data import ColumnMapping, DataValidationError, LogDataset, load_custom
 from rec_rllib.data.catalog import dataset_path, prepare_builtin
 from rec_rllib.data.sources import OBD_CAMPAIGNS
@@ -121,6 +121,7 @@ def prepare(args: argparse.Namespace) -> list[tuple[str, LogDataset]]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    check_outlives_job(args.out, "--out")
     t0 = time.perf_counter()
     try:
         prepared = prepare(args)

@@ -33,8 +33,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from jobs._common import fail, ray_session, setup_logging
-from rec_rllib.exposure import ExposureConfig
+from jobs._common import check_outlives_job, fail, ray_session, setup_logging
+from rec_rllib.exposure import SERVING_EXPOSURE_REFRESH, ExposureConfig
 
 log = logging.getLogger("jobs.serve")
 APP_NAME = "rec"
@@ -48,31 +48,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="prepared dataset directory (default: the one the model was trained on)")
     p.add_argument("--data-root", help="root of prepared datasets (default: $REC_RLLIB_DATA or ./data)")
     p.add_argument("--feedback-dir", default="runs/serve/feedback")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--port", type=int, default=8000,
+        help="the endpoint's port: the app's replica answers HTTP on it itself (direct ingress), else Serve's proxy",
+    )  # fmt: skip
+    p.add_argument(
+        "--proxy-port", type=int, default=None,
+        help="Serve's HTTP proxy, one URL for every replica (default: --port with direct ingress off, else "
+        "--port + 100)",
+    )  # fmt: skip
     p.add_argument("--address", help="Ray address ('auto' on a cluster); default: an embedded local Ray")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
     p.add_argument("--num-gpus", type=float, default=None, help="(logical) GPUs of the embedded local Ray")
     p.add_argument(
         "--topology",
         choices=["split", "single"],
-        default="split",
-        help="split: ingress + scorer deployments; single: one deployment answers HTTP and scores (lower latency)",
+        default="single",
+        help="single: one deployment answers HTTP and scores (the low-latency default); split: ingress + scorer "
+        "deployments (scorers scale apart from the HTTP layer, e.g. on GPUs)",
     )
     p.add_argument("--ingress-replicas", type=int, default=1)
     p.add_argument("--scorer-replicas", type=int, default=1)
     p.add_argument("--scorer-gpus", type=float, default=0.0, help="GPU fraction per scorer replica")
     p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--batch-wait-ms", type=float, default=2.0)
+    p.add_argument(
+        "--batch-wait-ms", type=float, default=0.0,
+        help="how long a batch waits to fill (0: a batch forms from what queued while the previous one ran)",
+    )  # fmt: skip
     p.add_argument(
         "--direct-ingress",
-        action="store_true",
-        help="replicas answer HTTP themselves (RAY_SERVE_ENABLE_DIRECT_INGRESS=1; embedded Ray only)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replicas answer HTTP themselves, on --port (RAY_SERVE_ENABLE_DIRECT_INGRESS=1); default: on with "
+        "the embedded Ray; on a cluster set that variable in the environment of `ray start`",
     )
     p.add_argument(
         "--same-thread",
-        action="store_true",
-        help="run request code on the replica's own event loop (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0; "
-        "saves a thread hand-off per call; embedded Ray only)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run request code on the replica's own event loop, saving a thread hand-off per call "
+        "(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0); default: on with the embedded Ray",
     )
     p.add_argument(
         "--no-access-log",
@@ -88,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--exposure-window", type=int, default=ExposureConfig.window,
                    help="slate positions a replica's tracker remembers")  # fmt: skip
+    p.add_argument("--exposure-refresh", type=int, default=SERVING_EXPOSURE_REFRESH,
+                   help="answers between updates of a replica's exposure prices: the same request gets the same "
+                   "list in between (1: after every answer)")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="send one sample request, print it, stop")
     p.add_argument("--seconds", type=float, default=None, help="serve this long, then stop (default: Ctrl-C)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -236,16 +254,48 @@ def sample_user(dataset: str) -> str:
     return next(iter(ServingCatalog.from_dataset(dataset).user_histories))
 
 
-def announce(url: str, dataset: str) -> None:
-    """Answer one sample request and print it with the curl line that repeats it."""
+def announce(url: str, dataset: str, proxy: str | None = None) -> None:
+    """Answer one sample request and print it with the curl line that repeats it; with direct ingress, every
+    replica's own URL (a line each, :func:`urls_in_output`) and the proxy's."""
     body = {"user": sample_user(dataset), "k": 5, "explain": True}
     answer = sample_request(url, body)
-    print(f"\nserving {answer['model_version']} at {url}  (API docs: {url}/docs). Try:")
+    print(f"\nserving {answer['model_version']} at {url}  (API docs: {url}/docs)")
+    if proxy is not None and proxy != url:
+        for replica_url in direct_ingress_urls():
+            print(f"{DIRECT_INGRESS_LINE}{replica_url}")
+        print(f"also through Serve's proxy (one URL for every replica, one hop more): {proxy}")
+    print("Try:")
     print(f"  curl -s -X POST {url}/recommend -H 'content-type: application/json' -d '{json.dumps(body)}'")
     for it in answer["items"]:
         why = "; ".join(b["text"] for b in it.get("because") or [])
         print(f"  {it['item_id']:>6}  {it['text'][:55]:55}  because: {why[:70]}")
     sys.stdout.flush()
+
+
+def fast_path_env(
+    port: int, proxy_port: int | None, *, embedded: bool, direct: bool | None, same_thread: bool | None
+) -> int:
+    """Set up the low-latency serving path for an embedded Ray (before it starts: Serve's controller and
+    replicas read these variables): the app's replica answers HTTP on ``port`` itself (direct ingress, replicas
+    from ``port`` up) and runs request code on its own event loop. Returns the proxy's port."""
+    direct = embedded if direct is None else direct
+    same_thread = embedded if same_thread is None else same_thread
+    if same_thread:
+        os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "0"
+    if not direct:
+        return port if proxy_port is None else proxy_port
+    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 99)
+    proxy_port = port + 100 if proxy_port is None else proxy_port
+    if port <= proxy_port <= port + 99:
+        fail(f"--proxy-port {proxy_port} lies in the replicas' own ports ({port}-{port + 99}); pick another")
+    return proxy_port
+
+
+def endpoint(proxy_url: str) -> str:
+    """The URL to use: the first ingress replica's own (direct ingress), else the proxy's."""
+    return next(iter(direct_ingress_urls()), proxy_url)
 
 
 def serve_until_stopped(seconds: float | None) -> None:
@@ -258,27 +308,30 @@ def serve_until_stopped(seconds: float | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    check_outlives_job(args.feedback_dir, "--feedback-dir")
     if not Path(args.model).exists():
         fail(f"--model {args.model} does not exist (a jobs.finetune run dir or a jobs.train checkpoint)")
     try:
-        ExposureConfig(slots=args.exposure_slots, pool=args.exposure_pool, window=args.exposure_window)
+        ExposureConfig(
+            slots=args.exposure_slots, pool=args.exposure_pool, window=args.exposure_window,
+            refresh=args.exposure_refresh,
+        )  # fmt: skip
     except ValueError as e:
         fail(f"--exposure-*: {e}")
     dataset = str(Path(dataset_dir(resolve_dataset(args.model, args.dataset), args.data_root)).resolve())
-    if args.direct_ingress:
-        if args.address:
-            fail(
-                "--direct-ingress applies to the embedded Ray; on a cluster set RAY_SERVE_ENABLE_DIRECT_INGRESS=1 "
-                "in the environment of `ray start`"
-            )
-        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # read by Serve's controller and replicas
-    if args.same_thread:
-        if args.address:
-            fail(
-                "--same-thread applies to the embedded Ray; on a cluster set "
-                "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 in the environment of `ray start`"
-            )
-        os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "0"
+    if args.address and (args.direct_ingress or args.same_thread):
+        fail(
+            "--direct-ingress and --same-thread apply to the embedded Ray; on a cluster set "
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 in the "
+            "environment of `ray start`"
+        )
+    proxy_port = fast_path_env(
+        args.port,
+        args.proxy_port,
+        embedded=not args.address,
+        direct=args.direct_ingress,
+        same_thread=args.same_thread,
+    )
     app_args = {
         "model": args.model,
         "dataset": dataset,
@@ -293,14 +346,14 @@ def main(argv: list[str] | None = None) -> int:
         "exposure_slots": args.exposure_slots,
         "exposure_pool": args.exposure_pool,
         "exposure_window": args.exposure_window,
+        "exposure_refresh": args.exposure_refresh,
     }
     check_app_args(app_args)
     with ray_session(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus):
         try:
-            url = start(app_args, args.port)
-            announce(url, dataset)
-            for replica_url in direct_ingress_urls():
-                print(f"{DIRECT_INGRESS_LINE}{replica_url}")
+            proxy = start(app_args, proxy_port)
+            url = endpoint(proxy)
+            announce(url, dataset, proxy)
             if not args.smoke:
                 print("serving until Ctrl-C" if args.seconds is None else f"serving for {args.seconds:g}s")
                 sys.stdout.flush()

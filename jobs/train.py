@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs._common import fail, parse_resources, ray_session, setup_logging
+from jobs._common import check_outlives_job, fail, parse_resources, ray_session, setup_logging
 from rec_rllib.data.catalog import load_or_prepare, prepared_dir
 from rec_rllib.env import REWARDS, EnvConfig
 from rec_rllib.explore import STRATEGIES, ExplorationConfig
@@ -202,6 +202,7 @@ def resolve_config(args: argparse.Namespace) -> RLTrainConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    check_outlives_job(args.out, "--out")
     from rec_rllib.models.run import is_run_dir
 
     if not is_run_dir(args.finetuned):

@@ -27,9 +27,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rec_rllib.data.feedback import IMPRESSION_SCHEMA, IMPRESSIONS
-from rec_rllib.exposure import ExposureConfig
+from rec_rllib.exposure import SERVING_EXPOSURE_REFRESH, ExposureConfig
 from serving.catalog import ServingCatalog
 from serving.feedback import FeedbackLog
 from serving.schemas import (
@@ -64,13 +65,43 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
 
 @api.exception_handler(RequestValidationError)
 async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if bad_json is not None:  # its loc is ("body", <character offset>), its msg "JSON decode error"
+        at = next((p for p in bad_json.get("loc", ())[1:] if isinstance(p, int)), None)
+        reason = (bad_json.get("ctx") or {}).get("error", "not JSON")
+        where = f" at character {at}" if at is not None else ""
+        return JSONResponse(
+            {
+                "error": f"the request body is not valid JSON ({reason}{where}); send a JSON object, "
+                'e.g. {"user": "196", "k": 10}',
+                "see": "/docs for the request schemas",
+            },
+            status_code=400,
+        )
     problems = [
         f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-        for e in exc.errors()
+        for e in errors
     ]
     return JSONResponse(
         {"error": "invalid request: " + "; ".join(problems), "see": "/docs for the request schemas"},
         status_code=422,
+    )
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own refusals (no such path, a method the path does not take, a body it could not read) in the
+    app's error shape."""
+    message = str(exc.detail)
+    if exc.status_code == 400 and "parsing the body" in message:  # e.g. a body that is not UTF-8
+        message = (
+            "the request body could not be read: send UTF-8 encoded JSON with content-type application/json"
+        )
+    elif exc.status_code == 404:
+        message = f"{message}: the endpoints are POST /recommend, /query, /feedback, /items and GET /healthz"
+    return JSONResponse(
+        {"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
     )
 
 
@@ -106,6 +137,9 @@ def _scoring_fields(req: RecommendRequest | QueryRequest, history: list[int], ve
         "epsilon": req.epsilon,
         "temperature": req.temperature,
         "ucb_alpha": req.ucb_alpha,
+        "exposure": req.exposure,
+        # a new user's greedy list is explored, unless the request asked for an exploration mode itself
+        "explore_cold": "exploration" not in req.model_fields_set,
         "catalog_version": version,
     }
 
@@ -272,8 +306,9 @@ class RecIngress:
                 self.catalog.add(a["item_id"], a["text"])
             self.synced = current
 
-    async def _context(self, req: RecommendRequest | QueryRequest) -> tuple[list[int], list[str], int]:
-        """(history as item indices, its last 200 item ids for the impression log, catalogue version)."""
+    async def _context(self, req: RecommendRequest | QueryRequest) -> tuple[list[int], list[str], int, int]:
+        """(history as item indices, its last 200 item ids for the impression log, catalogue version, how many
+        of the history's items are live: the session's and the request's own)."""
         session, version = await self._session(req.user)
         if req.history is not None:
             ids = list(req.history) + session
@@ -304,9 +339,11 @@ class RecIngress:
             )
         history = logged + known
         recent = [self.catalog.item_ids[i] for i in logged[-200:]] + ids if logged else ids
-        return history, recent[-200:], version
+        return history, recent[-200:], version, len(known)
 
-    async def _answer(self, req, result: dict[str, Any], history_ids: list[str]) -> RecommendResponse:
+    async def _answer(
+        self, req, result: dict[str, Any], history_ids: list[str], history_items: int, session_items: int
+    ) -> RecommendResponse:
         request_id = uuid.uuid4().hex
         shown = [self.catalog.item_ids[i] for i in result["items"]]
         # buffered, not awaited: the answer does not wait for the shared store; /feedback covers the race
@@ -333,9 +370,9 @@ class RecIngress:
                     {
                         "item_id": self.catalog.item_ids[h],
                         "text": self.catalog.texts[h],
-                        "similarity": round(s, 4),
+                        "score_drop": round(d, 4),
                     }
-                    for h, s in result["because"][j]
+                    for h, d in result["because"][j]
                 ]
             items.append({
                 "item_id": iid,
@@ -352,6 +389,9 @@ class RecIngress:
             user=req.user,
             strategy=result["strategy"],
             cold_start=result["cold_start"],
+            history_items=history_items,
+            session_items=session_items,
+            exposure_epoch=result.get("exposure_epoch"),
             items=items,
             served_by={"ingress": self.replica, "scorer": result["replica"]},
         )
@@ -359,16 +399,16 @@ class RecIngress:
     # -- endpoints -----------------------------------------------------------------------------------------
     @api.post("/recommend", response_model=RecommendResponse)
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
-        history, ids, version = await self._context(req)
+        history, ids, version, live = await self._context(req)
         payload = {**_scoring_fields(req, history, version), "explain": req.explain}
         result = await self._call(self.scorer.recommend.remote(payload))
-        return await self._answer(req, result, ids)
+        return await self._answer(req, result, ids, len(history), live)
 
     @api.post("/query", response_model=RecommendResponse)
     async def query(self, req: QueryRequest) -> RecommendResponse:
         if req.user is None and req.history is None:
             req = req.model_copy(update={"history": []})
-        history, ids, version = await self._context(req)
+        history, ids, version, live = await self._context(req)
         payload = {
             **_scoring_fields(req, history, version),
             "text": req.text,
@@ -376,7 +416,7 @@ class RecIngress:
             "explore_cold": False,
         }
         result = await self._call(self.scorer.query.remote(payload))
-        return await self._answer(req, result, ids)
+        return await self._answer(req, result, ids, len(history), live)
 
     async def _resolve_feedback(self, req: FeedbackRequest) -> dict[str, Any]:
         """Match feedback to its impression: this replica's own (no lookup), else the shared store's.
@@ -440,7 +480,9 @@ class RecIngress:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        info = await self._call(self.scorer.info.remote())
+        _, version = await self.state.context.remote(None)
+        await self._sync(version)
+        info = await self._call(self.scorer.health.remote(version))
         return {
             "status": "ok",
             "ingress": self.replica,
@@ -469,9 +511,10 @@ class AppArgs(BaseModel):
     feedback_dir: str = Field("runs/serve/feedback", description="where feedback Parquet parts go")
     state_name: str = STATE_ACTOR
     topology: Literal["split", "single"] = Field(
-        "split",
-        description="split: ingress + PolicyScorer deployments; single: one deployment (RecService) that "
-        "answers HTTP and scores in the same replica (one hop less; scorer_* options apply to it)",
+        "single",
+        description="single: one deployment (RecService) that answers HTTP and scores in the same replica (one "
+        "hop less; scorer_* options apply to it); split: ingress + PolicyScorer deployments (scorers scale, and "
+        "take GPUs, apart from the HTTP layer)",
     )
     ingress_replicas: int = Field(1, ge=1)
     scorer_replicas: int = Field(1, ge=1, description="fixed replica count (ignored with autoscaling)")
@@ -479,7 +522,11 @@ class AppArgs(BaseModel):
     scorer_cpus: float = Field(1.0, ge=0.0)
     autoscaling: dict[str, Any] | None = Field(None, description="Serve autoscaling_config of the scorer")
     max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.002, ge=0.0)
+    batch_wait_timeout_s: float = Field(
+        0.0,
+        ge=0.0,
+        description="0: a batch forms from what queued while the previous one ran, never by waiting",
+    )
     flush_rows: int = Field(256, ge=1)
     flush_seconds: float = Field(5.0, gt=0.0)
     exposure_slots: int = Field(
@@ -490,6 +537,12 @@ class AppArgs(BaseModel):
     )
     exposure_window: int = Field(
         ExposureConfig.window, ge=1, description="slate positions each replica's tracker remembers"
+    )
+    exposure_refresh: int = Field(
+        SERVING_EXPOSURE_REFRESH,
+        ge=1,
+        description="answers between updates of a replica's exposure prices (the same request gets the same "
+        "list in between; 1: after every answer)",
     )
     access_log: bool = Field(
         True, description="Serve's per-request access log line (~2% of a replica's CPU when on)"
@@ -515,6 +568,7 @@ def build_app(args: dict[str, Any] | AppArgs):
             "exposure_slots": a.exposure_slots,
             "exposure_pool": a.exposure_pool,
             "exposure_window": a.exposure_window,
+            "exposure_refresh": a.exposure_refresh,
         },
     }
     if a.autoscaling:

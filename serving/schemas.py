@@ -17,6 +17,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must contain more than whitespace")
+    return v
+
+
 class Exploration(_Strict):
     exploration: Literal["greedy", "epsilon", "boltzmann", "thompson", "ucb"] = Field(
         "greedy",
@@ -33,6 +39,11 @@ class Exploration(_Strict):
         le=100.0,
         description="`ucb` bonus width in score units (what a never-shown item gains)",
     )
+    exposure: bool = Field(
+        True,
+        description="apply the replica's exposure rotation (the policy's price on items shown lately, the "
+        "exposure slot); false: the policy's scores alone",
+    )
 
 
 class RecommendRequest(Exploration):
@@ -42,7 +53,9 @@ class RecommendRequest(Exploration):
     )
     k: int = Field(10, ge=1, description="how many items (at most the catalogue size)")
     exclude_seen: bool = True
-    explain: bool = Field(False, description="per item, the history items that contributed most")
+    explain: bool = Field(
+        False, description="per item, the history items its score owes most to (the drop without each)"
+    )
 
 
 class QueryRequest(Exploration):
@@ -54,6 +67,11 @@ class QueryRequest(Exploration):
     query_weight: float = Field(
         0.8, ge=0.0, le=1.0, description="weight of the text match vs. the history (when there is one)"
     )
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        return _not_blank(v)
 
 
 class FeedbackRequest(_Strict):
@@ -75,17 +93,27 @@ class NewItemRequest(_Strict):
     item_id: str = Field(..., min_length=1, max_length=200, description="a new, unused item id")
     text: str = Field(..., min_length=1, max_length=MAX_TEXT, description='e.g. "Title (2031) | Genre|Genre"')
 
+    @field_validator("item_id", "text")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        return _not_blank(v)
+
 
 class Because(BaseModel):
     item_id: str
     text: str
-    similarity: float
+    score_drop: float = Field(
+        description="how much the recommended item's score falls when the history is read without this item"
+    )
 
 
 class ShownItem(BaseModel):
     item_id: str
     text: str
-    score: float
+    score: float = Field(
+        description="what the list is sorted by (greedy, ucb) or drawn from (explored): the policy's score, "
+        "less the exposure price when applied, plus the `ucb` bonus"
+    )
     propensity: float = Field(description="probability that the policy showed this item at this position")
     exposure: bool = Field(
         False, description="given the exposure slot: an item not shown lately that this user ranks just below"
@@ -98,7 +126,13 @@ class RecommendResponse(BaseModel):
     request_id: str
     model_version: str
     user: str | None
-    strategy: str
+    strategy: str = Field(description="how the list was chosen: greedy, or the exploration that drew it")
     cold_start: bool
+    history_items: int = Field(description="items of the user's history the answer was computed from")
+    session_items: int = Field(description="of those, items added live by feedback (or sent in `history`)")
+    exposure_epoch: int | None = Field(
+        description="the scoring replica's exposure rotation the list was priced by (answers of one epoch and "
+        "replica are priced alike); null when no exposure rotation applied"
+    )
     items: list[ShownItem]
     served_by: dict[str, str]

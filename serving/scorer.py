@@ -57,7 +57,13 @@ class ScorerInputError(ValueError):
 
 
 DEFAULT_BATCH = {"max_batch_size": 16, "batch_wait_timeout_s": 0.002}
-EXPOSURE_KEYS = {"exposure_slots": "slots", "exposure_pool": "pool", "exposure_window": "window"}
+EXPOSURE_KEYS = {
+    "exposure_slots": "slots",
+    "exposure_pool": "pool",
+    "exposure_window": "window",
+    "exposure_refresh": "refresh",
+}
+"""``user_config`` keys of the scorer -> :class:`ExposureConfig` fields."""
 
 
 def load_serving_model(path: str, device: str) -> tuple[TextSeqRec, str, dict, dict | None]:
@@ -148,7 +154,6 @@ class PolicyScorer:
 
     def _refresh_items(self) -> None:
         self.items = self.model.item_matrix().detach()
-        self.items_unit = torch.nn.functional.normalize(self.items, dim=-1)
 
     def _refresh_popularity(self) -> None:
         self.popularity = torch.as_tensor(np.log1p(self.catalog.popularity), dtype=torch.float32)
@@ -219,6 +224,12 @@ class PolicyScorer:
         request = {**request, "query_scores": (text @ q).float()}
         return await self._score_batch(request)
 
+    async def health(self, catalog_version: int = 0) -> dict[str, Any]:
+        """What ``/healthz`` shows of this replica (:meth:`info`), after taking in the items added up to
+        ``catalog_version`` (so its item count agrees with the ingress's catalogue)."""
+        await self._sync_items(int(catalog_version))
+        return self.info()
+
     def info(self) -> dict[str, Any]:
         import ray
 
@@ -234,6 +245,7 @@ class PolicyScorer:
             "exposure": {
                 **asdict(self.exposure.cfg),
                 "answers": self.exposure.answers,
+                "epoch": self.exposure.epoch,
                 "swaps": self.exposure.swaps,
                 "exposed_share": round(self.exposure.exposed_share(), 4),
             },
@@ -307,15 +319,19 @@ class PolicyScorer:
         if strategy == "greedy" and cold and r.get("explore_cold", True):
             strategy = "boltzmann"  # a new user gets an explored list
         widened = bonus = None
-        if self.exposure.cfg.active:
+        tracked = self.exposure.cfg.active  # the replica records what it shows
+        if tracked:
             self.exposure.grow(n)  # items added at run time start unexposed
-        # the policy's exposure term, on what explored slates are drawn from (greedy: the tracker applies it)
+        exposed = tracked and bool(r.get("exposure", True))  # this answer is shaped by what was shown
+        epoch = self.exposure.epoch  # the prices this answer sees (recording it may start the next epoch)
+        # the policy's exposure term (β · f(times shown), priced as of the tracker's epoch), for every strategy
         shift: torch.Tensor | float = 0.0
-        if self.exposure.cfg.penalty and strategy != "greedy":
+        if exposed and self.exposure.cfg.penalty:
             shift = torch.as_tensor(self.exposure.penalties(n), dtype=scores.dtype, device=scores.device)
-        masked = (scores - shift).masked_fill(~allowed, -torch.inf)
-        if strategy == "greedy" and self.exposure.cfg.active:
-            row, widened = self.exposure.slate(masked.cpu().numpy(), k)
+        ranked_by = scores - shift  # what a greedy list is sorted by, and an explored one drawn from
+        masked = ranked_by.masked_fill(~allowed, -torch.inf)
+        if strategy == "greedy" and exposed:
+            row, widened = self.exposure.slate(masked.cpu().numpy(), k, penalised=True)
             items = torch.as_tensor(row, device=scores.device)
             props = torch.ones(k, dtype=torch.float64)
         elif strategy == "greedy":
@@ -323,6 +339,7 @@ class PolicyScorer:
             items, props = top.indices, torch.ones(k, dtype=torch.float64)
         elif strategy == "ucb":
             bonus = float(r.get("ucb_alpha", ExplorationConfig.ucb_alpha)) * self.ucb.bonus(state[None])[0]
+            ranked_by = ranked_by + bonus.to(masked.device)
             items = torch.topk(masked + bonus.to(masked.device), k).indices
             props = torch.ones(k, dtype=torch.float64)
             self.ucb.update(state[None], items[None])
@@ -337,27 +354,54 @@ class PolicyScorer:
             drawn_from = (scores if sampled is None else self._adjusted(r, sampled)) - shift
             items, props = sample_slate(behaviour_log_probs(drawn_from[None], cfg, allowed=allowed[None]), k)
             items, props = items[0], props[0]
-        if widened is None and self.exposure.cfg.active:
+        if widened is None and tracked:
             self.exposure.record(items.cpu().numpy())
         out: dict[str, Any] = {
             "items": items.cpu().tolist(),
-            "scores": scores[items].cpu().tolist(),
+            "scores": ranked_by[items].cpu().tolist(),
             "propensities": props.cpu().tolist(),
             "strategy": strategy,
             "cold_start": cold,
             "model_version": self.model_version,
             "replica": self.replica,
+            "exposure_epoch": epoch if exposed else None,
         }
         if widened is not None:
             out["exposure"] = widened.tolist()
         if bonus is not None:
             out["bonus"] = bonus[items].cpu().tolist()
         if r.get("explain") and len(history):
-            recent = history[-self.model.cfg.max_len :]
-            sim = self.items_unit[items] @ self.items_unit[recent].T  # [k, h]
-            top = torch.topk(sim, min(2, sim.shape[1]), dim=1)
-            out["because"] = [
-                [(int(recent[j]), float(s)) for j, s in zip(idx.tolist(), val.tolist(), strict=True)]
-                for idx, val in zip(top.indices, top.values, strict=True)
-            ]
+            out["because"] = self._because(history, items)
         return out
+
+    def _relevance(self, histories: list[list[int]], idx: torch.Tensor) -> torch.Tensor:
+        """[B, m] the policy's scores of items ``idx`` for each history (the model, plus the co-occurrence
+        term when the policy has one): what the history decides, before exposure and exploration."""
+        tokens, lengths = pad_histories(histories, self.model.cfg.max_len, self.device)
+        state = self.model.user_state(tokens, lengths, self.items)
+        scores = self.model.scores_from_state(state, self.items, idx).float()
+        if self.cooccurrence is not None:
+            from rec_rllib.rl.policy import cooccurrence_feature
+
+            feature = cooccurrence_feature(self.simulator, histories, self.cooccurrence["window"])
+            sub = torch.zeros(len(histories), len(idx), dtype=torch.float32)
+            known = idx.cpu() < feature.shape[1]
+            sub[:, known] = torch.as_tensor(feature[:, idx.cpu()[known].numpy()], dtype=torch.float32)
+            scores = scores + self.cooccurrence["weight"] * sub.to(scores.device)
+        return scores
+
+    def _because(
+        self, history: torch.Tensor, items: torch.Tensor, top: int = 2
+    ) -> list[list[tuple[int, float]]]:
+        """Per shown item, the history items it owes most to: for each item the model reads (the last
+        ``max_len``), how much the shown item's score falls when the history is read without it (one batched
+        pass over the leave-one-out histories); the ``top`` largest positive drops, largest first."""
+        h = history[-self.model.cfg.max_len :].tolist()
+        variants = [h] + [h[:j] + h[j + 1 :] for j in range(len(h))]
+        scores = self._relevance(variants, items)  # [1 + len(h), k]
+        drop = (scores[0][None] - scores[1:]).T  # [k, len(h)]
+        best = torch.topk(drop, min(top, drop.shape[1]), dim=1)
+        return [
+            [(h[j], float(d)) for j, d in zip(idx.tolist(), val.tolist(), strict=True) if d > 0]
+            for idx, val in zip(best.indices, best.values, strict=True)
+        ]

@@ -37,6 +37,30 @@ def test_the_last_position_goes_to_the_best_unexposed_candidate_in_the_pool():
     assert (t.answers, t.swaps) == (5, 3)
 
 
+def test_with_a_refresh_every_answer_of_an_epoch_is_priced_alike():
+    """refresh 3: the counts that price answers and choose the slot's items move every third answer, so the
+    same scores get the same slate within an epoch; the live counts still follow every answer; refresh 1
+    (the default) prices each answer by everything shown before it, as above."""
+    t = ExposureTracker(
+        8, ExposureConfig(slots=1, pool=3, window=100, penalty=0.5, shape="indicator", refresh=3)
+    )
+    scores = np.array([8.0, 7, 6, 5, 4, 3, 2, 1])
+    slates = []
+    for _ in range(6):
+        epoch = t.epoch
+        row, _ = t.slate(scores, 3)
+        slates.append((epoch, row.tolist()))
+    assert [e for e, _ in slates] == [0, 0, 0, 1, 1, 1]
+    assert slates[0][1] == slates[1][1] == slates[2][1] == [0, 1, 2]  # nothing priced yet
+    # epoch 1 prices items 0, 1, 2 (each shown 3 times) at β 0.5 and the slot gives the last position to the
+    # best candidate not on display then, for all three answers
+    assert slates[3][1] == slates[4][1] == slates[5][1] == [0, 1, 3]
+    np.testing.assert_array_equal(t.counts[:5], [6, 6, 3, 3, 0])  # the live counts follow every answer
+    np.testing.assert_array_equal(t.priced[:5], [6, 6, 3, 3, 0])  # updated after the sixth answer
+    t.grow(10)
+    assert len(t.priced) == len(t.counts) == 10 and t.priced is not t.counts
+
+
 def test_first_position_is_never_replaced_and_two_slots_keep_score_order():
     t = ExposureTracker(10, ExposureConfig(slots=5, pool=6, window=100))
     scores = np.linspace(10, 1, 10)
@@ -110,7 +134,8 @@ def test_an_indicator_penalty_lowers_everything_on_display_alike(ml100k: LogData
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"slots": -1}, "exposure slots must be a non-negative integer"),
-     ({"pool": 0}, "needs pool >= 1"), ({"window": 2.5}, "exposure window")],
+     ({"pool": 0}, "needs pool >= 1"), ({"window": 2.5}, "exposure window"),
+     ({"refresh": 0}, "exposure refresh must be an integer >= 1")],
 )  # fmt: skip
 def test_bad_settings_are_refused_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):

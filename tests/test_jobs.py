@@ -274,8 +274,9 @@ def test_pipeline_rl_recipes():
 @pytest.mark.slow
 def test_pipeline_end_to_end_on_embedded_ray(job_env, tmp_path):
     """The README's main command, as a subprocess (tiny budgets): embedded Ray, real data, every stage."""
+    port = _free_port()
     tiny = ["--finetune-epochs", "2", "--hidden-size", "32", "--max-len", "30", "--rl-iterations", "2",
-            "--serve-seconds", "0", "--port", str(_free_port())]  # fmt: skip
+            "--serve-seconds", "0", "--port", str(port)]  # fmt: skip
     cmd = ["jobs.pipeline", "--out", "runs/qs", "--num-cpus", "2", *tiny]
     out = run(cmd, job_env, tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -292,7 +293,13 @@ def test_pipeline_end_to_end_on_embedded_ray(job_env, tmp_path):
     chosen = json.loads((tmp_path / "runs" / "qs" / "rl" / "cooccurrence_gamma.json").read_text())
     assert rl_cfg["cooccurrence_gamma"] == chosen["gamma"]  # the RL run's γ: the validation users' best
     assert chosen["figures"][f"{chosen['gamma']:g}"] == max(chosen["figures"].values())
-    assert "curl -s -X POST http://127.0.0.1:" in out.stdout and "because:" in out.stdout
+    assert f"curl -s -X POST http://127.0.0.1:{port}/recommend" in out.stdout and "because:" in out.stdout
+    # the fast path by default: the app's replica answers on --port itself; Serve's proxy answers too
+    assert f"direct ingress: http://127.0.0.1:{port}" in out.stdout
+    assert (
+        f"also through Serve's proxy (one URL for every replica, one hop more): http://127.0.0.1:{port + 100}"
+        in (out.stdout)
+    )
     # even two epochs of the text-aware model beat random by far
     assert metrics["fine-tuned (finetune)"]["HR@10"] > 3 * metrics["random"]["HR@10"]
     assert (tmp_path / "runs" / "qs" / "temporal-test" / "metrics.json").exists()

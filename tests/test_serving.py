@@ -54,10 +54,49 @@ def test_recommend_known_user_with_explanations(app):
     assert r.status_code == 200, r.text
     body = r.json()
     assert len(body["items"]) == 5 and body["request_id"] and body["model_version"]
+    assert body["history_items"] > 0 and body["session_items"] == 0 and body["exposure_epoch"] is None
     assert all(it["propensity"] == 1.0 for it in body["items"])  # greedy
     assert all(it["because"] and it["because"][0]["text"] for it in body["items"])
     scores = [it["score"] for it in body["items"]]
     assert scores == sorted(scores, reverse=True)
+    # the same request against the same state: the same list, the same scores
+    again = c.post("/recommend", json={"user": "196", "k": 5, "explain": True}).json()
+    assert [(it["item_id"], it["score"]) for it in again["items"]] == [
+        (it["item_id"], it["score"]) for it in body["items"]
+    ]
+
+
+def test_explanations_name_the_history_items_each_score_owes_most_to(app):
+    """Each "because" item is one whose removal from the history lowers the recommended item's score, by the
+    drop it reports; the first one lowers it at least as much as leaving out any other history item (checked
+    against the model in this process); the measure differs across recommended items."""
+    import numpy as np
+
+    from rec_rllib.columns import Col
+    from rec_rllib.data import LogDataset
+    from rec_rllib.models import load_recommender
+
+    ds = LogDataset.load(app["dataset"])
+    history = ["50", "172", "181", "1", "127", "98", "204", "56"]
+    body = app["client"].post("/recommend", json={"history": history, "k": 5, "explain": True}).json()
+    model = load_recommender(app["finetuned_run"], ds)
+    index = {iid: i for i, iid in enumerate(ds.items[Col.ITEM_ID].astype(str))}
+    h = [index[i] for i in history]
+    variants = [np.array(h)] + [np.array(h[:j] + h[j + 1 :]) for j in range(len(h))]
+    scores = model.score(variants)  # [1 + len(h), n_items]
+    firsts = []
+    for it in body["items"]:
+        i = index[it["item_id"]]
+        drops = {history[j]: scores[0, i] - scores[1 + j, i] for j in range(len(h))}
+        because = it["because"]
+        assert because, it
+        for b in because:
+            assert b["score_drop"] > 0 and abs(b["score_drop"] - drops[b["item_id"]]) < 1e-3, (b, drops)
+        assert [b["score_drop"] for b in because] == sorted((b["score_drop"] for b in because), reverse=True)
+        assert drops[because[0]["item_id"]] >= max(drops.values()) - 1e-4
+        assert abs(it["score"] - scores[0, i]) < 1e-3  # the score is the model's, for a greedy list
+        firsts.append(because[0]["score_drop"])
+    assert len({round(f, 4) for f in firsts}) > 1
 
 
 def test_exploration_reports_propensities(app):
@@ -135,6 +174,14 @@ def test_cold_start_user_gets_an_explored_popular_list(app):
     body = c.post("/recommend", json={"user": "brand-new", "history": [], "k": 10}).json()
     assert body["cold_start"] and body["strategy"] == "boltzmann"
     assert all(0 < it["propensity"] < 1 for it in body["items"])
+    # a mode the request names is the one used: greedy, the same list every time
+    asked = [
+        c.post("/recommend", json={"history": [], "k": 10, "exploration": "greedy"}).json() for _ in range(3)
+    ]
+    assert all(a["cold_start"] and a["strategy"] == "greedy" for a in asked)
+    assert all(
+        [it["item_id"] for it in a["items"]] == [it["item_id"] for it in asked[0]["items"]] for a in asked
+    )
 
 
 def test_feedback_changes_next_answer_on_another_replica_and_is_logged(app):
@@ -166,8 +213,13 @@ def test_feedback_changes_next_answer_on_another_replica_and_is_logged(app):
 def test_items_added_from_text_are_found_by_query(app):
     c = app["client"]
     text = "Quantum Platypus Detectives (2031) | Animation|Mystery"
+    before = c.get("/healthz").json()
+    assert before["items"] == before["catalog_items"]
     r = c.post("/items", json={"item_id": "qpd-2031", "text": text})
     assert r.status_code == 201, r.text
+    for _ in range(4):  # every replica's scorer counts the new item before any request scored with it
+        h = c.get("/healthz").json()
+        assert h["items"] == h["catalog_items"] == before["catalog_items"] + 1, h
     assert c.post("/items", json={"item_id": "qpd-2031", "text": text}).status_code == 409
     for _ in range(4):  # every replica knows it
         q = c.post("/query", json={"text": "platypus detectives animated mystery", "k": 5}).json()
@@ -197,7 +249,15 @@ def test_query_matches_text(app):
         ("/feedback", {"request_id": "abc", "item_id": "50"}, 422, "reward"),
         ("/items", {"item_id": "50", "text": "Dup"}, 409, "exists"),
         ("/items", {"item_id": "x", "text": ""}, 422, "text"),
+        (
+            "/items",
+            {"item_id": "x", "text": "   "},
+            422,
+            "text: Value error, must contain more than whitespace",
+        ),
+        ("/items", {"item_id": " ", "text": "A film"}, 422, "item_id: Value error, must contain more than"),
         ("/query", {"text": ""}, 422, "text"),
+        ("/query", {"text": " \t "}, 422, "text: Value error, must contain more than whitespace"),
     ],
 )
 def test_bad_input_gets_a_4xx_that_says_what_to_send(app, path, body, status, says):
@@ -207,9 +267,21 @@ def test_bad_input_gets_a_4xx_that_says_what_to_send(app, path, body, status, sa
 
 
 def test_malformed_and_oversized_bodies(app):
+    """Every refusal in the app's shape ({"error": ...}), saying what is wrong and what to send."""
     c = app["client"]
-    r = c.post("/recommend", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422 and "error" in r.json()
+    json_type = {"content-type": "application/json"}
+    r = c.post("/recommend", content=b'{"user": "196", "k": }', headers=json_type)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"].startswith(
+        "the request body is not valid JSON (Expecting value at character 21)"
+    )
+    r = c.post("/recommend", content='{"user": "Zoë"}'.encode("latin-1"), headers=json_type)
+    assert r.status_code == 400, r.text
+    assert list(r.json()) == ["error"] and "UTF-8 encoded JSON" in r.json()["error"]
+    r = c.post("/recomend", json={"user": "196"})
+    assert r.status_code == 404 and "POST /recommend" in r.json()["error"]
+    r = c.get("/recommend")
+    assert r.status_code == 405 and list(r.json()) == ["error"]
     big = {"history": ["50"] * 100_000}
     r = c.post("/recommend", content=json.dumps(big).encode(), headers={"content-type": "application/json"})
     assert r.status_code == 413

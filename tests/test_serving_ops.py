@@ -59,6 +59,7 @@ def test_four_quarter_gpu_replicas_run_and_a_fifth_waits(gpu_ray, finetuned_run,
         "model": finetuned_run,
         "dataset": ml_dir,
         "feedback_dir": str(tmp_path / "fb"),
+        "topology": "split",  # scorer replicas apart from the HTTP layer, each on a quarter GPU
         "scorer_replicas": 5,
         "scorer_gpus": 0.25,
         "scorer_cpus": 0.25,
@@ -93,6 +94,7 @@ def test_autoscaling_up_under_load_and_back_down(finetuned_run, ml_dir, tmp_path
                 "model": finetuned_run,
                 "dataset": ml_dir,
                 "feedback_dir": str(tmp_path / "fb"),
+                "topology": "split",  # the scorer deployment scales apart from the HTTP layer
                 "scorer_cpus": 0.5,
                 "max_batch_size": 1,  # one request at a time per replica: queueing shows up as ongoing requests
                 "autoscaling": {
@@ -214,7 +216,7 @@ def test_killed_replica_under_load_fails_over_and_loses_no_acknowledged_feedback
     try:
         url = start(
             {"model": finetuned_run, "dataset": ml_dir, "feedback_dir": str(feedback_dir), "ingress_replicas": 2,
-             "scorer_cpus": 0.5, "flush_rows": 100_000, "flush_seconds": 3600},
+             "topology": "split", "scorer_cpus": 0.5, "flush_rows": 100_000, "flush_seconds": 3600},
             free_port(),
         )  # fmt: skip
         acked: list[str] = []
@@ -301,10 +303,12 @@ def test_killed_replica_under_load_fails_over_and_loses_no_acknowledged_feedback
 
 
 def test_low_latency_setup_answers_on_the_replicas_own_port(finetuned_run, ml_dir, tmp_path):
-    """`jobs.serve --direct-ingress --topology single` (the set-up the latency figures are for), as a user
-    runs it: the ingress replica answers HTTP on its own port, which the command prints; a click sent
+    """`jobs.serve` with its low-latency defaults spelled out (direct ingress, single topology, no batch wait,
+    request code on the replica's loop), as a user runs it: the replica answers HTTP on --port itself (Serve's
+    proxy on --port + 100), which the command prints; a click sent
     there changes the next answer; the exposure slot (--exposure-slots 1) gives the last position of a repeated
-    slate to an item not shown yet; Ctrl-C stops it and the feedback is on disk."""
+    slate to an item not shown yet once the replica's exposure prices move (every --exposure-refresh answers;
+    the same list in between); Ctrl-C stops it and the feedback is on disk."""
     import os
     import signal
     import subprocess
@@ -314,11 +318,15 @@ def test_low_latency_setup_answers_on_the_replicas_own_port(finetuned_run, ml_di
     from serving.feedback import read_feedback
     from tests.conftest import REPO, free_port, stop_group
 
+    def ids(answer):
+        return [it["item_id"] for it in answer["items"]]
+
     port = free_port()
     env = dict(os.environ, RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="1")
     cmd = [sys.executable, "-m", "jobs.serve", "--model", finetuned_run, "--dataset", ml_dir, "--port", str(port),
            "--num-cpus", "2", "--topology", "single", "--batch-wait-ms", "0", "--same-thread",
-           "--direct-ingress", "--no-access-log", "--feedback-dir", str(tmp_path / "fb"), "--exposure-slots", "1"]  # fmt: skip
+           "--direct-ingress", "--no-access-log", "--feedback-dir", str(tmp_path / "fb"), "--exposure-slots", "1",
+           "--exposure-refresh", "2"]  # fmt: skip
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -331,7 +339,8 @@ def test_low_latency_setup_answers_on_the_replicas_own_port(finetuned_run, ml_di
             url = next(iter(urls_in_output(log.read_text())), None)
             time.sleep(1)
         assert url, log.read_text()[-3000:]
-        assert not url.endswith(f":{port}")  # the replica's port, not the proxy's
+        assert url == f"http://127.0.0.1:{port}"  # the replica answers on --port itself
+        assert httpx.get(f"http://127.0.0.1:{port + 100}/healthz", timeout=30).status_code == 200  # the proxy
         with httpx.Client(base_url=url, timeout=30) as c:
             first = c.post("/recommend", json={"user": "196", "k": 5}).json()
             clicked = first["items"][0]["item_id"]
@@ -341,14 +350,30 @@ def test_low_latency_setup_answers_on_the_replicas_own_port(finetuned_run, ml_di
             assert clicked not in [it["item_id"] for it in again["items"]]
             health = c.get("/healthz").json()
             assert health["live_state"]["mirror_trusted"]
-            # the same slate asked twice: positions 1-4 stay, the 5th goes to an item this replica has not shown
+            # the same slate asked again within one exposure epoch (prices move every 2 answers here): the same
+            # list; in the next epoch positions 1-4 stay and the 5th goes to an item not shown before it
             body = {"history": [first["items"][1]["item_id"]], "k": 5}
-            a, b = (c.post("/recommend", json=body).json()["items"] for _ in range(2))
-            assert [it["item_id"] for it in a[:4]] == [it["item_id"] for it in b[:4]]
+            asked = [c.post("/recommend", json=body).json() for _ in range(3)]
+            pairs = [
+                (x, y)
+                for x, y in zip(asked, asked[1:], strict=False)
+                if x["exposure_epoch"] == y["exposure_epoch"]
+            ]
+            assert pairs and all(ids(x) == ids(y) for x, y in pairs)
+            a = asked[-1]
+            b = c.post("/recommend", json=body).json()
+            while b["exposure_epoch"] == a["exposure_epoch"]:
+                b = c.post("/recommend", json=body).json()
+            assert ids(b)[:4] == ids(a)[:4] and ids(b)[4] not in ids(a)
+            b = b["items"]
             assert b[4]["exposure"] and b[4]["propensity"] == 1.0 and not any(it["exposure"] for it in b[:4])
-            assert b[4]["item_id"] not in {it["item_id"] for it in a} and b[4]["score"] <= b[3]["score"]
+            assert b[4]["score"] <= b[3]["score"]
+            # the rotation switched off for one request: the policy's own list, reproducible whatever the epoch
+            plain = [c.post("/recommend", json={**body, "exposure": False}).json() for _ in range(3)]
+            assert all(p["exposure_epoch"] is None and ids(p) == ids(plain[0]) for p in plain)
+            assert not any(it["exposure"] for it in plain[0]["items"])
             exposure = c.get("/healthz").json()["exposure"]
-            assert exposure["slots"] == 1 and exposure["answers"] == health["exposure"]["answers"] + 2
+            assert exposure["slots"] == 1 and exposure["refresh"] == 2 and exposure["epoch"] >= 2
             assert exposure["swaps"] >= 1 + health["exposure"]["swaps"]
     finally:
         stop_group(proc, signal.SIGINT, timeout=120)  # Ctrl-C

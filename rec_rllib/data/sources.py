@@ -107,7 +107,10 @@ def read_table_as_text(path: str | Path, *, sep: str | None = None, header: bool
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix in (".parquet", ".pq"):
-        frame = pd.read_parquet(path)
+        try:
+            frame = pd.read_parquet(path)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise ValueError(f"{path}: cannot be read as Parquet ({e})") from None
         return frame.astype("string"), None
     if sep is None:
         sep = "\t" if path.suffix in (".tsv", ".inter", ".item", ".user", ".data") else ","
@@ -116,6 +119,11 @@ def read_table_as_text(path: str | Path, *, sep: str | None = None, header: bool
             path, sep=sep, dtype="string", keep_default_na=False, na_values=[], header=0 if header else None,
             names=names, encoding=encoding, quoting=3 if sep == "\t" else 0,
         )
+    except pd.errors.EmptyDataError:
+        raise ValueError(
+            f"{path}: the file is empty (not even a header line); expected a header naming the columns, then one "
+            "line per row"
+        ) from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot be read as {'TSV' if sep == chr(9) else 'CSV'} ({e})") from None
     return frame, (1 if header else 0)

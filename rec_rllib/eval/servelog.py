@@ -35,9 +35,8 @@ SERVE_LOG_ESTIMATORS = ("ips", "snips", "dm", "dr", "slope")
 
 OPE_BYTES_PER_CELL = 40
 """Peak memory of :func:`evaluate_serve_log` per answer and catalogue item: the target's action distribution,
-the reward model's predictions and the scores are each ``[answers, catalogue]`` (measured 2026-12-02 on
-MovieLens-100K's 1,682 items: 36 bytes with the popularity target, about 40 with a fine-tuned transformer; 100,000
-answers: 6-7 GB)."""
+the reward model's predictions and the scores are each ``[answers, catalogue]`` (on MovieLens-100K's 1,682
+items: 36 bytes with the popularity target, about 40 with a fine-tuned transformer; 100,000 answers: 6-7 GB)."""
 
 
 def rounds_within(memory_bytes: float, n_items: int) -> int:

@@ -247,13 +247,21 @@ class TextSeqRec(nn.Module):
             h = layer.output.LayerNorm(ff + a)
         return h[:, 0]
 
-    def scores_from_state(self, state: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, H] -> [B, n_items] (through the policy head when the model has one)."""
+    def scores_from_state(
+        self, state: torch.Tensor, items: torch.Tensor | None = None, idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B, H] -> [B, n_items] (through the policy head when the model has one); with ``idx`` [m], the
+        scores of those items only, [B, m] (the same numbers, at a cost that does not grow with the catalogue)."""
         items = self.item_matrix() if items is None else items
+        bias = self.bias * self.known
+        if idx is not None:
+            items, bias = items[idx], bias[idx]
         if self.state_head is None:
-            return state @ items.T + self.bias * self.known
+            return state @ items.T + bias
         calibration = self.popularity_weight * self.log_popularity
-        return self.state_head(state) @ items.T + self.bias * self.known + calibration
+        if idx is not None:
+            calibration = calibration[idx]
+        return self.state_head(state) @ items.T + bias + calibration
 
     @torch.no_grad()
     def set_popularity(self, counts) -> None:

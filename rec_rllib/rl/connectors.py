@@ -4,9 +4,8 @@
 
 RLlib's APPO learner appends one artificial step to every episode chunk (``AddOneTsToEpisodesAndTruncate``:
 the chunk's final observation, whose value V-trace bootstraps from) and copies the previous step's model
-outputs into it, so the user state shipped with that step is the previous observation's. The learner used
-to re-encode those rows itself (one row in eleven, and a quarter of the learner update's time in a py-spy
-profile of the driver with 2 env runners, since the encoder is the costly part of the network).
+outputs into it, so the user state shipped with that step is the previous observation's. Re-encoding those
+rows in the learner (one row in eleven) would make it run the encoder, the costly part of the network.
 
 Instead, each env runner encodes the final observation of every chunk that bootstraps (all but the
 terminated ones, whose bootstrap V-trace gates to zero) at the end of ``sample()``, in one batched forward

@@ -119,7 +119,7 @@ class RecDQNLearner(_TermWeightsMixin, DQNTorchLearner):
 
     Without it, the TD targets of a 0-1 hit reward are nearly equal across items, and every update lowers the
     Q-value of the item just recommended (mostly the greedy one, rarely rewarded) and nothing else, so
-    items never tried rise to the top: measured −41% to −73% NDCG@10. The cross-entropy term holds the
+    items never tried rise to the top. The cross-entropy term holds the
     ranking to the log, over every item at every step; TD moves the scores where the rewards say."""
 
     @override(DQNTorchLearner)

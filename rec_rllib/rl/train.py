@@ -66,33 +66,28 @@ class RLTrainConfig(DictConfig):
     """Custom resources each learner needs, e.g. {"learner": 1}."""
     train_encoder: bool = False
     """False: train a policy head (a linear map on the user state, a weight on item popularity) and the item
-    bias on the frozen fine-tuned encoder — env runners ship the user state, the learner never re-encodes (several times the throughput).
-    True: train every weight end to end (the learner runs the encoder for the online, target and
+    bias on the frozen fine-tuned encoder: env runners ship the user state, so the learner never runs the
+    encoder. True: train every weight end to end (the learner runs the encoder for the online, target and
     reference networks)."""
     train_state_head: bool = True
     """Policy head only: train its linear map on the user state. False keeps the map at its fine-tuned identity
     and trains the item bias, the popularity weight and (with an exposure cost) the exposure weight: each user's
-    relevance ranking stays the fine-tuned model's. With the exposure cost it removes the seed-to-seed scatter
-    (λ = 0.5, third fine-tuned model of the README: test NDCG@10 −0.6% to +1.1% where the trained map lost 3.3% to
-    7.1%)."""
+    relevance ranking stays the fine-tuned model's (with an exposure cost, a trained map scatters from seed to
+    seed; docs/rl.md)."""
     train_item_terms: bool = True
     """Policy head only: train the item bias and the popularity weight. False keeps them at the fine-tuned values:
     with ``train_state_head=False`` and an exposure cost, RL trains the exposure weight β alone: the policy is the
     fine-tuned scores minus the price RL learned for what is on display, a point of the fine-tuned model's own
-    accuracy-coverage frontier. With a small exposure cost β settles where the reward balances (indicator shape,
-    λ = 0.15, 5,000 window, 300 iterations, three fine-tuned models: β 0.52-0.57, test coverage@10 +21% to +24% at
-    NDCG@10 −0.9% on average, validation −0.2%; λ = 0.17: β 0.62-0.67, +25% to +28% at −0.8%); at λ ≥ 0.4 it
-    keeps climbing by up to ~0.01 an update and the iteration budget sets where it stops (README, RL training: "A
-    price RL settles on")."""
+    accuracy-coverage frontier. With a small exposure cost β settles where the reward balances; with a large
+    one it keeps climbing (by up to about 0.01 an update) and the iteration budget sets where it stops."""
     cooccurrence_gamma: float | str | None = None
     """With ``env.cooccurrence``: None = RL learns γ, the co-occurrence term's weight (from 0); a number fixes
     γ there and RL learns the rest (β, with an exposure cost); ``"validation"``: fixed at the γ under which
     the fine-tuned scores plus the term rank the validation users best
     (:func:`rec_rllib.rl.policy.select_cooccurrence_gamma`, chosen when training starts;
     ``cooccurrence_gamma.json`` in the run). RL's reward (the replay's hits less the exposure price) settles a
-    learned γ near 0.4 while the validation users' NDCG@10 peaks at 5-13 (four ML-100K models); with γ from
-    validation and the coverage recipe's exposure cost, test NDCG@10 +4.1% to +9.8% at coverage@10 +26.6% to
-    +33.7% (learned γ: −2.8% to +2.2%; README, RL training)."""
+    learned γ well below where ranking wants it, so the coverage recipe chooses γ on the validation users
+    (docs/rl.md)."""
     lr: float | None = None
     """Learning rate; None = 1e-3 for the policy head, 3e-5 end to end (the encoder starts fine-tuned)."""
     entropy_coeff: float = 0.0
@@ -101,8 +96,8 @@ class RLTrainConfig(DictConfig):
     """Weight of KL(pi || fine-tuned policy) in the loss (0 disables)."""
     next_item_ce_coeff: float = 20.0
     """DQN only: weight of the cross-entropy of the logged next item on the Q-values (the supervised anchor
-    of SQN; 0 = plain double Q-learning, which loses the ranking: NDCG@10 −82%; 1 → −11%, 5 → −8%, 20 → −2%,
-    100 → −0.4% on the test users, 20 the best on the validation users)."""
+    of SQN; 0 = plain double Q-learning, which pulls the fine-tuned ranking apart; 20 ranks best on the
+    validation users)."""
     gamma: float = 0.9
     """Discount."""
     checkpoint_every: int = 5
@@ -417,7 +412,20 @@ def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
     write_csv(run_dir / "train_metrics.csv", history)
 
 
+def smoothed(values: list[float], span: int) -> list[float]:
+    """Exponential moving average over ``span`` points (NaNs skipped, not spread)."""
+    alpha, out, level = 2.0 / (span + 1), [], math.nan
+    for v in values:
+        if not math.isnan(v):
+            level = v if math.isnan(level) else level + alpha * (v - level)
+        out.append(level)
+    return out
+
+
 def plot_history(run_dir: Path, history: list[dict[str, float]], title: str) -> None:
+    """``training_curves.png``: one panel per metric in a grid of three columns; each iteration's value
+    (faint) and its moving average; the dashed line is where training started (the fine-tuned policy under the
+    run's exploration: its first iteration; 0 for the learned weights, which the fine-tuned policy lacks)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -433,13 +441,27 @@ def plot_history(run_dir: Path, history: list[dict[str, float]], title: str) -> 
     if any(not math.isnan(h.get("cooccurrence_weight", math.nan)) for h in history):
         panels.append(("cooccurrence_weight", "co-occurrence weight γ"))
     panels.append(("env_steps_per_s", "env steps / s"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6))
-    for ax, (key, label) in zip(axes, panels, strict=True):
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    span = max(3, len(history) // 15)
+    for ax, (key, label) in zip(axes.flat, panels, strict=False):
         # .get: the rows of a run resumed from an older version lack the newer columns
-        ax.plot(it, [h.get(key, math.nan) for h in history], marker="o", ms=3)
+        values = [h.get(key, math.nan) for h in history]
+        ax.plot(it, values, color="tab:blue", alpha=0.3, lw=0.8)
+        ax.plot(it, smoothed(values, span), color="tab:blue", lw=1.8, label=f"moving average ({span})")
+        if key in ("exposure_weight", "cooccurrence_weight"):
+            start = 0.0
+        else:
+            start = next((v for v in values if not math.isnan(v)), math.nan)
+        if key != "env_steps_per_s" and not math.isnan(start):
+            ax.axhline(start, color="grey", ls="--", lw=1, label="fine-tuned policy (start)")
         ax.set_xlabel("iteration")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8, loc="best")
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(run_dir / "training_curves.png", dpi=110)
