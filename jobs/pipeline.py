@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         models = list(args.models)
         if "finetune" in stages:
             log.info(
-                "finetune: the transformer on next-item prediction, a %.0f-minute budget (a Ray task with %d CPUs; "
+                "finetune: the transformer on next-item prediction for %.0f minutes (a Ray task with %d CPUs; "
                 "a progress line every 30 s, a line per validation) -> %s",
                 args.finetune_minutes, args.num_cpus, ft_dir,
             )  # fmt: skip

@@ -285,6 +285,9 @@ def fast_path_env(
     if not direct:
         return port if proxy_port is None else proxy_port
     os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    # a replica that stops keeps answering this long so a load balancer in front can stop sending to it
+    # (Serve's default: 30 s); nothing sits in front of an embedded Ray's replicas, so Ctrl-C need not wait
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
     os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 99)
     proxy_port = port + 100 if proxy_port is None else proxy_port
