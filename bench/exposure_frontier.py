@@ -1,5 +1,5 @@
 """The accuracy-coverage frontier of a fixed exposure penalty on the fine-tuned model: the reference an RL policy
-trained with an exposure cost is measured against (it learns one point of it, see README "The exposure cost").
+trained with an exposure cost is measured against (it learns one point of it; docs/rl.md).
 
 The fine-tuned model answers the leave-one-out users in the shared evaluation's order with a tracker of the
 last ``--window`` shown slate positions (``rec_rllib.exposure``); every item's score is lowered by

@@ -33,7 +33,7 @@ from rec_rllib.models import make_baseline  # noqa: E402
 from rec_rllib.models.run import TransformerRecommender, load_run  # noqa: E402
 from rec_rllib.models.seqrec import ModelConfig  # noqa: E402
 
-# Measured with RecBole 1.2.1 on a 2-core machine of this kind, same protocol (issue #4).
+# Measured with RecBole 1.2.1 on a 2-core machine of this kind, same protocol.
 RECBOLE_REFERENCE = [
     ("popularity (correctly counted)", "-", 0.085, 0.0445),
     ("RecBole GRU4Rec", "13 min", 0.104, 0.048),

@@ -144,9 +144,11 @@ def bench_wrk(url: str, levels: list[int], seconds: float) -> dict[int, dict[str
             continue
         if "Non-2xx" in out:
             raise RuntimeError(f"wrk saw failed requests:\n{out}")
-        pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
-        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-        results[n] = {"p50_ms": _wrk_ms(pct["50"]), "p99_ms": _wrk_ms(pct["99"]), "rps": rps}
+        pct = dict(re.findall(r"^\s*(50|99)(?:\.0+)?%\s+(\S+)", out, re.M))
+        rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+        if rps is None or not {"50", "99"} <= set(pct):
+            raise RuntimeError(f"cannot read wrk's figures at c={n}:\n{out}")
+        results[n] = {"p50_ms": _wrk_ms(pct["50"]), "p99_ms": _wrk_ms(pct["99"]), "rps": float(rps.group(1))}
     os.unlink(script)
     return results
 

@@ -70,15 +70,16 @@ ray_stop_node() {  # ray_stop_node <PID of a `ray start --block` run in its own 
   # order (usually in seconds; SIGTERM to the whole session instead waits out ~30 s timeouts), a grace period of
   # 16 s (`ray stop`'s default), then SIGKILL to what is left of the session, and to the node's workers that left
   # it (they carry RAY_RAYLET_PID=<the node's raylet>)
+  # (what is already gone is not an error: every kill may find nothing, also under `set -e`)
   local pid=$1 raylets r f
-  raylets=$(ps -o pid=,comm= --sid "$pid" 2>/dev/null | awk '$2 == "raylet" {print $1}')
-  kill -TERM "$pid" 2>/dev/null
+  raylets=$(ps -o pid=,comm= --sid "$pid" 2>/dev/null | awk '$2 == "raylet" {print $1}') || true
+  kill -TERM "$pid" 2>/dev/null || true
   for _ in $(seq 16); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-  kill -KILL -- "-$pid" 2>/dev/null
+  kill -KILL -- "-$pid" 2>/dev/null || true
   for r in $raylets; do
-    for f in $(grep -lzx "RAY_RAYLET_PID=$r" /proc/[0-9]*/environ 2>/dev/null); do
+    for f in $(grep -lzx "RAY_RAYLET_PID=$r" /proc/[0-9]*/environ 2>/dev/null || true); do
       f=${f#/proc/}
-      kill -KILL "${f%/environ}" 2>/dev/null
+      kill -KILL "${f%/environ}" 2>/dev/null || true
     done
   done
   return 0
@@ -119,7 +120,7 @@ ray_stop_head() {  # ray_stop_head <dir>
     return 1
   fi
   ray_stop_node "$(cat "$dir/head.pid")"
-  [ -f "$dir/temp_dir" ] && rm -rf "$(cat "$dir/temp_dir")"
+  if [ -f "$dir/temp_dir" ]; then rm -rf "$(cat "$dir/temp_dir")"; fi
   rm -f "$dir/head.pid" "$dir/temp_dir" "$dir/address"
   echo "stopped the head started from $dir" >&2
 }

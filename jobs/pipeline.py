@@ -84,14 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-size", type=int, default=None, help="model width (default: ModelConfig's)")
     g.add_argument("--max-len", type=int, default=None, help="history length the model reads")
     g.add_argument("--rl-iterations", type=int, default=300,
-                   help="APPO iterations (the coverage recipe's exposure weight peaks near 150 and settles by about 300)")  # fmt: skip
+                   help="APPO iterations (the coverage recipe's exposure weight is still rising slowly at 300: the budget "
+                   "sets where it stops, and with it how much coverage is bought; docs/rl.md)")  # fmt: skip
     g.add_argument("--rl-recipe", choices=RL_RECIPES, default="coverage",
                    help="coverage: RL learns the price of what is on display (the exposure weight alone, "
                    f"{COVERAGE_EXPOSURE['exposure_shape']} exposure cost {COVERAGE_EXPOSURE['exposure_cost']} "
                    f"over {COVERAGE_EXPOSURE['exposure_window']:,} recommendations, Thompson sampling) on top of the "
                    "fine-tuned scores plus the co-occurrence term at the weight the validation users prefer, "
-                   "until it settles (README, RL training: 'A price RL settles on', 'The weight, chosen on "
-                   "the validation users'); "
+                   "(docs/rl.md); "
                    "relevance: APPO trains the policy head on the hit reward alone (jobs.train's defaults)")  # fmt: skip
     g.add_argument("--gpus", type=float, default=0.0, help="GPUs for fine-tuning and the RL learner")
     g.add_argument("--exposure-slots", type=int, default=1,
@@ -107,7 +107,7 @@ EXPOSED = "+exposure"
 
 
 def _rl_config(args: argparse.Namespace, ft_dir: Path):
-    """The train stage's RLTrainConfig for ``--rl-recipe`` (the bench's measured settings, README: RL training)."""
+    """The train stage's RLTrainConfig for ``--rl-recipe`` (the recipes of docs/rl.md)."""
     from dataclasses import replace
 
     from rec_rllib.env import EnvConfig

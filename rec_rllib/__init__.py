@@ -1,6 +1,6 @@
 """rec-rllib: learning recommendation policies with reinforcement learning on Ray.
 
-Stages (see DESIGN in the README): prepare (``rec_rllib.data``) -> finetune -> train (RLlib) -> evaluate
+Stages (docs/ has a page for each): prepare (``rec_rllib.data``) -> finetune -> train (RLlib) -> evaluate
 (``rec_rllib.eval``) -> serve (``serving``).
 """
 

@@ -41,7 +41,7 @@ IGNORE = -100
 
 @dataclass
 class FinetuneConfig(DictConfig):
-    """Training settings. Defaults reach the quality reported in the README on 2 CPU cores."""
+    """Training settings. Defaults reach the quality in docs/model.md on 2 CPU cores."""
 
     config_label = "train config"
 

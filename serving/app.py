@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -125,6 +125,10 @@ class _LimitBody:
 
 
 api.add_middleware(_LimitBody)
+
+
+def _json(answer: BaseModel) -> Response:
+    return Response(answer.model_dump_json(), media_type="application/json")
 
 
 def _scoring_fields(req: RecommendRequest | QueryRequest, history: list[int], version: int) -> dict[str, Any]:
@@ -397,15 +401,17 @@ class RecIngress:
         )
 
     # -- endpoints -----------------------------------------------------------------------------------------
+    # The answers are built as RecommendResponse (validated there) and sent as its JSON: returned as the model,
+    # FastAPI would dump, validate and serialise it again on every request.
     @api.post("/recommend", response_model=RecommendResponse)
-    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+    async def recommend(self, req: RecommendRequest) -> Response:
         history, ids, version, live = await self._context(req)
         payload = {**_scoring_fields(req, history, version), "explain": req.explain}
         result = await self._call(self.scorer.recommend.remote(payload))
-        return await self._answer(req, result, ids, len(history), live)
+        return _json(await self._answer(req, result, ids, len(history), live))
 
     @api.post("/query", response_model=RecommendResponse)
-    async def query(self, req: QueryRequest) -> RecommendResponse:
+    async def query(self, req: QueryRequest) -> Response:
         if req.user is None and req.history is None:
             req = req.model_copy(update={"history": []})
         history, ids, version, live = await self._context(req)
@@ -416,7 +422,7 @@ class RecIngress:
             "explore_cold": False,
         }
         result = await self._call(self.scorer.query.remote(payload))
-        return await self._answer(req, result, ids, len(history), live)
+        return _json(await self._answer(req, result, ids, len(history), live))
 
     async def _resolve_feedback(self, req: FeedbackRequest) -> dict[str, Any]:
         """Match feedback to its impression: this replica's own (no lookup), else the shared store's.

@@ -204,8 +204,8 @@ def test_killed_replica_under_load_fails_over_and_loses_no_acknowledged_feedback
     replica; every acknowledged feedback event is in the log afterwards (journals recovered).
 
     The one failure allowed: feedback on an answer the killed replica gave just before it died, whose
-    impression had not reached the shared store (answers do not wait for the store: README, serving
-    latency) — a 404 "unknown or expired", at most one per client (each has one answer in flight)."""
+    impression had not reached the shared store (answers do not wait for the store:
+    docs/serving.md) — a 404 "unknown or expired", at most one per client (each has one answer in flight)."""
     import os
     import signal
 
