@@ -42,5 +42,8 @@ format: $(STAMP) ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+bench: ## list the benchmarks (bench/*.py: run one alone, it prints its figures; docs/benchmarks.md)
+	@grep -E '^\| `python bench/' docs/benchmarks.md | cut -d'|' -f2,3 | sed -e 's/`//g' -e 's/^ */  /'
+
 clean: ## remove the virtual environment and caches (keeps data/ and runs/)
 	rm -rf $(VENV) .pytest_cache .ruff_cache
