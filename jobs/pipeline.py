@@ -206,7 +206,7 @@ def _write_reports(out: Path, ml, models: list[str], results: dict) -> None:
 
 
 def _serve(args: argparse.Namespace, out: Path, ft_dir: Path, rl_dir: Path, proxy_port: int) -> None:
-    from jobs.serve import announce, endpoint, serve_until_stopped, start, stop
+    from jobs.serve import announce, serve_until_stopped, start, stop
 
     model = rl_dir / "checkpoint" if (rl_dir / "checkpoint").is_dir() else ft_dir
     if not model.exists():
@@ -216,8 +216,7 @@ def _serve(args: argparse.Namespace, out: Path, ft_dir: Path, rl_dir: Path, prox
         proxy = start(
             {"model": str(model), "dataset": dataset, "feedback_dir": str(out / "feedback")}, proxy_port
         )
-        url = endpoint(proxy)
-        announce(url, dataset, proxy)
+        announce(proxy, dataset)
         print(
             "serving until Ctrl-C" if args.serve_seconds is None else f"serving for {args.serve_seconds:g}s"
         )

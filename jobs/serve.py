@@ -254,14 +254,17 @@ def sample_user(dataset: str) -> str:
     return next(iter(ServingCatalog.from_dataset(dataset).user_histories))
 
 
-def announce(url: str, dataset: str, proxy: str | None = None) -> None:
-    """Answer one sample request and print it with the curl line that repeats it; with direct ingress, every
-    replica's own URL (a line each, :func:`urls_in_output`) and the proxy's."""
+def announce(proxy: str, dataset: str) -> None:
+    """Answer one sample request at the endpoint and print it with the curl line that repeats it. The
+    endpoint is the first ingress replica's own URL with direct ingress (every replica's is printed, a line
+    each, :func:`urls_in_output`, and the proxy's beside them), else the proxy's."""
+    replicas = direct_ingress_urls()
+    url = replicas[0] if replicas else proxy
     body = {"user": sample_user(dataset), "k": 5, "explain": True}
     answer = sample_request(url, body)
     print(f"\nserving {answer['model_version']} at {url}  (API docs: {url}/docs)")
-    if proxy is not None and proxy != url:
-        for replica_url in direct_ingress_urls():
+    if replicas:
+        for replica_url in replicas:
             print(f"{DIRECT_INGRESS_LINE}{replica_url}")
         print(f"also through Serve's proxy (one URL for every replica, one hop more): {proxy}")
     print("Try:")
@@ -294,11 +297,6 @@ def fast_path_env(
     if port <= proxy_port <= port + 99:
         fail(f"--proxy-port {proxy_port} lies in the replicas' own ports ({port}-{port + 99}); pick another")
     return proxy_port
-
-
-def endpoint(proxy_url: str) -> str:
-    """The URL to use: the first ingress replica's own (direct ingress), else the proxy's."""
-    return next(iter(direct_ingress_urls()), proxy_url)
 
 
 def serve_until_stopped(seconds: float | None) -> None:
@@ -354,9 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     check_app_args(app_args)
     with ray_session(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus):
         try:
-            proxy = start(app_args, proxy_port)
-            url = endpoint(proxy)
-            announce(url, dataset, proxy)
+            announce(start(app_args, proxy_port), dataset)
             if not args.smoke:
                 print("serving until Ctrl-C" if args.seconds is None else f"serving for {args.seconds:g}s")
                 sys.stdout.flush()

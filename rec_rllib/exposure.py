@@ -85,16 +85,11 @@ class ExposureConfig:
     until the next update (serving), the ``epoch`` in between"""
 
     def __post_init__(self) -> None:
-        if (
-            not isinstance(self.refresh, (int, np.integer))
-            or isinstance(self.refresh, bool)
-            or self.refresh < 1
-        ):
-            raise ValueError(f"exposure refresh must be an integer >= 1, got {self.refresh!r}")
-        for name in ("slots", "pool", "window"):
+        for name, low in (("slots", 0), ("pool", 0), ("window", 0), ("refresh", 1)):
             value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"exposure {name} must be a non-negative integer, got {value!r}")
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+                kind = "a non-negative integer" if low == 0 else f"an integer >= {low}"
+                raise ValueError(f"exposure {name} must be {kind}, got {value!r}")
         if self.slots and (self.pool < 1 or self.window < 1):
             raise ValueError(f"an exposure slot needs pool >= 1 and window >= 1, got {self}")
         if not np.isfinite(self.penalty):

@@ -339,8 +339,9 @@ class PolicyScorer:
             items, props = top.indices, torch.ones(k, dtype=torch.float64)
         elif strategy == "ucb":
             bonus = float(r.get("ucb_alpha", ExplorationConfig.ucb_alpha)) * self.ucb.bonus(state[None])[0]
-            ranked_by = ranked_by + bonus.to(masked.device)
-            items = torch.topk(masked + bonus.to(masked.device), k).indices
+            bonus = bonus.to(masked.device)
+            ranked_by = ranked_by + bonus
+            items = torch.topk(masked + bonus, k).indices
             props = torch.ones(k, dtype=torch.float64)
             self.ucb.update(state[None], items[None])
         elif strategy == "epsilon":
@@ -381,13 +382,7 @@ class PolicyScorer:
         state = self.model.user_state(tokens, lengths, self.items)
         scores = self.model.scores_from_state(state, self.items, idx).float()
         if self.cooccurrence is not None:
-            from rec_rllib.rl.policy import cooccurrence_feature
-
-            feature = cooccurrence_feature(self.simulator, histories, self.cooccurrence["window"])
-            sub = torch.zeros(len(histories), len(idx), dtype=torch.float32)
-            known = idx.cpu() < feature.shape[1]
-            sub[:, known] = torch.as_tensor(feature[:, idx.cpu()[known].numpy()], dtype=torch.float32)
-            scores = scores + self.cooccurrence["weight"] * sub.to(scores.device)
+            scores = scores + self._cooccurrence_term(histories, self.model.n_items)[:, idx]
         return scores
 
     def _because(
