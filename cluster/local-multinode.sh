@@ -9,14 +9,14 @@
 #   OUT=runs/mn FINETUNE_ARGS="--max-minutes 1" TRAIN_ARGS="--iterations 2" bash cluster/local-multinode.sh
 #
 # Several nodes on one machine need a temp directory each (raylet and object-store sockets live there) and
-# their own agent ports. Ray 2.60 has token auth on: clients send ~/.ray/auth_token with RAY_AUTH_MODE=token.
+# their own agent ports (each agent binds port 0 and records the port it got). Ray 2.60 has token auth on: clients send ~/.ray/auth_token with RAY_AUTH_MODE=token.
 # Stops only what it started (the process groups of its own `ray start --block` processes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 export PYTHON=$PY
 # shellcheck source=cluster/ray-job.sh
-source cluster/ray-job.sh  # ray_ensure_token, ray_wait_head, ray_submit, ray_free_ports, ray_stop_node
+source cluster/ray-job.sh  # ray_start_head, ray_stop_head, ray_submit, ray_free_ports, ray_stop_node
 OUT=$(realpath -m "${OUT:-runs/multinode}")
 FINETUNE_ARGS=${FINETUNE_ARGS:-"--max-minutes 3"}
 TRAIN_ARGS=${TRAIN_ARGS:-"--iterations 10"}
@@ -31,44 +31,38 @@ PIDS=()
 
 stop_all() {
   set +e
-  if [ -n "${DASH:-}" ] && [ -z "${SERVE_STOPPED:-}" ]; then
-    serve shutdown -y --address "http://127.0.0.1:$DASH" >/dev/null 2>&1
+  if [ -n "${HEAD_STARTED:-}" ] && [ -z "${SERVE_STOPPED:-}" ]; then
+    serve shutdown -y --address "$ADDRESS" >/dev/null 2>&1
   fi
   # one node at a time, workers first, as `ray stop` does it (ray_stop_node: SIGTERM, grace, SIGKILL)
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
     ray_stop_node "${PIDS[i]}"
   done
+  if [ -n "${HEAD_STARTED:-}" ]; then ray_stop_head "$OUT/head"; fi
   rm -rf "$TMP"
 }
 trap stop_all EXIT
 
-read -r -a PORTS <<<"$(ray_free_ports 16)"  # every port the script needs, picked at once
-next_port() { NEXT=${PORTS[0]}; PORTS=("${PORTS[@]:1}"); }
-
-start_node() {  # start_node <log name> <ray start args...>: one node in its own process session
-  local name=$1 p1 p2 p3 p4; shift
-  next_port; p1=$NEXT; next_port; p2=$NEXT; next_port; p3=$NEXT; next_port; p4=$NEXT
-  setsid ray start --block --node-ip-address=127.0.0.1 \
-    --dashboard-agent-listen-port="$p1" --dashboard-agent-grpc-port="$p2" \
-    --runtime-env-agent-port="$p3" --metrics-export-port="$p4" "$@" \
+start_node() {  # start_node <log name> <ray start args...>: a worker node in its own process session
+  # (its agents bind port 0: ports picked free and handed over later can be taken in between)
+  local name=$1; shift
+  setsid ray start --block --node-ip-address=127.0.0.1 --dashboard-agent-listen-port=0 "$@" \
     >"$OUT/$name.log" 2>&1 &
   PIDS+=($!)
-  AGENT_PORT=$p1
 }
 
-next_port; GCS=$NEXT; next_port; DASH=$NEXT; next_port; SERVE_PORT=${SERVE_PORT:-$NEXT}
-ADDRESS="http://127.0.0.1:$DASH"
-ray_ensure_token  # auth on: without a token `ray start --head` would refuse to start (RAY_AUTH_MODE=token)
-start_node head --head --port="$GCS" --num-cpus=1 --include-dashboard=true --dashboard-host=127.0.0.1 \
-  --dashboard-port="$DASH" --temp-dir="$TMP/head"
-ray_wait_head "$ADDRESS" "$AGENT_PORT" 120 || { echo "see $OUT/head.log" >&2; exit 1; }
-start_node worker1 --address="127.0.0.1:$GCS" --num-cpus=1 --resources='{"env_runner": 1}' --temp-dir="$TMP/w1"
-start_node worker2 --address="127.0.0.1:$GCS" --num-cpus=2 \
+SERVE_PORT=${SERVE_PORT:-$(ray_free_ports 1)}
+# the head: ray_start_head (cluster/ray-job.sh: a token, free ports, its own temp dir, waits until it takes jobs)
+ADDRESS=$(ray_start_head "$OUT/head" --num-cpus=1) || { echo "see $OUT/head/head.log" >&2; exit 1; }
+HEAD_STARTED=1
+GCS_ADDRESS=$(cat "$OUT/head/gcs_address")
+start_node worker1 --address="$GCS_ADDRESS" --num-cpus=1 --resources='{"env_runner": 1}' --temp-dir="$TMP/w1"
+start_node worker2 --address="$GCS_ADDRESS" --num-cpus=2 \
   --resources='{"env_runner": 1, "learner": 1, "serve": 4}' --temp-dir="$TMP/w2"
-"$PY" - "$GCS" <<'EOF'
+"$PY" - "$GCS_ADDRESS" <<'EOF'
 import sys, time
 import ray
-ray.init(address=f"127.0.0.1:{sys.argv[1]}", logging_level="ERROR")
+ray.init(address=sys.argv[1], logging_level="ERROR")
 deadline = time.time() + 120
 while sum(n["Alive"] for n in ray.nodes()) < 3:
     assert time.time() < deadline, "worker nodes did not join"

@@ -16,8 +16,10 @@
 #   bash cluster/ray-job.sh start-head <dir> [ray start options]
 #       a Ray head of your own on this machine: a token (ensure-token), then `ray start --head --block` on
 #       127.0.0.1 and free ports, in its own process session with its own temp dir (so it neither meets nor
-#       replaces another Ray here); its log, PID and address go to <dir>. Waits until it takes jobs
-#       (wait-head), then prints its dashboard address (e.g. HEAD=$(bash cluster/ray-job.sh start-head runs/head)).
+#       replaces another Ray here); its log, PID, addresses (dashboard, GCS)
+#       and agent port go to <dir>. Waits until it takes jobs
+#       (wait-head; a head that does not come up is stopped and started again on other ports, 3 tries), then
+#       prints its dashboard address (e.g. HEAD=$(bash cluster/ray-job.sh start-head runs/head)).
 #   bash cluster/ray-job.sh stop-head <dir>
 #       stop the head start-head started from <dir>, and nothing else (`ray stop` stops every Ray of your user).
 #   bash cluster/ray-job.sh submit <dashboard address> <submission id> [ray job submit options] -- <command...>
@@ -29,8 +31,8 @@
 #       Exit 0 only for a job that succeeded.
 #
 # Sourced, it defines ray_ensure_token, ray_head_ready, ray_wait_head, ray_start_head, ray_stop_head, ray_submit
-# (same arguments) and ray_stop_node. Clients send the token only with RAY_AUTH_MODE=token in their environment.
-# The health check and the port picker run $PYTHON (else python).
+# (same arguments), ray_free_ports, ray_node_agent_port and ray_stop_node. Clients send the token only with
+# RAY_AUTH_MODE=token in their environment. The health check and the port picker run $PYTHON (else python).
 
 ray_ensure_token() {
   ray get-auth-token --generate >/dev/null
@@ -85,8 +87,18 @@ ray_stop_node() {  # ray_stop_node <PID of a `ray start --block` run in its own 
   return 0
 }
 
+ray_node_agent_port() {  # ray_node_agent_port <node temp dir>: the port the node's dashboard agent serves HTTP
+  # on (-1: its HTTP server did not start), as the agent recorded it in the node's session directory (a node
+  # started with --dashboard-agent-listen-port=0 listens on its node IP only, not on 127.0.0.1)
+  local f
+  for f in "$1"/session_latest/dashboard_agent_listen_port_*; do
+    [ -f "$f" ] && cat "$f" && return 0
+  done
+  return 1
+}
+
 ray_start_head() {  # ray_start_head <dir> [ray start options]
-  local dir=$1 pid gcs dash agent grpc rtenv metrics tmp
+  local dir=$1 pid gcs dash agent recorded tmp try deadline
   shift
   mkdir -p "$dir"
   if [ -f "$dir/head.pid" ] && kill -0 "$(cat "$dir/head.pid")" 2>/dev/null; then
@@ -95,22 +107,39 @@ ray_start_head() {  # ray_start_head <dir> [ray start options]
     return 1
   fi
   ray_ensure_token || return 1
-  read -r gcs dash agent grpc rtenv metrics <<<"$(ray_free_ports 6)"
-  tmp=$(mktemp -d /tmp/rh-XXXXXX)  # short: Ray's socket paths have a length limit
-  echo "$tmp" >"$dir/temp_dir"
-  RAY_AUTH_MODE=token setsid ray start --head --block --node-ip-address=127.0.0.1 --port="$gcs" \
-    --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$dash" \
-    --dashboard-agent-listen-port="$agent" --dashboard-agent-grpc-port="$grpc" --runtime-env-agent-port="$rtenv" \
-    --metrics-export-port="$metrics" --temp-dir="$tmp" "$@" >"$dir/head.log" 2>&1 </dev/null &
-  pid=$!
-  echo "$pid" >"$dir/head.pid"
-  echo "http://127.0.0.1:$dash" >"$dir/address"
-  if ! RAY_AUTH_MODE=token ray_wait_head "http://127.0.0.1:$dash" "$agent" 120; then
-    echo "the head did not come up; its log: $dir/head.log" >&2
+  for try in 1 2 3; do
+    # The agents' other ports are left to Ray (each binds port 0); the agent that runs jobs gets one picked
+    # here, so that it also listens on 127.0.0.1 where the readiness check reaches it. A port picked free can be
+    # taken by another process before the agent binds it: that agent then records port -1 and serves no HTTP,
+    # while whatever took the port may answer the check, and the head answers `ray job list` but refuses every
+    # job. So the head is ready only when its agent recorded the port it was given.
+    read -r gcs dash agent <<<"$(ray_free_ports 3)"
+    tmp=$(mktemp -d /tmp/rh-XXXXXX)  # short: Ray's socket paths have a length limit
+    echo "$tmp" >"$dir/temp_dir"
+    RAY_AUTH_MODE=token setsid ray start --head --block --node-ip-address=127.0.0.1 --port="$gcs" \
+      --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$dash" \
+      --dashboard-agent-listen-port="$agent" --temp-dir="$tmp" "$@" >"$dir/head.log" 2>&1 </dev/null &
+    pid=$!
+    echo "$pid" >"$dir/head.pid"
+    echo "http://127.0.0.1:$dash" >"$dir/address"
+    echo "127.0.0.1:$gcs" >"$dir/gcs_address"  # what `ray start --address` of a worker node takes
+    recorded=
+    deadline=$((SECONDS + 120))
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do
+      recorded=$(ray_node_agent_port "$tmp") && [[ $recorded =~ ^-?[0-9]+$ ]] && break
+      recorded=
+      sleep 1
+    done
+    if [[ $recorded == "$agent" ]] && RAY_AUTH_MODE=token ray_wait_head "http://127.0.0.1:$dash" "$agent" 120; then
+      echo "$agent" >"$dir/agent_port"
+      echo "http://127.0.0.1:$dash"
+      return 0
+    fi
+    echo "the head did not come up (try $try of 3; its agent recorded port ${recorded:-none}, given $agent);" \
+      "its log: $dir/head.log" >&2
     ray_stop_head "$dir"
-    return 1
-  fi
-  echo "http://127.0.0.1:$dash"
+  done
+  return 1
 }
 
 ray_stop_head() {  # ray_stop_head <dir>
@@ -121,7 +150,7 @@ ray_stop_head() {  # ray_stop_head <dir>
   fi
   ray_stop_node "$(cat "$dir/head.pid")"
   if [ -f "$dir/temp_dir" ]; then rm -rf "$(cat "$dir/temp_dir")"; fi
-  rm -f "$dir/head.pid" "$dir/temp_dir" "$dir/address"
+  rm -f "$dir/head.pid" "$dir/temp_dir" "$dir/address" "$dir/gcs_address" "$dir/agent_port"
   echo "stopped the head started from $dir" >&2
 }
 
@@ -169,6 +198,6 @@ if [[ ${BASH_SOURCE[0]} == "$0" ]]; then  # run, not sourced
     start-head) shift; ray_start_head "$@" ;;
     stop-head) shift; ray_stop_head "$@" ;;
     submit) shift; ray_submit "$@" ;;
-    *) sed -n '5,29s/^# \?//p' "$0" >&2; exit 2 ;;
+    *) sed -n '5,30s/^# \?//p' "$0" >&2; exit 2 ;;
   esac
 fi

@@ -109,65 +109,36 @@ def job_env(tmp_path: Path) -> dict[str, str]:
 PY = sys.executable
 
 
-RAY_STOP_GRACE_S = 16  # `ray stop --grace-period`'s default
-
-
 class RayNodes:
-    """A real Ray head on this machine, started as a user does (``ray start --head --block`` on 127.0.0.1,
-    in its own process session), with ``ray job submit`` against it. :meth:`stop` stops exactly that
-    session (by process group), nothing else. Worker nodes: see ``cluster/local-multinode.sh``."""
+    """A real Ray head on this machine, started as the README starts one (``bash cluster/ray-job.sh start-head``:
+    ``ray start --head --block`` on 127.0.0.1 in its own process session, its own temp dir, ready for jobs), with
+    ``ray job submit`` against it. :meth:`stop` (``stop-head``) stops exactly that head, nothing else. Worker
+    nodes: see ``cluster/local-multinode.sh``."""
 
     def __init__(self, *, head_cpus: int = 1, home: str | None = None):
         import tempfile
 
         self.bindir = str(Path(sys.executable).parent)
         # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: a node's SIGTERM handler otherwise first drains it (for up to
-        # 30 s, so that Serve can move replicas to nodes that stay); :meth:`stop` ends every node at once
+        # 30 s, so that Serve can move replicas to nodes that stay)
         self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
         self.env["PATH"] = self.bindir + os.pathsep + os.environ.get("PATH", "")
         self.env["PYTHON"] = sys.executable
         if home:  # another home directory: its own ~/.ray/auth_token (as on a machine that never ran Ray)
             self.env["HOME"] = home
         self.env.pop("RAY_ADDRESS", None)
-        self.temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")  # short: socket paths have a length limit
-        # the head's ports, picked together so that none repeats: GCS, dashboard, and its agents' (another Ray
-        # may run on this machine: cluster/local-multinode.sh adds workers so)
-        self.gcs, self.dash, *self.agent_ports = free_ports(6)
-        self.procs: list = []
+        self.dir = tempfile.mkdtemp(prefix="rr-head-")  # start-head's PID, addresses and log
         self.head_cpus = head_cpus
-
-    @property
-    def dashboard(self) -> str:
-        return f"http://127.0.0.1:{self.dash}"
-
-    def _start(self, args: list[str]) -> None:
-        import subprocess
-
-        names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                 "metrics-export-port")  # fmt: skip
-        ports = [f"--{name}={port}" for name, port in zip(names, self.agent_ports, strict=True)]
-        log = open(f"{self.temp_dir}/node{len(self.procs)}.log", "w")  # noqa: SIM115 (lives with the node)
-        self.procs.append(subprocess.Popen(
-            [f"{self.bindir}/ray", "start", "--block", "--node-ip-address=127.0.0.1", *ports, *args],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        ))  # fmt: skip
+        self.dashboard = ""
 
     def start_head(self) -> RayNodes:
-        import time
-
-        made = self.ray_job(["ensure-token"])  # a machine that never ran Ray has none; without it: auth off
-        assert made.returncode == 0, made.stderr[-2000:]
-        self._start(["--head", f"--port={self.gcs}", f"--num-cpus={self.head_cpus}", "--include-dashboard=true",
-                     "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}", f"--temp-dir={self.temp_dir}"])  # fmt: skip
-        deadline = time.time() + 120
-        # until it takes jobs (cluster/ray-job.sh head-ready: its job API and its dashboard agent answer)
-        while True:
-            probe = self.ray_job(["head-ready", self.dashboard, str(self.agent_ports[0])])
-            if probe.returncode == 0:
-                return self
-            assert time.time() < deadline, "the head did not take jobs within 120 s"
-            assert self.procs[-1].poll() is None, "ray start --head exited"
-            time.sleep(2)
+        started = self.ray_job(["start-head", self.dir, f"--num-cpus={self.head_cpus}"], timeout=600)
+        log = Path(self.dir, "head.log")
+        assert started.returncode == 0, started.stderr[-2000:] + (
+            log.read_text()[-2000:] if log.exists() else ""
+        )
+        self.dashboard = started.stdout.strip().splitlines()[-1]
+        return self
 
     def ray_job(self, args: list[str], *, timeout: float = 60):
         """``bash cluster/ray-job.sh <args>`` (the shared head-readiness check and safe submission)."""
@@ -202,65 +173,12 @@ class RayNodes:
         return out.stdout
 
     def stop(self) -> None:
-        import contextlib
         import shutil
-        import signal
-        import time
 
-        # One node at a time, workers first, as `ray stop` does it: SIGTERM to the node's `ray start
-        # --block`, whose handler stops the node's processes in order (usually in seconds; SIGTERM to the
-        # whole group instead waits out ~30 s timeouts), a grace period of 16 s (`ray stop`'s default),
-        # then SIGKILL to its group; below, to the stragglers of every group.
-        raylets = _raylets_in_groups({proc.pid for proc in self.procs})
-        for proc in reversed(self.procs):
-            stop_group(proc, signal.SIGTERM, timeout=RAY_STOP_GRACE_S, leader_only=True)
-        time.sleep(2)
-        for proc in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # stragglers of each group, if any
-        # Workers of these raylets that left the group (seen once: RLlib's EnvRunnerStateServer actor
-        # outlived its head, parent 1): Ray gives every worker its raylet's pid in RAY_RAYLET_PID.
-        for pid in _workers_of(raylets):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.procs = []
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def _proc_ids() -> list[int]:
-    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
-
-
-def _raylets_in_groups(groups: set[int]) -> set[int]:
-    """Pids of the ``raylet`` processes in the given process groups (Linux /proc; empty elsewhere)."""
-    found = set()
-    for pid in _proc_ids() if os.path.isdir("/proc") else []:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:  # gone, or not ours to read
-            continue
-        comm, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
-        if comm == "raylet" and int(fields[2]) in groups:  # fields: state, ppid, pgrp, ...
-            found.add(pid)
-    return found
-
-
-def _workers_of(raylets: set[int]) -> list[int]:
-    """Live processes whose environment names one of ``raylets`` as their raylet (Ray's workers)."""
-    if not raylets:
-        return []
-    marks = {f"RAY_RAYLET_PID={pid}".encode() for pid in raylets}
-    found = []
-    for pid in _proc_ids():
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = set(f.read().split(b"\0"))
-        except OSError:
-            continue
-        if env & marks:
-            found.append(pid)
-    return found
+        if Path(self.dir, "head.pid").exists():
+            stopped = self.ray_job(["stop-head", self.dir], timeout=120)
+            assert stopped.returncode == 0, stopped.stderr[-2000:]
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def stop_group(proc, sig: int, timeout: float = 60, *, leader_only: bool = False) -> None:
