@@ -51,7 +51,6 @@ from rec_rllib.models import BASELINES, load_recommender
 from rec_rllib.recommender import Recommender
 
 log = logging.getLogger("jobs.evaluate")
-OPE_MEMORY_BYTES = 4 << 30  # --ope-serve-log's default memory for its estimators (--ope-max-rounds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,8 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the target policies' exploration for --ope-serve-log")  # fmt: skip
     p.add_argument("--ope-max-rounds", type=int, default=None, metavar="N",
                    help="answers of --ope-serve-log the estimators read: a seeded uniform subset of a longer log "
-                   "(default: what fits in about 4 GiB, ~40 bytes per answer and catalogue item; 63,837 on "
-                   "MovieLens-100K)")  # fmt: skip
+                   "(default: every answer; memory stays bounded either way, time grows with the answers)")  # fmt: skip
     p.add_argument("--ope-serve-temperature", type=float, default=1.0)
     p.add_argument("--ope-serve-epsilon", type=float, default=0.1)
     p.add_argument("--exposure-slots", type=int, default=0, metavar="S",
@@ -369,10 +367,10 @@ def serve_log_section(out: Path, args: argparse.Namespace, dataset: LogDataset,
         SERVE_LOG_ESTIMATORS,
         evaluate_serve_log,
         first_slot_log,
-        rounds_within,
     )
 
-    max_rounds = args.ope_max_rounds or rounds_within(OPE_MEMORY_BYTES, dataset.n_items)
+    max_rounds = args.ope_max_rounds
+    sampled = f"; at most {max_rounds:,}, a seeded uniform subset of a longer log" if max_rounds else ""
     try:
         served = first_slot_log(args.ope_serve_log, dataset, max_rounds=max_rounds)
     except (FileNotFoundError, ValueError) as e:
@@ -387,8 +385,7 @@ def serve_log_section(out: Path, args: argparse.Namespace, dataset: LogDataset,
     lines = [
         "## Off-policy estimates on the Serve log",
         "",
-        f"`{args.ope_serve_log}`: {served.feedback.n} answers (first slot; dropped: {served.dropped}; at most "
-        f"{max_rounds:,}, a seeded uniform subset of a longer log: --ope-max-rounds). "
+        f"`{args.ope_serve_log}`: {served.feedback.n:,} answers (first slot; dropped: {served.dropped}{sampled}). "
         f"Logged mean reward of the serving policy: **{logged:.4f}**. Targets under `{args.ope_serve_strategy}`; "
         "estimate [90% bootstrap interval]; ESS = effective sample size of the importance weights.",
         "",

@@ -120,7 +120,8 @@ def test_slope_pools_the_items_unless_the_data_show_the_target_s_items_differ(it
     pooled_strength = float(ope.SLOPE_STRENGTHS[-1])
     for fb in _item_bandit_logs(ctr, pi, 4000, 40, seed=11 if items_differ else 12):
         q = ope.cross_fit(ope.PositionCTRModel, fb, folds=2, seed=0)
-        num, den, add, detail = ope._terms("slope", fb, pi, q, clip=None, tau=None)
+        stats = ope.TargetStats.from_dense(pi, fb, q, slope=True)
+        num, den, add, detail = ope._terms("slope", fb, stats, clip=None, tau=None)
         err["slope"].append(num.sum() / den.sum() + add.mean() - truth)
         steps.append(detail["slope_step"])
         err["dr"].append(ope.point_estimate("dr", fb, pi, q) - truth)

@@ -83,17 +83,26 @@ def read_feedback(directory: str | Path) -> pa.Table:
     return _read_parts(feedback_parts(directory), SCHEMA)
 
 
-def _read_parts(parts: list[Path], schema: pa.Schema) -> pa.Table:
-    """Part files as one table in ``schema``; a part that lacks a column raises
+def iter_impressions(directory: str | Path):
+    """The impression parts under ``directory/impressions`` one table at a time (:data:`IMPRESSION_SCHEMA`),
+    oldest first: what a reader of a long log holds at once is one part."""
+    for part in impression_parts(directory):
+        yield _read_part(part, IMPRESSION_SCHEMA)
+
+
+def _read_part(part: Path, schema: pa.Schema) -> pa.Table:
+    """A part file in ``schema``; one that lacks a column raises
     :class:`~rec_rllib.data.validate.DataValidationError` naming the file and the column."""
-    tables = []
-    for part in parts:
-        table = pq.read_table(part)
-        check = Checker(str(part), header_lines=None)
-        check.require_columns(table.schema.empty_table().to_pandas(), {c: c for c in schema.names})
-        check.raise_if_any()
-        tables.append(table.select(schema.names).cast(schema))
-    return pa.concat_tables(tables)
+    table = pq.read_table(part)
+    check = Checker(str(part), header_lines=None)
+    check.require_columns(table.schema.empty_table().to_pandas(), {c: c for c in schema.names})
+    check.raise_if_any()
+    return table.select(schema.names).cast(schema)
+
+
+def _read_parts(parts: list[Path], schema: pa.Schema) -> pa.Table:
+    """Part files as one table in ``schema`` (:func:`_read_part` each)."""
+    return pa.concat_tables([_read_part(part, schema) for part in parts])
 
 
 # -- writing parts and recovering journals ----------------------------------------------------------------

@@ -176,6 +176,8 @@ def recommender_action_dist(recommender, histories, *, k: int, strategy: str = "
     if exclude_seen:
         for i, h in enumerate(histories):
             scores[i, np.asarray(h, dtype=np.int64)] = -np.inf
+    if k == 1:
+        return _first_position_dist(scores, strategy, temperature, epsilon)[:, :, None]
     out = np.zeros((n, n_items, k))
     rng = np.random.default_rng(seed)
     for i in range(n):
@@ -186,15 +188,6 @@ def recommender_action_dist(recommender, histories, *, k: int, strategy: str = "
         if strategy == "greedy":
             top = np.argsort(-s, kind="stable")[:k]
             out[i, top, np.arange(k)] = 1.0
-            continue
-        if k == 1:  # the first position in closed form, as serving draws it
-            if strategy == "boltzmann":
-                z = s[allowed] / max(temperature, 1e-8)
-                e = np.exp(z - z.max())
-                out[i, allowed, 0] = e / e.sum()
-            else:
-                out[i, allowed, 0] = epsilon / allowed.sum()
-                out[i, int(np.argmax(s)), 0] += 1.0 - epsilon
             continue
         if strategy == "boltzmann":
             z = np.where(allowed, s / max(temperature, 1e-8), -np.inf)
@@ -214,6 +207,30 @@ def recommender_action_dist(recommender, histories, *, k: int, strategy: str = "
                 taken[rows, pick] = True
         for j in range(k):
             out[i, :, j] = np.bincount(top[:, j], minlength=n_items) / n_sim
+    return out
+
+
+def _first_position_dist(scores: np.ndarray, strategy: str, temperature: float, epsilon: float) -> np.ndarray:
+    """[n, A] the first pick's distribution in closed form, as serving draws it, every context at once
+    (``-inf``: may not be shown): greedy the best item (the first of tied ones), boltzmann softmax(score /
+    temperature) over the allowed items, epsilon the best with 1 - epsilon plus epsilon spread uniformly."""
+    allowed = np.isfinite(scores)
+    counts = allowed.sum(axis=1)
+    if (counts < 1).any():
+        i = int(np.flatnonzero(counts < 1)[0])
+        raise ValueError(f"context {i}: only 0 items may be shown, fewer than k=1")
+    n = len(scores)
+    best = np.argmax(np.where(allowed, scores, -np.inf), axis=1)
+    if strategy == "greedy":
+        out = np.zeros_like(scores)
+        out[np.arange(n), best] = 1.0
+        return out
+    if strategy == "boltzmann":
+        z = np.where(allowed, scores / max(temperature, 1e-8), -np.inf)
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    out = np.where(allowed, epsilon / counts[:, None], 0.0)
+    out[np.arange(n), best] += 1.0 - epsilon
     return out
 
 
@@ -371,6 +388,162 @@ def cross_fit(
     return q
 
 
+@dataclass
+class FoldedCTR:
+    """Cross-fitted :class:`PositionCTRModel` fits in factored form: round i's q_hat(a, k) is
+    ``models[fold[i]].gamma[k] * models[fold[i]].theta[a]``, what :func:`cross_fit` returns as an ``[n, A]``
+    array, without the array (its rows are formed a block at a time by :class:`TargetStatsBuilder`)."""
+
+    fold: np.ndarray
+    models: list[PositionCTRModel]
+
+    def predict(self, fb: BanditFeedback) -> np.ndarray:
+        """[n, A] the dense q_hat (what :func:`cross_fit` gives)."""
+        q = np.zeros((fb.n, fb.n_actions))
+        for f, model in enumerate(self.models):
+            held = np.flatnonzero(self.fold == f)
+            q[held] = model.predict(fb.subset(held))
+        return q
+
+
+def cross_fit_ctr(fb: BanditFeedback, *, folds: int = 3, seed: int = 0) -> FoldedCTR:
+    """:func:`cross_fit` of :class:`PositionCTRModel`, the same folds and fits, in factored form."""
+    if folds < 2:
+        return FoldedCTR(np.zeros(fb.n, dtype=np.int64), [PositionCTRModel().fit(fb)])
+    fold = np.random.default_rng(seed).permutation(fb.n) % folds
+    return FoldedCTR(
+        fold, [PositionCTRModel().fit(fb.subset(np.flatnonzero(fold != f))) for f in range(folds)]
+    )
+
+
+# -- what the estimators read of a target -------------------------------------------------------------------
+SLOPE_BOOT = 200
+"""Poisson-bootstrap refits of SLOPE's DM family (seeded 0: the same resamples for every target)."""
+
+
+@dataclass
+class SlopeStats:
+    """SLOPE's view of a target on a log: the DM family's values from the full fit (``values`` [S]) and from
+    each bootstrap refit (``boot`` [B, S]), and per round pi(. | x_i, k_i) . theta(m_s) (``pi_theta`` [n, S])
+    with the full fit's position effect ``gamma`` [K]."""
+
+    values: np.ndarray
+    boot: np.ndarray
+    pi_theta: np.ndarray
+    gamma: np.ndarray
+
+
+@dataclass
+class TargetStats:
+    """Everything the estimators read of a target policy on a log, per round: ``pi_logged`` pi(a_i | x_i, k_i);
+    ``dm`` sum_a pi(a | x_i, k_i) q_hat(x_i, a, k_i) and ``q_logged`` q_hat(x_i, a_i, k_i) (with a reward model);
+    ``deterministic``: every probability 0 or 1 (replay); ``slope`` (:class:`SlopeStats`). Vectors of the log's
+    length, whatever the catalogue: :class:`TargetStatsBuilder` forms them from blocks of rounds."""
+
+    pi_logged: np.ndarray
+    deterministic: bool
+    dm: np.ndarray | None = None
+    q_logged: np.ndarray | None = None
+    slope: SlopeStats | None = None
+
+    @classmethod
+    def from_dense(cls, pi: np.ndarray, fb: BanditFeedback, q: np.ndarray | FoldedCTR | None = None, *,
+                   slope: bool = False) -> TargetStats:  # fmt: skip
+        """From a whole (checked) action distribution, ``[A, K]`` or ``[n, A, K]``, in one block."""
+        builder = TargetStatsBuilder(fb, q, slope=slope)
+        builder.add(np.arange(fb.n), _pi_rows(pi, fb), deterministic=bool(np.all((pi == 0) | (pi == 1))))
+        return builder.finish()
+
+
+class TargetStatsBuilder:
+    """:class:`TargetStats` of one target, formed from blocks of rounds (:meth:`add`: each block's rows of
+    pi(. | x_i, k_i)), so that no ``[n, A]`` array is ever held: its memory is the block's, the rounds' vectors
+    and, for SLOPE, its bootstrap masses ([B, K, A]) and resample counts ([B, n] bytes).
+
+    ``q``: the reward model's predictions, dense ``[n, A]`` or factored (:class:`FoldedCTR`), or None."""
+
+    def __init__(
+        self, fb: BanditFeedback, q: np.ndarray | FoldedCTR | None = None, *, slope: bool = True
+    ) -> None:
+        n, n_a = fb.n, fb.n_actions
+        if isinstance(q, np.ndarray) and q.shape != (n, n_a):
+            raise ValueError(f"q_hat has shape {q.shape}; expected {(n, n_a)}")
+        if isinstance(q, FoldedCTR):
+            self._fold_theta = np.stack([m.theta for m in q.models], axis=1)  # [A, F]
+            self._fold_gamma = np.stack([m.gamma for m in q.models])  # [F, K]
+        self.fb, self.q = fb, q
+        self.pi_logged = np.full(n, np.nan)
+        self.deterministic = True
+        self.dm = None if q is None else np.full(n, np.nan)
+        self.q_logged = None if q is None else np.full(n, np.nan)
+        self.slope = slope
+        if slope:
+            self.full = PositionCTRModel(prior_strength=0.0).fit(fb)
+            strengths = [c * n / n_a for c in SLOPE_STRENGTHS]
+            self.strengths = strengths
+            self.thetas = np.stack([self.full.theta_at(m) for m in strengths], axis=1)  # [A, S]
+            # the Poisson resample counts, drawn row by row (the same stream as one [B, n] draw), kept as bytes
+            rng = np.random.default_rng(0)
+            self.weights = np.empty((SLOPE_BOOT, n), dtype=np.uint8)
+            for b in range(SLOPE_BOOT):
+                row = rng.poisson(1.0, n)
+                if row.max(initial=0) > 255:
+                    raise OverflowError("a Poisson(1) resample count above 255")
+                self.weights[b] = row
+            self.mass = np.zeros((fb.n_positions, n_a))
+            self.boot_mass = np.zeros((SLOPE_BOOT, fb.n_positions, n_a))
+            self.pi_theta = np.full((n, len(strengths)), np.nan)
+
+    def add(self, rows: np.ndarray, pi_rows: np.ndarray, *, deterministic: bool | None = None) -> None:
+        """Rounds ``rows`` (indices into the log) and their ``[len(rows), A]`` pi(. | x_i, k_i)."""
+        fb, rows = self.fb, np.asarray(rows, dtype=np.int64)
+        pi_rows = np.asarray(pi_rows, dtype=np.float64)
+        at = np.arange(len(rows))
+        action, position = fb.action[rows], fb.position[rows]
+        self.pi_logged[rows] = pi_rows[at, action]
+        if deterministic is None:
+            deterministic = bool(np.all((pi_rows == 0) | (pi_rows == 1)))
+        self.deterministic &= deterministic
+        if isinstance(self.q, FoldedCTR):
+            fold = self.q.fold[rows]
+            g = self._fold_gamma[fold, position]
+            self.dm[rows] = g * (pi_rows @ self._fold_theta)[at, fold]
+            self.q_logged[rows] = g * self._fold_theta[action, fold]
+        elif self.q is not None:
+            q = self.q[rows]
+            self.dm[rows] = (pi_rows * q).sum(axis=1)
+            self.q_logged[rows] = q[at, action]
+        if self.slope:
+            for k in np.unique(position):
+                sel = position == k
+                block = pi_rows[sel]
+                self.mass[k] += block.sum(axis=0)
+                self.boot_mass[:, k] += self.weights[:, rows[sel]].astype(np.float64) @ block
+            self.pi_theta[rows] = pi_rows @ self.thetas
+
+    def finish(self) -> TargetStats:
+        if np.isnan(self.pi_logged).any():
+            missing = int(np.flatnonzero(np.isnan(self.pi_logged))[0])
+            raise ValueError(f"{self.fb.name}: round {missing} of {self.fb.n} was never added")
+        slope = None
+        if self.slope:
+
+            def dm_values(model: PositionCTRModel, wt_sum: float, mass: np.ndarray) -> np.ndarray:
+                """DM at every strength from a fit under resample weights summing to ``wt_sum``; ``mass`` [K, A] =
+                sum_i w_i pi(. | i) over the rounds at each position."""
+                v = (model.gamma[:, None] * mass).sum(axis=0) / wt_sum
+                return np.array([v @ model.theta_at(m) for m in self.strengths])
+
+            values = dm_values(self.full, float(self.fb.n), self.mass)
+            boot = np.empty((SLOPE_BOOT, len(self.strengths)))
+            for b in range(SLOPE_BOOT):
+                wt = self.weights[b].astype(np.float64)
+                refit = PositionCTRModel(prior_strength=0.0).fit(self.fb, weights=wt)
+                boot[b] = dm_values(refit, wt.sum(), self.boot_mass[b])
+            slope = SlopeStats(values, boot, self.pi_theta, self.full.gamma)
+        return TargetStats(self.pi_logged, self.deterministic, self.dm, self.q_logged, slope)
+
+
 # -- estimators --------------------------------------------------------------------------------------------
 @dataclass
 class Estimate:
@@ -397,12 +570,12 @@ def _value(num: np.ndarray, den: np.ndarray, add: np.ndarray) -> float:
     return float(num.sum() / d + add.mean()) if d > 0 else float("nan")
 
 
-def _terms(name: str, fb: BanditFeedback, pi: np.ndarray, q: np.ndarray | None, *, clip: float | None,
+def _terms(name: str, fb: BanditFeedback, stats: TargetStats, *, clip: float | None,
            tau: float | None) -> Terms:  # fmt: skip
     """Per-round (num, den, add, detail): estimate = sum(num) / sum(den) + mean(add), so a bootstrap
     resample of rounds re-evaluates every estimator exactly, self-normalised ones included."""
     ones, zeros = np.ones(fb.n), np.zeros(fb.n)
-    pi_a = _pi_logged(pi, fb)
+    pi_a = stats.pi_logged
     w = pi_a / fb.pscore
     if clip is not None:
         w = np.minimum(w, clip)
@@ -412,8 +585,7 @@ def _terms(name: str, fb: BanditFeedback, pi: np.ndarray, q: np.ndarray | None, 
     if name == "snips":
         return w * r, w, zeros, {}
     if name == "replay":
-        deterministic = np.all((pi == 0) | (pi == 1))
-        if not deterministic:
+        if not stats.deterministic:
             raise ValueError("replay evaluates deterministic target policies (one action per context and "
                              "position); use ips/snips/dr for a stochastic one")  # fmt: skip
         per_pos = [np.ptp(fb.pscore[fb.position == k]) for k in np.unique(fb.position)]
@@ -422,12 +594,10 @@ def _terms(name: str, fb: BanditFeedback, pi: np.ndarray, q: np.ndarray | None, 
                              "per position); this log's propensities vary: use snips or dr")  # fmt: skip
         match = pi_a
         return match * r, match, zeros, {"matched": float(match.sum())}
-    if q is None:
+    if stats.dm is None:
         raise ValueError(f"{name} needs a reward model's predictions q_hat ([n, A])")
-    if q.shape != (fb.n, fb.n_actions):
-        raise ValueError(f"q_hat has shape {q.shape}; expected {(fb.n, fb.n_actions)}")
-    dm = (_pi_rows(pi, fb) * q).sum(axis=1)
-    resid = r - q[np.arange(fb.n), fb.action]
+    dm = stats.dm
+    resid = r - stats.q_logged
     if name == "dm":
         return dm, ones, zeros, {}
     if name == "dr":
@@ -445,7 +615,11 @@ def _terms(name: str, fb: BanditFeedback, pi: np.ndarray, q: np.ndarray | None, 
                 best = (mse, t, terms)
         return best[2], ones, zeros, {"tau": float(best[1])}
     if name == "slope":
-        return _slope_terms(fb, pi, dm + w * resid)
+        if stats.slope is None:
+            raise ValueError(
+                "slope needs the target's SLOPE statistics (TargetStatsBuilder(..., slope=True))"
+            )
+        return _slope_terms(fb, stats.slope, dm + w * resid)
     raise ValueError(f"unknown estimator {name!r}; expected one of {ESTIMATORS}")
 
 
@@ -454,31 +628,16 @@ SLOPE_STRENGTHS = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, np.inf)
 exposure per action (n / A): 0 is every item's own click rate, inf the pooled one."""
 
 
-def _slope_terms(fb: BanditFeedback, pi: np.ndarray, dr_terms: np.ndarray, *, delta: float = 0.05,
-                 n_boot: int = 200, seed: int = 0) -> Terms:  # fmt: skip
+def _slope_terms(
+    fb: BanditFeedback, slope: SlopeStats, dr_terms: np.ndarray, *, delta: float = 0.05
+) -> Terms:
     """SLOPE's choice among DR (its per-round terms given) and DM at every :data:`SLOPE_STRENGTHS`; the
     terms of the chosen estimator, ``detail["slope_step"]``: 0 for DR, i for the i-th strength."""
     from scipy.stats import t as student_t
 
     t_q = float(student_t.ppf(1.0 - delta, fb.n - 1))
-    strengths = [c * fb.n / fb.n_actions for c in SLOPE_STRENGTHS]
-    pi_rows = _pi_rows(pi, fb)
-    by_pos = [np.where((fb.position == k)[:, None], pi_rows, 0.0) for k in range(fb.n_positions)]
-
-    def dm_values(model: PositionCTRModel, wt: np.ndarray, mass: np.ndarray) -> list[float]:
-        """DM at every strength from a fit under weights ``wt``; ``mass`` [K, A] = sum_i w_i pi(. | i) over
-        the rounds at each position."""
-        v = (model.gamma[:, None] * mass).sum(axis=0) / wt.sum()
-        return [v @ model.theta_at(m) for m in strengths]
-
-    full = PositionCTRModel(prior_strength=0.0).fit(fb)
-    values = np.array(dm_values(full, np.ones(fb.n), np.stack([m.sum(axis=0) for m in by_pos])))
-    weights = np.random.default_rng(seed).poisson(1.0, (n_boot, fb.n)).astype(np.float64)
-    masses = np.stack([weights @ m for m in by_pos], axis=1)  # [B, K, A]
-    boot = np.array([dm_values(PositionCTRModel(prior_strength=0.0).fit(fb, weights=wt), wt, mass)
-                     for wt, mass in zip(weights, masses, strict=True)])  # fmt: skip
-    thetas = np.concatenate([[dr_terms.mean()], values])
-    cnfs = t_q * np.concatenate([[dr_terms.std(ddof=1) / np.sqrt(fb.n)], boot.std(axis=0, ddof=1)])
+    thetas = np.concatenate([[dr_terms.mean()], slope.values])
+    cnfs = t_q * np.concatenate([[dr_terms.std(ddof=1) / np.sqrt(fb.n)], slope.boot.std(axis=0, ddof=1)])
     # the family's own order (DR, then m increasing: bias up, variance down by construction), not the
     # estimated widths: a Poisson bootstrap of rare clicks understates the width of weakly shrunk DMs
     chosen = len(thetas) - 1
@@ -490,13 +649,14 @@ def _slope_terms(fb: BanditFeedback, pi: np.ndarray, dr_terms: np.ndarray, *, de
     ones, zeros = np.ones(fb.n), np.zeros(fb.n)
     if chosen == 0:
         return dr_terms, ones, zeros, {"slope_step": 0.0, "sd": float(cnfs[0] / t_q)}
-    dm_rows = full.gamma[fb.position] * (pi_rows @ full.theta_at(strengths[chosen - 1]))
+    dm_rows = slope.gamma[fb.position] * slope.pi_theta[:, chosen - 1]
     return dm_rows, ones, zeros, {"slope_step": float(chosen), "sd": float(cnfs[chosen] / t_q)}
 
 
 def point_estimate(name: str, fb: BanditFeedback, pi: np.ndarray, q: np.ndarray | None = None, *,
                    clip: float | None = None, tau: float | None = None) -> float:  # fmt: skip
-    num, den, add, _ = _terms(name, fb, check_action_dist(pi, fb), q, clip=clip, tau=tau)
+    stats = TargetStats.from_dense(check_action_dist(pi, fb), fb, q, slope=name == "slope")
+    num, den, add, _ = _terms(name, fb, stats, clip=clip, tau=tau)
     return _value(num, den, add)
 
 
@@ -507,8 +667,28 @@ def estimate(name: str, fb: BanditFeedback, pi: np.ndarray, q: np.ndarray | None
     model's predictions are held fixed, as is switch-DR's chosen tau). SLOPE's interval is normal around
     its choice's standard error instead (a refitting Poisson bootstrap for a DM), since holding a pooled
     DM's fit fixed would leave out the very noise it is chosen by."""
-    pi = check_action_dist(pi, fb)
-    num, den, add, detail = _terms(name, fb, pi, q, clip=clip, tau=tau)
+    stats = TargetStats.from_dense(check_action_dist(pi, fb), fb, q, slope=name == "slope")
+    return estimate_stats(name, fb, stats, clip=clip, tau=tau, n_boot=n_boot, level=level, seed=seed)
+
+
+BOOT_CELLS = 1 << 23
+"""Resampled rounds drawn at once by :func:`estimate_stats`' bootstrap (64 resamples at a time, fewer on logs
+longer than ``BOOT_CELLS / 64`` rounds, so that its memory stays bounded whatever the log's length)."""
+
+
+def estimate_stats(
+    name: str,
+    fb: BanditFeedback,
+    stats: TargetStats,
+    *,
+    clip: float | None = None,
+    tau: float | None = None,
+    n_boot: int = 500,
+    level: float = 0.9,
+    seed: int = 0,
+) -> Estimate:
+    """:func:`estimate` from a target's :class:`TargetStats` (formed in blocks: no ``[n, A]`` array)."""
+    num, den, add, detail = _terms(name, fb, stats, clip=clip, tau=tau)
     value = _value(num, den, add)
     if name == "slope":
         from scipy.stats import norm
@@ -517,8 +697,9 @@ def estimate(name: str, fb: BanditFeedback, pi: np.ndarray, q: np.ndarray | None
         return Estimate(name, value, value - half, value + half, level, fb.n, detail)
     rng = np.random.default_rng(seed)
     boots = np.empty(n_boot)
-    for start in range(0, n_boot, 64):  # vectorised in chunks of 64 resamples
-        idx = rng.integers(0, fb.n, (min(64, n_boot - start), fb.n))
+    step = max(1, min(64, BOOT_CELLS // fb.n))
+    for start in range(0, n_boot, step):  # vectorised, ``step`` resamples at a time
+        idx = rng.integers(0, fb.n, (min(step, n_boot - start), fb.n))
         d = den[idx].sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             boots[start : start + len(idx)] = np.where(d > 0, num[idx].sum(axis=1) / d, np.nan) + add[

@@ -15,33 +15,52 @@ logged mean reward, so the estimates are read against it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from rec_rllib.data.dataset import LogDataset
-from rec_rllib.data.feedback import read_feedback, read_impressions
+from rec_rllib.data.feedback import iter_impressions, read_feedback
 from rec_rllib.eval.ope import (
     BanditFeedback,
-    PositionCTRModel,
-    cross_fit,
-    estimate,
+    TargetStatsBuilder,
+    cross_fit_ctr,
+    estimate_stats,
     recommender_action_dist,
 )
 
 SERVE_LOG_ESTIMATORS = ("ips", "snips", "dm", "dr", "slope")
 
-OPE_BYTES_PER_CELL = 40
-"""Peak memory of :func:`evaluate_serve_log` per answer and catalogue item: the target's action distribution,
-the reward model's predictions and the scores are each ``[answers, catalogue]`` (on MovieLens-100K's 1,682
-items: 36 bytes with the popularity target, about 40 with a fine-tuned transformer; 100,000 answers: 6-7 GB)."""
+BLOCK_CELLS = 1 << 22
+"""Answers × catalogue items scored at once by :func:`evaluate_serve_log` (its memory is a few of these
+blocks' float64 arrays, about 100 MB, whatever the log's length: 2,493 answers a block on MovieLens-100K's
+1,682 items, 41 on 100,000 items)."""
 
 
-def rounds_within(memory_bytes: float, n_items: int) -> int:
-    """The most answers :func:`evaluate_serve_log` reads within about ``memory_bytes`` for ``n_items`` items."""
-    return max(1, int(memory_bytes // (OPE_BYTES_PER_CELL * max(int(n_items), 1))))
+class Histories(Sequence):
+    """The histories of a log's rounds as one flat array of item indices and offsets (``histories[i]``: an
+    array; a slice: a list of them): a million answers' histories without a million Python objects."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray) -> None:
+        self.flat, self.offsets = flat, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        return self.flat[self.offsets[i] : self.offsets[i + 1]]
+
+    def subset(self, rows: np.ndarray) -> Histories:
+        lengths = np.diff(self.offsets)[rows]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        flat = np.concatenate([self[int(r)] for r in rows]) if len(rows) else self.flat[:0]
+        return Histories(flat, offsets)
 
 
 @dataclass
@@ -49,7 +68,7 @@ class ServeLog:
     """The first-slot bandit log of a feedback directory, with what was left out and why."""
 
     feedback: BanditFeedback
-    histories: list[np.ndarray]
+    histories: Histories
     request_ids: list[str]
     dropped: dict[str, int] = field(default_factory=dict)
 
@@ -64,74 +83,128 @@ def first_slot_log(
     """Join ``feedback_dir``'s impressions and feedback into a first-slot bandit log over ``dataset``'s
     catalogue. Answers whose first item is not in the catalogue (added at run time by ``POST /items``)
     are dropped; history items outside it are ignored. ``dropped`` counts both, and feedback rows whose
-    impression is missing (an impression buffer lost with a killed replica).
+    impression is missing (an impression buffer lost with a killed replica). The impression log is read one
+    part file at a time (Arrow arrays, no Python object per history item).
 
     ``max_rounds``: of a log with more usable answers, a uniform random subset of that many is kept (seeded by
-    ``seed``; ``dropped["not_sampled"]`` counts the rest). The estimators' memory grows with answers × catalogue
-    (:data:`OPE_BYTES_PER_CELL`, :func:`rounds_within`); on a subset they stay unbiased, their intervals as
-    wide as the subset's size makes them."""
+    ``seed``; ``dropped["not_sampled"]`` counts the rest): the estimators' memory does not need it
+    (:func:`evaluate_serve_log` works in blocks), their time grows with the answers."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     if max_rounds is not None and (
         isinstance(max_rounds, bool) or not isinstance(max_rounds, (int, np.integer)) or max_rounds < 1
     ):
         raise ValueError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
-    imps = read_impressions(feedback_dir).to_pydict()
     try:
-        fb_rows = read_feedback(feedback_dir).to_pydict()
+        fb_table = read_feedback(feedback_dir).select(["request_id", "item_id", "reward"])
     except FileNotFoundError:  # nothing was clicked yet: every reward is 0
-        fb_rows = {"request_id": [], "item_id": [], "reward": []}
+        fb_table = pa.table({"request_id": pa.array([], pa.string()), "item_id": pa.array([], pa.string()),
+                             "reward": pa.array([], pa.float64())})  # fmt: skip
     rewards: dict[tuple[str, str], float] = {}
-    for rid, item, r in zip(fb_rows["request_id"], fb_rows["item_id"], fb_rows["reward"], strict=True):
+    fb_cols = fb_table.to_pydict()
+    for rid, item, r in zip(fb_cols["request_id"], fb_cols["item_id"], fb_cols["reward"], strict=True):
         rewards[(rid, item)] = rewards.get((rid, item), 0.0) + float(r)
-    index = {iid: i for i, iid in enumerate(dataset.items["item_id"].astype(str))}
-    actions, props, rs, histories, kept = [], [], [], [], []
+    fb_rids = fb_table.column("request_id")
+    fb_rid_set = pa.array(sorted(set(fb_cols["request_id"])), pa.string())
+    fb_seen = np.zeros(len(fb_table), dtype=bool)
+    catalogue = pa.array(dataset.items["item_id"].astype(str).tolist(), pa.string())
     dropped = {"first_item_not_in_catalogue": 0, "history_items_not_in_catalogue": 0}
-    seen_requests = set(imps["request_id"])
-    dropped["feedback_without_impression"] = sum(
-        1 for rid in fb_rows["request_id"] if rid not in seen_requests
-    )
-    for rid, shown, p, hist in zip(imps["request_id"], imps["shown"], imps["shown_propensities"],
-                                   imps["history"], strict=True):  # fmt: skip
-        if not shown or shown[0] not in index:
-            dropped["first_item_not_in_catalogue"] += 1
+    actions, props, rs, flats, lengths, kept = [], [], [], [], [], []
+
+    def starts_of(lists: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+        n = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        return np.cumsum(n) - n, n  # each row's first value in lists.flatten(), and its length
+
+    for table in iter_impressions(feedback_dir):
+        if not len(table):
             continue
-        known = [index[h] for h in hist if h in index]
-        dropped["history_items_not_in_catalogue"] += len(hist) - len(known)
-        actions.append(index[shown[0]])
-        props.append(float(p[0]))
-        rs.append(rewards.get((rid, shown[0]), 0.0))
-        histories.append(np.asarray(known, dtype=np.int64))
-        kept.append(rid)
-    if not actions:
+        rid = table.column("request_id").combine_chunks()
+        if len(fb_rids):
+            fb_seen |= pc.is_in(fb_rids, value_set=rid).to_numpy(zero_copy_only=False)
+        shown = table.column("shown").combine_chunks()
+        start, n_shown = starts_of(shown)
+        first = np.full(len(table), -1, dtype=np.int64)
+        has = np.flatnonzero(n_shown > 0)
+        first_ids = shown.flatten().take(pa.array(start[has]))
+        first[has] = pc.fill_null(pc.index_in(first_ids, value_set=catalogue), -1).to_numpy(
+            zero_copy_only=False
+        )
+        keep = first >= 0
+        dropped["first_item_not_in_catalogue"] += int((~keep).sum())
+        if not keep.any():
+            continue
+        p_lists = table.column("shown_propensities").combine_chunks()
+        p_start, n_p = starts_of(p_lists)
+        short = np.flatnonzero(keep & (n_p < 1))
+        if len(short):
+            raise ValueError(f"{feedback_dir}: impression {rid[int(short[0])]} shows items without their "
+                             "propensities (shown_propensities is empty)")  # fmt: skip
+        p_first = p_lists.flatten().take(pa.array(p_start[keep])).to_numpy(zero_copy_only=False)
+        hist = table.column("history").combine_chunks()
+        parent = pc.list_parent_indices(hist).to_numpy(zero_copy_only=False)
+        idx = pc.index_in(hist.flatten(), value_set=catalogue)
+        known = idx.is_valid().to_numpy(zero_copy_only=False) & keep[parent]
+        dropped["history_items_not_in_catalogue"] += int((keep[parent] & ~known).sum())
+        flats.append(idx.to_numpy(zero_copy_only=False)[known].astype(np.int64))
+        lengths.append(np.bincount(parent[known], minlength=len(table))[keep])
+        kept_rids = rid.filter(pa.array(keep)).to_pylist()
+        kept_first = first[keep]
+        r = np.zeros(len(kept_rids))
+        clicked = pc.is_in(rid.filter(pa.array(keep)), value_set=fb_rid_set).to_numpy(zero_copy_only=False)
+        for j in np.flatnonzero(clicked):
+            r[j] = rewards.get((kept_rids[j], str(catalogue[int(kept_first[j])])), 0.0)
+        actions.append(kept_first)
+        props.append(p_first.astype(np.float64))
+        rs.append(r)
+        kept.extend(kept_rids)
+    dropped["feedback_without_impression"] = int((~fb_seen).sum())
+    if not kept:
         raise ValueError(
             f"{feedback_dir}: no impression whose first item is in the catalogue of {dataset.name}"
         )
-    n = len(actions)
+    action, pscore, reward = np.concatenate(actions), np.concatenate(props), np.concatenate(rs)
+    length = np.concatenate(lengths)
+    histories = Histories(np.concatenate(flats), np.concatenate([[0], np.cumsum(length)]).astype(np.int64))
+    n = len(action)
     if max_rounds is not None and n > max_rounds:
-        keep = np.sort(np.random.default_rng(seed).choice(n, max_rounds, replace=False))
-        actions, props, rs, histories, kept = (
-            [col[i] for i in keep] for col in (actions, props, rs, histories, kept)
-        )
+        keep_rows = np.sort(np.random.default_rng(seed).choice(n, max_rounds, replace=False))
+        action, pscore, reward = action[keep_rows], pscore[keep_rows], reward[keep_rows]
+        histories = histories.subset(keep_rows)
+        kept = [kept[i] for i in keep_rows]
         dropped["not_sampled"] = n - max_rounds
         n = max_rounds
-    fb = BanditFeedback(np.asarray(actions), np.zeros(n, dtype=np.int64), np.asarray(rs, dtype=np.float64),
-                        np.asarray(props), dataset.n_items, 1, name=f"{feedback_dir} (first slot)")  # fmt: skip
+    fb = BanditFeedback(action, np.zeros(n, dtype=np.int64), reward, pscore, dataset.n_items, 1,
+                        name=f"{feedback_dir} (first slot)")  # fmt: skip
     return ServeLog(fb, histories, kept, dropped)
 
 
 def evaluate_serve_log(log: ServeLog, targets: Mapping[str, object], *, strategy: str = "greedy",
                        temperature: float = 1.0, epsilon: float = 0.1, n_boot: int = 500,
-                       seed: int = 0) -> dict[str, dict]:  # fmt: skip
+                       seed: int = 0, block_rows: int | None = None) -> dict[str, dict]:  # fmt: skip
     """Every target's first-slot value by :data:`SERVE_LOG_ESTIMATORS` (90% bootstrap intervals), beside
-    the logging policy's own logged value. ``targets``: name -> Recommender."""
-    q = cross_fit(PositionCTRModel, log.feedback, folds=3, seed=seed)
-    out: dict[str, dict] = {"logging policy (logged mean)": {"value": log.logging_value, "n": log.feedback.n}}
+    the logging policy's own logged value. ``targets``: name -> Recommender.
+
+    Each target scores the log ``block_rows`` answers at a time (default: :data:`BLOCK_CELLS` cells a block)
+    and keeps per answer only what the estimators read (:class:`~rec_rllib.eval.ope.TargetStats`); the reward
+    model is cross-fitted in factored form. Memory: the blocks, a few vectors of the log's length, and SLOPE's
+    bootstrap ([200, catalogue] floats and [200, answers] bytes)."""
+    fb = log.feedback
+    q = cross_fit_ctr(fb, folds=3, seed=seed)
+    rows_per_block = block_rows or max(1, BLOCK_CELLS // max(fb.n_actions, 1))
+    out: dict[str, dict] = {"logging policy (logged mean)": {"value": log.logging_value, "n": fb.n}}
     for name, rec in targets.items():
-        pi = recommender_action_dist(rec, log.histories, k=1, strategy=strategy, temperature=temperature,
-                                     epsilon=epsilon, seed=seed)  # fmt: skip
-        w = pi[np.arange(log.feedback.n), log.feedback.action, 0] / log.feedback.pscore
+        stats = TargetStatsBuilder(fb, q, slope="slope" in SERVE_LOG_ESTIMATORS)
+        for start in range(0, fb.n, rows_per_block):
+            rows = np.arange(start, min(start + rows_per_block, fb.n))
+            pi = recommender_action_dist(rec, log.histories[start : rows[-1] + 1], k=1, strategy=strategy,
+                                         temperature=temperature, epsilon=epsilon, seed=seed)  # fmt: skip
+            stats.add(rows, pi[:, :, 0])
+        stats = stats.finish()
+        w = stats.pi_logged / fb.pscore
         out[name] = {
             "estimates": {
-                e: estimate(e, log.feedback, pi, q, n_boot=n_boot, seed=seed).to_dict()
+                e: estimate_stats(e, fb, stats, n_boot=n_boot, seed=seed).to_dict()
                 for e in SERVE_LOG_ESTIMATORS
             },  # fmt: skip
             "effective_sample_size": float(w.sum() ** 2 / max((w**2).sum(), 1e-300)),
