@@ -28,26 +28,22 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from rec_rllib.columns import SplitScheme  # noqa: E402
-from rec_rllib.data.catalog import load_or_prepare  # noqa: E402
-from rec_rllib.eval import evaluate_ranking  # noqa: E402
-from rec_rllib.eval.ranking import paired_comparison  # noqa: E402
-from rec_rllib.exposure import (  # noqa: E402
+from rec_rllib.columns import SplitScheme
+from rec_rllib.data.catalog import load_or_prepare
+from rec_rllib.eval import evaluate_ranking
+from rec_rllib.eval.ranking import paired_comparison
+from rec_rllib.exposure import (
     EXPOSURE_SHAPES,
     ExposureAwareRecommender,
     ExposureConfig,
     ExposureTracker,
 )
-from rec_rllib.models import load_recommender  # noqa: E402
-from rec_rllib.recommender import Recommender  # noqa: E402
-from rec_rllib.rl.policy import CooccurrenceRecommender, simulator_of  # noqa: E402
+from rec_rllib.models import load_recommender
+from rec_rllib.recommender import Recommender
+from rec_rllib.rl.policy import CooccurrenceRecommender, simulator_of
 
 SHAPES = ("log", "indicator", "capped", "spread", "prob")
 EVAL_BATCH = 512  # evaluate_ranking's default batch size

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,14 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rec_rllib.data.catalog import load_or_prepare  # noqa: E402
-from rec_rllib.eval import evaluate_ranking  # noqa: E402
-from rec_rllib.finetune import FinetuneConfig, finetune  # noqa: E402
-from rec_rllib.models import make_baseline  # noqa: E402
-from rec_rllib.models.run import TransformerRecommender, load_run  # noqa: E402
-from rec_rllib.models.seqrec import ModelConfig  # noqa: E402
+from rec_rllib.data.catalog import load_or_prepare
+from rec_rllib.eval import evaluate_ranking
+from rec_rllib.finetune import FinetuneConfig, finetune
+from rec_rllib.models import make_baseline
+from rec_rllib.models.run import TransformerRecommender, load_run
+from rec_rllib.models.seqrec import ModelConfig
 
 # Measured with RecBole 1.2.1 on a 2-core machine of this kind, same protocol.
 RECBOLE_REFERENCE = [

@@ -9,19 +9,15 @@ test users by default, ``--split valid`` for the validation users; full ranking,
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from rec_rllib.columns import SplitScheme  # noqa: E402
-from rec_rllib.data.catalog import dataset_path, load_or_prepare  # noqa: E402
-from rec_rllib.env import train_item_counts  # noqa: E402
-from rec_rllib.eval import evaluate_ranking  # noqa: E402
-from rec_rllib.models import load_recommender  # noqa: E402
+from rec_rllib.columns import SplitScheme
+from rec_rllib.data.catalog import dataset_path, load_or_prepare
+from rec_rllib.env import train_item_counts
+from rec_rllib.eval import evaluate_ranking
+from rec_rllib.models import load_recommender
 
 
 def main() -> None:

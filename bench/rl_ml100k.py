@@ -39,31 +39,28 @@ import json
 import os
 import pstats
 import resource
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ray
 
-import ray  # noqa: E402
-
-from rec_rllib.data.catalog import dataset_path, load_or_prepare  # noqa: E402
-from rec_rllib.env import EnvConfig  # noqa: E402
-from rec_rllib.eval import evaluate_ranking  # noqa: E402
-from rec_rllib.eval.ranking import paired_comparison  # noqa: E402
-from rec_rllib.explore import ExplorationConfig  # noqa: E402
-from rec_rllib.exposure import EXPOSURE_SHAPES, ExposureAwareRecommender, ExposureConfig  # noqa: E402
-from rec_rllib.models import load_recommender  # noqa: E402
-from rec_rllib.rl.module import model_config_from_run  # noqa: E402
-from rec_rllib.rl.policy import (  # noqa: E402
+from rec_rllib.data.catalog import dataset_path, load_or_prepare
+from rec_rllib.env import EnvConfig
+from rec_rllib.eval import evaluate_ranking
+from rec_rllib.eval.ranking import paired_comparison
+from rec_rllib.explore import ExplorationConfig
+from rec_rllib.exposure import EXPOSURE_SHAPES, ExposureAwareRecommender, ExposureConfig
+from rec_rllib.models import load_recommender
+from rec_rllib.rl.module import model_config_from_run
+from rec_rllib.rl.policy import (
     CooccurrenceRecommender,
     cooccurrence_weight,
     is_rl_checkpoint,
     load_policy_module,
     simulator_of,
 )
-from rec_rllib.rl.train import RLTrainConfig, build_algo_config, parse_cooccurrence_gamma, train  # noqa: E402
+from rec_rllib.rl.train import RLTrainConfig, build_algo_config, parse_cooccurrence_gamma, train
 
 TIMERS = ("sample", "rlmodule_inference_timer", "env_step_timer", "env_reset_timer", "time_between_sampling")
 

@@ -42,10 +42,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from rec_rllib.explore import STRATEGIES
 
-from rec_rllib.explore import STRATEGIES  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 BODY = {"user": "196", "k": 10, "exploration": "boltzmann", "temperature": 1.0}
 CLIENT = {"wrk_seconds": 0.0}
@@ -291,7 +290,6 @@ def main() -> None:
     args = p.parse_args()
     BODY["exploration"] = args.exploration
     CLIENT["wrk_seconds"] = args.wrk_seconds if args.client == "wrk" else 0.0
-    sys.path.insert(0, str(Path(__file__).parent))
     # a replica answering HTTP itself drains for 30 s before it stops (for load balancers); not needed here.
     # Ray starts its workers at niceness 15 (so raylet and GCS keep the CPU); with the load generator on
     # the same 2 cores that hands the client the CPU whenever both want it, which no server of the

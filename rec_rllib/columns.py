@@ -78,6 +78,8 @@ class Obs:
 
     HISTORY = "history"  # int64 [window + 1]: [BOS] + most recent items as tokens, right-padded
     LENGTH = "length"  # int64 [1]: tokens in HISTORY that are not padding
-    ACTION_MASK = "action_mask"  # float32 [n_items]: 1 = may be recommended (not consumed yet)
+    # int32 [mask_items]: the items consumed so far (never recommended), oldest first, padded with n_items;
+    # the RLModule forms the catalogue-wide mask from it (rec_rllib.rl.obs)
+    CONSUMED = "consumed"
     EXPOSURE = "exposure"  # float32 [n_items]: log(1 + times recommended lately), only with an exposure cost
     COOCCURRENCE = "cooccurrence"  # float32 [n_items]: the item-kNN simulator's probabilities for the window

@@ -1,8 +1,8 @@
 """LogReplayEnv: a gymnasium environment that replays users' logged, time-ordered histories.
 
 One episode is a stretch of one user's train-split history. The observation is the user's recent items
-(as sequence-model tokens) and a mask of the items already consumed; the action is one item of the
-catalogue; the logged next item then advances the history, whatever the policy recommended — the log is
+(as sequence-model tokens) and the items already consumed (a list of item indices, the last ``mask_items`` of
+them: the RLModule masks them, :mod:`rec_rllib.rl.obs`); the action is one item of the catalogue; the logged next item then advances the history, whatever the policy recommended — the log is
 replayed, not rewritten.
 
 Rewards (``reward=`` in the config):
@@ -97,6 +97,10 @@ class EnvConfig:
     """The observation carries the item-kNN simulator's click probability of every item for the last
     ``cooccurrence_window`` items, leave-user-out (``Obs.COOCCURRENCE``): the feature the policy's
     co-occurrence weight reads."""
+    mask_items: int = 1024
+    """Consumed items the observation lists, the most recent ones (the policy never recommends them): a user
+    who consumed more may be recommended the oldest again. Every MovieLens-100K user fits (at most 737 train
+    items, either split)."""
     cooccurrence_window: int = 5
     """Most recent items the co-occurrence feature averages over (the next item follows the last few items
     more closely than the whole window: on its own the feature ranks best from about 5)."""
@@ -115,7 +119,14 @@ class EnvConfig:
         if not self.exposure_cost >= 0:
             raise ValueError(f"exposure_cost must be >= 0, got {self.exposure_cost}")
         check_exposure_shape(self.exposure_shape, "exposure_shape")
-        for name in ("window", "horizon", "episode_len", "exposure_window", "cooccurrence_window"):
+        for name in (
+            "window",
+            "horizon",
+            "episode_len",
+            "exposure_window",
+            "cooccurrence_window",
+            "mask_items",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -342,7 +353,7 @@ class LogReplayEnv(gym.Env):
         spaces = {
             Obs.HISTORY: gym.spaces.Box(0, self.n_items + Tokens.OFFSET - 1, (w + 1,), np.int64),
             Obs.LENGTH: gym.spaces.Box(1, w + 1, (1,), np.int64),
-            Obs.ACTION_MASK: gym.spaces.Box(0.0, 1.0, (self.n_items,), np.float32),
+            Obs.CONSUMED: gym.spaces.Box(0, self.n_items, (self.cfg.mask_items,), np.int32),
         }
         if self.exposure is not None:
             top = float(np.log1p(self.cfg.exposure_window))
@@ -359,7 +370,6 @@ class LogReplayEnv(gym.Env):
         self._ratings = np.zeros(0)
         self._pos = 0
         self._steps = 0
-        self._mask = np.ones(self.n_items, dtype=np.float32)
 
     # -- gym API ------------------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -370,8 +380,6 @@ class LogReplayEnv(gym.Env):
         n = len(self._items)
         self._pos = int(self.np_random.integers(0, max(1, n - 1)))
         self._steps = 0
-        self._mask = np.ones(self.n_items, dtype=np.float32)
-        self._mask[self._items[: self._pos]] = 0.0
         if self.cfg.cooccurrence:
             # the similarity rows of the items this episode's windows can hold, leave-user-out, once per
             # episode (the history before the start and the steps the episode may take; not the whole history)
@@ -401,8 +409,7 @@ class LogReplayEnv(gym.Env):
             reward -= self.cfg.exposure_cost * self.exposure_price(self._exposure_obs[a])
             self.exposure.record(np.array([a]))
             info["on_display"] = bool(self._exposure_obs[a] > 0)  # recommended within the window already
-        # the logged item advances the history
-        self._mask[self._items[self._pos]] = 0.0
+        # the logged item advances the history (and is consumed)
         self._pos += 1
         self._steps += 1
         terminated = self._pos >= len(self._items)
@@ -421,13 +428,16 @@ class LogReplayEnv(gym.Env):
         history = np.zeros(w + 1, dtype=np.int64)
         history[0] = Tokens.BOS
         history[1 : len(recent) + 1] = recent + Tokens.OFFSET
-        mask = self._mask.copy()
-        if mask.sum() == 0:  # never leave the policy without a legal action
-            mask[:] = 1.0
+        m = self.cfg.mask_items
+        consumed = np.full(m, self.n_items, dtype=np.int32)  # padding: one past the catalogue
+        done = self._items[max(0, self._pos - m) : self._pos]
+        # never leave the policy without a legal action (a user who consumed the whole catalogue)
+        if not (self._pos >= self.n_items and len(np.unique(self._items[: self._pos])) >= self.n_items):
+            consumed[: len(done)] = done
         obs = {
             Obs.HISTORY: history,
             Obs.LENGTH: np.array([len(recent) + 1], dtype=np.int64),
-            Obs.ACTION_MASK: mask,
+            Obs.CONSUMED: consumed,
         }
         if self.exposure is not None:
             self._exposure_obs = np.log1p(self.exposure.counts).astype(np.float32)

@@ -31,11 +31,14 @@ def test_replay_rewards_hits_and_advances_the_logged_history(ml_dir):
     items, ratings = env.histories[info["user"]]
     pos = env._pos
     assert obs[Obs.LENGTH][0] == min(pos, 10) + 1 and obs[Obs.HISTORY][0] == Tokens.BOS
-    assert (obs[Obs.ACTION_MASK][items[:pos]] == 0).all()
+    # the consumed items, oldest first, padded with one past the catalogue
+    consumed = obs[Obs.CONSUMED]
+    assert consumed.shape == (env.cfg.mask_items,) and consumed[:pos].tolist() == items[:pos].tolist()
+    assert (consumed[pos:] == env.n_items).all()
     nxt = int(items[pos])
     obs2, reward, term, trunc, info2 = env.step(nxt)  # recommending the logged next item is a hit
     assert info2["hit"] and reward == pytest.approx(ratings[pos] / env.max_rating)
-    assert obs2[Obs.ACTION_MASK][nxt] == 0  # consumed now
+    assert obs2[Obs.CONSUMED][pos] == nxt  # consumed now
     assert obs2[Obs.HISTORY][obs2[Obs.LENGTH][0] - 1] == nxt + Tokens.OFFSET  # the log advanced
     consumed = int(items[0]) if pos > 0 else None
     miss = next(i for i in range(env.n_items) if i not in set(items[pos : pos + 4].tolist()))

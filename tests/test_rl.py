@@ -25,6 +25,7 @@ from rec_rllib.explore import ExplorationConfig
 from rec_rllib.exposure import ExposureConfig
 from rec_rllib.models import load_recommender
 from rec_rllib.rl.module import MASK_VALUE, UCB_STATS, RecPolicyModule, model_config_from_run
+from rec_rllib.rl.obs import legal_actions
 from rec_rllib.rl.policy import (
     COOCCURRENCE_GAMMA_GRID,
     CooccurrenceRecommender,
@@ -108,7 +109,7 @@ def test_module_masks_consumed_items_in_every_path(finetuned_run, ml_dir):
     env = LogReplayEnv({"dataset": ml_dir, "window": 30})
     module = _module(finetuned_run, env, strategy="boltzmann", temperature=1.0)
     batch = {Columns.OBS: _obs_batch(env)}
-    mask = batch[Columns.OBS][Obs.ACTION_MASK] > 0.5
+    mask = legal_actions(batch[Columns.OBS], env.n_items)
     for out in (
         module.forward_inference(dict(batch)),
         module.forward_exploration(dict(batch), t=0),
@@ -119,6 +120,48 @@ def test_module_masks_consumed_items_in_every_path(finetuned_run, ml_dir):
         assert (logits[~mask] <= MASK_VALUE / 2).all()
     values = module.compute_values(dict(batch))
     assert values.shape == (8,)
+
+
+@pytest.mark.parametrize("strategy", ["boltzmann", "epsilon"])
+def test_the_consumed_items_give_the_dense_mask_s_actions_and_log_probabilities(
+    strategy, finetuned_run, ml_dir
+):
+    """The observation lists the consumed items instead of masking the catalogue; fed through the module, a
+    batch gives the same logits, behaviour log-probabilities and greedy actions as the catalogue-wide mask
+    formed from each replayed user's history (the observation the env used to carry), for users whose
+    consumed items fill the list and overflow it (only the most recent are then listed)."""
+    from rec_rllib.explore import behaviour_log_probs
+
+    env = LogReplayEnv({"dataset": ml_dir, "window": 30, "mask_items": 64})
+    module = _module(finetuned_run, env, strategy=strategy, temperature=0.7, epsilon=0.2, epsilon_final=0.2)
+    rows = []
+    for seed in range(24):
+        env.reset(seed=seed)
+        dense = np.ones(env.n_items, dtype=bool)
+        dense[env._items[: env._pos][-64:]] = False  # what the old observation's mask held, last 64 items
+        rows.append(dense)
+    obs = _obs_batch(env, 24)
+    dense = torch.as_tensor(np.stack(rows))
+    assert torch.equal(legal_actions(obs, env.n_items), dense)
+    lengths = (obs[Obs.CONSUMED] < env.n_items).sum(1)
+    assert (lengths == 64).any() and (lengths < 64).any()  # full lists and short ones
+    inference = module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
+    with torch.no_grad():
+        raw = module.net.scores_from_state(module._encode(obs, module.net), module._item_matrix(module.net))
+    reference = raw.masked_fill(~dense, MASK_VALUE)
+    assert torch.equal(inference, reference) and torch.equal(inference.argmax(-1), reference.argmax(-1))
+    explore = module.forward_exploration({Columns.OBS: obs}, t=0)[Columns.ACTION_DIST_INPUTS]
+    expected = behaviour_log_probs(reference, module.exploration, step=0, allowed=dense).clamp(min=MASK_VALUE)
+    assert torch.equal(explore, expected)
+
+
+def test_the_default_observation_has_no_catalogue_sized_array(ml_dir):
+    """Without the opt-in exposure and co-occurrence features, nothing in the observation grows with the
+    catalogue: its arrays are sized by the history window and the consumed-item list."""
+    env = LogReplayEnv({"dataset": ml_dir, "window": 30})
+    sizes = {k: space.shape for k, space in env.observation_space.spaces.items()}
+    assert sizes == {Obs.HISTORY: (31,), Obs.LENGTH: (1,), Obs.CONSUMED: (env.cfg.mask_items,)}
+    assert env.n_items not in {n for shape in sizes.values() for n in shape}
 
 
 def test_policy_head_starts_at_the_fine_tuned_policy_and_learns_from_shipped_states(finetuned_run, ml_dir):
@@ -137,7 +180,7 @@ def test_policy_head_starts_at_the_fine_tuned_policy_and_learns_from_shipped_sta
     assert module.net.log_popularity.argmax() == int(np.argmax(counts))
 
     obs = _obs_batch(env)
-    mask = obs[Obs.ACTION_MASK] > 0.5
+    mask = legal_actions(obs, env.n_items)
     fine_tuned, _ = load_run(finetuned_run)
     with torch.no_grad():
         expected = fine_tuned(obs[Obs.HISTORY], obs[Obs.LENGTH].reshape(-1)).masked_fill(~mask, MASK_VALUE)
@@ -287,7 +330,7 @@ def test_frozen_head_parts_leave_rl_the_rest_down_to_the_exposure_weight_alone(f
 def test_exploration_log_probs_are_the_behaviour_distribution(finetuned_run, ml_dir):
     env = LogReplayEnv({"dataset": ml_dir, "window": 30})
     batch = {Columns.OBS: _obs_batch(env)}
-    mask = batch[Columns.OBS][Obs.ACTION_MASK] > 0.5
+    mask = legal_actions(batch[Columns.OBS], env.n_items)
     eps = _module(finetuned_run, env, strategy="epsilon", epsilon=0.2, epsilon_final=0.2)
     lp = eps.forward_exploration(dict(batch), t=0)[Columns.ACTION_DIST_INPUTS]
     p = lp.exp() * mask
@@ -343,7 +386,7 @@ def test_ucb_acts_greedily_on_score_plus_bonus_and_moves_off_what_it_showed(fine
     (here wider than any score gap among the top items) outweighs the scores."""
     env = LogReplayEnv({"dataset": ml_dir, "window": 30})
     obs = _obs_batch(env)
-    mask = obs[Obs.ACTION_MASK] > 0.5
+    mask = legal_actions(obs, env.n_items)
     module = _module(finetuned_run, env, strategy="ucb", ucb_alpha=50.0)
     greedy = module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS].argmax(-1)
     first = module.forward_exploration({Columns.OBS: obs}, t=0)[Columns.ACTION_DIST_INPUTS]
@@ -377,7 +420,7 @@ def test_ppo_optimises_the_distribution_that_acted(finetuned_run, ml_dir):
     assert torch.allclose(explore[BEHAVIOUR_TEMPERATURE], torch.full((8,), 0.5))
     batch = {Columns.OBS: obs, **{k: v for k, v in explore.items() if k != Columns.ACTION_DIST_INPUTS}}
     train_logits = module.forward_train(batch)[Columns.ACTION_DIST_INPUTS]
-    legal = obs[Obs.ACTION_MASK] > 0.5
+    legal = legal_actions(obs, env.n_items)
     behaviour = explore[Columns.ACTION_DIST_INPUTS][legal]
     assert torch.allclose(torch.log_softmax(train_logits, -1)[legal], behaviour, atol=1e-4)
 
@@ -492,7 +535,7 @@ def test_training_checkpoint_restore_and_standalone_module(
             batch[Columns.OBS][Obs.EXPOSURE][:] = 0
             unexposed = module.forward_inference(dict(batch))[Columns.ACTION_DIST_INPUTS]
             shift = (unexposed - logits)[:, :50]
-            allowed = batch[Columns.OBS][Obs.ACTION_MASK][:, :50] > 0.5
+            allowed = legal_actions(batch[Columns.OBS], module.net.n_items)[:, :50]
             feature = 1.0 if shape == "indicator" else float(np.log(10))
             assert torch.allclose(shift[allowed], torch.tensor(beta * feature), atol=1e-4)
             # serving brings the same weight to each replica's tracker of what it showed
@@ -603,7 +646,7 @@ def _check_cooccurrence_term(module, restored, summary, ml_dir, *, window, co_wi
     obs = {
         Obs.HISTORY: tokens,
         Obs.LENGTH: np.array([[window + 1]]),
-        Obs.ACTION_MASK: mask,
+        Obs.CONSUMED: np.asarray([h], dtype=np.int64),
         Obs.EXPOSURE: np.zeros_like(mask),
         Obs.COOCCURRENCE: cooccurrence_feature(rec.simulator, [h], co_window).astype(np.float32),
     }
@@ -649,7 +692,7 @@ def test_appo_learns_on_movielens(finetuned_run, ml_dir, local_ray):
         after = replay_returns(sampling_policy(current_module(algo)), env_cfg, episodes=600)
     finally:
         algo.stop()
-    rnd = replay_returns(random_policy(), env_cfg, episodes=600)
+    rnd = replay_returns(random_policy(LogReplayEnv(env_cfg).n_items), env_cfg, episodes=600)
     gain, se = paired_gain(after, before)
     assert gain > 4 * se, (before.mean(), after.mean(), se)
     assert after.mean() > 5 * rnd.mean() + 0.1

@@ -23,6 +23,7 @@ from ray.rllib.utils.annotations import override
 
 from rec_rllib.columns import Obs, Tokens
 from rec_rllib.rl.module import REF_LOGITS
+from rec_rllib.rl.obs import is_legal
 
 REF_KL_COEFF = "ref_kl_coeff"
 REF_KL_METRIC = "reference_kl"
@@ -136,7 +137,7 @@ class RecDQNLearner(_TermWeightsMixin, DQNTorchLearner):
         target = logged_next_items(batch[Columns.NEXT_OBS])
         log_p = torch.log_softmax(q.float(), dim=-1).gather(1, target[:, None]).squeeze(1)
         # a logged item the mask hides (a repeat consumption) has no usable log-probability: skipped
-        legal = batch[Columns.OBS][Obs.ACTION_MASK].gather(1, target[:, None]).squeeze(1) > 0.5
+        legal = is_legal(batch[Columns.OBS], target)
         ce = -(log_p * legal).sum() / legal.sum().clamp(min=1)
         self.metrics.log_value((module_id, NEXT_ITEM_CE_METRIC), ce.item(), window=1)
         return loss + coeff * ce

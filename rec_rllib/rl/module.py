@@ -3,8 +3,8 @@
 The module wraps the *same* ``nn.Module`` as fine-tuning and serving (:class:`TextSeqRec`), initialised
 from its weights, and adds what the actor-critic algorithms need:
 
-* policy logits = the model's next-item scores over the catalogue, masked by the observation's action
-  mask in every forward path (consumed items are never recommended);
+* policy logits = the model's next-item scores over the catalogue, masked in every forward path by the
+  observation's consumed items (never recommended; :func:`~rec_rllib.rl.obs.legal_actions`);
 * a value head on the user state (PPO, APPO: :class:`ValueFunctionAPI`);
 * a target copy of the network for APPO's KL/trust region (:class:`TargetNetworkAPI`);
 * the fine-tuned policy as the reference of the optional KL penalty.
@@ -65,6 +65,7 @@ from rec_rllib.explore import ExplorationConfig, LinUCB, behaviour_log_probs
 from rec_rllib.exposure import check_exposure_shape, exposure_feature
 from rec_rllib.models.seqrec import ModelConfig, TextSeqRec
 from rec_rllib.rl.connectors import BOOTSTRAP_STATE_MISSING
+from rec_rllib.rl.obs import legal_actions
 
 REF_LOGITS = "reference_action_dist_inputs"
 UCB_STATS = "ucb_gram_diag"
@@ -164,7 +165,7 @@ def build_textseqrec(spec: dict[str, Any], *, policy_head: bool = False) -> Text
 
 
 class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, InferenceOnlyAPI):
-    """Observation {history, length, action_mask} -> logits over the catalogue (+ value)."""
+    """Observation {history, length, consumed} -> logits over the catalogue (+ value)."""
 
     @override(TorchRLModule)
     def setup(self) -> None:
@@ -287,7 +288,7 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         if terms and self.cooccurrence_term is not None:
             term = self._old_cooccurrence_term if old else self.cooccurrence_term
             logits = term(logits, obs[Obs.COOCCURRENCE])
-        return logits.masked_fill(~(obs[Obs.ACTION_MASK] > 0.5), MASK_VALUE)
+        return logits.masked_fill(~legal_actions(obs, net.n_items), MASK_VALUE)
 
     def _reference_logits(self, batch: dict[str, Any], state: torch.Tensor) -> torch.Tensor | None:
         with torch.no_grad():
@@ -299,7 +300,7 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
                 return None
             # frozen encoder: the fine-tuned policy is the state through the identity head, fine-tuned bias
             logits = state.detach() @ self._item_matrix(self.net).T + self._ref_bias * self.net.known
-            return logits.masked_fill(~(batch[Columns.OBS][Obs.ACTION_MASK] > 0.5), MASK_VALUE)
+            return logits.masked_fill(~legal_actions(batch[Columns.OBS], self.net.n_items), MASK_VALUE)
 
     # -- the three forward paths ---------------------------------------------------------------------------------
     @override(TorchRLModule)
@@ -332,7 +333,7 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
                         # one posterior sample of the final layer: MC dropout on the user state
                         state = nn.functional.dropout(state, p=self.net.cfg.dropout, training=True)
                 logits = self._logits(state, obs, self.net)
-            mask = obs[Obs.ACTION_MASK] > 0.5
+            mask = legal_actions(obs, self.net.n_items)
             if self.exploration.strategy == "ucb":
                 logits = logits + self._ucb_stats(state).bonus(state)
             log_probs = behaviour_log_probs(logits, self.exploration, step=int(t), allowed=mask)

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rec_rllib.columns import Obs
 from rec_rllib.env import LogReplayEnv
+from rec_rllib.rl.obs import legal_actions
 
 PolicyFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 """Batched observations (as tensors) -> one action per row."""
@@ -46,12 +46,12 @@ def sampling_policy(module, seed: int = 0) -> PolicyFn:
     return act
 
 
-def random_policy(seed: int = 0) -> PolicyFn:
-    """Uniform over the legal (unmasked) items."""
+def random_policy(n_items: int, seed: int = 0) -> PolicyFn:
+    """Uniform over the legal (not consumed) items of an ``n_items`` catalogue."""
     gen = torch.Generator().manual_seed(seed)
 
     def act(obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        mask = obs[Obs.ACTION_MASK].float()
+        mask = legal_actions(obs, n_items).float()
         return torch.multinomial(mask / mask.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
 
     return act
