@@ -45,7 +45,7 @@ from pathlib import Path
 
 import ray
 
-from rec_rllib.data.catalog import dataset_path, load_or_prepare
+from rec_rllib.data.catalog import load_or_prepare, prepared_dir
 from rec_rllib.env import EnvConfig
 from rec_rllib.eval import evaluate_ranking
 from rec_rllib.eval.ranking import paired_comparison
@@ -136,6 +136,8 @@ def throughput(base: RLTrainConfig, runners: int, iterations: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--finetuned", default="runs/bench-finetune/main", help="fine-tuned run directory")
+    p.add_argument("--dataset", default="ml-100k",
+                   help="a built-in dataset or a prepared directory (the fine-tuned run's catalogue)")  # fmt: skip
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--iterations", type=int, default=30, help="APPO iterations per strategy (quality)")
     p.add_argument("--throughput-iterations", type=int, default=10)
@@ -195,9 +197,9 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ds = load_or_prepare("ml-100k")
+    ds = load_or_prepare(args.dataset)
     env = EnvConfig(
-        dataset=str(Path(dataset_path("ml-100k")).resolve()),
+        dataset=str(Path(prepared_dir(args.dataset)).resolve()),
         window=50,
         horizon=args.horizon,
         exposure_shape=args.exposure_shape,
