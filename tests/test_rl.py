@@ -155,6 +155,40 @@ def test_the_consumed_items_give_the_dense_mask_s_actions_and_log_probabilities(
     assert torch.equal(explore, expected)
 
 
+def test_env_runners_receive_only_what_rl_trains(finetuned_run, ml_dir):
+    """The weights the learner sends the env runners (inference-only state) hold the policy head and item bias,
+    not the frozen encoder and item vectors; an inference-only module given them acts exactly as the learner's
+    module, and a checkpoint's (full) state still holds every weight."""
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    env = LogReplayEnv({"dataset": ml_dir, "window": 30})
+    learner = _module(finetuned_run, env, strategy="boltzmann", temperature=1.0)
+    with torch.no_grad():  # as after some RL updates
+        learner.net.bias.add_(torch.randn_like(learner.net.bias))
+        learner.net.state_head.weight.mul_(1.3)
+    sent = learner.get_state(inference_only=True)
+    full = learner.get_state()
+    assert {k for k in sent if k.startswith("net.")} == {
+        k
+        for k in full
+        if k.startswith(("net.bias", "net.state_head", "net.popularity_weight", "net.log_popularity"))
+    }
+    assert sum(np.asarray(v).nbytes for v in sent.values()) < 0.1 * sum(
+        np.asarray(v).nbytes for v in full.values()
+    )
+    runner = RLModuleSpec(module_class=RecPolicyModule, observation_space=env.observation_space,
+                          action_space=env.action_space, model_config=learner.model_config,
+                          inference_only=True).build()  # fmt: skip
+    runner.set_state(sent)
+    obs = _obs_batch(env)
+    assert torch.equal(
+        runner.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS],
+        learner.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS],
+    )
+    with pytest.raises(ValueError, match="lacks"):
+        runner.set_state({k: v for k, v in sent.items() if not k.startswith("net.state_head")})
+
+
 def test_the_default_observation_has_no_catalogue_sized_array(ml_dir):
     """Without the opt-in exposure and co-occurrence features, nothing in the observation grows with the
     catalogue: its arrays are sized by the history window and the consumed-item list."""
