@@ -169,9 +169,14 @@ class TextSeqRec(nn.Module):
         text = self.text_tower()[idx] if self.text_tower is not None else self.text_embeddings[idx]
         return ids + self.text_proj(text)
 
-    def token_embeddings(self, items: torch.Tensor) -> torch.Tensor:
-        """[n_items + 2, H]: padding, [BOS], then every item."""
-        return torch.cat([self.id_embedding.weight[:OFFSET], items], dim=0)
+    def embed_tokens(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """[B, T] tokens -> [B, T, H]: padding and [BOS] from the id embedding, items from ``items`` (their
+        rows gathered: a call costs the tokens, not a copy of the catalogue's vectors)."""
+        # embedding lookups, not indexing: their backward pass sums in a fixed order (deterministic training)
+        special = (tokens < OFFSET)[..., None]
+        rows = nn.functional.embedding((tokens - OFFSET).clamp(min=0), items)
+        marks = nn.functional.embedding(tokens.clamp(max=OFFSET - 1), self.id_embedding.weight[:OFFSET])
+        return torch.where(special, marks, rows)
 
     # -- sequences ------------------------------------------------------------------------------------------
     def encode(
@@ -179,7 +184,7 @@ class TextSeqRec(nn.Module):
     ) -> torch.Tensor:
         """[B, T] right-padded tokens, [B] lengths (with [BOS]) -> [B, T, H] hidden states."""
         items = self.item_matrix() if items is None else items
-        x = nn.functional.embedding(tokens, self.token_embeddings(items))  # [B, T, H]
+        x = self.embed_tokens(tokens, items)  # [B, T, H]
         mask = (tokens != PAD).long()
         pos = self._recency_positions(tokens, lengths)
         return self.encoder(inputs_embeds=x, attention_mask=mask, position_ids=pos).last_hidden_state
@@ -221,7 +226,7 @@ class TextSeqRec(nn.Module):
         emb = enc.embeddings
         b, t = tokens.shape
         pos = self._recency_positions(tokens, lengths)
-        h = nn.functional.embedding(tokens, self.token_embeddings(items))
+        h = self.embed_tokens(tokens, items)
         h = emb.LayerNorm(h + emb.token_type_embeddings.weight[0] + emb.position_embeddings(pos))
         allowed = (tokens != PAD)[:, None, None, :]  # [B, 1, 1, T]: keys a query may attend to
         if self.cfg.attention == "causal":
