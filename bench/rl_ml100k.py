@@ -136,8 +136,9 @@ def throughput(base: RLTrainConfig, runners: int, iterations: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--finetuned", default="runs/bench-finetune/main", help="fine-tuned run directory")
-    p.add_argument("--dataset", default="ml-100k",
-                   help="a built-in dataset or a prepared directory (the fine-tuned run's catalogue)")  # fmt: skip
+    p.add_argument(
+        "--dataset", default="ml-100k", help="built-in name or prepared directory (the run's catalogue)"
+    )
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--iterations", type=int, default=30, help="APPO iterations per strategy (quality)")
     p.add_argument("--throughput-iterations", type=int, default=10)

@@ -38,8 +38,10 @@ def write_serve_log(dataset_dir: str, out: Path, answers: int, seed: int = 0) ->
 
     ds = load_or_prepare(dataset_dir)
     ids = pa.array(ds.items["item_id"].astype(str).tolist(), pa.string())
-    inter = pq.read_table(Path(dataset_dir) / "interactions.parquet",
-                          columns=[Col.USER_IDX, Col.ITEM_IDX, SplitScheme.column(SplitScheme.LEAVE_ONE_OUT)])  # fmt: skip
+    split = SplitScheme.column(SplitScheme.LEAVE_ONE_OUT)
+    inter = pq.read_table(
+        Path(dataset_dir) / "interactions.parquet", columns=[Col.USER_IDX, Col.ITEM_IDX, split]
+    )
     train = inter.filter(pa.compute.equal(inter.column(2), Split.TRAIN))
     users = train.column(Col.USER_IDX).to_numpy()  # sorted by user, then time
     items = train.column(Col.ITEM_IDX).to_numpy().astype(np.int64)
@@ -61,10 +63,9 @@ def write_serve_log(dataset_dir: str, out: Path, answers: int, seed: int = 0) ->
         history = pa.ListArray.from_arrays(pa.array(offsets), ids.take(pa.array(items[flat])))
         first = rng.choice(ds.n_items, n, p=p)
         second = (first + 1) % ds.n_items
-        shown = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * 2),
-                                         ids.take(pa.array(np.stack([first, second], 1).ravel())))  # fmt: skip
-        props = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * 2),
-                                         pa.array(np.stack([p[first], np.full(n, 0.5)], 1).ravel()))  # fmt: skip
+        pairs = pa.array(np.arange(n + 1, dtype=np.int32) * 2)  # two shown items an answer
+        shown = pa.ListArray.from_arrays(pairs, ids.take(pa.array(np.stack([first, second], 1).ravel())))
+        props = pa.ListArray.from_arrays(pairs, pa.array(np.stack([p[first], np.full(n, 0.5)], 1).ravel()))
         rids = pa.array([f"r{start + i}" for i in range(n)], pa.string())
         table = pa.table({"request_id": rids, "timestamp_ms": pa.array(np.arange(start, start + n)),
                           "user_id": pa.array(who.astype(str)), "history": history, "shown": shown,

@@ -9,7 +9,8 @@
 #   OUT=runs/mn FINETUNE_ARGS="--max-minutes 1" TRAIN_ARGS="--iterations 2" bash cluster/local-multinode.sh
 #
 # Several nodes on one machine need a temp directory each (raylet and object-store sockets live there) and
-# their own agent ports (each agent binds port 0 and records the port it got). Ray 2.60 has token auth on: clients send ~/.ray/auth_token with RAY_AUTH_MODE=token.
+# their own agent ports (each agent binds port 0 and records the port it got). Ray 2.60 has token auth on:
+# clients send ~/.ray/auth_token with RAY_AUTH_MODE=token.
 # Stops only what it started (the process groups of its own `ray start --block` processes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,7 +53,7 @@ start_node() {  # start_node <log name> <ray start args...>: a worker node in it
 }
 
 SERVE_PORT=${SERVE_PORT:-$(ray_free_ports 1)}
-# the head: ray_start_head (cluster/ray-job.sh: a token, free ports, its own temp dir, waits until it takes jobs)
+# the head: ray_start_head (cluster/ray-job.sh: a token, free ports, its own temp dir; waits for jobs)
 ADDRESS=$(ray_start_head "$OUT/head" --num-cpus=1) || { echo "see $OUT/head/head.log" >&2; exit 1; }
 HEAD_STARTED=1
 GCS_ADDRESS=$(cat "$OUT/head/gcs_address")

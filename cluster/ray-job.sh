@@ -87,9 +87,9 @@ ray_stop_node() {  # ray_stop_node <PID of a `ray start --block` run in its own 
   return 0
 }
 
-ray_node_agent_port() {  # ray_node_agent_port <node temp dir>: the port the node's dashboard agent serves HTTP
-  # on (-1: its HTTP server did not start), as the agent recorded it in the node's session directory (a node
-  # started with --dashboard-agent-listen-port=0 listens on its node IP only, not on 127.0.0.1)
+ray_node_agent_port() {  # ray_node_agent_port <node temp dir>: the port the node's dashboard agent
+  # serves HTTP on (-1: its HTTP server did not start), as the agent recorded it in the node's session
+  # directory (a node started with --dashboard-agent-listen-port=0 listens on its node IP, not 127.0.0.1)
   local f
   for f in "$1"/session_latest/dashboard_agent_listen_port_*; do
     [ -f "$f" ] && cat "$f" && return 0
@@ -109,10 +109,10 @@ ray_start_head() {  # ray_start_head <dir> [ray start options]
   ray_ensure_token || return 1
   for try in 1 2 3; do
     # The agents' other ports are left to Ray (each binds port 0); the agent that runs jobs gets one picked
-    # here, so that it also listens on 127.0.0.1 where the readiness check reaches it. A port picked free can be
-    # taken by another process before the agent binds it: that agent then records port -1 and serves no HTTP,
-    # while whatever took the port may answer the check, and the head answers `ray job list` but refuses every
-    # job. So the head is ready only when its agent recorded the port it was given.
+    # here, so that it also listens on 127.0.0.1 where the readiness check reaches it. A port picked free
+    # can be taken by another process before the agent binds it: that agent then records port -1 and serves
+    # no HTTP, while whatever took the port may answer the check, and the head answers `ray job list` but
+    # refuses every job. So the head is ready only when its agent recorded the port it was given.
     read -r gcs dash agent <<<"$(ray_free_ports 3)"
     tmp=$(mktemp -d /tmp/rh-XXXXXX)  # short: Ray's socket paths have a length limit
     echo "$tmp" >"$dir/temp_dir"
@@ -130,13 +130,14 @@ ray_start_head() {  # ray_start_head <dir> [ray start options]
       recorded=
       sleep 1
     done
-    if [[ $recorded == "$agent" ]] && RAY_AUTH_MODE=token ray_wait_head "http://127.0.0.1:$dash" "$agent" 120; then
+    if [[ $recorded == "$agent" ]] &&
+      RAY_AUTH_MODE=token ray_wait_head "http://127.0.0.1:$dash" "$agent" 120; then
       echo "$agent" >"$dir/agent_port"
       echo "http://127.0.0.1:$dash"
       return 0
     fi
-    echo "the head did not come up (try $try of 3; its agent recorded port ${recorded:-none}, given $agent);" \
-      "its log: $dir/head.log" >&2
+    echo "the head did not come up (try $try of 3; its agent recorded port ${recorded:-none}," \
+      "given $agent); its log: $dir/head.log" >&2
     ray_stop_head "$dir"
   done
   return 1

@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the target policies' exploration for --ope-serve-log")  # fmt: skip
     p.add_argument("--ope-max-rounds", type=int, default=None, metavar="N",
                    help="answers of --ope-serve-log the estimators read: a seeded uniform subset of a longer log "
-                   "(default: every answer; memory stays bounded either way, time grows with the answers)")  # fmt: skip
+                   "(default: every answer; memory stays bounded either way, time grows with the "
+                   "answers)")  # fmt: skip
     p.add_argument("--ope-serve-temperature", type=float, default=1.0)
     p.add_argument("--ope-serve-epsilon", type=float, default=0.1)
     p.add_argument("--exposure-slots", type=int, default=0, metavar="S",
@@ -385,7 +386,8 @@ def serve_log_section(out: Path, args: argparse.Namespace, dataset: LogDataset,
     lines = [
         "## Off-policy estimates on the Serve log",
         "",
-        f"`{args.ope_serve_log}`: {served.feedback.n:,} answers (first slot; dropped: {served.dropped}{sampled}). "
+        f"`{args.ope_serve_log}`: {served.feedback.n:,} answers (first slot; dropped: {served.dropped}"
+        f"{sampled}). "
         f"Logged mean reward of the serving policy: **{logged:.4f}**. Targets under `{args.ope_serve_strategy}`; "
         "estimate [90% bootstrap interval]; ESS = effective sample size of the importance weights.",
         "",

@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--window", type=int)
     v.add_argument("--episode-len", type=int)
     v.add_argument("--mask-items", type=int,
-                   help="consumed items the observation lists, the most recent (never recommended; default 1024)")  # fmt: skip
+                   help="consumed items the observation lists, the most recent (never recommended; "
+                   "default 1024)")  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

@@ -2,8 +2,8 @@
 
 One episode is a stretch of one user's train-split history. The observation is the user's recent items
 (as sequence-model tokens) and the items already consumed (a list of item indices, the last ``mask_items`` of
-them: the RLModule masks them, :mod:`rec_rllib.rl.obs`); the action is one item of the catalogue; the logged next item then advances the history, whatever the policy recommended — the log is
-replayed, not rewritten.
+them: the RLModule masks them, :mod:`rec_rllib.rl.obs`); the action is one item of the catalogue; the logged
+next item then advances the history, whatever the policy recommended — the log is replayed, not rewritten.
 
 Rewards (``reward=`` in the config):
 

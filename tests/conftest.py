@@ -110,10 +110,10 @@ PY = sys.executable
 
 
 class RayNodes:
-    """A real Ray head on this machine, started as the README starts one (``bash cluster/ray-job.sh start-head``:
-    ``ray start --head --block`` on 127.0.0.1 in its own process session, its own temp dir, ready for jobs), with
-    ``ray job submit`` against it. :meth:`stop` (``stop-head``) stops exactly that head, nothing else. Worker
-    nodes: see ``cluster/local-multinode.sh``."""
+    """A real Ray head on this machine, started as the README starts one (``bash cluster/ray-job.sh
+    start-head``: ``ray start --head --block`` on 127.0.0.1 in its own process session, its own temp dir,
+    ready for jobs), with ``ray job submit`` against it. :meth:`stop` (``stop-head``) stops exactly that head,
+    nothing else. Worker nodes: see ``cluster/local-multinode.sh``."""
 
     def __init__(self, *, head_cpus: int = 1, home: str | None = None):
         import tempfile

@@ -156,9 +156,9 @@ def test_the_consumed_items_give_the_dense_mask_s_actions_and_log_probabilities(
 
 
 def test_env_runners_receive_only_what_rl_trains(finetuned_run, ml_dir):
-    """The weights the learner sends the env runners (inference-only state) hold the policy head and item bias,
-    not the frozen encoder and item vectors; an inference-only module given them acts exactly as the learner's
-    module, and a checkpoint's (full) state still holds every weight."""
+    """The weights the learner sends the env runners (inference-only state) hold the policy head and item
+    bias, not the frozen encoder and item vectors; an inference-only module given them acts exactly as the
+    learner's module, and a checkpoint's (full) state still holds every weight."""
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
     env = LogReplayEnv({"dataset": ml_dir, "window": 30})

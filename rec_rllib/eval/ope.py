@@ -435,10 +435,11 @@ class SlopeStats:
 
 @dataclass
 class TargetStats:
-    """Everything the estimators read of a target policy on a log, per round: ``pi_logged`` pi(a_i | x_i, k_i);
-    ``dm`` sum_a pi(a | x_i, k_i) q_hat(x_i, a, k_i) and ``q_logged`` q_hat(x_i, a_i, k_i) (with a reward model);
-    ``deterministic``: every probability 0 or 1 (replay); ``slope`` (:class:`SlopeStats`). Vectors of the log's
-    length, whatever the catalogue: :class:`TargetStatsBuilder` forms them from blocks of rounds."""
+    """Everything the estimators read of a target policy on a log, per round: ``pi_logged``
+    pi(a_i | x_i, k_i); ``dm`` sum_a pi(a | x_i, k_i) q_hat(x_i, a, k_i) and ``q_logged`` q_hat(x_i, a_i, k_i)
+    (with a reward model); ``deterministic``: every probability 0 or 1 (replay); ``slope``
+    (:class:`SlopeStats`). Vectors of the log's length, whatever the catalogue: :class:`TargetStatsBuilder`
+    forms them from blocks of rounds."""
 
     pi_logged: np.ndarray
     deterministic: bool
@@ -457,7 +458,8 @@ class TargetStats:
 
 class TargetStatsBuilder:
     """:class:`TargetStats` of one target, formed from blocks of rounds (:meth:`add`: each block's rows of
-    pi(. | x_i, k_i)), so that no ``[n, A]`` array is ever held: its memory is the block's, the rounds' vectors
+    pi(. | x_i, k_i)), so that no ``[n, A]`` array is ever held: its memory is the block's, the rounds'
+    vectors
     and, for SLOPE, its bootstrap masses ([B, K, A]) and resample counts ([B, n] bytes).
 
     ``q``: the reward model's predictions, dense ``[n, A]`` or factored (:class:`FoldedCTR`), or None."""
@@ -482,7 +484,7 @@ class TargetStatsBuilder:
             strengths = [c * n / n_a for c in SLOPE_STRENGTHS]
             self.strengths = strengths
             self.thetas = np.stack([self.full.theta_at(m) for m in strengths], axis=1)  # [A, S]
-            # the Poisson resample counts, drawn row by row (the same stream as one [B, n] draw), kept as bytes
+            # the Poisson resample counts, drawn row by row (the same stream as one [B, n] draw), as bytes
             rng = np.random.default_rng(0)
             self.weights = np.empty((SLOPE_BOOT, n), dtype=np.uint8)
             for b in range(SLOPE_BOOT):
@@ -529,8 +531,8 @@ class TargetStatsBuilder:
         if self.slope:
 
             def dm_values(model: PositionCTRModel, wt_sum: float, mass: np.ndarray) -> np.ndarray:
-                """DM at every strength from a fit under resample weights summing to ``wt_sum``; ``mass`` [K, A] =
-                sum_i w_i pi(. | i) over the rounds at each position."""
+                """DM at every strength from a fit under resample weights summing to ``wt_sum``; ``mass``
+                [K, A] = sum_i w_i pi(. | i) over the rounds at each position."""
                 v = (model.gamma[:, None] * mass).sum(axis=0) / wt_sum
                 return np.array([v @ model.theta_at(m) for m in self.strengths])
 

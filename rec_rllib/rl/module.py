@@ -232,8 +232,9 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
             components, not_components=not_components, inference_only=inference_only, **kwargs
         )
         if inference_only and not self.train_encoder:
-            # what the learner sends the env runners: only what RL trains (the frozen encoder and item vectors are
-            # most of the weights, 200 MB at 100,000 items, and the same on both sides); checkpoints keep it all
+            # what the learner sends the env runners: only what RL trains (the frozen encoder and item vectors
+            # are most of the weights, 200 MB at 100,000 items, and the same on both sides); checkpoints keep
+            # it all
             state = {k: v for k, v in state.items() if not self._frozen_key(k)}
         return state
 

@@ -1,9 +1,9 @@
 """The catalogue-wide action mask, formed inside the RLModule from the observation's consumed items.
 
 The environment's observation carries the items a user consumed so far as a fixed-length list of item
-indices (``Obs.CONSUMED``, padded with ``n_items``), not a mask over the catalogue: a step then costs the same
-to store and ship at 1,682 items as at 100,000. The module, the learners and the replay evaluation turn it into
-the mask where they form logits over the catalogue anyway.
+indices (``Obs.CONSUMED``, padded with ``n_items``), not a mask over the catalogue: a step then costs the
+same to store and ship at 1,682 items as at 100,000. The module, the learners and the replay evaluation turn
+it into the mask where they form logits over the catalogue anyway.
 """
 
 from __future__ import annotations
