@@ -16,10 +16,10 @@
 #   bash cluster/ray-job.sh start-head <dir> [ray start options]
 #       a Ray head of your own on this machine: a token (ensure-token), then `ray start --head --block` on
 #       127.0.0.1 and free ports, in its own process session with its own temp dir (so it neither meets nor
-#       replaces another Ray here); its log, PID, addresses (dashboard, GCS)
-#       and agent port go to <dir>. Waits until it takes jobs
-#       (wait-head; a head that does not come up is stopped and started again on other ports, 3 tries), then
-#       prints its dashboard address (e.g. HEAD=$(bash cluster/ray-job.sh start-head runs/head)).
+#       replaces another Ray here); its log, PID, addresses (dashboard, GCS) and agent port go to <dir>.
+#       Waits until it takes jobs (wait-head; a head that does not come up is stopped and started again on
+#       other ports, 3 tries), then prints its dashboard address (e.g. HEAD=$(bash cluster/ray-job.sh
+#       start-head runs/head)).
 #   bash cluster/ray-job.sh stop-head <dir>
 #       stop the head start-head started from <dir>, and nothing else (`ray stop` stops every Ray of your user).
 #   bash cluster/ray-job.sh submit <dashboard address> <submission id> [ray job submit options] -- <command...>
@@ -199,6 +199,6 @@ if [[ ${BASH_SOURCE[0]} == "$0" ]]; then  # run, not sourced
     start-head) shift; ray_start_head "$@" ;;
     stop-head) shift; ray_stop_head "$@" ;;
     submit) shift; ray_submit "$@" ;;
-    *) sed -n '5,30s/^# \?//p' "$0" >&2; exit 2 ;;
+    *) sed -n '5,/^#$/{/^#$/d;s/^# \?//p}' "$0" >&2; exit 2 ;;  # the usage: line 5 to the first bare '#'
   esac
 fi

@@ -181,18 +181,15 @@ class RayNodes:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def stop_group(proc, sig: int, timeout: float = 60, *, leader_only: bool = False) -> None:
-    """Send ``sig`` to the process group a test started (``start_new_session=True``; with ``leader_only``, to
-    its leader alone), wait for the leader, and kill the group if it has not exited within ``timeout`` s."""
+def stop_group(proc, sig: int, timeout: float = 60) -> None:
+    """Send ``sig`` to the process group a test started (``start_new_session=True``), wait for its leader,
+    and kill the group if it has not exited within ``timeout`` s."""
     import contextlib
     import signal
     import subprocess
 
     with contextlib.suppress(ProcessLookupError):
-        if leader_only:
-            proc.send_signal(sig)
-        else:
-            os.killpg(proc.pid, sig)
+        os.killpg(proc.pid, sig)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -116,13 +116,6 @@ def check_action_dist(pi: np.ndarray, fb: BanditFeedback, *, atol: float = 1e-6)
     return pi
 
 
-def _pi_logged(pi: np.ndarray, fb: BanditFeedback) -> np.ndarray:
-    """[n] pi(a_i | x_i, k_i)."""
-    if pi.ndim == 2:
-        return pi[fb.action, fb.position]
-    return pi[np.arange(fb.n), fb.action, fb.position]
-
-
 def _pi_rows(pi: np.ndarray, fb: BanditFeedback) -> np.ndarray:
     """[n, A] pi(. | x_i, k_i)."""
     if pi.ndim == 2:
@@ -373,14 +366,18 @@ REWARD_MODELS: dict[str, Callable[[], RewardModel]] = {
 }
 
 
+def _fold_of_rounds(n: int, folds: int, seed: int) -> np.ndarray:
+    """[n] each round's cross-fitting fold (seeded: :func:`cross_fit` and :func:`cross_fit_ctr` agree)."""
+    return np.random.default_rng(seed).permutation(n) % folds
+
+
 def cross_fit(
     make_model: Callable[[], RewardModel], fb: BanditFeedback, *, folds: int = 3, seed: int = 0
 ) -> np.ndarray:
     """[n, A] q_hat where each round's row comes from a model fitted without that round's fold."""
     if folds < 2:
         return make_model().fit(fb).predict(fb)
-    rng = np.random.default_rng(seed)
-    fold = rng.permutation(fb.n) % folds
+    fold = _fold_of_rounds(fb.n, folds, seed)
     q = np.zeros((fb.n, fb.n_actions))
     for f in range(folds):
         held = fold == f
@@ -410,7 +407,7 @@ def cross_fit_ctr(fb: BanditFeedback, *, folds: int = 3, seed: int = 0) -> Folde
     """:func:`cross_fit` of :class:`PositionCTRModel`, the same folds and fits, in factored form."""
     if folds < 2:
         return FoldedCTR(np.zeros(fb.n, dtype=np.int64), [PositionCTRModel().fit(fb)])
-    fold = np.random.default_rng(seed).permutation(fb.n) % folds
+    fold = _fold_of_rounds(fb.n, folds, seed)
     return FoldedCTR(
         fold, [PositionCTRModel().fit(fb.subset(np.flatnonzero(fold != f))) for f in range(folds)]
     )
@@ -459,8 +456,7 @@ class TargetStats:
 class TargetStatsBuilder:
     """:class:`TargetStats` of one target, formed from blocks of rounds (:meth:`add`: each block's rows of
     pi(. | x_i, k_i)), so that no ``[n, A]`` array is ever held: its memory is the block's, the rounds'
-    vectors
-    and, for SLOPE, its bootstrap masses ([B, K, A]) and resample counts ([B, n] bytes).
+    vectors and, for SLOPE, its bootstrap masses ([B, K, A]) and resample counts ([B, n] bytes).
 
     ``q``: the reward model's predictions, dense ``[n, A]`` or factored (:class:`FoldedCTR`), or None."""
 

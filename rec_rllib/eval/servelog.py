@@ -148,10 +148,11 @@ def first_slot_log(
         dropped["history_items_not_in_catalogue"] += int((keep[parent] & ~known).sum())
         flats.append(idx.to_numpy(zero_copy_only=False)[known].astype(np.int64))
         lengths.append(np.bincount(parent[known], minlength=len(table))[keep])
-        kept_rids = rid.filter(pa.array(keep)).to_pylist()
+        kept_rid_array = rid.filter(pa.array(keep))
+        kept_rids = kept_rid_array.to_pylist()
         kept_first = first[keep]
         r = np.zeros(len(kept_rids))
-        clicked = pc.is_in(rid.filter(pa.array(keep)), value_set=fb_rid_set).to_numpy(zero_copy_only=False)
+        clicked = pc.is_in(kept_rid_array, value_set=fb_rid_set).to_numpy(zero_copy_only=False)
         for j in np.flatnonzero(clicked):
             r[j] = rewards.get((kept_rids[j], str(catalogue[int(kept_first[j])])), 0.0)
         actions.append(kept_first)
@@ -194,13 +195,13 @@ def evaluate_serve_log(log: ServeLog, targets: Mapping[str, object], *, strategy
     rows_per_block = block_rows or max(1, BLOCK_CELLS // max(fb.n_actions, 1))
     out: dict[str, dict] = {"logging policy (logged mean)": {"value": log.logging_value, "n": fb.n}}
     for name, rec in targets.items():
-        stats = TargetStatsBuilder(fb, q, slope="slope" in SERVE_LOG_ESTIMATORS)
+        builder = TargetStatsBuilder(fb, q, slope="slope" in SERVE_LOG_ESTIMATORS)
         for start in range(0, fb.n, rows_per_block):
             rows = np.arange(start, min(start + rows_per_block, fb.n))
-            pi = recommender_action_dist(rec, log.histories[start : rows[-1] + 1], k=1, strategy=strategy,
+            pi = recommender_action_dist(rec, log.histories[start : start + len(rows)], k=1, strategy=strategy,
                                          temperature=temperature, epsilon=epsilon, seed=seed)  # fmt: skip
-            stats.add(rows, pi[:, :, 0])
-        stats = stats.finish()
+            builder.add(rows, pi[:, :, 0])
+        stats = builder.finish()
         w = stats.pi_logged / fb.pscore
         out[name] = {
             "estimates": {

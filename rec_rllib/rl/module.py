@@ -190,6 +190,7 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
                 self.net.set_popularity(np.asarray(mc["item_counts"]))
         self._items: torch.Tensor | None = None  # item matrix cache (no-grad paths; frozen items)
         self._batch_state: tuple[torch.Tensor, torch.Tensor] | None = None  # (shipped, completed) states
+        self._legal: tuple[Any, torch.Tensor] | None = None  # (consumed items, mask) of the last batch
         self._ucb: LinUCB | None = None  # UCB statistics of the actions taken
         # the exposure term (only when the env prices exposure: its observation then carries the counts)
         self.exposure_window = int(mc.get("exposure_window", 0))
@@ -303,6 +304,14 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         self._batch_state = (shipped, state)
         return state
 
+    def _legal_actions(self, obs: dict[str, Any]) -> torch.Tensor:
+        """[B, n_items] the batch's action mask (:func:`~rec_rllib.rl.obs.legal_actions`), formed once per
+        batch: exploration, and the online, target and reference passes of a train batch, read the same one."""
+        consumed = obs[Obs.CONSUMED]
+        if self._legal is None or self._legal[0] is not consumed:
+            self._legal = (consumed, legal_actions(obs, self.net.n_items))
+        return self._legal[1]
+
     def _logits(
         self, state: torch.Tensor, obs: dict[str, Any], net: TextSeqRec, *, terms: bool = True
     ) -> torch.Tensor:
@@ -315,7 +324,7 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         if terms and self.cooccurrence_term is not None:
             term = self._old_cooccurrence_term if old else self.cooccurrence_term
             logits = term(logits, obs[Obs.COOCCURRENCE])
-        return logits.masked_fill(~legal_actions(obs, net.n_items), MASK_VALUE)
+        return logits.masked_fill(~self._legal_actions(obs), MASK_VALUE)
 
     def _reference_logits(self, batch: dict[str, Any], state: torch.Tensor) -> torch.Tensor | None:
         with torch.no_grad():
@@ -327,7 +336,7 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
                 return None
             # frozen encoder: the fine-tuned policy is the state through the identity head, fine-tuned bias
             logits = state.detach() @ self._item_matrix(self.net).T + self._ref_bias * self.net.known
-            return logits.masked_fill(~legal_actions(batch[Columns.OBS], self.net.n_items), MASK_VALUE)
+            return logits.masked_fill(~self._legal_actions(batch[Columns.OBS]), MASK_VALUE)
 
     # -- the three forward paths ---------------------------------------------------------------------------------
     @override(TorchRLModule)
@@ -360,7 +369,7 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
                         # one posterior sample of the final layer: MC dropout on the user state
                         state = nn.functional.dropout(state, p=self.net.cfg.dropout, training=True)
                 logits = self._logits(state, obs, self.net)
-            mask = legal_actions(obs, self.net.n_items)
+            mask = self._legal_actions(obs)
             if self.exploration.strategy == "ucb":
                 logits = logits + self._ucb_stats(state).bonus(state)
             log_probs = behaviour_log_probs(logits, self.exploration, step=int(t), allowed=mask)
