@@ -158,9 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--window", type=int)
     v.add_argument("--episode-len", type=int)
-    v.add_argument("--mask-items", type=int,
-                   help="consumed items the observation lists, the most recent (never recommended; "
-                   "default 1024)")  # fmt: skip
+    v.add_argument(
+        "--mask-items",
+        type=int,
+        help="consumed items the observation lists, the most recent (never recommended; default 1024)",
+    )
+    v.add_argument(
+        "--feature-items",
+        type=int,
+        help="most items the exposure and co-occurrence features list per step, the largest values "
+        "(default 2048)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

@@ -81,5 +81,11 @@ class Obs:
     # int32 [mask_items]: the items consumed so far (never recommended), oldest first, padded with n_items;
     # the RLModule forms the catalogue-wide mask from it (rec_rllib.rl.obs)
     CONSUMED = "consumed"
-    EXPOSURE = "exposure"  # float32 [n_items]: log(1 + times recommended lately), only with an exposure cost
-    COOCCURRENCE = "cooccurrence"  # float32 [n_items]: the item-kNN simulator's probabilities for the window
+    # with an exposure cost: the items recommended lately (int32 [feature_items], padded with n_items) and
+    # log(1 + times each was recommended) (float32, aligned, padding 0)
+    EXPOSED_ITEMS = "exposed_items"
+    EXPOSURE = "exposure"
+    # with the co-occurrence feature: the items the item-kNN simulator gives a probability above 0 for the
+    # recent window (int32 [feature_items], padded with n_items) and those probabilities (float32, aligned)
+    COOCCURRING_ITEMS = "cooccurring_items"
+    COOCCURRENCE = "cooccurrence"

@@ -24,24 +24,32 @@ novelty was tried first: hits on tail items are too rare to move the policy, cov
 ``exposure_cost`` (λ ≥ 0) prices *aggregate* exposure, the population-level side of catalogue coverage that a
 per-item bonus cannot express (an item counts for coverage once it is shown to anybody). The sub-environments
 of one process (one env runner: its vectorised envs, all its users) share a tracker of the last
-``exposure_window`` recommendations; the observation carries ``log(1 + times each item was recommended within
-it)`` (``Obs.EXPOSURE``), and a recommendation costs ``λ · log(1 + its count) / log(1 + exposure_window)``
-(in [0, λ]: λ = 1 prices an item recommended in every step of the window like a lost full hit). With
-``exposure_shape="indicator"`` a recommendation costs λ if its item was recommended at all within the window,
-else nothing (:func:`~rec_rllib.exposure.exposure_feature`). The policy can then learn to lower what is on
-display everywhere in favour of what this user ranks almost as high (the module's exposure weight on the same
-feature, :class:`~rec_rllib.rl.module.RecPolicyModule`); evaluation and serving keep the same tracker over
-their answers (:class:`~rec_rllib.exposure.ExposureConfig` ``penalty`` and ``shape``). Each step's info says
-``on_display``: whether the recommended item was already recommended within the window (training reports the
-share per iteration).
+``exposure_window`` recommendations; the observation lists the items recommended within it with ``log(1 +
+times each was)`` (``Obs.EXPOSED_ITEMS``, ``Obs.EXPOSURE``: the ``feature_items`` most recommended; an item
+left off counts 0, for the policy and the price alike), and a recommendation costs ``λ · log(1 + its count) /
+log(1 + exposure_window)`` (in [0, λ]: λ = 1 prices an item recommended in every step of the window like a
+lost full hit). With ``exposure_shape="indicator"`` a recommendation costs λ if its item was recommended at
+all within the window, else nothing (:func:`~rec_rllib.exposure.exposure_feature`). The policy can then learn
+to lower what is on display everywhere in favour of what this user ranks almost as high (the module's exposure
+weight on the same feature, :class:`~rec_rllib.rl.module.RecPolicyModule`); evaluation and serving keep the
+same tracker over their answers (:class:`~rec_rllib.exposure.ExposureConfig` ``penalty`` and ``shape``). Each
+step's info says ``on_display``: whether the recommended item was already recommended within the window
+(training reports the share per iteration).
 
-``cooccurrence`` adds ``Obs.COOCCURRENCE`` to the observation: the :class:`ItemKNNSimulator`'s probability of
-every item given the last ``cooccurrence_window`` items (5 by default: on MovieLens-100K the simulator ranks
-the next item far better from the last 5 items than from the last 50), fitted on every train user but computed
-*leave-user-out* (the replayed user's own row taken out, so the feature never knows the items the user
-consumes next). The policy learns a weight on it (:class:`~rec_rllib.rl.module.CooccurrenceTerm`); evaluation
-and serving compute it for the history they are given (:func:`rec_rllib.rl.policy.cooccurrence_feature`). The
-reward is unchanged.
+``cooccurrence`` adds ``Obs.COOCCURRING_ITEMS`` and ``Obs.COOCCURRENCE`` to the observation: the
+:class:`ItemKNNSimulator`'s probability of the items given the last ``cooccurrence_window`` items (5 by
+default: on MovieLens-100K the simulator ranks the next item far better from the last 5 items than from the
+last 50; the ``feature_items`` most probable items, :meth:`ItemKNNSimulator.feature`), fitted on every train
+user but computed *leave-user-out* (the replayed user's own row taken out, so the feature never knows the
+items the user consumes next). The policy learns a weight on it
+(:class:`~rec_rllib.rl.module.CooccurrenceTerm`); evaluation and serving compute it for the history they are
+given (:func:`rec_rllib.rl.policy.cooccurrence_feature`). The reward is unchanged.
+
+Both features travel as fixed-length lists of (item, value), never as vectors over the catalogue: a step is
+the same size at 1,682 items as at 100,000 (the module spreads the lists over the catalogue where it forms
+logits, :mod:`rec_rllib.rl.obs`). Listing what is on display costs what is on display
+(:meth:`~rec_rllib.exposure.ExposureTracker.on_display`); a sparse simulator fit reads only the window items'
+co-occurrence rows.
 
 Sharding: env runner ``i`` of ``n`` (``worker_index``/``num_workers`` of RLlib's ``EnvContext``; the local
 runner, index 0, samples only when there are no remote runners) owns the users with
@@ -101,6 +109,10 @@ class EnvConfig:
     """Consumed items the observation lists, the most recent ones (the policy never recommends them): a user
     who consumed more may be recommended the oldest again. Every MovieLens-100K user fits (at most 737 train
     items, either split)."""
+    feature_items: int = 2048
+    """Most items the exposure and co-occurrence features list per step, the largest values (items left out
+    count as 0): the observation's size stays the same whatever the catalogue; every item of MovieLens-100K's
+    1,682 fits."""
     cooccurrence_window: int = 5
     """Most recent items the co-occurrence feature averages over (the next item follows the last few items
     more closely than the whole window: on its own the feature ranks best from about 5)."""
@@ -126,6 +138,7 @@ class EnvConfig:
             "exposure_window",
             "cooccurrence_window",
             "mask_items",
+            "feature_items",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -160,6 +173,49 @@ def shared_simulator(dataset: str, scheme: str) -> ItemKNNSimulator:
         counts = manifest["counts"]
         _SIMULATORS[key] = ItemKNNSimulator(histories, int(counts["items"]), int(counts["users"]))
     return _SIMULATORS[key]
+
+
+@dataclass(frozen=True)
+class ReplayShard:
+    """One shard's replayable users, read once per process (every sub-environment of an env runner replays the
+    same shard: one copy, not one per sub-environment)."""
+
+    histories: dict[int, tuple[np.ndarray, np.ndarray]]
+    """{user_idx: (items, rewards)} of the shard's users with at least 2 train items, time-ordered."""
+    users: np.ndarray
+    """Their user indices, sorted."""
+    max_rating: float
+    """The largest reward in the shard (the ``hit`` reward's scale)."""
+    novelty: np.ndarray
+    """[n_items] each item's self-information under the shard's train popularity, over its maximum."""
+
+
+_SHARDS: dict[tuple, ReplayShard] = {}
+
+
+def shared_shard(dataset: str, scheme: str, shard_id: int, num_shards: int, manifest: dict) -> ReplayShard:
+    """The :class:`ReplayShard` of a dataset's users ``user_idx % num_shards == shard_id``, read on first use
+    in this process (keyed by the dataset's content too: a dataset prepared again into the same directory is
+    read again)."""
+    key = (str(dataset), str(scheme), int(shard_id), int(num_shards), manifest.get("content_hash"))
+    if key not in _SHARDS:
+        n_items = int(manifest["counts"]["items"])
+        n_users = int(manifest["counts"]["users"])
+        users = np.arange(shard_id, n_users, num_shards, dtype=np.int64)
+        histories, _ = read_train_histories(dataset, scheme, users)
+        replayable = {u: h for u, h in histories.items() if len(h[0]) >= 2}
+        if not replayable:
+            raise ValueError(f"shard {shard_id}/{num_shards} of {dataset} has no user with >= 2 train items")
+        max_rating = max(float(max(r.max() for _, r in replayable.values())), 1e-9)
+        counts = np.bincount(np.concatenate([h[0] for h in histories.values()]), minlength=n_items)
+        info = -np.log2((counts + 1.0) / (counts.sum() + n_items))
+        _SHARDS[key] = ReplayShard(
+            histories=replayable,
+            users=np.array(sorted(replayable), dtype=np.int64),
+            max_rating=max_rating,
+            novelty=info / info.max(),  # [n_items] in (0, 1]
+        )
+    return _SHARDS[key]
 
 
 def shard_of(worker_index: int, num_workers: int) -> tuple[int, int]:
@@ -291,6 +347,56 @@ class ItemKNNSimulator:
         s = rows.mean(axis=0)
         return np.clip(s / max(float(s.max()), 1e-9), 0.0, 1.0)
 
+    def feature(
+        self, window: np.ndarray, *, without: np.ndarray | None = None, top: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The co-occurrence feature of the RL policy, sparse: (items, probabilities) of the items whose
+        :meth:`probabilities` given ``window`` (``without`` left out) are above 0, in no particular order;
+        with ``top``, only the ``top`` most probable (ties to the lower item index). An empty window gives
+        nothing (its flat 0.01 moves no item against another). Sparse fits read only the window items' rows:
+        the cost follows how many items co-occur with them, not the catalogue."""
+        window = np.asarray(window, dtype=np.int64)
+        if len(window) == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        if isinstance(self.co, np.ndarray):
+            return self.sparse_top(self.from_rows(self.rows(window, without=without)), top)
+        rows = self.co[window].tocoo()  # the window's rows: (row, item, users who consumed both)
+        own, items, co = window[rows.row], rows.col.astype(np.int64), rows.data
+        keep = items != own  # an item's cosine with itself is 0
+        own, items, co = own[keep], items[keep], co[keep]
+        if without is None:
+            values = co / self._norms[own] / self._norms[items]
+        else:
+            x_own = np.isin(own, without).astype(np.float32)
+            x_items = np.isin(items, without).astype(np.float32)
+            co = np.maximum(co - x_own * x_items, 0.0)
+            den = np.sqrt(np.maximum(self.users[own] - x_own, 0.0)) * np.sqrt(
+                np.maximum(self.users[items] - x_items, 0.0)
+            )
+            values = np.divide(co, den, out=np.zeros_like(co), where=den > 0)
+        uniq, inverse = np.unique(items, return_inverse=True)
+        mean = np.bincount(inverse, weights=values, minlength=len(uniq)) / len(window)
+        top_value = float(mean.max()) if len(mean) else 0.0
+        probs = np.clip(mean / max(top_value, 1e-9), 0.0, 1.0).astype(np.float32)
+        keep = probs > 0
+        return self.sparse_top((uniq[keep], probs[keep]), top)
+
+    @staticmethod
+    def sparse_top(
+        dense_or_pairs: np.ndarray | tuple[np.ndarray, np.ndarray], top: int | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(items, values) above 0 of a dense [n] vector or of (items, values) pairs, the ``top`` largest when
+        there are more (ties to the lower item index)."""
+        if isinstance(dense_or_pairs, tuple):
+            items, values = dense_or_pairs
+        else:
+            items = np.flatnonzero(dense_or_pairs > 0)
+            values = dense_or_pairs[items]
+        if top is not None and len(items) > top:
+            order = np.lexsort((items, -values))[: max(int(top), 0)]
+            items, values = items[order], values[order]
+        return items.astype(np.int64), values.astype(np.float32)
+
     def validate(self, dataset_histories: list[np.ndarray], targets: list[np.ndarray], k: int = 10) -> float:
         """HR@k of the simulator's ranking on held-out next items (how well it predicts real behaviour)."""
         hits = 0
@@ -323,19 +429,9 @@ class LogReplayEnv(gym.Env):
 
         manifest = json.loads((Path(self.cfg.dataset) / "manifest.json").read_text())
         self.n_items = int(manifest["counts"]["items"])
-        n_users = int(manifest["counts"]["users"])
-        shard_users = np.arange(shard_id, n_users, num_shards, dtype=np.int64)
-        histories, _ = read_train_histories(self.cfg.dataset, self.cfg.scheme, shard_users)
-        self.histories = {u: h for u, h in histories.items() if len(h[0]) >= 2}
-        if not self.histories:
-            raise ValueError(
-                f"shard {shard_id}/{num_shards} of {self.cfg.dataset} has no user with >= 2 train items"
-            )
-        self.shard_users = np.array(sorted(self.histories), dtype=np.int64)
-        self.max_rating = max(float(max(r.max() for _, r in self.histories.values())), 1e-9)
-        counts = np.bincount(np.concatenate([h[0] for h in histories.values()]), minlength=self.n_items)
-        info = -np.log2((counts + 1.0) / (counts.sum() + self.n_items))
-        self.novelty = info / info.max()  # [n_items] in (0, 1]
+        shard = shared_shard(self.cfg.dataset, self.cfg.scheme, shard_id, num_shards, manifest)
+        self.histories, self.shard_users = shard.histories, shard.users
+        self.max_rating, self.novelty = shard.max_rating, shard.novelty
         self.simulator: ItemKNNSimulator | None = None
         if self.cfg.reward == "simulator" or self.cfg.cooccurrence:
             self.simulator = shared_simulator(self.cfg.dataset, self.cfg.scheme)
@@ -345,7 +441,7 @@ class LogReplayEnv(gym.Env):
             # one population per env runner: its sub-environments (and nothing else) share the counts
             key = (self.cfg.dataset, self.cfg.scheme, worker_index, shard_id, num_shards, self.cfg.seed)
             self.exposure = shared_exposure_tracker(key, self.n_items, self.cfg.exposure_window)
-        self._exposure_obs = np.zeros(self.n_items, dtype=np.float32)
+        self._exposure_seen = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
         self._exposure_unit = float(
             exposure_feature(np.log1p(self.cfg.exposure_window), self.cfg.exposure_shape)
         )
@@ -355,11 +451,14 @@ class LogReplayEnv(gym.Env):
             Obs.LENGTH: gym.spaces.Box(1, w + 1, (1,), np.int64),
             Obs.CONSUMED: gym.spaces.Box(0, self.n_items, (self.cfg.mask_items,), np.int32),
         }
+        f = self.feature_size = min(self.n_items, self.cfg.feature_items)
         if self.exposure is not None:
             top = float(np.log1p(self.cfg.exposure_window))
-            spaces[Obs.EXPOSURE] = gym.spaces.Box(0.0, top, (self.n_items,), np.float32)
+            spaces[Obs.EXPOSED_ITEMS] = gym.spaces.Box(0, self.n_items, (f,), np.int32)
+            spaces[Obs.EXPOSURE] = gym.spaces.Box(0.0, top, (f,), np.float32)
         if self.cfg.cooccurrence:
-            spaces[Obs.COOCCURRENCE] = gym.spaces.Box(0.0, 1.0, (self.n_items,), np.float32)
+            spaces[Obs.COOCCURRING_ITEMS] = gym.spaces.Box(0, self.n_items, (f,), np.int32)
+            spaces[Obs.COOCCURRENCE] = gym.spaces.Box(0.0, 1.0, (f,), np.float32)
         self.observation_space = gym.spaces.Dict(spaces)
         self.action_space = gym.spaces.Discrete(self.n_items)
         self._seed = self.cfg.seed * 1_000_003 + worker_index * 1_009 + vector_index
@@ -380,9 +479,10 @@ class LogReplayEnv(gym.Env):
         n = len(self._items)
         self._pos = int(self.np_random.integers(0, max(1, n - 1)))
         self._steps = 0
-        if self.cfg.cooccurrence:
-            # the similarity rows of the items this episode's windows can hold, leave-user-out, once per
-            # episode (the history before the start and the steps the episode may take; not the whole history)
+        if self.cfg.cooccurrence and isinstance(self.simulator.co, np.ndarray):
+            # a dense fit (small catalogue): the similarity rows of the items this episode's windows can hold,
+            # leave-user-out, once per episode (the history before the start and the steps the episode may
+            # take; not the whole history). A sparse fit reads the window's rows at each step.
             self._co_start = max(0, self._pos - self.cfg.cooccurrence_window)
             stretch = self._items[self._co_start : self._pos + self.cfg.episode_len]
             self._cooccurrence_rows = self.simulator.rows(stretch, without=self._items)
@@ -405,10 +505,14 @@ class LogReplayEnv(gym.Env):
             reward += self.cfg.novelty_bonus * float(self.novelty[a])
         info = {"user": self._user, "hit": hit}
         if self.exposure is not None:
-            # priced on the counts the policy observed (other envs of the runner may have acted since)
-            reward -= self.cfg.exposure_cost * self.exposure_price(self._exposure_obs[a])
+            # priced on the counts the policy observed (other envs of the runner may have acted since; an item
+            # the observation left out counts 0, as the policy saw it)
+            items, log_counts = self._exposure_seen
+            seen = log_counts[items == a]
+            log_count = float(seen[0]) if len(seen) else 0.0
+            reward -= self.cfg.exposure_cost * self.exposure_price(log_count)
             self.exposure.record(np.array([a]))
-            info["on_display"] = bool(self._exposure_obs[a] > 0)  # recommended within the window already
+            info["on_display"] = log_count > 0  # recommended within the window already
         # the logged item advances the history (and is consumed)
         self._pos += 1
         self._steps += 1
@@ -439,15 +543,32 @@ class LogReplayEnv(gym.Env):
             Obs.LENGTH: np.array([len(recent) + 1], dtype=np.int64),
             Obs.CONSUMED: consumed,
         }
+        f = self.feature_size
         if self.exposure is not None:
-            self._exposure_obs = np.log1p(self.exposure.counts).astype(np.float32)
-            obs[Obs.EXPOSURE] = self._exposure_obs
+            items, counts = self.exposure.on_display(top=f)
+            self._exposure_seen = (items, np.log1p(counts).astype(np.float32))
+            obs[Obs.EXPOSED_ITEMS], obs[Obs.EXPOSURE] = self._padded(*self._exposure_seen)
         if self.cfg.cooccurrence:
             # leave-user-out: the replayed user's own (future) items do not inform the feature
             start = max(0, self._pos - self.cfg.cooccurrence_window)
-            rows = self._cooccurrence_rows[start - self._co_start : self._pos - self._co_start]
-            obs[Obs.COOCCURRENCE] = self.simulator.from_rows(rows).astype(np.float32)
+            if isinstance(self.simulator.co, np.ndarray):
+                rows = self._cooccurrence_rows[start - self._co_start : self._pos - self._co_start]
+                pairs = self.simulator.sparse_top(self.simulator.from_rows(rows), f) if len(rows) else None
+            else:
+                pairs = self.simulator.feature(self._items[start : self._pos], without=self._items, top=f)
+            if pairs is None:  # an empty window: its flat 0.01 moves no item against another
+                pairs = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
+            obs[Obs.COOCCURRING_ITEMS], obs[Obs.COOCCURRENCE] = self._padded(*pairs)
         return obs
+
+    def _padded(self, items: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A sparse feature as the observation carries it: ``feature_size`` item indices (padding:
+        ``n_items``, one past the catalogue) and their values (padding: 0)."""
+        ids = np.full(self.feature_size, self.n_items, dtype=np.int32)
+        vals = np.zeros(self.feature_size, dtype=np.float32)
+        ids[: len(items)] = items
+        vals[: len(items)] = values
+        return ids, vals
 
     def describe(self) -> dict[str, Any]:
         return {

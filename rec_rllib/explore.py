@@ -95,29 +95,40 @@ def behaviour_log_probs(
 
 
 def sample_slate(
-    log_probs: torch.Tensor, k: int, generator: torch.Generator | None = None
+    log_probs: torch.Tensor,
+    k: int,
+    generator: torch.Generator | None = None,
+    *,
+    normalise: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw k distinct items per row without replacement (Plackett-Luce), in one shot.
 
     Returns (items [B, k], propensities [B, k]): propensity[b, j] is the probability of drawing that item
-    at position j given the items above it (for k=1, the behaviour probability itself).
+    at position j given the items above it (for k=1, the behaviour probability itself). ``normalise``:
+    ``log_probs`` are logits (-inf where an item may not be drawn), the distribution their softmax; only their
+    log-normaliser is computed, not the log-probabilities of every item (a Boltzmann answer over a large
+    catalogue: the same draws as from :func:`behaviour_log_probs`, in fewer passes over the catalogue).
 
     Gumbel-top-k: the k largest of ``log_probs + Gumbel noise`` are distributed exactly as k sequential
     draws without replacement (Vieira 2014; Kool et al., ICML 2019), so one ``topk`` replaces k softmax +
     multinomial rounds; the conditional propensities follow in closed form,
-    p(i_j) / (1 - p(i_1) - ... - p(i_{j-1})).
+    p(i_j) / (1 - p(i_1) - ... - p(i_{j-1})). The noise, ``-log(-log U)`` with U uniform, is drawn in single
+    precision (the catalogue-wide part of an answer: one uniform draw and two logarithms per item); the
+    propensities are computed in double precision for the k drawn items only.
     """
     lp = log_probs.detach().float()
     b, n = lp.shape
     if k > n:
         raise ValueError(f"k={k} exceeds the number of items {n}")
-    u = torch.rand(lp.shape, generator=generator, device=lp.device, dtype=torch.float64)
-    gumbel = -torch.log((-torch.log(u.clamp_(min=1e-300))).clamp_(min=1e-300))
-    keys = lp.double() + gumbel
+    u = torch.rand(lp.shape, generator=generator, device=lp.device, dtype=torch.float32)
+    keys = lp - u.clamp_(min=1e-38).log_().neg_().log_()  # lp + Gumbel noise
     top = torch.topk(keys, k, dim=1)
     if not torch.isfinite(top.values).all():
         raise ValueError(f"fewer than k={k} items have a positive probability in some row")
-    chosen = lp.double().exp().gather(1, top.indices)
+    chosen = lp.gather(1, top.indices)
+    if normalise:
+        chosen = chosen - torch.logsumexp(lp, dim=1, keepdim=True)
+    chosen = chosen.double().exp()
     above = torch.cumsum(chosen, dim=1) - chosen  # probability mass already drawn above position j
     props = (chosen / (1.0 - above).clamp(min=1e-300)).clamp(max=1.0)
     return top.indices, props

@@ -120,6 +120,12 @@ class ExposureTracker:
         """The counts answers are priced by: ``counts`` itself (refresh 1), or its copy at the last update."""
         self._ring = np.full(max(self.cfg.window, 1), -1, dtype=np.int64)
         self._pos = 0
+        # the items with a count above 0, in no order, and each item's place among them (-1: count 0), kept
+        # as the counts change: listing what is on display costs what is on display, not the catalogue
+        self._live = np.zeros(min(int(n_items), len(self._ring)), dtype=np.int64)
+        self._n_live = 0
+        self._place = np.full(int(n_items), -1, dtype=np.int64)
+        self._priced_live = self._live[:0]  # the items on display in ``priced`` (refresh > 1: at the update)
         self.answers = 0
         self.swaps = 0
         self.recorded = 0
@@ -140,6 +146,8 @@ class ExposureTracker:
             new = np.zeros(n_items - self.n_items, dtype=np.int64)
             self.counts = np.concatenate([self.counts, new])
             self.priced = self.counts if self.cfg.refresh == 1 else np.concatenate([self.priced, new])
+            self._place = np.concatenate([self._place, np.full(len(new), -1, dtype=np.int64)])
+            self._live = np.concatenate([self._live, np.zeros(len(new), dtype=np.int64)])[: len(self._ring)]
 
     def exposed_share(self) -> float:
         """Share of the catalogue shown within the window."""
@@ -147,8 +155,12 @@ class ExposureTracker:
 
     def penalties(self, n_items: int) -> np.ndarray:
         """[n_items] what the penalty takes off each item's score: penalty · f(times shown within the window),
-        f by the config's shape (:func:`exposure_feature`)."""
-        return self.cfg.penalty * exposure_feature(np.log1p(self.priced[:n_items]), self.cfg.shape)
+        f by the config's shape (:func:`exposure_feature`); computed for the items on display only."""
+        live = self._live[: self._n_live] if self.cfg.refresh == 1 else self._priced_live
+        live = live[live < n_items]
+        out = np.zeros(n_items, dtype=np.float64)
+        out[live] = self.cfg.penalty * exposure_feature(np.log1p(self.priced[live]), self.cfg.shape)
+        return out
 
     def penalised(self, scores: np.ndarray) -> np.ndarray:
         """``scores`` - :meth:`penalties` (the scores themselves without a penalty); excluded items stay at
@@ -170,9 +182,37 @@ class ExposureTracker:
         np.subtract.at(self.counts, old[old >= 0], 1)
         self._ring[idx] = items
         np.add.at(self.counts, items, 1)
+        self._update_live(np.concatenate([old[old >= 0], items]))
         self._pos = int((self._pos + len(items)) % len(self._ring))
         if self.cfg.refresh > 1 and self.recorded % self.cfg.refresh == 0:
             self.priced = self.counts.copy()
+            self._priced_live = self._live[: self._n_live].copy()
+
+    def _update_live(self, touched: np.ndarray) -> None:
+        """Brings the list of items on display up to date for the items whose counts just changed."""
+        for item in np.unique(touched).tolist():
+            place = self._place[item]
+            if self.counts[item] > 0 and place < 0:
+                self._live[self._n_live] = item
+                self._place[item] = self._n_live
+                self._n_live += 1
+            elif self.counts[item] == 0 and place >= 0:  # the last listed item takes the freed place
+                self._n_live -= 1
+                last = self._live[self._n_live]
+                self._live[place] = last
+                self._place[last] = place
+                self._place[item] = -1
+
+    def on_display(self, top: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(items, counts) of the items shown within the window, in no particular order; with ``top``, only
+        the ``top`` most shown (ties to the lower item index). Costs what is on display, never the
+        catalogue."""
+        items = self._live[: self._n_live]
+        if top is not None and len(items) > top:
+            counts = self.counts[items]
+            order = np.lexsort((items, -counts))[: max(int(top), 0)]
+            items = items[order]
+        return items.copy(), self.counts[items]
 
     def slate(self, scores: np.ndarray, k: int, *, penalised: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """One answer: ``scores`` [n_items] with -inf on excluded items -> (items [k] best first, replaced [k]

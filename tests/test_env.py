@@ -12,6 +12,18 @@ from rec_rllib.env import EnvConfig, ItemKNNSimulator, LogReplayEnv, read_train_
 from tests.conftest import PY, REPO
 
 
+def dense_of(items: np.ndarray, values: np.ndarray, n_items: int) -> np.ndarray:
+    """[n_items] values at ``items`` (padding: ``n_items``), 0 elsewhere."""
+    out = np.zeros(n_items + 1, dtype=np.float32)
+    out[items] = values
+    return out[:n_items]
+
+
+def dense(obs: dict, items_key: str, values_key: str, n_items: int) -> np.ndarray:
+    """[n_items] a sparse feature of an observation with 0 for the items it does not list."""
+    return dense_of(obs[items_key], obs[values_key], n_items)
+
+
 def test_shards_are_disjoint_and_cover_every_train_user(ml_dir):
     shards = [LogReplayEnv({"dataset": ml_dir, "num_shards": 3, "shard_id": i}).shard_users for i in range(3)]
     union = np.concatenate(shards)
@@ -85,7 +97,16 @@ def test_simulator_sparse_fit_equals_the_dense_one(ml_dir, monkeypatch):
         items = histories[user][0]
         assert np.allclose(sparse.probabilities(items[-20:]), dense.probabilities(items[-20:]), atol=1e-6)
         assert np.allclose(sparse.rows(items, without=items), dense.rows(items, without=items), atol=1e-6)
+        # the policy's feature, sparse: the probabilities above 0, read from the window's rows only
+        for fit in (dense, sparse):
+            ids, probs = fit.feature(items[-5:], without=items)
+            assert np.allclose(dense_of(ids, probs, n_items), dense.probabilities(items[-5:], without=items))
     assert sparse.probabilities(items[-20:]).max() == 1.0
+    # the 40 most probable, ties to the lower item; an empty window: nothing to tell items apart
+    ids, probs = sparse.feature(items[-5:], without=items, top=40)
+    full = dense.probabilities(items[-5:], without=items)
+    assert len(ids) == 40 and np.allclose(probs, full[ids]) and full[ids].min() >= np.sort(full)[-40] - 1e-6
+    assert [len(x) for x in sparse.feature(items[:0])] == [0, 0]
 
 
 def test_cooccurrence_feature_leaves_the_replayed_user_out_and_the_reward_alone(ml_dir):
@@ -113,12 +134,8 @@ def test_cooccurrence_feature_leaves_the_replayed_user_out_and_the_reward_alone(
     step, done = 0, False
     while True:  # the whole episode, its last observation included
         recent = env._items[max(0, env._pos - 7) : env._pos]  # the feature's window, not the observation's
-        feature = obs[Obs.COOCCURRENCE]
-        assert (
-            feature.shape == (n_items,)
-            and feature.dtype == np.float32
-            and 0 <= feature.min() <= feature.max() <= 1
-        )
+        feature = dense(obs, Obs.COOCCURRING_ITEMS, Obs.COOCCURRENCE, n_items)
+        assert obs[Obs.COOCCURRENCE].dtype == np.float32 and 0 <= feature.min() <= feature.max() <= 1
         assert np.allclose(feature, without.probabilities(recent), atol=1e-5)
         leaked = max(leaked, float(np.abs(full.probabilities(recent) - feature).max()))
         if done:
@@ -170,9 +187,8 @@ def test_exposure_cost_prices_what_the_runner_recommended_lately(ml_dir):
     _, r0, _, _, plain_info = plain.step(item)
     assert r == r0 > 0 and info["on_display"] is False and "on_display" not in plain_info
     ob, _ = b.reset(seed=2)
-    assert ob[Obs.EXPOSURE][item] == pytest.approx(np.log(2)) and ob[Obs.EXPOSURE].sum() == pytest.approx(
-        np.log(2)
-    )
+    exposure = dense(ob, Obs.EXPOSED_ITEMS, Obs.EXPOSURE, b.n_items)
+    assert exposure[item] == pytest.approx(np.log(2)) and exposure.sum() == pytest.approx(np.log(2))
     plain.reset(seed=2)
     _, r1, _, _, info = b.step(item)
     _, r0, *_ = plain.step(item)
@@ -182,7 +198,7 @@ def test_exposure_cost_prices_what_the_runner_recommended_lately(ml_dir):
     # the window (3 recommendations) forgets: two more steps on other items evict the first of `item`'s two
     for _ in range(2):
         o, *_ = b.step((item + 1) % b.n_items)
-    assert o[Obs.EXPOSURE][item] == pytest.approx(np.log(2))
+    assert dense(o, Obs.EXPOSED_ITEMS, Obs.EXPOSURE, b.n_items)[item] == pytest.approx(np.log(2))
     # the indicator shape: λ for an item recommended at all within the window, however often
     ind = LogReplayEnv({**cfg, "seed": 13, "exposure_shape": "indicator"})
     ind.reset(seed=1)
@@ -197,6 +213,50 @@ def test_exposure_cost_prices_what_the_runner_recommended_lately(ml_dir):
         EnvConfig(dataset=ml_dir, exposure_cost=-1)
     with pytest.raises(ValueError, match="unknown exposure_shape 'square'"):
         EnvConfig(dataset=ml_dir, exposure_shape="square")
+
+
+def test_the_features_list_the_largest_values_up_to_a_set_size(ml_dir, monkeypatch):
+    """``feature_items`` bounds the exposure and co-occurrence lists whatever the catalogue: the exposure list
+    holds the most recommended items with their log counts (an item left off prices at 0, as the policy saw
+    it), the co-occurrence list the most probable items, from a dense fit or from a sparse one alike."""
+    cfg = {"dataset": ml_dir, "seed": 31, "exposure_cost": 1.0, "cooccurrence": True, "feature_items": 6}
+    env = LogReplayEnv(cfg)
+    plain = LogReplayEnv({"dataset": ml_dir, "seed": 31})
+    added = set(env.observation_space.spaces) - set(plain.observation_space.spaces)
+    lists = (Obs.EXPOSED_ITEMS, Obs.EXPOSURE, Obs.COOCCURRING_ITEMS, Obs.COOCCURRENCE)
+    assert added == set(lists) and all(env.observation_space[k].shape == (6,) for k in lists)
+    obs, _ = env.reset(seed=3)
+    plain.reset(seed=3)
+    actions = [900, 901, 901, 902, 902, 902, 903, 904, 905, 906, 907]  # 8 items on display, 902 the most
+    for a in actions:
+        obs, *_ = env.step(a)
+        plain.step(a)
+    listed = obs[Obs.EXPOSED_ITEMS][obs[Obs.EXPOSED_ITEMS] < env.n_items]
+    assert sorted(listed.tolist()) == [900, 901, 902, 903, 904, 905]  # counts 3, 2, then ties to lower items
+    assert dense(obs, Obs.EXPOSED_ITEMS, Obs.EXPOSURE, env.n_items)[902] == pytest.approx(np.log(4))
+    _, r, _, _, info = env.step(907)  # on display, but not listed: no cost, not counted as on display
+    _, r0, *_ = plain.step(907)
+    assert r == r0 and info["on_display"] is False
+    obs, r, _, _, info = env.step(902)
+    _, r0, *_ = plain.step(902)
+    assert r == pytest.approx(r0 - np.log(4) / np.log(1 + env.cfg.exposure_window)) and info["on_display"]
+    # the co-occurrence list: the 6 most probable items of the leave-user-out feature, dense or sparse fit
+    items = env._items[max(0, env._pos - env.cfg.cooccurrence_window) : env._pos]
+    full = env.simulator.probabilities(items, without=env._items)
+    listed = obs[Obs.COOCCURRING_ITEMS]
+    assert listed.max() < env.n_items and full[listed].min() >= np.sort(full)[-6] - 1e-6
+    monkeypatch.setattr(ItemKNNSimulator, "DENSE_BYTES", 0)
+    monkeypatch.setattr("rec_rllib.env._SIMULATORS", {})
+    sparse_env = LogReplayEnv(cfg)
+    assert hasattr(sparse_env.simulator.co, "nnz")
+    sparse_env.reset(seed=3)
+    sparse_env._pos = env._pos
+    sparse_obs = sparse_env._obs()
+    assert np.allclose(
+        dense(sparse_obs, Obs.COOCCURRING_ITEMS, Obs.COOCCURRENCE, env.n_items),
+        dense(obs, Obs.COOCCURRING_ITEMS, Obs.COOCCURRENCE, env.n_items),
+        atol=1e-6,
+    )
 
 
 def test_bad_config_is_rejected(ml_dir):

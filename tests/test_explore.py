@@ -104,3 +104,17 @@ def test_linucb_bonus_shrinks_where_an_item_was_shown_and_diagonal_matches_full_
         assert torch.allclose(ucb.bonus(axes)[:, n:], torch.full((d, 2), 2.0))
     with pytest.raises(ValueError, match="ucb_alpha"):
         ExplorationConfig(strategy="ucb", ucb_alpha=-1.0)
+
+
+def test_a_slate_drawn_from_logits_is_the_one_drawn_from_their_log_probabilities():
+    """``normalise``: the same generator draws the same items from the logits as from the Boltzmann
+    log-probabilities, with the same propensities (only the log-normaliser is computed)."""
+    scores = torch.randn(4, 3000) * 3
+    allowed = torch.rand(4, 3000) > 0.2
+    cfg = ExplorationConfig(strategy="boltzmann", temperature=0.7, temperature_final=0.7)
+    lp = behaviour_log_probs(scores, cfg, allowed=allowed)
+    items, props = sample_slate(lp, 10, generator=torch.Generator().manual_seed(5))
+    logits = scores.masked_fill(~allowed, -torch.inf) / 0.7
+    same, same_props = sample_slate(logits, 10, generator=torch.Generator().manual_seed(5), normalise=True)
+    assert torch.equal(items, same) and allowed.gather(1, items).all()
+    assert torch.allclose(props, same_props, rtol=1e-5)

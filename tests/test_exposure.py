@@ -185,3 +185,22 @@ def test_partial_ranking_orders_and_breaks_ties_like_the_shared_topk():
         s[rng.integers(0, 200, 30)] = NEG
         depth = int(rng.integers(1, 201))
         np.testing.assert_array_equal(_top(s, depth), topk(s[None], depth)[0])
+
+
+def test_the_items_on_display_are_listed_at_the_cost_of_the_display():
+    """``on_display`` lists exactly the items with a count above 0, as the window slides and the catalogue
+    grows, and its ``top`` the most shown (ties to the lower item)."""
+    tracker = ExposureTracker(50, ExposureConfig(slots=0, window=30))
+    rng = np.random.default_rng(4)
+    for step in range(400):
+        tracker.record(rng.integers(0, tracker.n_items, size=int(rng.integers(1, 6))))
+        if step == 200:
+            tracker.grow(60)
+            tracker.record(np.array([59, 59]))
+        items, counts = tracker.on_display()
+        assert sorted(items.tolist()) == np.flatnonzero(tracker.counts).tolist()
+        assert np.array_equal(counts, tracker.counts[items])
+        top, top_counts = tracker.on_display(top=5)
+        order = np.lexsort((np.arange(tracker.n_items), -tracker.counts))[:5]
+        assert sorted(top.tolist()) == sorted([i for i in order.tolist() if tracker.counts[i] > 0][:5])
+        assert np.array_equal(top_counts, tracker.counts[top])

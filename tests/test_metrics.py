@@ -61,3 +61,17 @@ def test_coverage_novelty_diversity_by_hand():
     feats = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     # list 1: identical items (distance 0); list 2: orthogonal (distance 1)
     assert M.intra_list_diversity(top, feats) == pytest.approx(0.5)
+
+
+def test_bootstrap_intervals_drawn_in_blocks_equal_one_draw(monkeypatch):
+    """The resamples are drawn a block of rows at a time (memory bounded for any number of users): the same
+    draws, hence the same interval, as one draw of every resample at once."""
+    from rec_rllib.eval import ranking
+
+    values = np.random.default_rng(1).random(1_001)
+    whole = ranking.bootstrap_ci(values, n_boot=300, seed=4)
+    rng = np.random.default_rng(4)
+    means = values[rng.integers(0, len(values), (300, len(values)))].mean(axis=1)
+    assert whole == tuple(float(q) for q in np.quantile(means, [0.025, 0.975]))
+    monkeypatch.setattr(ranking, "BOOT_CELLS", 7 * len(values))  # blocks of 7 resamples, the last one short
+    assert ranking.bootstrap_ci(values, n_boot=300, seed=4) == whole

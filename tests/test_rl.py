@@ -55,12 +55,18 @@ def _obs_batch(env: LogReplayEnv, n: int = 8) -> dict[str, torch.Tensor]:
 
 
 def _module(
-    finetuned_run: str, env: LogReplayEnv, *, train_encoder: bool = False, counts=None, **exploration
+    finetuned_run: str,
+    env: LogReplayEnv,
+    *,
+    train_encoder: bool = False,
+    counts=None,
+    settings: dict | None = None,
+    **exploration,
 ) -> RecPolicyModule:
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
     mc = model_config_from_run(finetuned_run, exploration=exploration)
-    mc.update(train_encoder=train_encoder, item_counts=counts)
+    mc.update(train_encoder=train_encoder, item_counts=counts, **(settings or {}))
     spec = RLModuleSpec(
         module_class=RecPolicyModule,
         observation_space=env.observation_space,
@@ -155,6 +161,54 @@ def test_the_consumed_items_give_the_dense_mask_s_actions_and_log_probabilities(
     assert torch.equal(explore, expected)
 
 
+def test_the_listed_features_give_the_catalogue_wide_features_actions_and_log_probabilities(
+    finetuned_run, ml_dir
+):
+    """The exposure counts and the co-occurrence probabilities travel as lists of (item, value); fed through
+    the module with learned weights on both, a batch gives the same features over the catalogue, logits,
+    behaviour log-probabilities and greedy actions as the catalogue-wide vectors the env used to carry (the
+    runner's counts as they stood, the simulator's leave-user-out probabilities)."""
+    from rec_rllib.explore import behaviour_log_probs
+    from rec_rllib.rl.obs import dense_feature
+
+    cfg = {"dataset": ml_dir, "window": 30, "seed": 41, "exposure_cost": 0.5, "cooccurrence": True}
+    env = LogReplayEnv(cfg)
+    terms = {"exposure_window": env.cfg.exposure_window, "cooccurrence": True}
+    module = _module(finetuned_run, env, settings=terms, strategy="boltzmann", temperature=0.7)
+    with torch.no_grad():  # as learned: β 0.8, γ 3
+        module.exposure_term.weight.fill_(0.08)
+        module.cooccurrence_term.weight.fill_(0.3)
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(400):  # the runner's recommendations so far: some items often, many once
+        env.step(int(rng.zipf(1.5) % env.n_items))
+    obs_rows, exposure_rows, co_rows = [], [], []
+    for seed in range(1, 25):
+        o, _ = env.reset(seed=seed)
+        if env._pos == 0:
+            continue  # an empty window: the old feature was a flat 0.01, which moves no item against another
+        obs_rows.append(o)
+        exposure_rows.append(np.log1p(env.exposure.counts).astype(np.float32))
+        recent = env._items[max(0, env._pos - env.cfg.cooccurrence_window) : env._pos]
+        co_rows.append(env.simulator.probabilities(recent, without=env._items).astype(np.float32))
+    obs = {k: torch.as_tensor(np.stack([o[k] for o in obs_rows])) for k in obs_rows[0]}
+    exposure, co = torch.as_tensor(np.stack(exposure_rows)), torch.as_tensor(np.stack(co_rows))
+    assert (exposure > 0).sum(1).min() > 50
+    assert torch.equal(dense_feature(obs, Obs.EXPOSED_ITEMS, Obs.EXPOSURE, env.n_items), exposure)
+    assert torch.equal(dense_feature(obs, Obs.COOCCURRING_ITEMS, Obs.COOCCURRENCE, env.n_items), co)
+    mask = legal_actions(obs, env.n_items)
+    with torch.no_grad():
+        raw = module.net.scores_from_state(module._encode(obs, module.net), module._item_matrix(module.net))
+        terms = module.cooccurrence_term(module.exposure_term(raw, exposure), co)
+    reference = terms.masked_fill(~mask, MASK_VALUE)
+    inference = module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
+    assert torch.equal(inference, reference) and torch.equal(inference.argmax(-1), reference.argmax(-1))
+    assert not torch.equal(reference.argmax(-1), raw.masked_fill(~mask, MASK_VALUE).argmax(-1))  # terms act
+    explore = module.forward_exploration({Columns.OBS: obs}, t=0)[Columns.ACTION_DIST_INPUTS]
+    expected = behaviour_log_probs(reference, module.exploration, step=0, allowed=mask).clamp(min=MASK_VALUE)
+    assert torch.equal(explore, expected)
+
+
 def test_env_runners_receive_only_what_rl_trains(finetuned_run, ml_dir):
     """The weights the learner sends the env runners (inference-only state) hold the policy head and item
     bias, not the frozen encoder and item vectors; an inference-only module given them acts exactly as the
@@ -189,13 +243,18 @@ def test_env_runners_receive_only_what_rl_trains(finetuned_run, ml_dir):
         runner.set_state({k: v for k, v in sent.items() if not k.startswith("net.state_head")})
 
 
-def test_the_default_observation_has_no_catalogue_sized_array(ml_dir):
-    """Without the opt-in exposure and co-occurrence features, nothing in the observation grows with the
-    catalogue: its arrays are sized by the history window and the consumed-item list."""
+def test_the_observation_has_no_catalogue_sized_array(ml_dir):
+    """Nothing in the observation grows with the catalogue: its arrays are sized by the history window, the
+    consumed-item list and (with the exposure and co-occurrence features) the feature lists."""
     env = LogReplayEnv({"dataset": ml_dir, "window": 30})
     sizes = {k: space.shape for k, space in env.observation_space.spaces.items()}
     assert sizes == {Obs.HISTORY: (31,), Obs.LENGTH: (1,), Obs.CONSUMED: (env.cfg.mask_items,)}
     assert env.n_items not in {n for shape in sizes.values() for n in shape}
+    cfg = {"dataset": ml_dir, "window": 30, "exposure_cost": 0.5, "cooccurrence": True, "feature_items": 64}
+    env = LogReplayEnv(cfg)
+    sizes = {k: space.shape for k, space in env.observation_space.spaces.items()}
+    lists = {k: (64,) for k in (Obs.EXPOSED_ITEMS, Obs.EXPOSURE, Obs.COOCCURRING_ITEMS, Obs.COOCCURRENCE)}
+    assert sizes == {Obs.HISTORY: (31,), Obs.LENGTH: (1,), Obs.CONSUMED: (env.cfg.mask_items,), **lists}
 
 
 def test_policy_head_starts_at_the_fine_tuned_policy_and_learns_from_shipped_states(finetuned_run, ml_dir):
@@ -547,7 +606,10 @@ def test_training_checkpoint_restore_and_standalone_module(
         restored = algo.get_module()
         env = LogReplayEnv({**env_cfg, "seed": 99})
         batch = {Columns.OBS: _obs_batch(env)}
-        if env_cfg["exposure_cost"]:  # some items on display: the learned term acts
+        if env_cfg["exposure_cost"]:  # items 0-49 on display, nothing else: the learned term acts
+            batch[Columns.OBS][Obs.EXPOSED_ITEMS][:] = env.n_items
+            batch[Columns.OBS][Obs.EXPOSED_ITEMS][:, :50] = torch.arange(50)
+            batch[Columns.OBS][Obs.EXPOSURE][:] = 0
             batch[Columns.OBS][Obs.EXPOSURE][:, :50] = float(np.log(10))
         a = module.forward_inference(dict(batch))[Columns.ACTION_DIST_INPUTS].argmax(-1)
         b = restored.forward_inference(dict(batch))[Columns.ACTION_DIST_INPUTS].argmax(-1)
@@ -675,15 +737,22 @@ def _check_cooccurrence_term(module, restored, summary, ml_dir, *, window, co_wi
     recent = h[-window:]
     tokens = np.zeros((1, window + 1), dtype=np.int64)
     tokens[0, 0], tokens[0, 1:] = Tokens.BOS, recent + Tokens.OFFSET
-    mask = np.ones((1, module.net.n_items), dtype=np.float32)
+    n_items = module.net.n_items
+    mask = np.ones((1, n_items), dtype=np.float32)
     mask[0, h] = 0.0
+    co_items, co_probs = rec.simulator.feature(h[-co_window:], without=h)
     obs = {
         Obs.HISTORY: tokens,
         Obs.LENGTH: np.array([[window + 1]]),
         Obs.CONSUMED: np.asarray([h], dtype=np.int64),
-        Obs.EXPOSURE: np.zeros_like(mask),
-        Obs.COOCCURRENCE: cooccurrence_feature(rec.simulator, [h], co_window).astype(np.float32),
+        Obs.EXPOSED_ITEMS: np.full((1, 16), n_items, dtype=np.int32),  # nothing on display
+        Obs.EXPOSURE: np.zeros((1, 16), dtype=np.float32),
+        Obs.COOCCURRING_ITEMS: co_items[None].astype(np.int32),
+        Obs.COOCCURRENCE: co_probs[None],
     }
+    dense = np.zeros(n_items, dtype=np.float32)
+    dense[co_items] = co_probs
+    assert np.array_equal(dense, cooccurrence_feature(rec.simulator, [h], co_window)[0].astype(np.float32))
     logits = module.forward_inference({Columns.OBS: {k: torch.as_tensor(v) for k, v in obs.items()}})
     logits = logits[Columns.ACTION_DIST_INPUTS][0].double().numpy()
     scores, allowed = rec.score([h])[0], mask[0] > 0.5
@@ -691,7 +760,8 @@ def _check_cooccurrence_term(module, restored, summary, ml_dir, *, window, co_wi
     without = rec.base.score([h])[0]
     assert np.abs(scores - without)[allowed].max() > 1e-3  # and the term is there
     scorer = PolicyScorer(summary["checkpoint"], ml_dir)
-    assert scorer.info()["cooccurrence"] == {"weight": gamma, "window": co_window, "scheme": "loo"}
+    expected = {"weight": gamma, "window": co_window, "items": EnvConfig.feature_items, "scheme": "loo"}
+    assert scorer.info()["cooccurrence"] == expected
     answer = scorer.score_requests([{"history": h.tolist(), "k": 5}])[0]
     assert np.allclose(answer["scores"], scores[answer["items"]], atol=1e-4)  # serving scores the same
 

@@ -143,13 +143,23 @@ def _beyond_accuracy(
 
 
 # -- analysis on per-user values ---------------------------------------------------------------------------
+BOOT_CELLS = 1 << 22
+"""User draws per block of bootstrap resamples (32 MB of indices)."""
+
+
 def bootstrap_ci(
     values: np.ndarray, *, level: float = 0.95, n_boot: int = 1000, seed: int = 0
 ) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the mean of per-user values."""
+    """Percentile-bootstrap interval of the mean of per-user values. The resamples are drawn a block of rows
+    at a time (about :data:`BOOT_CELLS` user draws): memory stays bounded for any number of users, and the
+    draws are the ones a single ``(n_boot, users)`` draw makes."""
     rng = np.random.default_rng(seed)
     values = np.asarray(values, dtype=np.float64)
-    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
+    n = len(values)
+    rows = max(1, BOOT_CELLS // max(n, 1))
+    means = np.concatenate(
+        [values[rng.integers(0, n, (min(rows, n_boot - r), n))].mean(axis=1) for r in range(0, n_boot, rows)]
+    )
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 

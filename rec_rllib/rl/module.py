@@ -21,12 +21,14 @@ Two ways to train (``train_encoder`` in the model config):
 * ``True`` — every weight is trained: the learner re-encodes each batch (online, target and reference
   networks: about five encoder passes per sample, the price of end-to-end RL).
 
-With an exposure cost in the env (:mod:`rec_rllib.env`), the observation carries the runner's exposure counts
-and the logits gain ``- β · f(count)`` with one learned weight β (:class:`ExposureTerm`, 0 at the start: the
-fine-tuned policy; f the env's ``exposure_shape``: log(1 + count), or whether the item was recommended at all),
-trained by every algorithm with the rest of the head; the target network has its own copy, the KL reference
-none. Evaluation and serving apply the learned β to their own tracker of what they
-showed (:func:`rec_rllib.rl.policy.load_policy_recommender`).
+With an exposure cost in the env (:mod:`rec_rllib.env`), the observation lists the runner's most recommended
+items with their counts (the module spreads them over the catalogue, as it does the consumed items into the
+mask and the co-occurrence feature's items and probabilities) and the logits gain ``- β · f(count)`` with one
+learned weight β (:class:`ExposureTerm`, 0 at the start: the fine-tuned policy; f the env's
+``exposure_shape``: log(1 + count), or whether the item was recommended at all), trained by every algorithm
+with the rest of the head; the target network has its own copy, the KL reference none. Evaluation and serving
+apply the learned β to their own tracker of what they showed
+(:func:`rec_rllib.rl.policy.load_policy_recommender`).
 
 ``_forward_exploration`` turns the logits into the behaviour distribution of the configured exploration
 strategy (:mod:`rec_rllib.explore`), so the log-probabilities RLlib records are the true propensities.
@@ -65,7 +67,7 @@ from rec_rllib.explore import ExplorationConfig, LinUCB, behaviour_log_probs
 from rec_rllib.exposure import check_exposure_shape, exposure_feature
 from rec_rllib.models.seqrec import ModelConfig, TextSeqRec
 from rec_rllib.rl.connectors import BOOTSTRAP_STATE_MISSING
-from rec_rllib.rl.obs import legal_actions
+from rec_rllib.rl.obs import dense_feature, legal_actions
 
 REF_LOGITS = "reference_action_dist_inputs"
 UCB_STATS = "ucb_gram_diag"
@@ -75,6 +77,16 @@ BEHAVIOUR_TEMPERATURE = "behaviour_temperature"
 MASK_VALUE = -1e9
 TRAINED_WITH_FROZEN_ENCODER = (*TextSeqRec.POLICY_HEAD_KEYS, "bias")
 """What RL trains when the encoder is frozen: the policy head and the item score bias."""
+
+
+def _batch_key(*arrays: Any) -> tuple:
+    """What identifies a batch's inputs for the per-batch caches: the arrays themselves and their in-place
+    versions (a tensor changed in place is another input)."""
+    return tuple((a, getattr(a, "_version", None)) for a in arrays)
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y and vx == vy for (x, vx), (y, vy) in zip(a, b, strict=True))
 
 
 class ExposureTerm(nn.Module):
@@ -191,6 +203,7 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         self._items: torch.Tensor | None = None  # item matrix cache (no-grad paths; frozen items)
         self._batch_state: tuple[torch.Tensor, torch.Tensor] | None = None  # (shipped, completed) states
         self._legal: tuple[Any, torch.Tensor] | None = None  # (consumed items, mask) of the last batch
+        self._features: dict[str, tuple[Any, torch.Tensor]] = {}  # per feature: (its items, dense rows)
         self._ucb: LinUCB | None = None  # UCB statistics of the actions taken
         # the exposure term (only when the env prices exposure: its observation then carries the counts)
         self.exposure_window = int(mc.get("exposure_window", 0))
@@ -307,10 +320,22 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
     def _legal_actions(self, obs: dict[str, Any]) -> torch.Tensor:
         """[B, n_items] the batch's action mask (:func:`~rec_rllib.rl.obs.legal_actions`), formed once per
         batch: exploration, and the online, target and reference passes of a train batch, read the same one."""
-        consumed = obs[Obs.CONSUMED]
-        if self._legal is None or self._legal[0] is not consumed:
-            self._legal = (consumed, legal_actions(obs, self.net.n_items))
+        key = _batch_key(obs[Obs.CONSUMED])
+        if self._legal is None or not _same_key(self._legal[0], key):
+            self._legal = (key, legal_actions(obs, self.net.n_items))
         return self._legal[1]
+
+    def _feature(self, obs: dict[str, Any], items_key: str, values_key: str) -> torch.Tensor:
+        """[B, n_items] a sparse feature of the observation over the catalogue
+        (:func:`~rec_rllib.rl.obs.dense_feature`), formed once per batch as the mask is."""
+        key = _batch_key(obs[items_key], obs[values_key])
+        cached = self._features.get(values_key)
+        if cached is None or not _same_key(cached[0], key):
+            cached = self._features[values_key] = (
+                key,
+                dense_feature(obs, items_key, values_key, self.net.n_items),
+            )
+        return cached[1]
 
     def _logits(
         self, state: torch.Tensor, obs: dict[str, Any], net: TextSeqRec, *, terms: bool = True
@@ -320,10 +345,10 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         old = net is getattr(self, "_old_net", None)  # the target network's pass: its copies of the terms
         if terms and self.exposure_term is not None:
             term = self._old_exposure_term if old else self.exposure_term
-            logits = term(logits, obs[Obs.EXPOSURE])
+            logits = term(logits, self._feature(obs, Obs.EXPOSED_ITEMS, Obs.EXPOSURE))
         if terms and self.cooccurrence_term is not None:
             term = self._old_cooccurrence_term if old else self.cooccurrence_term
-            logits = term(logits, obs[Obs.COOCCURRENCE])
+            logits = term(logits, self._feature(obs, Obs.COOCCURRING_ITEMS, Obs.COOCCURRENCE))
         return logits.masked_fill(~self._legal_actions(obs), MASK_VALUE)
 
     def _reference_logits(self, batch: dict[str, Any], state: torch.Tensor) -> torch.Tensor | None:

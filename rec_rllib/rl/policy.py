@@ -65,7 +65,9 @@ def load_policy_recommender(
                 "co-occurrence feature); give the dataset it was trained on"
             )
         co = cooccurrence_settings(module)
-        rec = CooccurrenceRecommender(rec, simulator_of(dataset, co["scheme"]), co["weight"], co["window"])
+        rec = CooccurrenceRecommender(
+            rec, simulator_of(dataset, co["scheme"]), co["weight"], co["window"], top=co["items"]
+        )
         rec.name = label
     if getattr(module, "exposure_term", None) is None:
         return rec
@@ -101,13 +103,15 @@ def cooccurrence_weight(module) -> float:
 
 def cooccurrence_settings(module) -> dict | None:
     """A policy module's co-occurrence term as what scoring needs (None without one): ``weight`` γ, ``window``
-    (the recent items the feature reads) and ``scheme`` (whose train split the simulator is fitted on)."""
+    (the recent items the feature reads), ``items`` (the most items it lists, None: all) and ``scheme`` (whose
+    train split the simulator is fitted on)."""
     if getattr(module, "cooccurrence_term", None) is None:
         return None
     mc = module.model_config
     return {
         "weight": cooccurrence_weight(module),
         "window": int(mc["cooccurrence_window"]),
+        "items": mc.get("feature_items"),
         "scheme": str(mc.get("cooccurrence_scheme", "loo")),
     }
 
@@ -127,10 +131,12 @@ def simulator_of(dataset, scheme: str | None = None):
 
 class CooccurrenceRecommender(Recommender):
     """A recommender's scores plus γ times the item-kNN simulator's probabilities for each history's last
-    ``window`` items (the RL policy's co-occurrence term, :class:`~rec_rllib.rl.module.CooccurrenceTerm`)."""
+    ``window`` items (the RL policy's co-occurrence term, :class:`~rec_rllib.rl.module.CooccurrenceTerm`), the
+    ``top`` most probable items of each (None: all)."""
 
-    def __init__(self, base: Recommender, simulator, gamma: float, window: int):
+    def __init__(self, base: Recommender, simulator, gamma: float, window: int, *, top: int | None = None):
         self.base, self.simulator, self.gamma, self.window = base, simulator, float(gamma), int(window)
+        self.top = top
         self.name = base.name
 
     @property
@@ -143,7 +149,9 @@ class CooccurrenceRecommender(Recommender):
     def score(self, histories) -> np.ndarray:
         scores = np.asarray(self.base.score(histories), dtype=np.float64)
         n = self.simulator.n_items
-        scores[:, :n] += self.gamma * cooccurrence_feature(self.simulator, histories, self.window)
+        scores[:, :n] += self.gamma * cooccurrence_feature(
+            self.simulator, histories, self.window, top=self.top
+        )
         return scores
 
 
@@ -177,14 +185,16 @@ def select_cooccurrence_gamma(
     return max(figures, key=lambda g: (figures[g], -g)), figures
 
 
-def cooccurrence_feature(simulator, histories, window: int) -> np.ndarray:
+def cooccurrence_feature(simulator, histories, window: int, *, top: int | None = None) -> np.ndarray:
     """[B, n] the co-occurrence feature of each history, as the environment computes it in training: the
     simulator's probabilities for its last ``window`` items, the history's owner taken out of the fit (items the
-    simulator was not fitted on, e.g. added from text at run time, are skipped)."""
+    simulator was not fitted on, e.g. added from text at run time, are skipped), the ``top`` most probable
+    items kept (None: all; :meth:`~rec_rllib.env.ItemKNNSimulator.feature`)."""
     n = simulator.n_items
     out = np.zeros((len(histories), n), dtype=np.float64)
     for row, h in zip(out, histories, strict=True):
         h = np.asarray(h, dtype=np.int64)
         h = h[h < n]
-        row[:] = simulator.probabilities(h[-window:], without=h)
+        items, probs = simulator.feature(h[-window:], without=h, top=top)
+        row[items] = probs
     return out

@@ -248,6 +248,7 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
         # the env's observation carries the item-kNN simulator's probabilities: the module learns a weight on them
         "cooccurrence": cfg.env.cooccurrence,
         "cooccurrence_window": cfg.env.cooccurrence_window,
+        "feature_items": cfg.env.feature_items,  # what scoring keeps of the feature, as the env does
         "cooccurrence_scheme": cfg.env.scheme,
         "cooccurrence_gamma": cfg.cooccurrence_gamma,  # None: learned
     }
