@@ -286,9 +286,15 @@ def main() -> None:
         "--wrk-seconds per level (the in-process set-up always uses direct calls)",
     )  # fmt: skip
     p.add_argument("--wrk-seconds", type=float, default=10.0)
+    p.add_argument(
+        "--user",
+        default=BODY["user"],
+        help="the user every request asks for (its history length sets the encoder's share of the cost)",
+    )
     p.add_argument("--out", default="runs/bench-serve")
     args = p.parse_args()
     BODY["exploration"] = args.exploration
+    BODY["user"] = args.user
     CLIENT["wrk_seconds"] = args.wrk_seconds if args.client == "wrk" else 0.0
     # a replica answering HTTP itself drains for 30 s before it stops (for load balancers); not needed here.
     # Ray starts its workers at niceness 15 (so raylet and GCS keep the CPU); with the load generator on
