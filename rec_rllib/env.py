@@ -71,7 +71,13 @@ import numpy as np
 import pyarrow.dataset as pads
 
 from rec_rllib.columns import Col, Obs, Split, SplitScheme, Tokens
-from rec_rllib.exposure import ExposureConfig, ExposureTracker, check_exposure_shape, exposure_feature
+from rec_rllib.exposure import (
+    ExposureConfig,
+    ExposureTracker,
+    check_exposure_shape,
+    exposure_feature,
+    largest,
+)
 
 REWARDS = ("hit", "simulator")
 
@@ -257,6 +263,11 @@ def train_item_counts(dataset: str, scheme: str) -> np.ndarray:
     return np.bincount(table.column(Col.ITEM_IDX).to_numpy().astype(np.int64), minlength=n_items)
 
 
+def _no_feature() -> tuple[np.ndarray, np.ndarray]:
+    """The co-occurrence feature of an empty window: no item (its flat 0.01 tells no item from another)."""
+    return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+
+
 class ItemKNNSimulator:
     """User-response model: P(click | recent items) from item-item cosine similarity of train co-occurrence.
 
@@ -357,9 +368,9 @@ class ItemKNNSimulator:
         the cost follows how many items co-occur with them, not the catalogue."""
         window = np.asarray(window, dtype=np.int64)
         if len(window) == 0:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+            return _no_feature()
         if isinstance(self.co, np.ndarray):
-            return self.sparse_top(self.from_rows(self.rows(window, without=without)), top)
+            return self.feature_from_rows(self.rows(window, without=without), top)
         rows = self.co[window].tocoo()  # the window's rows: (row, item, users who consumed both)
         own, items, co = window[rows.row], rows.col.astype(np.int64), rows.data
         keep = items != own  # an item's cosine with itself is 0
@@ -379,23 +390,16 @@ class ItemKNNSimulator:
         top_value = float(mean.max()) if len(mean) else 0.0
         probs = np.clip(mean / max(top_value, 1e-9), 0.0, 1.0).astype(np.float32)
         keep = probs > 0
-        return self.sparse_top((uniq[keep], probs[keep]), top)
+        return largest(uniq[keep], probs[keep], top)
 
-    @staticmethod
-    def sparse_top(
-        dense_or_pairs: np.ndarray | tuple[np.ndarray, np.ndarray], top: int | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(items, values) above 0 of a dense [n] vector or of (items, values) pairs, the ``top`` largest when
-        there are more (ties to the lower item index)."""
-        if isinstance(dense_or_pairs, tuple):
-            items, values = dense_or_pairs
-        else:
-            items = np.flatnonzero(dense_or_pairs > 0)
-            values = dense_or_pairs[items]
-        if top is not None and len(items) > top:
-            order = np.lexsort((items, -values))[: max(int(top), 0)]
-            items, values = items[order], values[order]
-        return items.astype(np.int64), values.astype(np.float32)
+    def feature_from_rows(self, rows: np.ndarray, top: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`feature` from a window's dense similarity rows (:meth:`rows`): how a dense fit computes
+        it."""
+        if len(rows) == 0:
+            return _no_feature()
+        probs = self.from_rows(rows)
+        items = np.flatnonzero(probs > 0)
+        return largest(items, probs[items].astype(np.float32), top)
 
     def validate(self, dataset_histories: list[np.ndarray], targets: list[np.ndarray], k: int = 10) -> float:
         """HR@k of the simulator's ranking on held-out next items (how well it predicts real behaviour)."""
@@ -551,13 +555,11 @@ class LogReplayEnv(gym.Env):
         if self.cfg.cooccurrence:
             # leave-user-out: the replayed user's own (future) items do not inform the feature
             start = max(0, self._pos - self.cfg.cooccurrence_window)
-            if isinstance(self.simulator.co, np.ndarray):
+            if isinstance(self.simulator.co, np.ndarray):  # the episode's rows, computed at its reset
                 rows = self._cooccurrence_rows[start - self._co_start : self._pos - self._co_start]
-                pairs = self.simulator.sparse_top(self.simulator.from_rows(rows), f) if len(rows) else None
+                pairs = self.simulator.feature_from_rows(rows, f)
             else:
                 pairs = self.simulator.feature(self._items[start : self._pos], without=self._items, top=f)
-            if pairs is None:  # an empty window: its flat 0.01 moves no item against another
-                pairs = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
             obs[Obs.COOCCURRING_ITEMS], obs[Obs.COOCCURRENCE] = self._padded(*pairs)
         return obs
 

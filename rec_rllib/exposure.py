@@ -179,10 +179,11 @@ class ExposureTracker:
             items = items[-len(self._ring) :]
         idx = (self._pos + np.arange(len(items))) % len(self._ring)
         old = self._ring[idx]
-        np.subtract.at(self.counts, old[old >= 0], 1)
+        old = old[old >= 0]
+        np.subtract.at(self.counts, old, 1)
         self._ring[idx] = items
         np.add.at(self.counts, items, 1)
-        self._update_live(np.concatenate([old[old >= 0], items]))
+        self._update_live(np.concatenate([old, items]))
         self._pos = int((self._pos + len(items)) % len(self._ring))
         if self.cfg.refresh > 1 and self.recorded % self.cfg.refresh == 0:
             self.priced = self.counts.copy()
@@ -208,11 +209,8 @@ class ExposureTracker:
         the ``top`` most shown (ties to the lower item index). Costs what is on display, never the
         catalogue."""
         items = self._live[: self._n_live]
-        if top is not None and len(items) > top:
-            counts = self.counts[items]
-            order = np.lexsort((items, -counts))[: max(int(top), 0)]
-            items = items[order]
-        return items.copy(), self.counts[items]
+        items, counts = largest(items, self.counts[items], top)
+        return items.copy(), counts
 
     def slate(self, scores: np.ndarray, k: int, *, penalised: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """One answer: ``scores`` [n_items] with -inf on excluded items -> (items [k] best first, replaced [k]
@@ -244,6 +242,15 @@ class ExposureTracker:
         self.answers += 1
         self.record(row)
         return row, replaced
+
+
+def largest(items: np.ndarray, values: np.ndarray, top: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(items, values) of the ``top`` largest values, ties to the lower item (all of them, in their order,
+    when there are ``top`` or fewer, or ``top`` is None): what the RL observation's item lists keep."""
+    if top is not None and len(items) > top:
+        order = np.lexsort((items, -values))[: max(int(top), 0)]
+        items, values = items[order], values[order]
+    return items, values
 
 
 def _top(scores: np.ndarray, depth: int) -> np.ndarray:

@@ -285,13 +285,12 @@ class PolicyScorer:
     def _cooccurrence_term(self, histories: list, n: int) -> torch.Tensor:
         """[B, n] γ · the simulator's probabilities for each live history (items added at run time: 0), the
         feature's items only written (:meth:`~rec_rllib.env.ItemKNNSimulator.feature`, as in training)."""
+        from rec_rllib.rl.policy import cooccurrence_lists
+
         co = self.cooccurrence
         out = torch.zeros(len(histories), n, dtype=torch.float32)
-        known = self.simulator.n_items
-        for row, h in enumerate(histories):
-            h = np.asarray(h, dtype=np.int64)
-            h = h[h < known]
-            items, probs = self.simulator.feature(h[-co["window"] :], without=h, top=co.get("items"))
+        lists = cooccurrence_lists(self.simulator, histories, co["window"], top=co.get("items"))
+        for row, (items, probs) in enumerate(lists):
             keep = items < n
             out[row, torch.as_tensor(items[keep])] = torch.as_tensor(probs[keep])
         return (co["weight"] * out).to(self.device)

@@ -365,7 +365,7 @@ def test_env_runners_ship_bootstrap_states_so_the_learner_never_encodes(finetune
     def no_encoder(*_args, **_kwargs):
         raise AssertionError("the learner ran the encoder")
 
-    module._batch_state = None
+    module._per_batch.clear()  # nothing of an earlier batch reused
     module._encode = no_encoder
     out = module.forward_train(batch)
     assert torch.isfinite(out[Columns.ACTION_DIST_INPUTS]).all()

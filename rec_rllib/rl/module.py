@@ -201,9 +201,9 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
             if mc.get("item_counts") is not None:
                 self.net.set_popularity(np.asarray(mc["item_counts"]))
         self._items: torch.Tensor | None = None  # item matrix cache (no-grad paths; frozen items)
-        self._batch_state: tuple[torch.Tensor, torch.Tensor] | None = None  # (shipped, completed) states
-        self._legal: tuple[Any, torch.Tensor] | None = None  # (consumed items, mask) of the last batch
-        self._features: dict[str, tuple[Any, torch.Tensor]] = {}  # per feature: (its items, dense rows)
+        # what the last batch's passes share, by name (the completed user states, the mask, the features over
+        # the catalogue): (the inputs they were formed from, the rows)
+        self._per_batch: dict[str, tuple[tuple, torch.Tensor]] = {}
         self._ucb: LinUCB | None = None  # UCB statistics of the actions taken
         # the exposure term (only when the env prices exposure: its observation then carries the counts)
         self.exposure_window = int(mc.get("exposure_window", 0))
@@ -297,45 +297,51 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
             with torch.no_grad():
                 return self._encode(obs, self.net)
         shipped = batch[USER_STATE]
-        cached = self._batch_state
-        if cached is not None and cached[0] is shipped:  # forward_train, then forward_target: same batch
-            return cached[1]
-        state = shipped.float()
-        # RLlib appends one bootstrap step per episode chunk (outside the loss) that repeats the previous
-        # step's model outputs. The env runners ship those steps' own states (rec_rllib.rl.connectors) and the
-        # learner connector flags the rows still without one; lacking that column, every appended row is
-        # encoded here from its own observation.
-        redo = None
-        if BOOTSTRAP_STATE_MISSING in batch:
-            redo = batch[BOOTSTRAP_STATE_MISSING].bool().reshape(-1)
-        elif Columns.LOSS_MASK in batch:
-            redo = ~batch[Columns.LOSS_MASK].bool().reshape(-1)
-        if redo is not None and bool(redo.any()):
-            with torch.no_grad():
-                state = state.clone()
-                state[redo] = self._encode({k: v[redo] for k, v in obs.items()}, self.net)
-        self._batch_state = (shipped, state)
-        return state
+
+        def completed() -> torch.Tensor:
+            state = shipped.float()
+            # RLlib appends one bootstrap step per episode chunk (outside the loss) that repeats the previous
+            # step's model outputs. The env runners ship those steps' own states (rec_rllib.rl.connectors) and
+            # the learner connector flags the rows still without one; lacking that column, every appended row
+            # is encoded here from its own observation.
+            redo = None
+            if BOOTSTRAP_STATE_MISSING in batch:
+                redo = batch[BOOTSTRAP_STATE_MISSING].bool().reshape(-1)
+            elif Columns.LOSS_MASK in batch:
+                redo = ~batch[Columns.LOSS_MASK].bool().reshape(-1)
+            if redo is not None and bool(redo.any()):
+                with torch.no_grad():
+                    state = state.clone()
+                    state[redo] = self._encode({k: v[redo] for k, v in obs.items()}, self.net)
+            return state
+
+        # forward_train, then forward_target: the same batch, completed once
+        return self._once_per_batch(USER_STATE, (shipped,), completed)
+
+    def _once_per_batch(self, name: str, inputs: tuple, build) -> torch.Tensor:
+        """``build()``, formed once per batch of observations (as long as ``inputs`` are the same tensors, not
+        changed in place): exploration, and the online, target and reference passes of a train batch, read
+        the same rows."""
+        key = _batch_key(*inputs)
+        cached = self._per_batch.get(name)
+        if cached is None or not _same_key(cached[0], key):
+            cached = self._per_batch[name] = (key, build())
+        return cached[1]
 
     def _legal_actions(self, obs: dict[str, Any]) -> torch.Tensor:
-        """[B, n_items] the batch's action mask (:func:`~rec_rllib.rl.obs.legal_actions`), formed once per
-        batch: exploration, and the online, target and reference passes of a train batch, read the same one."""
-        key = _batch_key(obs[Obs.CONSUMED])
-        if self._legal is None or not _same_key(self._legal[0], key):
-            self._legal = (key, legal_actions(obs, self.net.n_items))
-        return self._legal[1]
+        """[B, n_items] the batch's action mask (:func:`~rec_rllib.rl.obs.legal_actions`)."""
+        return self._once_per_batch(
+            Obs.CONSUMED, (obs[Obs.CONSUMED],), lambda: legal_actions(obs, self.net.n_items)
+        )
 
     def _feature(self, obs: dict[str, Any], items_key: str, values_key: str) -> torch.Tensor:
         """[B, n_items] a sparse feature of the observation over the catalogue
-        (:func:`~rec_rllib.rl.obs.dense_feature`), formed once per batch as the mask is."""
-        key = _batch_key(obs[items_key], obs[values_key])
-        cached = self._features.get(values_key)
-        if cached is None or not _same_key(cached[0], key):
-            cached = self._features[values_key] = (
-                key,
-                dense_feature(obs, items_key, values_key, self.net.n_items),
-            )
-        return cached[1]
+        (:func:`~rec_rllib.rl.obs.dense_feature`)."""
+        return self._once_per_batch(
+            values_key,
+            (obs[items_key], obs[values_key]),
+            lambda: dense_feature(obs, items_key, values_key, self.net.n_items),
+        )
 
     def _logits(
         self, state: torch.Tensor, obs: dict[str, Any], net: TextSeqRec, *, terms: bool = True

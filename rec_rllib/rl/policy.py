@@ -190,11 +190,18 @@ def cooccurrence_feature(simulator, histories, window: int, *, top: int | None =
     simulator's probabilities for its last ``window`` items, the history's owner taken out of the fit (items the
     simulator was not fitted on, e.g. added from text at run time, are skipped), the ``top`` most probable
     items kept (None: all; :meth:`~rec_rllib.env.ItemKNNSimulator.feature`)."""
-    n = simulator.n_items
-    out = np.zeros((len(histories), n), dtype=np.float64)
-    for row, h in zip(out, histories, strict=True):
-        h = np.asarray(h, dtype=np.int64)
-        h = h[h < n]
-        items, probs = simulator.feature(h[-window:], without=h, top=top)
+    out = np.zeros((len(histories), simulator.n_items), dtype=np.float64)
+    for row, (items, probs) in zip(
+        out, cooccurrence_lists(simulator, histories, window, top=top), strict=True
+    ):
         row[items] = probs
     return out
+
+
+def cooccurrence_lists(simulator, histories, window: int, *, top: int | None = None):
+    """Per history, the (items, probabilities) of :func:`cooccurrence_feature`'s row that are above 0."""
+    n = simulator.n_items
+    for h in histories:
+        h = np.asarray(h, dtype=np.int64)
+        h = h[h < n]
+        yield simulator.feature(h[-window:], without=h, top=top)
