@@ -53,6 +53,7 @@ from rec_rllib.explore import ExplorationConfig
 from rec_rllib.exposure import EXPOSURE_SHAPES, ExposureAwareRecommender, ExposureConfig
 from rec_rllib.models import load_recommender
 from rec_rllib.rl.module import model_config_from_run
+from rec_rllib.rl.obs import candidate_count
 from rec_rllib.rl.policy import (
     CooccurrenceRecommender,
     cooccurrence_weight,
@@ -60,7 +61,13 @@ from rec_rllib.rl.policy import (
     load_policy_module,
     simulator_of,
 )
-from rec_rllib.rl.train import RLTrainConfig, build_algo_config, parse_cooccurrence_gamma, train
+from rec_rllib.rl.train import (
+    RLTrainConfig,
+    build_algo_config,
+    parse_candidate_items,
+    parse_cooccurrence_gamma,
+    train,
+)
 
 TIMERS = ("sample", "rlmodule_inference_timer", "env_step_timer", "env_reset_timer", "time_between_sampling")
 
@@ -92,6 +99,10 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _catalogue(cfg: RLTrainConfig) -> int:
+    return int(json.loads((Path(cfg.env.dataset) / "manifest.json").read_text())["counts"]["items"])
+
+
 def throughput(base: RLTrainConfig, runners: int, iterations: int) -> dict:
     cfg = replace(base, num_env_runners=runners, num_cpus_per_env_runner=0.5)
     algo = build_algo_config(cfg, model_config_from_run(cfg.finetuned)).build_algo()
@@ -119,7 +130,8 @@ def throughput(base: RLTrainConfig, runners: int, iterations: int) -> dict:
         algo.stop()
     return {
         "mode": ("end to end" if base.train_encoder else "policy head")
-        + (f", exposure cost {base.env.exposure_cost:g}" if base.env.exposure_cost else ""),
+        + (f", exposure cost {base.env.exposure_cost:g}" if base.env.exposure_cost else "")
+        + (f", {k} candidates" if (k := candidate_count(base.candidate_items, _catalogue(base))) else ""),
         "env_runners": runners,
         "env_steps_per_s": steps / wall,
         "learner_samples_per_s": trained / wall,
@@ -194,6 +206,8 @@ def main() -> None:
     p.add_argument("--exposure-pool", type=int, default=ExposureConfig.pool)
     p.add_argument("--reuse", action="store_true",
                    help="quality: evaluate a run's existing checkpoint in --out instead of training it again")  # fmt: skip
+    p.add_argument("--candidate-items", type=parse_candidate_items, default=RLTrainConfig.candidate_items,
+                   help="items the policy acts and learns over per state (0: all items)")  # fmt: skip
     p.add_argument("--out", default="runs/bench-rl")
     args = p.parse_args()
     out = Path(args.out)
@@ -216,6 +230,7 @@ def main() -> None:
         next_item_ce_coeff=args.next_item_ce_coeff,
         train_state_head=not args.freeze_state_head,
         cooccurrence_gamma=args.cooccurrence_gamma,
+        candidate_items=args.candidate_items,
         seed=args.seed,
         env=env,
     )

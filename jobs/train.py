@@ -34,7 +34,13 @@ from rec_rllib.data.catalog import load_or_prepare, prepared_dir
 from rec_rllib.env import REWARDS, EnvConfig
 from rec_rllib.explore import STRATEGIES, ExplorationConfig
 from rec_rllib.exposure import EXPOSURE_SHAPES
-from rec_rllib.rl.train import ALGORITHMS, RLTrainConfig, parse_cooccurrence_gamma, train
+from rec_rllib.rl.train import (
+    ALGORITHMS,
+    RLTrainConfig,
+    parse_candidate_items,
+    parse_cooccurrence_gamma,
+    train,
+)
 
 log = logging.getLogger("jobs.train")
 
@@ -96,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="policy head: train the item bias and the popularity weight (default); with --no-train-state-head and "
         "an exposure cost, --no-train-item-terms trains the exposure weight alone",
+    )
+    g.add_argument(
+        "--candidate-items",
+        type=parse_candidate_items,
+        help="APPO/PPO: the policy acts and learns over each state's K best items by its scores before the "
+        "exposure term; 'auto' (default): the whole catalogue up to 4,096 items, 512 above; 0: always the "
+        "whole catalogue",
     )
     g.add_argument("--lr", type=float)
     g.add_argument("--ref-kl-coeff", type=float, help="KL penalty toward the fine-tuned policy (0 = off)")

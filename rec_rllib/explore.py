@@ -223,10 +223,16 @@ class LinUCB:
     def n_items(self) -> int:
         return (self.a_diag if self.diagonal else self.a_inv).shape[0]
 
-    def bonus(self, states: torch.Tensor) -> torch.Tensor:
-        """[B, d] -> [B, n] exploration bonus alpha * sqrt(u^T A_i^-1 u), u = s / |s|."""
+    def bonus(self, states: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, d] -> [B, n] exploration bonus alpha * sqrt(u^T A_i^-1 u), u = s / |s|; with ``items`` [B, K]
+        (diagonal statistics), the bonus of those items only, [B, K]."""
         s = self._unit(states)
-        if self.diagonal:
+        if items is not None:
+            if not self.diagonal:
+                raise ValueError("the bonus of given items needs the diagonal statistics")
+            rows = self.a_diag[items.to(self.a_diag.device).long()].reciprocal().to("cpu", torch.float64)
+            quad = (rows * (s * s)[:, None, :]).sum(-1)  # [B, K]
+        elif self.diagonal:
             quad = (s * s) @ self.a_diag.reciprocal().to("cpu", torch.float64).T
         else:
             quad = torch.einsum("bd,nde,be->bn", s, self.a_inv, s)

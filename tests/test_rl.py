@@ -25,7 +25,7 @@ from rec_rllib.explore import ExplorationConfig
 from rec_rllib.exposure import ExposureConfig
 from rec_rllib.models import load_recommender
 from rec_rllib.rl.module import MASK_VALUE, UCB_STATS, RecPolicyModule, model_config_from_run
-from rec_rllib.rl.obs import legal_actions
+from rec_rllib.rl.obs import candidate_count, legal_actions
 from rec_rllib.rl.policy import (
     COOCCURRENCE_GAMMA_GRID,
     CooccurrenceRecommender,
@@ -209,6 +209,142 @@ def test_the_listed_features_give_the_catalogue_wide_features_actions_and_log_pr
     assert torch.equal(explore, expected)
 
 
+def _after_recommendations(env: LogReplayEnv, rows: int = 24) -> dict[str, torch.Tensor]:
+    """A batch of observations of users replayed after 400 recommendations in Zipf proportions (many items on
+    display, some often)."""
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        env.step(int(rng.zipf(1.5) % env.n_items))
+    obs_rows = [env.reset(seed=seed)[0] for seed in range(1, rows + 1)]
+    return {k: torch.as_tensor(np.stack([o[k] for o in obs_rows])) for k in obs_rows[0]}
+
+
+def _one_runner_ucb_algo(finetuned_run: str, env: EnvConfig, **settings):
+    """APPO under UCB with one env runner of 4 envs and train batches of 80 steps, built (not trained)."""
+    cfg = RLTrainConfig(
+        finetuned=finetuned_run,
+        exploration=ExplorationConfig(strategy="ucb"),
+        num_env_runners=1,
+        num_envs_per_env_runner=4,
+        train_batch_size=80,
+        env=env,
+        **settings,
+    )
+    return build_algo_config(cfg, model_config_from_run(finetuned_run)).build_algo()
+
+
+def test_a_policy_over_candidates_acts_and_learns_as_the_catalogue_policy_at_its_candidates(
+    finetuned_run, ml_dir
+):
+    """With ``candidate_items`` K below the catalogue, each state's candidates are its K best legal items by
+    the scores before the exposure term; acting, the learner's online, target and reference passes and the
+    behaviour log-probabilities give, at those items, what the catalogue-wide policy gives there; the env
+    receives the item the drawn index stands for. K at least the catalogue: the catalogue-wide policy."""
+    from rec_rllib.explore import behaviour_log_probs
+    from rec_rllib.rl.module import CANDIDATES, REF_LOGITS, USER_STATE
+    from rec_rllib.rl.obs import dense_feature
+
+    cfg = {"dataset": ml_dir, "window": 30, "seed": 41, "exposure_cost": 0.5, "cooccurrence": True}
+    env = LogReplayEnv(cfg)
+    k = 100
+    terms = {"exposure_window": env.cfg.exposure_window, "cooccurrence": True, "ref_kl_coeff": 0.05}
+    whole = _module(finetuned_run, env, settings=terms, strategy="boltzmann", temperature=0.7)
+    assert whole.n_candidates == 0
+    assert _module(finetuned_run, env, settings={"candidate_items": env.n_items}).n_candidates == 0
+    assert _module(finetuned_run, env, settings={"candidate_items": "auto"}).n_candidates == 0  # 1,682 items
+    assert [candidate_count("auto", n) for n in (4096, 4097)] == [0, 512]
+    module = _module(
+        finetuned_run, env, settings={**terms, "candidate_items": k}, strategy="boltzmann", temperature=0.7
+    )
+    assert module.n_candidates == k
+    for m in (whole, module):
+        with torch.no_grad():  # as learned: β 0.8, γ 3, a trained map and bias
+            m.exposure_term.weight.fill_(0.08)
+            m.cooccurrence_term.weight.fill_(0.3)
+            m.net.state_head.weight.add_(
+                0.01 * torch.randn(m.net.state_head.weight.shape, generator=torch.Generator().manual_seed(3))
+            )
+            m.net.bias.add_(0.1)
+        m.make_target_networks()
+    obs = _after_recommendations(env)
+    state = whole._encode(obs, whole.net)
+    full = whole.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
+    before = full + whole.exposure_term.beta * dense_feature(
+        obs, Obs.EXPOSED_ITEMS, Obs.EXPOSURE, env.n_items
+    )
+    before = before.masked_fill(~legal_actions(obs, env.n_items), MASK_VALUE)
+    out = module.forward_inference({Columns.OBS: obs})
+    cand = out[CANDIDATES].long()
+    assert cand.shape == (len(state), k) and out[Columns.ACTION_DIST_INPUTS].shape == (len(state), k)
+    # the candidates: the K best before the exposure term, all legal; the exposure term acts within them
+    assert torch.equal(cand.sort(1).values, torch.topk(before, k).indices.sort(1).values)
+    assert (before.gather(1, cand) > MASK_VALUE / 2).all()
+    assert torch.allclose(out[Columns.ACTION_DIST_INPUTS], full.gather(1, cand), atol=1e-4)
+    assert torch.equal(out[Columns.ACTIONS_FOR_ENV], cand.gather(1, out[Columns.ACTIONS][:, None]).squeeze(1))
+    assert not torch.equal(out[Columns.ACTIONS_FOR_ENV], before.argmax(-1))  # the exposure term acts
+    # acting: the behaviour log-probabilities over the candidates; the env gets the drawn index's item
+    explore = module.forward_exploration({Columns.OBS: obs}, t=0)
+    logp = explore[Columns.ACTION_DIST_INPUTS]
+    expected = behaviour_log_probs(full.gather(1, cand), module.exploration, step=0).clamp(min=MASK_VALUE)
+    assert torch.equal(explore[CANDIDATES], out[CANDIDATES])
+    assert torch.allclose(logp, expected, atol=1e-4)
+    acted = explore[Columns.ACTIONS]
+    assert torch.allclose(explore[Columns.ACTION_LOGP], logp.gather(1, acted[:, None]).squeeze(1))
+    assert torch.equal(explore[Columns.ACTIONS_FOR_ENV], cand.gather(1, acted[:, None]).squeeze(1))
+    # learning: the online, target and reference logits at the shipped candidates
+    batch = {Columns.OBS: obs, USER_STATE: explore[USER_STATE], CANDIDATES: explore[CANDIDATES]}
+    train = module.forward_train(batch)
+    assert torch.allclose(train[Columns.ACTION_DIST_INPUTS], full.gather(1, cand), atol=1e-4)
+    whole_train = whole.forward_train({Columns.OBS: obs, USER_STATE: state})
+    assert torch.allclose(train[REF_LOGITS], whole_train[REF_LOGITS].gather(1, cand), atol=1e-4)
+    target = module.forward_target(batch)
+    whole_target = whole.forward_target({Columns.OBS: obs, USER_STATE: state})
+    key = next(iter(target))
+    assert torch.allclose(target[key], whole_target[key].gather(1, cand), atol=1e-4)
+    with pytest.raises(ValueError, match="learns from the candidates each step acted among"):
+        module.forward_train({Columns.OBS: obs, USER_STATE: explore[USER_STATE]})
+    train[Columns.ACTION_DIST_INPUTS].logsumexp(-1).sum().backward()  # the trained head gets a gradient
+    assert module.net.state_head.weight.grad.abs().sum() > 0 and module.exposure_term.weight.grad != 0
+
+
+def test_env_runners_hand_the_env_the_candidate_item_and_the_learner_its_statistics(
+    finetuned_run, ml_dir, local_ray
+):
+    """APPO with UCB over 64 candidates: every step's action indexes its candidates, the env's exposure counts
+    are the candidate items acted on (the env received the items, not the indices), and the learner adds
+    those items to the synced UCB statistics."""
+    from rec_rllib.rl.module import CANDIDATES
+
+    env = EnvConfig(dataset=ml_dir, window=30, exposure_cost=0.1, exposure_window=100_000)
+    algo = _one_runner_ucb_algo(finetuned_run, env, candidate_items=64)
+
+    def sample(runner):
+        episodes = runner.sample(num_timesteps=200)
+        return episodes, runner.env.unwrapped.envs[0].unwrapped.exposure.counts.copy()
+
+    try:
+        chunks, counts = algo.env_runner_group.foreach_env_runner(sample, local_env_runner=False)[0]
+        items = []
+        for e in chunks:
+            actions = np.asarray(e.get_actions())
+            candidates = np.asarray(e.get_extra_model_outputs(CANDIDATES))
+            assert candidates.shape == (len(e), 64) and actions.max() < 64
+            items.append(np.take_along_axis(candidates, actions[:, None], axis=1)[:, 0])
+        learner = algo.learner_group._learner
+        module = learner.module["default_policy"]
+        learner._learner_connector(  # (appends each chunk's bootstrap step to the episodes)
+            rl_module=learner.module, batch={}, episodes=chunks, shared_data={}, metrics=learner.metrics
+        )
+    finally:
+        algo.stop()
+    items = np.concatenate(items)
+    assert items.max() >= 64  # item ids, not the indices into the candidates
+    assert np.array_equal(np.bincount(items, minlength=len(counts)), counts)
+    recorded = (getattr(module, UCB_STATS) - 1).sum(-1)
+    assert torch.allclose(recorded, torch.as_tensor(counts).float(), atol=1e-3)
+
+
 def test_env_runners_receive_only_what_rl_trains(finetuned_run, ml_dir):
     """The weights the learner sends the env runners (inference-only state) hold the policy head and item
     bias, not the frozen encoder and item vectors; an inference-only module given them acts exactly as the
@@ -309,16 +445,9 @@ def test_env_runners_ship_bootstrap_states_so_the_learner_never_encodes(finetune
     from rec_rllib.rl.connectors import BOOTSTRAP_STATE_MISSING, FINAL_USER_STATE
     from rec_rllib.rl.module import USER_STATE
 
-    cfg = RLTrainConfig(
-        finetuned=finetuned_run,
-        exploration=ExplorationConfig(strategy="ucb"),
-        num_env_runners=1,
-        num_envs_per_env_runner=4,
-        train_batch_size=80,
-        rollout_fragment_length=20,
-        env=EnvConfig(dataset=ml_dir, window=30),
+    algo = _one_runner_ucb_algo(
+        finetuned_run, EnvConfig(dataset=ml_dir, window=30), rollout_fragment_length=20
     )
-    algo = build_algo_config(cfg, model_config_from_run(finetuned_run)).build_algo()
     try:
         chunks = []
         for _ in range(4):  # enough calls for some episodes to end inside a chunk
@@ -464,6 +593,8 @@ def test_greedy_is_refused_for_training_and_ucb_for_ppo(finetuned_run):
         ({"gamma": 1.5}, r"gamma must be in \[0, 1\]"),
         ({"env_runner_resources": {"": 1.0}}, "each resource needs a name"),
         ({"learner_resources": {"learner": 0.0}}, "each resource needs a name and an amount > 0"),
+        ({"candidate_items": 5}, "candidate_items must be 'auto', 0 .* or a number of at least 10"),
+        ({"candidate_items": "many"}, "candidate_items must be 'auto'"),
     ],
 )
 def test_rl_config_refuses_settings_it_cannot_run(setting, says, finetuned_run):

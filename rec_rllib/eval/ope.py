@@ -162,7 +162,10 @@ def recommender_action_dist(recommender, histories, *, k: int, strategy: str = "
     Items in the history are never shown when ``exclude_seen``."""
     if strategy not in ("greedy", "boltzmann", "epsilon"):
         raise ValueError(f"unknown exploration {strategy!r}; expected greedy, boltzmann or epsilon")
-    scores = np.array(recommender.score(histories), dtype=np.float64)  # a writable copy
+    # a writable copy in row order (a recommender may return a broadcast view, whose copy would be
+    # column-major); the first pick's Boltzmann distribution is formed in single precision
+    single = k == 1 and strategy == "boltzmann"
+    scores = np.array(recommender.score(histories), dtype=np.float32 if single else np.float64, order="C")
     n, n_items = scores.shape
     if not 0 < k <= n_items:
         raise ValueError(f"k={k} must be in [1, {n_items}]")
@@ -203,25 +206,35 @@ def recommender_action_dist(recommender, histories, *, k: int, strategy: str = "
     return out
 
 
+def _check_some_allowed(empty: np.ndarray) -> None:
+    if empty.any():
+        i = int(np.flatnonzero(empty)[0])
+        raise ValueError(f"context {i}: only 0 items may be shown, fewer than k=1")
+
+
 def _first_position_dist(scores: np.ndarray, strategy: str, temperature: float, epsilon: float) -> np.ndarray:
     """[n, A] the first pick's distribution in closed form, as serving draws it, every context at once
     (``-inf``: may not be shown): greedy the best item (the first of tied ones), boltzmann softmax(score /
     temperature) over the allowed items, epsilon the best with 1 - epsilon plus epsilon spread uniformly."""
-    allowed = np.isfinite(scores)
-    counts = allowed.sum(axis=1)
-    if (counts < 1).any():
-        i = int(np.flatnonzero(counts < 1)[0])
-        raise ValueError(f"context {i}: only 0 items may be shown, fewer than k=1")
     n = len(scores)
-    best = np.argmax(np.where(allowed, scores, -np.inf), axis=1)
+    if strategy == "boltzmann":
+        # in single precision, as serving draws and logs its propensities, through torch's fused softmax: one
+        # pass over a large catalogue's long rows instead of five in double precision
+        import torch
+
+        z = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))
+        out = torch.softmax(z if temperature == 1 else z / max(temperature, 1e-8), dim=1).numpy()
+        _check_some_allowed(np.isnan(out[:, 0]))  # a row with no item allowed normalises 0 / 0
+        return out
+    top = scores.max(axis=1)
+    _check_some_allowed(top == -np.inf)
+    best = np.argmax(scores, axis=1)
     if strategy == "greedy":
         out = np.zeros_like(scores)
         out[np.arange(n), best] = 1.0
         return out
-    if strategy == "boltzmann":
-        z = np.where(allowed, scores / max(temperature, 1e-8), -np.inf)
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
+    allowed = np.isfinite(scores)
+    counts = allowed.sum(axis=1)
     out = np.where(allowed, epsilon / counts[:, None], 0.0)
     out[np.arange(n), best] += 1.0 - epsilon
     return out
@@ -416,6 +429,11 @@ def cross_fit_ctr(fb: BanditFeedback, *, folds: int = 3, seed: int = 0) -> Folde
 # -- what the estimators read of a target -------------------------------------------------------------------
 SLOPE_BOOT = 200
 """Poisson-bootstrap refits of SLOPE's DM family (seeded 0: the same resamples for every target)."""
+SLOPE_GROUP_CELLS = 1 << 25
+"""Most cells (resampled groups × positions × actions, float64: 256 MB) of SLOPE's per-group target masses.
+A log of at most ``SLOPE_GROUP_CELLS / (positions × actions)`` rounds resamples single rounds; a longer one
+resamples that many groups of consecutive rounds (a block bootstrap), so that its cost per round does not
+grow with the number of resamples."""
 
 
 @dataclass
@@ -456,7 +474,8 @@ class TargetStats:
 class TargetStatsBuilder:
     """:class:`TargetStats` of one target, formed from blocks of rounds (:meth:`add`: each block's rows of
     pi(. | x_i, k_i)), so that no ``[n, A]`` array is ever held: its memory is the block's, the rounds'
-    vectors and, for SLOPE, its bootstrap masses ([B, K, A]) and resample counts ([B, n] bytes).
+    vectors and, for SLOPE, the target's mass per resampled group of rounds ([G, K, A], at most
+    :data:`SLOPE_GROUP_CELLS`) and the groups' resample counts ([B, G] bytes).
 
     ``q``: the reward model's predictions, dense ``[n, A]`` or factored (:class:`FoldedCTR`), or None."""
 
@@ -480,17 +499,24 @@ class TargetStatsBuilder:
             strengths = [c * n / n_a for c in SLOPE_STRENGTHS]
             self.strengths = strengths
             self.thetas = np.stack([self.full.theta_at(m) for m in strengths], axis=1)  # [A, S]
-            # the Poisson resample counts, drawn row by row (the same stream as one [B, n] draw), as bytes
+            # what the bootstrap resamples: single rounds, or (a long log over a large catalogue) groups of
+            # consecutive rounds; the Poisson counts drawn group by group (the same stream as one [B, G] draw)
+            groups = max(1, min(n, SLOPE_GROUP_CELLS // (fb.n_positions * n_a)))
+            self.group_of = np.arange(n, dtype=np.int64) * groups // n
             rng = np.random.default_rng(0)
-            self.weights = np.empty((SLOPE_BOOT, n), dtype=np.uint8)
+            self.weights = np.empty((SLOPE_BOOT, groups), dtype=np.uint8)
             for b in range(SLOPE_BOOT):
-                row = rng.poisson(1.0, n)
+                row = rng.poisson(1.0, groups)
                 if row.max(initial=0) > 255:
                     raise OverflowError("a Poisson(1) resample count above 255")
                 self.weights[b] = row
-            self.mass = np.zeros((fb.n_positions, n_a))
-            self.boot_mass = np.zeros((SLOPE_BOOT, fb.n_positions, n_a))
+            self.group_mass = np.zeros((groups, fb.n_positions, n_a))
             self.pi_theta = np.full((n, len(strengths)), np.nan)
+        # [A, F + S] the item rates each block's rows are multiplied with: the folds' (DM, DR) and SLOPE's
+        rates = [
+            r for r in (getattr(self, "_fold_theta", None), getattr(self, "thetas", None)) if r is not None
+        ]
+        self._rates = np.concatenate(rates, axis=1) if rates else None
 
     def add(self, rows: np.ndarray, pi_rows: np.ndarray, *, deterministic: bool | None = None) -> None:
         """Rounds ``rows`` (indices into the log) and their ``[len(rows), A]`` pi(. | x_i, k_i)."""
@@ -499,13 +525,15 @@ class TargetStatsBuilder:
         at = np.arange(len(rows))
         action, position = fb.action[rows], fb.position[rows]
         self.pi_logged[rows] = pi_rows[at, action]
-        if deterministic is None:
-            deterministic = bool(np.all((pi_rows == 0) | (pi_rows == 1)))
+        if deterministic is None:  # every row one-hot: a 1 and nothing else above 0 (two passes, not four)
+            deterministic = bool((pi_rows.max(axis=1) == 1).all()) and np.count_nonzero(pi_rows) == len(rows)
         self.deterministic &= deterministic
+        # the products of the rows with the folds' item rates and SLOPE's, in one pass over the block
+        products = pi_rows @ self._rates if self._rates is not None else None
         if isinstance(self.q, FoldedCTR):
             fold = self.q.fold[rows]
             g = self._fold_gamma[fold, position]
-            self.dm[rows] = g * (pi_rows @ self._fold_theta)[at, fold]
+            self.dm[rows] = g * products[at, fold]
             self.q_logged[rows] = g * self._fold_theta[action, fold]
         elif self.q is not None:
             q = self.q[rows]
@@ -513,11 +541,18 @@ class TargetStatsBuilder:
             self.q_logged[rows] = q[at, action]
         if self.slope:
             for k in np.unique(position):
-                sel = position == k
-                block = pi_rows[sel]
-                self.mass[k] += block.sum(axis=0)
-                self.boot_mass[:, k] += self.weights[:, rows[sel]].astype(np.float64) @ block
-            self.pi_theta[rows] = pi_rows @ self.thetas
+                sel = np.flatnonzero(position == k)
+                group = self.group_of[rows[sel]]
+                if np.any(group[1:] < group[:-1]):
+                    order = np.argsort(group, kind="stable")
+                    group, sel = group[order], sel[order]
+                block = pi_rows if len(sel) == len(rows) and np.array_equal(sel, at) else pi_rows[sel]
+                if group[0] == group[-1]:  # the block lies in one group (a long log: the usual case)
+                    self.group_mass[group[0], k] += block.sum(axis=0)
+                    continue
+                starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+                self.group_mass[group[starts], k] += np.add.reduceat(block, starts, axis=0)
+            self.pi_theta[rows] = products[:, products.shape[1] - self.thetas.shape[1] :]
 
     def finish(self) -> TargetStats:
         if np.isnan(self.pi_logged).any():
@@ -532,12 +567,14 @@ class TargetStatsBuilder:
                 v = (model.gamma[:, None] * mass).sum(axis=0) / wt_sum
                 return np.array([v @ model.theta_at(m) for m in self.strengths])
 
-            values = dm_values(self.full, float(self.fb.n), self.mass)
+            values = dm_values(self.full, float(self.fb.n), self.group_mass.sum(axis=0))
+            # each resample's mass: its groups' masses weighted by their counts ([B, G] @ [G, K * A])
+            masses = self.weights.astype(np.float64) @ self.group_mass.reshape(len(self.weights[0]), -1)
             boot = np.empty((SLOPE_BOOT, len(self.strengths)))
             for b in range(SLOPE_BOOT):
-                wt = self.weights[b].astype(np.float64)
+                wt = self.weights[b][self.group_of].astype(np.float64)
                 refit = PositionCTRModel(prior_strength=0.0).fit(self.fb, weights=wt)
-                boot[b] = dm_values(refit, wt.sum(), self.boot_mass[b])
+                boot[b] = dm_values(refit, wt.sum(), masses[b].reshape(self.group_mass.shape[1:]))
             slope = SlopeStats(values, boot, self.pi_theta, self.full.gamma)
         return TargetStats(self.pi_logged, self.deterministic, self.dm, self.q_logged, slope)
 

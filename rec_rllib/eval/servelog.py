@@ -200,7 +200,7 @@ def evaluate_serve_log(log: ServeLog, targets: Mapping[str, object], *, strategy
             rows = np.arange(start, min(start + rows_per_block, fb.n))
             pi = recommender_action_dist(rec, log.histories[start : start + len(rows)], k=1, strategy=strategy,
                                          temperature=temperature, epsilon=epsilon, seed=seed)  # fmt: skip
-            builder.add(rows, pi[:, :, 0])
+            builder.add(rows, pi[:, :, 0], deterministic=strategy == "greedy")
         stats = builder.finish()
         w = stats.pi_logged / fb.pscore
         out[name] = {

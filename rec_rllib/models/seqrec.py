@@ -253,20 +253,31 @@ class TextSeqRec(nn.Module):
         return h[:, 0]
 
     def scores_from_state(
-        self, state: torch.Tensor, items: torch.Tensor | None = None, idx: torch.Tensor | None = None
+        self,
+        state: torch.Tensor,
+        items: torch.Tensor | None = None,
+        idx: torch.Tensor | None = None,
+        vectors: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[B, H] -> [B, n_items] (through the policy head when the model has one); with ``idx`` [m], the
-        scores of those items only, [B, m] (the same numbers, at a cost that does not grow with the catalogue)."""
-        items = self.item_matrix() if items is None else items
-        bias = self.bias * self.known
-        if idx is not None:
-            items, bias = items[idx], bias[idx]
+        scores of those items only, [B, m]; with ``idx`` [B, K], each row's own items, [B, K] (``vectors``:
+        their item vectors [B, K, H] when already gathered). The same numbers, at a cost that does not grow
+        with the catalogue."""
+        head = state if self.state_head is None else self.state_head(state)
+        if idx is not None and idx.dim() == 2:
+            if vectors is None:
+                vectors = (self.item_matrix() if items is None else items)[idx]
+            scores = torch.bmm(vectors, head.unsqueeze(-1)).squeeze(-1) + self.bias[idx] * self.known[idx]
+        else:
+            items = self.item_matrix() if items is None else items
+            bias = self.bias * self.known
+            if idx is not None:
+                items, bias = items[idx], bias[idx]
+            scores = head @ items.T + bias
         if self.state_head is None:
-            return state @ items.T + bias
-        calibration = self.popularity_weight * self.log_popularity
-        if idx is not None:
-            calibration = calibration[idx]
-        return self.state_head(state) @ items.T + bias + calibration
+            return scores
+        popularity = self.log_popularity if idx is None else self.log_popularity[idx]
+        return scores + self.popularity_weight * popularity
 
     @torch.no_grad()
     def set_popularity(self, counts) -> None:

@@ -98,13 +98,17 @@ class RecordUCBStatistics(ConnectorV2):
     def __call__(self, *, rl_module: Any, batch: dict[str, Any], episodes: list[Any], **kwargs) -> Any:
         from ray.rllib.core import DEFAULT_MODULE_ID
 
-        from rec_rllib.rl.module import USER_STATE
+        from rec_rllib.rl.module import CANDIDATES, USER_STATE
 
         states, actions = [], []
         for episode in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
             real = slice(0, len(episode) - 1)  # the appended bootstrap step was never acted on
             states.append(np.asarray(episode.get_extra_model_outputs(USER_STATE, indices=real)))
-            actions.append(np.asarray(episode.get_actions(indices=real)))
+            acted = np.asarray(episode.get_actions(indices=real))
+            if CANDIDATES in episode.extra_model_outputs:  # a policy over candidates: the items acted on
+                candidates = np.asarray(episode.get_extra_model_outputs(CANDIDATES, indices=real))
+                acted = np.take_along_axis(candidates, acted.reshape(-1, 1), axis=1).reshape(-1)
+            actions.append(acted)
         if states:
             module = rl_module[DEFAULT_MODULE_ID].unwrapped()
             module.record_ucb(

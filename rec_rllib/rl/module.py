@@ -30,6 +30,14 @@ with the rest of the head; the target network has its own copy, the KL reference
 apply the learned β to their own tracker of what they showed
 (:func:`rec_rllib.rl.policy.load_policy_recommender`).
 
+**A policy over candidates** (``candidate_items`` in the model config; K by
+:func:`~rec_rllib.rl.obs.candidate_count`): in each state the K legal items with the highest scores before the
+exposure term are its candidates. Acting chooses them from the catalogue-wide scores and returns their ids
+(``CANDIDATES``, kept with the step), the action as an index into them and the item it stands for
+(``ACTIONS_FOR_ENV``, what the env receives); the learner's online, target and reference passes score only the
+shipped candidates (their item vectors gathered once per batch), so its cost per sample follows K. With K at
+least the catalogue the module is the catalogue-wide policy, path for path.
+
 ``_forward_exploration`` turns the logits into the behaviour distribution of the configured exploration
 strategy (:mod:`rec_rllib.explore`), so the log-probabilities RLlib records are the true propensities.
 UCB acts on logits + bonus, arg-max (propensity 1), from diagonal LinUCB statistics of the (user state,
@@ -67,12 +75,15 @@ from rec_rllib.explore import ExplorationConfig, LinUCB, behaviour_log_probs
 from rec_rllib.exposure import check_exposure_shape, exposure_feature
 from rec_rllib.models.seqrec import ModelConfig, TextSeqRec
 from rec_rllib.rl.connectors import BOOTSTRAP_STATE_MISSING
-from rec_rllib.rl.obs import dense_feature, legal_actions
+from rec_rllib.rl.obs import candidate_count, dense_feature, feature_at, legal_actions, legal_at
 
 REF_LOGITS = "reference_action_dist_inputs"
 UCB_STATS = "ucb_gram_diag"
 """Buffer of the frozen-encoder UCB policy: the synced diagonal LinUCB statistics, [n_items, H]."""
 USER_STATE = "user_state"
+CANDIDATES = "candidates"
+"""Model output of a policy over candidates: each step's candidate items [K] (int32); its action is an index
+into them."""
 BEHAVIOUR_TEMPERATURE = "behaviour_temperature"
 MASK_VALUE = -1e9
 TRAINED_WITH_FROZEN_ENCODER = (*TextSeqRec.POLICY_HEAD_KEYS, "bias")
@@ -205,6 +216,9 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         # the catalogue): (the inputs they were formed from, the rows)
         self._per_batch: dict[str, tuple[tuple, torch.Tensor]] = {}
         self._ucb: LinUCB | None = None  # UCB statistics of the actions taken
+        # a policy over candidates: each state's K best items by the scores before the exposure term (0: the
+        # whole catalogue, as with any catalogue of at most K items)
+        self.n_candidates = candidate_count(mc.get("candidate_items", 0), self.net.n_items)
         # the exposure term (only when the env prices exposure: its observation then carries the counts)
         self.exposure_window = int(mc.get("exposure_window", 0))
         shape = str(mc.get("exposure_shape", "log"))  # checkpoints from before the shape: log
@@ -344,12 +358,19 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         )
 
     def _logits(
-        self, state: torch.Tensor, obs: dict[str, Any], net: TextSeqRec, *, terms: bool = True
+        self,
+        state: torch.Tensor,
+        obs: dict[str, Any],
+        net: TextSeqRec,
+        *,
+        terms: bool = True,
+        exposure: bool = True,
     ) -> torch.Tensor:
-        """Masked logits: the network's scores, then (``terms``) the learned exposure and co-occurrence terms."""
+        """Masked logits: the network's scores, then (``terms``) the learned exposure (``exposure``) and
+        co-occurrence terms."""
         logits = net.scores_from_state(state, self._item_matrix(net))
         old = net is getattr(self, "_old_net", None)  # the target network's pass: its copies of the terms
-        if terms and self.exposure_term is not None:
+        if terms and exposure and self.exposure_term is not None:
             term = self._old_exposure_term if old else self.exposure_term
             logits = term(logits, self._feature(obs, Obs.EXPOSED_ITEMS, Obs.EXPOSURE))
         if terms and self.cooccurrence_term is not None:
@@ -357,24 +378,139 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
             logits = term(logits, self._feature(obs, Obs.COOCCURRING_ITEMS, Obs.COOCCURRENCE))
         return logits.masked_fill(~self._legal_actions(obs), MASK_VALUE)
 
-    def _reference_logits(self, batch: dict[str, Any], state: torch.Tensor) -> torch.Tensor | None:
+    # -- a policy over candidates ---------------------------------------------------------------------------
+    def _candidate_logits(
+        self, state: torch.Tensor, obs: dict[str, Any], net: TextSeqRec
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Acting (no gradient): ([B, K] candidate items, [B, K] their masked logits). The candidates are the
+        K legal items with the highest scores before the exposure term (the network's scores plus the
+        co-occurrence term): the scores over the catalogue are formed once, for the choice, and the logits
+        are read from them."""
+        before = self._logits(state, obs, net, exposure=False)
+        candidates = torch.topk(before, self.n_candidates, dim=-1, sorted=False).indices
+        logits = before.gather(1, candidates)
+        if self.exposure_term is not None:
+            logits = self.exposure_term(logits, feature_at(obs, Obs.EXPOSED_ITEMS, Obs.EXPOSURE, candidates))
+        return candidates, logits
+
+    def _logits_at(
+        self,
+        state: torch.Tensor,
+        obs: dict[str, Any],
+        net: TextSeqRec,
+        candidates: torch.Tensor,
+        *,
+        terms: bool = True,
+    ) -> torch.Tensor:
+        """[B, K] masked logits of each row's candidate items (what :meth:`_logits` gives at those items), at
+        a cost that follows the candidates: the learner's online, target and reference passes."""
+        vectors = self._candidate_vectors(net, candidates)
+        logits = net.scores_from_state(state, idx=candidates.long(), vectors=vectors)
+        old = net is getattr(self, "_old_net", None)
+        # the terms in the order acting adds them (co-occurrence with the scores, then exposure)
+        if terms and self.cooccurrence_term is not None:
+            term = self._old_cooccurrence_term if old else self.cooccurrence_term
+            logits = term(logits, self._feature_at(obs, Obs.COOCCURRING_ITEMS, Obs.COOCCURRENCE, candidates))
+        if terms and self.exposure_term is not None:
+            term = self._old_exposure_term if old else self.exposure_term
+            logits = term(logits, self._feature_at(obs, Obs.EXPOSED_ITEMS, Obs.EXPOSURE, candidates))
+        return logits.masked_fill(~self._legal_at(obs, candidates), MASK_VALUE)
+
+    def _legal_at(self, obs: dict[str, Any], candidates: torch.Tensor) -> torch.Tensor:
+        """[B, K] whether each row's candidates may be recommended (:func:`~rec_rllib.rl.obs.legal_at`), once
+        per batch."""
+        return self._once_per_batch(
+            "legal_candidates", (obs[Obs.CONSUMED], candidates), lambda: legal_at(obs, candidates)
+        )
+
+    def _feature_at(
+        self, obs: dict[str, Any], items_key: str, values_key: str, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """[B, K] a listed feature at each row's candidates (:func:`~rec_rllib.rl.obs.feature_at`), once per
+        batch."""
+        return self._once_per_batch(
+            f"{values_key}_candidates",
+            (obs[items_key], obs[values_key], candidates),
+            lambda: feature_at(obs, items_key, values_key, candidates),
+        )
+
+    def _candidate_vectors(self, net: TextSeqRec, candidates: torch.Tensor) -> torch.Tensor:
+        """[B, K, H] the item vectors of each row's candidates: with frozen items gathered once per batch (the
+        online, target and reference passes and the backward pass read the same), end to end each network's
+        own, computed for those items only."""
+        if self.train_encoder:
+            idx = candidates.long()
+            return net.item_rows(idx.reshape(-1)).reshape(*idx.shape, -1)
+        items = self._item_matrix(net)
+        return self._once_per_batch(
+            CANDIDATES, (candidates,), lambda: nn.functional.embedding(candidates.long(), items)
+        )
+
+    def _act_on_candidates(
+        self, out: dict[str, Any], log_probs: torch.Tensor, candidates: torch.Tensor, *, explore: bool
+    ) -> None:
+        """The action drawn (or, not exploring, the arg-max) among the candidates, its log-probability, and
+        the item it stands for, which the env receives (``ACTIONS_FOR_ENV``); the episode keeps the index,
+        which the learner's log-probabilities are of."""
+        if explore:  # the draw RLlib's GetActions would make from these inputs
+            dist = self.get_exploration_action_dist_cls().from_logits(log_probs)
+            actions = dist.sample()
+            out[Columns.ACTION_LOGP] = dist.logp(actions)
+        else:
+            actions = log_probs.argmax(dim=-1)
+        out[Columns.ACTIONS] = actions
+        out[Columns.ACTIONS_FOR_ENV] = candidates.gather(1, actions[:, None]).squeeze(1)
+        out[CANDIDATES] = candidates.int()
+
+    def _shipped_candidates(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """A train batch's candidates (None for a catalogue-wide policy): its actions index them."""
+        if not self.n_candidates:
+            return None
+        if CANDIDATES not in batch:
+            raise ValueError(
+                f"a policy over {self.n_candidates} candidates learns from the candidates each step acted "
+                f"among (the {CANDIDATES!r} column of the train batch, which the env runners record); the "
+                f"batch has {sorted(batch)}"
+            )
+        return batch[CANDIDATES]
+
+    def _reference_logits(
+        self, batch: dict[str, Any], state: torch.Tensor, candidates: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The fine-tuned policy's masked logits (over ``candidates`` [B, K] when given), or None without a
+        reference."""
+        obs = batch[Columns.OBS]
         with torch.no_grad():
             if getattr(self, "_ref_net", None) is not None:
-                obs = batch[Columns.OBS]
                 # the fine-tuned policy has neither learned term
-                return self._logits(self._encode(obs, self._ref_net), obs, self._ref_net, terms=False)
+                ref_state = self._encode(obs, self._ref_net)
+                if candidates is not None:
+                    return self._logits_at(ref_state, obs, self._ref_net, candidates, terms=False)
+                return self._logits(ref_state, obs, self._ref_net, terms=False)
             if getattr(self, "_ref_bias", None) is None:
                 return None
             # frozen encoder: the fine-tuned policy is the state through the identity head, fine-tuned bias
+            if candidates is not None:
+                idx = candidates.long()
+                vectors = self._candidate_vectors(self.net, candidates)
+                logits = torch.bmm(vectors, state.detach().unsqueeze(-1)).squeeze(-1)
+                logits = logits + self._ref_bias[idx] * self.net.known[idx]
+                return logits.masked_fill(~self._legal_at(obs, candidates), MASK_VALUE)
             logits = state.detach() @ self._item_matrix(self.net).T + self._ref_bias * self.net.known
-            return logits.masked_fill(~self._legal_actions(batch[Columns.OBS]), MASK_VALUE)
+            return logits.masked_fill(~self._legal_actions(obs), MASK_VALUE)
 
     # -- the three forward paths ---------------------------------------------------------------------------------
     @override(TorchRLModule)
     def _forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         with torch.no_grad():
             obs = batch[Columns.OBS]
-            logits = self._logits(self._encode(obs, self.net), obs, self.net)
+            state = self._encode(obs, self.net)
+            if self.n_candidates:
+                candidates, logits = self._candidate_logits(state, obs, self.net)
+                out = {Columns.ACTION_DIST_INPUTS: logits}
+                self._act_on_candidates(out, logits, candidates, explore=False)
+                return out
+            logits = self._logits(state, obs, self.net)
         return {Columns.ACTION_DIST_INPUTS: logits}
 
     @override(TorchRLModule)
@@ -388,7 +524,11 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
                 self._set_dropout(on=True)
                 self.net.train()
                 try:
-                    logits = self._logits(self._encode(obs, self.net), obs, self.net)
+                    state = self._encode(obs, self.net)
+                    if self.n_candidates:
+                        candidates, logits = self._candidate_logits(state, obs, self.net)
+                    else:
+                        logits = self._logits(state, obs, self.net)
                 finally:
                     self.net.train(was_training)
                     self._set_dropout(on=False)
@@ -399,20 +539,29 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
                     if self.exploration.strategy == "thompson":
                         # one posterior sample of the final layer: MC dropout on the user state
                         state = nn.functional.dropout(state, p=self.net.cfg.dropout, training=True)
-                logits = self._logits(state, obs, self.net)
-            mask = self._legal_actions(obs)
+                if self.n_candidates:
+                    candidates, logits = self._candidate_logits(state, obs, self.net)
+                else:
+                    logits = self._logits(state, obs, self.net)
+            if self.n_candidates:
+                mask = logits > MASK_VALUE / 2
+            else:
+                candidates, mask = None, self._legal_actions(obs)
             if self.exploration.strategy == "ucb":
-                logits = logits + self._ucb_stats(state).bonus(state)
+                logits = logits + self._ucb_stats(state).bonus(state, candidates)
             log_probs = behaviour_log_probs(logits, self.exploration, step=int(t), allowed=mask)
             if self.exploration.strategy == "ucb":
                 # deterministic: the arg-max is the action RLlib will draw from these log-probabilities
-                self._ucb.update(state, log_probs.argmax(dim=-1))
+                acted = log_probs.argmax(dim=-1)
+                self._ucb.update(state, acted if candidates is None else candidates.gather(1, acted[:, None]))
             if self.model_config.get("train_behaviour_policy"):
                 # the temperature that acted, so the learner optimises that very distribution (PPO)
                 temperature = self.exploration.temperature_at(int(t))
                 out[BEHAVIOUR_TEMPERATURE] = torch.full((logits.shape[0],), temperature, device=logits.device)
         # finite everywhere: the Categorical distribution needs no -inf
         out[Columns.ACTION_DIST_INPUTS] = log_probs.clamp(min=MASK_VALUE)
+        if self.n_candidates:
+            self._act_on_candidates(out, out[Columns.ACTION_DIST_INPUTS], candidates, explore=True)
         return out
 
     def _ucb_stats(self, state: torch.Tensor) -> LinUCB:
@@ -434,8 +583,12 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         if Columns.NEXT_OBS in batch:  # DQN: Q-values of this and the next step, and the target net's
             return self._q_forward_train(batch)
         state = self._user_state(batch)
-        logits = self._logits(state, batch[Columns.OBS], self.net)
-        ref = self._reference_logits(batch, state)
+        candidates = self._shipped_candidates(batch)
+        if candidates is not None:
+            logits = self._logits_at(state, batch[Columns.OBS], self.net, candidates)
+        else:
+            logits = self._logits(state, batch[Columns.OBS], self.net)
+        ref = self._reference_logits(batch, state, candidates)
         if BEHAVIOUR_TEMPERATURE in batch:
             # PPO: the policy is the tempered softmax that acted (Boltzmann / Thompson), not the plain one,
             # or its ratio pi/mu compares two different distributions and the clipping skews the update
@@ -491,6 +644,9 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         obs = batch[Columns.OBS]
         # frozen encoder: the same user state, only the head differs
         state = self._encode(obs, self._old_net) if self.train_encoder else self._user_state(batch)
+        candidates = self._shipped_candidates(batch)
+        if candidates is not None:
+            return {TARGET_NETWORK_ACTION_DIST_INPUTS: self._logits_at(state, obs, self._old_net, candidates)}
         return {TARGET_NETWORK_ACTION_DIST_INPUTS: self._logits(state, obs, self._old_net)}
 
     @override(InferenceOnlyAPI)

@@ -27,7 +27,10 @@ def greedy_policy(module) -> PolicyFn:
 
     def act(obs: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
-            return module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS].argmax(-1)
+            out = module.forward_inference({Columns.OBS: obs})
+        if Columns.ACTIONS_FOR_ENV in out:  # a policy over candidates: the item its arg-max stands for
+            return out[Columns.ACTIONS_FOR_ENV]
+        return out[Columns.ACTION_DIST_INPUTS].argmax(-1)
 
     return act
 
@@ -39,9 +42,16 @@ def sampling_policy(module, seed: int = 0) -> PolicyFn:
     gen = torch.Generator().manual_seed(seed)
 
     def act(obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        from rec_rllib.rl.module import CANDIDATES
+
         with torch.no_grad():
-            log_probs = module.forward_exploration({Columns.OBS: obs}, t=0)[Columns.ACTION_DIST_INPUTS]
-        return torch.multinomial(torch.softmax(log_probs.double(), -1), 1, generator=gen).squeeze(-1)
+            out = module.forward_exploration({Columns.OBS: obs}, t=0)
+        drawn = torch.multinomial(
+            torch.softmax(out[Columns.ACTION_DIST_INPUTS].double(), -1), 1, generator=gen
+        )
+        if CANDIDATES in out:  # a policy over candidates: the item the drawn index stands for
+            return out[CANDIDATES].long().gather(1, drawn).squeeze(-1)
+        return drawn.squeeze(-1)
 
     return act
 

@@ -21,6 +21,7 @@ from rec_rllib.config import DictConfig
 from rec_rllib.env import EnvConfig, LogReplayEnv, train_item_counts
 from rec_rllib.explore import ExplorationConfig
 from rec_rllib.fsutil import write_csv
+from rec_rllib.rl.obs import CANDIDATES_AUTO
 
 log = logging.getLogger(__name__)
 ALGORITHMS = ("appo", "ppo", "dqn")
@@ -100,6 +101,13 @@ class RLTrainConfig(DictConfig):
     validation users)."""
     gamma: float = 0.9
     """Discount."""
+    candidate_items: int | str = "auto"
+    """APPO and PPO: the policy ranks, in each state, its K best items by the scores before the exposure
+    term, and acts and learns over those (the learner's cost per sample then follows K, not the catalogue).
+    ``auto``: the whole catalogue up to 4,096 items (MovieLens-100K's 1,682: exactly the catalogue-wide
+    policy), 512 candidates above; a number K: K candidates whenever the catalogue has more items; 0: the
+    whole catalogue at any size. DQN always scores the whole catalogue (its target takes the maximum over the
+    next state's items)."""
     checkpoint_every: int = 5
     """Save an RLlib checkpoint every N iterations (and at the end)."""
     seed: int = 0
@@ -122,6 +130,14 @@ class RLTrainConfig(DictConfig):
                       "num_gpus_per_learner": 0, "entropy_coeff": 0, "ref_kl_coeff": 0, "checkpoint_every": 1},
             above={"lr": 0} if self.lr is not None else {},
         )  # fmt: skip
+        k = self.candidate_items
+        if k != CANDIDATES_AUTO and (
+            isinstance(k, bool) or not isinstance(k, int) or not (k == 0 or k >= 10)
+        ):
+            raise ValueError(
+                f"candidate_items must be {CANDIDATES_AUTO!r}, 0 (the whole catalogue) or a number of at "
+                f"least 10, got {k!r}"
+            )
         if not 0 <= self.gamma <= 1:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma!r}")
         for name in ("env_runner_resources", "learner_resources"):
@@ -251,9 +267,14 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
         "feature_items": cfg.env.feature_items,  # what scoring keeps of the feature, as the env does
         "cooccurrence_scheme": cfg.env.scheme,
         "cooccurrence_gamma": cfg.cooccurrence_gamma,  # None: learned
+        "candidate_items": 0 if cfg.algorithm == "dqn" else cfg.candidate_items,
     }
     config = (
-        base.environment(LogReplayEnv, env_config=asdict(cfg.env), disable_env_checking=True)
+        # normalize_actions off: a policy over candidates hands the env the item its action stands for
+        # (ACTIONS_FOR_ENV), which RLlib's action normalisation (a no-op for a discrete space) would overwrite
+        base.environment(
+            LogReplayEnv, env_config=asdict(cfg.env), disable_env_checking=True, normalize_actions=False
+        )
         .env_runners(
             num_env_runners=cfg.num_env_runners,
             num_envs_per_env_runner=cfg.num_envs_per_env_runner,
@@ -467,6 +488,18 @@ def plot_history(run_dir: Path, history: list[dict[str, float]], title: str) -> 
     fig.tight_layout()
     fig.savefig(run_dir / "training_curves.png", dpi=110)
     plt.close(fig)
+
+
+def parse_candidate_items(text: str) -> int | str:
+    """A command line's ``candidate_items``: ``auto`` or a whole number (an ``ArgumentTypeError`` else)."""
+    import argparse
+
+    if text == CANDIDATES_AUTO:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {CANDIDATES_AUTO!r} or a number, got {text!r}") from None
 
 
 def parse_cooccurrence_gamma(text: str) -> float | str:
