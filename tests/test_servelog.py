@@ -220,3 +220,9 @@ def test_the_first_pick_distribution_is_the_closed_form_per_context(ml100k):
                 exact[int(np.argmax(s))] += 0.8
             rtol, atol = (1e-5, 1e-12) if strategy == "boltzmann" else (1e-12, 1e-15)
             assert np.allclose(dist[i, :, 0], exact, rtol=rtol, atol=atol) and dist[i, h, 0].sum() == 0
+    # over 100,000 items the single-precision rows still sum to 1 as the estimators check (1e-6)
+    wide = np.random.default_rng(0).normal(0.0, 3.0, (8, 100_000))
+    wide[:, :10] = -np.inf
+    rows = ope._first_position_dist(wide, "boltzmann", 1.0, 0.1)
+    assert np.allclose(rows.sum(axis=1, dtype=np.float64), 1.0, rtol=0, atol=1e-6)
+    assert (rows[:, :10] == 0).all()
