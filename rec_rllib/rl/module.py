@@ -462,6 +462,23 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         out[Columns.ACTIONS_FOR_ENV] = candidates.gather(1, actions[:, None]).squeeze(1)
         out[CANDIDATES] = candidates.int()
 
+    def _acting_logits(
+        self, state: torch.Tensor, obs: dict[str, Any]
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(candidates or None, masked logits) the online network acts on: over each state's candidates for a
+        policy over candidates, over the catalogue otherwise."""
+        if self.n_candidates:
+            return self._candidate_logits(state, obs, self.net)
+        return None, self._logits(state, obs, self.net)
+
+    def _learner_logits(
+        self, state: torch.Tensor, obs: dict[str, Any], net: TextSeqRec, candidates: torch.Tensor | None
+    ) -> torch.Tensor:
+        """A learner pass's masked logits: at the shipped candidates, or over the catalogue (None)."""
+        if candidates is None:
+            return self._logits(state, obs, net)
+        return self._logits_at(state, obs, net, candidates)
+
     def _shipped_candidates(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """A train batch's candidates (None for a catalogue-wide policy): its actions index them."""
         if not self.n_candidates:
@@ -504,13 +521,11 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
     def _forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         with torch.no_grad():
             obs = batch[Columns.OBS]
-            state = self._encode(obs, self.net)
-            if self.n_candidates:
-                candidates, logits = self._candidate_logits(state, obs, self.net)
+            candidates, logits = self._acting_logits(self._encode(obs, self.net), obs)
+            if candidates is not None:
                 out = {Columns.ACTION_DIST_INPUTS: logits}
                 self._act_on_candidates(out, logits, candidates, explore=False)
                 return out
-            logits = self._logits(state, obs, self.net)
         return {Columns.ACTION_DIST_INPUTS: logits}
 
     @override(TorchRLModule)
@@ -525,10 +540,7 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
                 self.net.train()
                 try:
                     state = self._encode(obs, self.net)
-                    if self.n_candidates:
-                        candidates, logits = self._candidate_logits(state, obs, self.net)
-                    else:
-                        logits = self._logits(state, obs, self.net)
+                    candidates, logits = self._acting_logits(state, obs)
                 finally:
                     self.net.train(was_training)
                     self._set_dropout(on=False)
@@ -539,14 +551,8 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
                     if self.exploration.strategy == "thompson":
                         # one posterior sample of the final layer: MC dropout on the user state
                         state = nn.functional.dropout(state, p=self.net.cfg.dropout, training=True)
-                if self.n_candidates:
-                    candidates, logits = self._candidate_logits(state, obs, self.net)
-                else:
-                    logits = self._logits(state, obs, self.net)
-            if self.n_candidates:
-                mask = logits > MASK_VALUE / 2
-            else:
-                candidates, mask = None, self._legal_actions(obs)
+                candidates, logits = self._acting_logits(state, obs)
+            mask = self._legal_actions(obs) if candidates is None else logits > MASK_VALUE / 2
             if self.exploration.strategy == "ucb":
                 logits = logits + self._ucb_stats(state).bonus(state, candidates)
             log_probs = behaviour_log_probs(logits, self.exploration, step=int(t), allowed=mask)
@@ -584,10 +590,7 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
             return self._q_forward_train(batch)
         state = self._user_state(batch)
         candidates = self._shipped_candidates(batch)
-        if candidates is not None:
-            logits = self._logits_at(state, batch[Columns.OBS], self.net, candidates)
-        else:
-            logits = self._logits(state, batch[Columns.OBS], self.net)
+        logits = self._learner_logits(state, batch[Columns.OBS], self.net, candidates)
         ref = self._reference_logits(batch, state, candidates)
         if BEHAVIOUR_TEMPERATURE in batch:
             # PPO: the policy is the tempered softmax that acted (Boltzmann / Thompson), not the plain one,
@@ -645,9 +648,9 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         # frozen encoder: the same user state, only the head differs
         state = self._encode(obs, self._old_net) if self.train_encoder else self._user_state(batch)
         candidates = self._shipped_candidates(batch)
-        if candidates is not None:
-            return {TARGET_NETWORK_ACTION_DIST_INPUTS: self._logits_at(state, obs, self._old_net, candidates)}
-        return {TARGET_NETWORK_ACTION_DIST_INPUTS: self._logits(state, obs, self._old_net)}
+        return {
+            TARGET_NETWORK_ACTION_DIST_INPUTS: self._learner_logits(state, obs, self._old_net, candidates)
+        }
 
     @override(InferenceOnlyAPI)
     def get_non_inference_attributes(self) -> list[str]:
