@@ -1,11 +1,12 @@
-"""The accuracy-coverage frontier of a fixed exposure penalty on the fine-tuned model: the reference an RL policy
-trained with an exposure cost is measured against (it learns one point of it; docs/rl.md).
+"""The accuracy-coverage frontier of a fixed exposure penalty on the fine-tuned model: the reference an RL
+policy trained with an exposure cost is measured against (it learns one point of it; docs/rl.md).
 
 The fine-tuned model answers the leave-one-out users in the shared evaluation's order with a tracker of the
 last ``--window`` shown slate positions (``rec_rllib.exposure``); every item's score is lowered by
 ``β · shape(times shown)`` before the slate is chosen. Shapes:
 
-* ``log``       — ``log(1 + count)``: the product's default shape (``ExposureConfig.penalty``, what RL learns);
+* ``log``       — ``log(1 + count)``: the product's default shape (``ExposureConfig.penalty``, what RL
+learns);
 * ``indicator`` — ``1[count > 0]``: only whether the item is on display at all (``ExposureConfig.shape``);
 * ``capped``    — ``min(log(1 + count), log 4)``: log up to three showings, flat above;
 * ``spread``    — ``log(1 + count)`` times the user's score spread (standard deviation of the allowed items'
@@ -50,7 +51,8 @@ EVAL_BATCH = 512  # evaluate_ranking's default batch size
 
 
 class CachedScores(Recommender):
-    """The fine-tuned model's scores, computed once per batch of histories (every β re-ranks the same scores)."""
+    """The fine-tuned model's scores, computed once per batch of histories (every β re-ranks the same
+    scores)."""
 
     def __init__(self, base: Recommender):
         self.base, self.n_items, self.name = base, base.n_items, base.name
@@ -135,9 +137,15 @@ def main() -> None:
         "--window", type=int, default=ExposureConfig.window, help="shown slate positions remembered"
     )
     p.add_argument("--target", type=float, default=0.25, help="coverage@10 change the summary reads NDCG at")
-    p.add_argument("--cooccurrence", nargs="*", type=float, default=[], metavar="γ",
-                   help="also sweep the fine-tuned scores plus γ times the item-kNN simulator's probabilities (the "
-                   "RL policy's co-occurrence term, fixed), for each γ")  # fmt: skip
+    p.add_argument(
+        "--cooccurrence",
+        nargs="*",
+        type=float,
+        default=[],
+        metavar="γ",
+        help="also sweep the fine-tuned scores plus γ times the item-kNN simulator's probabilities (the "
+        "RL policy's co-occurrence term, fixed), for each γ",
+    )
     args = p.parse_args()
     ds = load_or_prepare("ml-100k")
     plain = load_recommender(args.finetuned, ds)
@@ -167,7 +175,8 @@ def main() -> None:
                 frontier.setdefault(shape + label, []).append((dc, dn))
                 print(
                     f"| {shape}{label} | {beta:g} | {m['NDCG@10']:.4f} | {m['coverage@10']:.4f} | {dn:+.1%} "
-                    f"[{pc['low'] / b['NDCG@10']:+.1%}, {pc['high'] / b['NDCG@10']:+.1%}] ({pc['p_value']:.2f}) "
+                    f"[{pc['low'] / b['NDCG@10']:+.1%}, {pc['high'] / b['NDCG@10']:+.1%}] "
+                    f"({pc['p_value']:.2f}) "
                     f"| {dc:+.1%} |",
                     flush=True,
                 )

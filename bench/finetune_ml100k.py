@@ -124,8 +124,8 @@ def main_run(ds, model_cfg, train_cfg, out: Path, pop: dict) -> dict:
         f"novelty@10 {t['novelty@10']:.2f}"
     )
     print(
-        f"{r.seconds_per_epoch:.2f} s/epoch ({report['speedup_vs_recbole_sasrec_epoch']}x faster than RecBole "
-        f"SASRec's ~210 s), best epoch {r.best_epoch}, peak RSS {report['peak_rss_mb']} MB"
+        f"{r.seconds_per_epoch:.2f} s/epoch ({report['speedup_vs_recbole_sasrec_epoch']}x faster than "
+        f"RecBole SASRec's ~210 s), best epoch {r.best_epoch}, peak RSS {report['peak_rss_mb']} MB"
     )
 
     return report
@@ -145,7 +145,8 @@ def cold_start(ds, model_cfg, train_cfg, out: Path, args) -> dict:
         cold[label] = cold_metrics(run, ds)
     n = cold["text"][3]
     print(
-        f"\n## Cold start: 10% of items never seen in training; {n} test users whose test item is one of them\n"
+        f"\n## Cold start: 10% of items never seen in training; {n} test users whose test item is "
+        "one of them\n"
     )
     print("| model | HR@10 | NDCG@10 | median rank of the held-out item (of 1,682) |\n|---|---:|---:|---:|")
     for label, (hr, ndcg, rank, _) in cold.items():

@@ -26,8 +26,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-PUBLISHED = {"dm": 0.156876, "ips": 0.311082, "snips": 0.311795, "dr": 0.292464, "sndr": 0.302407,
-             "switch-dr": 0.258410, "dr-os": 0.159520}  # fmt: skip
+PUBLISHED = {
+    "dm": 0.156876,
+    "ips": 0.311082,
+    "snips": 0.311795,
+    "dr": 0.292464,
+    "sndr": 0.302407,
+    "switch-dr": 0.258410,
+    "dr-os": 0.159520,
+}
 
 
 def reference_inputs(campaign: str) -> dict:
@@ -129,16 +136,23 @@ def main(argv: list[str] | None = None) -> int:
 
     base = errors["reference dm"]
     print(f"campaign all, BTS (prior) from the random logs; truth {res.truth:.5f}; {time.time() - t0:.0f} s")
-    print(f"{'estimator':<18} {'published':>9} {'first 30':>9} {f'all {args.resamples}':>9}"
-          f" {'vs reference DM, paired (mean, SE)':>38}")  # fmt: skip
+    print(
+        f"{'estimator':<18} {'published':>9} {'first 30':>9} {f'all {args.resamples}':>9}"
+        f" {'vs reference DM, paired (mean, SE)':>38}"
+    )
     for name, e in errors.items():
         short = name.split(" ", 1)[1]
-        pub = f"{PUBLISHED[short]:.6f}" if short in PUBLISHED and (name.startswith("reference") or
-                                                                   short in ("ips", "snips")) else ""  # fmt: skip
+        pub = (
+            f"{PUBLISHED[short]:.6f}"
+            if short in PUBLISHED and (name.startswith("reference") or short in ("ips", "snips"))
+            else ""
+        )
         d = e - base
-        print(f"{name:<18} {pub:>9} {e[:30].mean():9.6f} {e.mean():9.4f}"
-              f"   first 30 {d[:30].mean():+.4f} ± {d[:30].std(ddof=1) / np.sqrt(30):.4f},"
-              f" all {d.mean():+.4f} ± {d.std(ddof=1) / np.sqrt(len(d)):.4f}")  # fmt: skip
+        print(
+            f"{name:<18} {pub:>9} {e[:30].mean():9.6f} {e.mean():9.4f}"
+            f"   first 30 {d[:30].mean():+.4f} ± {d[:30].std(ddof=1) / np.sqrt(30):.4f},"
+            f" all {d.mean():+.4f} ± {d.std(ddof=1) / np.sqrt(len(d)):.4f}"
+        )
     print(
         "published, not re-run (different tau / estimator): switch-dr 0.258410, sndr 0.302407, dr-os 0.159520"
     )

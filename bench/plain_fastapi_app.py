@@ -3,7 +3,8 @@
 It does the same work per ``/recommend`` as the Serve app (user history lookup, scoring with the same
 :class:`~serving.scorer.PolicyScorer` code, exploration with propensities, impression kept for feedback and
 written to an impression log like the Serve app's),
-in one process, one request per forward pass (``@serve.batch`` needs a Serve replica). Used by ``bench/serve_latency.py`` (``BENCH_MODEL``, ``BENCH_DATASET``).
+in one process, one request per forward pass (``@serve.batch`` needs a Serve replica). Used by
+``bench/serve_latency.py`` (``BENCH_MODEL``, ``BENCH_DATASET``).
 """
 
 import os
@@ -30,16 +31,26 @@ class LocalRecommender:
         self.catalog = ServingCatalog.from_dataset(dataset)
         self.impressions: dict[str, dict[str, Any]] = {}
         log_dir = Path(os.environ.get("BENCH_FEEDBACK_DIR") or tempfile.mkdtemp(prefix="plain-fastapi-"))
-        self.impression_log = FeedbackLog(log_dir / IMPRESSIONS, max_rows=1024, schema=IMPRESSION_SCHEMA,
-                                          journal=False)  # fmt: skip
+        self.impression_log = FeedbackLog(
+            log_dir / IMPRESSIONS, max_rows=1024, schema=IMPRESSION_SCHEMA, journal=False
+        )
 
     async def recommend(self, body: dict[str, Any]) -> dict[str, Any]:
         req = RecommendRequest(**body)
         history = list(self.catalog.user_histories.get(req.user, [])) if req.user else []
-        result = self.scorer.score_requests([{
-            "history": history, "k": req.k, "exclude_seen": req.exclude_seen, "strategy": req.exploration,
-            "epsilon": req.epsilon, "temperature": req.temperature, "explain": req.explain,
-        }])[0]  # fmt: skip
+        result = self.scorer.score_requests(
+            [
+                {
+                    "history": history,
+                    "k": req.k,
+                    "exclude_seen": req.exclude_seen,
+                    "strategy": req.exploration,
+                    "epsilon": req.epsilon,
+                    "temperature": req.temperature,
+                    "explain": req.explain,
+                }
+            ]
+        )[0]
         request_id = uuid.uuid4().hex
         shown = [self.catalog.item_ids[i] for i in result["items"]]
         self.impressions[request_id] = {
@@ -47,12 +58,18 @@ class LocalRecommender:
             "propensities": result["propensities"],
             "t": time.time(),
         }
-        self.impression_log.append({
-            "request_id": request_id, "timestamp_ms": int(time.time() * 1000), "user_id": req.user,
-            "history": [self.catalog.item_ids[i] for i in history[-200:]], "shown": shown,
-            "shown_propensities": result["propensities"], "model_version": result["model_version"],
-            "strategy": result["strategy"],
-        })  # fmt: skip
+        self.impression_log.append(
+            {
+                "request_id": request_id,
+                "timestamp_ms": int(time.time() * 1000),
+                "user_id": req.user,
+                "history": [self.catalog.item_ids[i] for i in history[-200:]],
+                "shown": shown,
+                "shown_propensities": result["propensities"],
+                "model_version": result["model_version"],
+                "strategy": result["strategy"],
+            }
+        )
         if self.impression_log.due():
             self.impression_log.flush()
         return {

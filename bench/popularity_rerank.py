@@ -15,9 +15,9 @@ import torch
 
 from rec_rllib.columns import SplitScheme
 from rec_rllib.data.catalog import dataset_path, load_or_prepare
-from rec_rllib.env import train_item_counts
 from rec_rllib.eval import evaluate_ranking
 from rec_rllib.models import load_recommender
+from rec_rllib.replay import train_item_counts
 
 
 def main() -> None:
@@ -42,8 +42,10 @@ def main() -> None:
         m = evaluate_ranking(rec, ds, split=args.split).metrics
         base = base or m
         print(
-            f"| {alpha:g} | {m['HR@10']:.4f} | {m['NDCG@10']:.4f} | {m['coverage@10']:.4f} | {m['novelty@10']:.3f} | "
-            f"{m['NDCG@10'] / base['NDCG@10'] - 1:+.1%} | {m['coverage@10'] / base['coverage@10'] - 1:+.1%} |",
+            f"| {alpha:g} | {m['HR@10']:.4f} | {m['NDCG@10']:.4f} | {m['coverage@10']:.4f} | "
+            f"{m['novelty@10']:.3f} | "
+            f"{m['NDCG@10'] / base['NDCG@10'] - 1:+.1%} | {m['coverage@10'] / base['coverage@10'] - 1:+.1%} "
+            "|",
             flush=True,
         )
 

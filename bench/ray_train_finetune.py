@@ -24,8 +24,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(dataset: str, out: Path, minutes: float, workers: int) -> dict:
-    cmd = [sys.executable, "-m", "jobs.finetune", "--dataset", dataset, "--out", str(out), "--max-minutes",
-           str(minutes), "--progress", "false"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.finetune",
+        "--dataset",
+        dataset,
+        "--out",
+        str(out),
+        "--max-minutes",
+        str(minutes),
+        "--no-progress",
+    ]
     if workers:
         cmd += ["--num-workers", str(workers), "--threads", "1"]
     else:
@@ -72,12 +82,14 @@ def feed_rate(dataset: str, workers: int, seconds: float = 20.0) -> float:
     ray.init(address="local", num_cpus=workers + 1, include_dashboard=False, logging_level="ERROR")
     try:
         TorchTrainer(
-            loop, train_loop_config={"seconds": seconds, "out": str(out)},
+            loop,
+            train_loop_config={"seconds": seconds, "out": str(out)},
             scaling_config=ray.train.ScalingConfig(num_workers=workers),
             run_config=ray.train.RunConfig(storage_path=str(tmp.parent / "rt")),
-            datasets={"train": windows_dataset(tmp, workers=workers)}, dataset_config=_exactly_once_split(),
+            datasets={"train": windows_dataset(tmp, workers=workers)},
+            dataset_config=_exactly_once_split(),
             torch_config=TorchConfig(backend="gloo"),
-        ).fit()  # fmt: skip
+        ).fit()
     finally:
         ray.shutdown()
     return json.loads(out.read_text())
@@ -102,8 +114,10 @@ def main() -> None:
     for workers, f, wall in rows:
         name = "one process (2 threads)" if workers == 0 else f"{workers} Ray Train workers (1 thread each)"
         per = f["targets_per_second"] / max(workers, 1)
-        print(f"| {name} | {f['targets_per_second']:,.0f} | {per:,.0f} | {f['seconds_per_epoch']:.1f} "
-              f"| {f['test']['NDCG@10']:.4f} | {wall:.0f} |")  # fmt: skip
+        print(
+            f"| {name} | {f['targets_per_second']:,.0f} | {per:,.0f} | {f['seconds_per_epoch']:.1f} "
+            f"| {f['test']['NDCG@10']:.4f} | {wall:.0f} |"
+        )
 
     from rec_rllib.models.run import load_run
 

@@ -4,7 +4,8 @@
     python bench/rl_ml100k.py --finetuned runs/ft --skip-quality            # throughput only
     python bench/rl_ml100k.py --finetuned runs/ft --skip-throughput --iterations 40
 
-Throughput (APPO, the transformer policy, ``--envs-per-runner`` vectorised envs per runner, window 50):
+Throughput (APPO, the transformer policy, ``--num-envs-per-env-runner`` vectorised envs per runner, window
+50):
 env steps/s sampled with 1 and 2 env runners, learner samples/s, seconds per iteration, CPU milliseconds per
 env step of the driver (algorithm + learner) and of the env runners, peak memory of the driver (learner) and
 of an env runner, RLlib's own per-stage timers, and a cProfile of one ``sample()``
@@ -23,10 +24,10 @@ per split and writes an accuracy-coverage plot per split. ``--reuse`` evaluates 
 run left in ``--out`` instead of training again.
 ``--exposure-cost λ`` trains with the env's exposure cost (:mod:`rec_rllib.env`): such a policy is evaluated
 with its learned exposure weight β on a tracker of what it answered, and twice more, to tell apart what β and
-what the rest of the head do: without its exposure term, and as the fine-tuned model with β as a fixed penalty.
-``--exposure-shape indicator`` prices (and penalises) whether an item was recommended at all within the runner's
-``--exposure-window`` recommendations instead of log(1 + count); evaluation keeps a window of 10,000 slate
-positions either way.
+what the rest of the head do: without its exposure term, and as the fine-tuned model with β as a fixed
+penalty. ``--exposure-shape indicator`` prices (and penalises) whether an item was recommended at all within
+the runner's ``--exposure-window`` recommendations instead of log(1 + count); evaluation keeps a window of
+10,000 slate positions either way.
 Everything runs on an embedded local Ray with ``--num-cpus`` CPUs.
 """
 
@@ -45,13 +46,15 @@ from pathlib import Path
 
 import ray
 
+from rec_rllib.config import add_flags, apply_flags
 from rec_rllib.data.catalog import load_or_prepare, prepared_dir
-from rec_rllib.env import EnvConfig
 from rec_rllib.eval import evaluate_ranking
+from rec_rllib.eval.plots import pyplot
 from rec_rllib.eval.ranking import paired_comparison
-from rec_rllib.explore import ExplorationConfig
-from rec_rllib.exposure import EXPOSURE_SHAPES, ExposureAwareRecommender, ExposureConfig
+from rec_rllib.exposure import ExposureAwareRecommender, ExposureConfig
 from rec_rllib.models import load_recommender
+from rec_rllib.rl.algo import build_algo_config
+from rec_rllib.rl.config import RLTrainConfig
 from rec_rllib.rl.module import model_config_from_run
 from rec_rllib.rl.obs import candidate_count
 from rec_rllib.rl.policy import (
@@ -61,13 +64,7 @@ from rec_rllib.rl.policy import (
     load_policy_module,
     simulator_of,
 )
-from rec_rllib.rl.train import (
-    RLTrainConfig,
-    build_algo_config,
-    parse_candidate_items,
-    parse_cooccurrence_gamma,
-    train,
-)
+from rec_rllib.rl.train import train
 
 TIMERS = ("sample", "rlmodule_inference_timer", "env_step_timer", "env_reset_timer", "time_between_sampling")
 
@@ -155,85 +152,65 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=30, help="APPO iterations per strategy (quality)")
     p.add_argument("--throughput-iterations", type=int, default=10)
     p.add_argument("--strategies", nargs="+", default=["boltzmann", "epsilon", "thompson", "ucb"])
-    p.add_argument("--ucb-alpha", type=float, default=ExplorationConfig.ucb_alpha, help="UCB bonus width")
-    p.add_argument("--algorithms", nargs="+", default=["appo"], choices=["appo", "ppo", "dqn"],
-                   help="quality: algorithms to train (dqn explores epsilon-greedily only)")  # fmt: skip
-    p.add_argument("--novelty-bonus", nargs="+", type=float, default=[0.0, 2.0], help="λ values (quality)")
-    p.add_argument("--exposure-cost", nargs="+", type=float, default=[0.0],
-                   help="λ values of the env's exposure cost (quality; 0 = off): the policy learns a weight "
-                   "on the runner's exposure counts")  # fmt: skip
-    p.add_argument("--exposure-shape", choices=EXPOSURE_SHAPES, default=EnvConfig.exposure_shape,
-                   help="what the exposure cost and the learned term count: log(1 + count) or indicator (shown "
-                   "at all)")  # fmt: skip
-    p.add_argument("--exposure-window", type=int, default=EnvConfig.exposure_window,
-                   help="recommendations a runner's exposure tracker remembers (training; evaluation keeps as "
-                   "many slate positions)")  # fmt: skip
-    p.add_argument("--freeze-state-head", action="store_true",
-                   help="quality: keep the policy head's map on the user state at the fine-tuned identity (train the "
-                   "item bias, popularity and exposure weights only)")  # fmt: skip
-    p.add_argument("--freeze-item-terms", action="store_true",
-                   help="quality: keep the item bias and the popularity weight at the fine-tuned values (with "
-                   "--freeze-state-head and an exposure cost RL trains the exposure weight alone)")  # fmt: skip
-    p.add_argument("--cooccurrence", action="store_true",
-                   help="quality: the observation carries the item-kNN simulator's probabilities (leave-user-out) "
-                   "and the policy learns a weight γ on them")  # fmt: skip
-    p.add_argument("--cooccurrence-window", type=int, default=EnvConfig.cooccurrence_window,
-                   help="quality: the most recent items the co-occurrence feature averages over")  # fmt: skip
-    p.add_argument("--cooccurrence-gamma", type=parse_cooccurrence_gamma, default=None,
-                   help="quality, with --cooccurrence: γ fixed at this number, or 'validation' (chosen on "
-                   "the validation users before training); default: learned")  # fmt: skip
-    p.add_argument("--horizon", type=int, default=EnvConfig.horizon,
-                   help="hit reward: the recommendation counts when among the next H logged items")  # fmt: skip
-    p.add_argument("--envs-per-runner", type=int, default=32)
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: RLTrainConfig's)")
-    p.add_argument("--ref-kl-coeff", type=float, default=0.05)
-    p.add_argument("--next-item-ce-coeff", type=float, default=RLTrainConfig.next_item_ce_coeff,
-                   help="dqn: weight of the logged next item's cross-entropy on the Q-values (0 = plain DQN)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seeds the env runners and learners")
-    p.add_argument("--train-encoder-too", action="store_true", help="also measure end-to-end throughput")
     p.add_argument(
-        "--train-encoder",
-        action="store_true",
-        help="quality runs train every weight end to end (default: the policy head)",
+        "--algorithms",
+        nargs="+",
+        default=["appo"],
+        choices=["appo", "ppo", "dqn"],
+        help="quality: algorithms to train (dqn explores epsilon-greedily only)",
     )
+    p.add_argument("--novelty-bonus", nargs="+", type=float, default=[0.0, 2.0], help="λ values (quality)")
+    p.add_argument(
+        "--exposure-cost",
+        nargs="+",
+        type=float,
+        default=[0.0],
+        help="λ values of the env's exposure cost (quality; 0 = off): the policy learns a weight "
+        "on the runner's exposure counts",
+    )
+    p.add_argument("--train-encoder-too", action="store_true", help="also measure end-to-end throughput")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-quality", action="store_true")
-    p.add_argument("--splits", nargs="+", default=["test", "valid"], choices=["test", "valid"],
-                   help="quality: leave-one-out users evaluated (valid chose the fine-tuned model's epochs)")  # fmt: skip
+    p.add_argument(
+        "--splits",
+        nargs="+",
+        default=["test", "valid"],
+        choices=["test", "valid"],
+        help="quality: leave-one-out users evaluated (valid chose the fine-tuned model's epochs)",
+    )
     p.add_argument(
         "--exposure-slots", type=int, default=1, help="quality: also with the exposure slot (0: off)"
     )
     p.add_argument("--exposure-pool", type=int, default=ExposureConfig.pool)
-    p.add_argument("--reuse", action="store_true",
-                   help="quality: evaluate a run's existing checkpoint in --out instead of training it again")  # fmt: skip
-    p.add_argument("--candidate-items", type=parse_candidate_items, default=RLTrainConfig.candidate_items,
-                   help="items the policy acts and learns over per state (0: all items)")  # fmt: skip
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="quality: evaluate a run's existing checkpoint in --out instead of training it again",
+    )
     p.add_argument("--out", default="runs/bench-rl")
+    # every single-valued RL setting as jobs.train names it (the swept ones above are lists here)
+    sweeps = ("finetuned", "iterations", "num_env_runners", "algorithm", "seed", "exploration.strategy")
+    sweeps += ("env.novelty_bonus", "env.exposure_cost")
+    add_flags(p.add_argument_group("RL settings (jobs.train's)"), RLTrainConfig, skip=sweeps)
+    p.add_argument("--seed", type=int, default=0, help="seeds the env runners and learners")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ds = load_or_prepare(args.dataset)
-    env = EnvConfig(
-        dataset=str(Path(prepared_dir(args.dataset)).resolve()),
-        window=50,
-        horizon=args.horizon,
-        exposure_shape=args.exposure_shape,
-        exposure_window=args.exposure_window,
-        cooccurrence=args.cooccurrence,
-        cooccurrence_window=args.cooccurrence_window,
+    settings = apply_flags(
+        args,
+        RLTrainConfig,
+        {
+            "finetuned": args.finetuned,
+            "seed": args.seed,
+            "exploration": {"epsilon": 0.2, "epsilon_final": 0.05},  # the quality runs' epsilon schedule
+            "env": {"dataset": str(Path(prepared_dir(args.dataset)).resolve())},
+        },
     )
-    base = RLTrainConfig(
-        finetuned=args.finetuned,
-        num_envs_per_env_runner=args.envs_per_runner,
-        lr=args.lr,
-        ref_kl_coeff=args.ref_kl_coeff,
-        next_item_ce_coeff=args.next_item_ce_coeff,
-        train_state_head=not args.freeze_state_head,
-        cooccurrence_gamma=args.cooccurrence_gamma,
-        candidate_items=args.candidate_items,
-        seed=args.seed,
-        env=env,
-    )
+    # per run: with an exposure cost (swept) the exposure weight may be all that is left to train
+    item_terms = settings.pop("train_item_terms", True)
+    base = RLTrainConfig.from_dict(settings)
+    env = base.env
     report: dict = {}
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level="ERROR")
     try:
@@ -242,7 +219,10 @@ def main() -> None:
             # a non-zero --exposure-cost: also with the exposure counts in every observation
             modes += [replace(base, env=replace(env, exposure_cost=c)) for c in args.exposure_cost[:1] if c]
             rows = [throughput(m, n, args.throughput_iterations) for m in modes for n in (1, 2)]
-            print(f"\n## Throughput (APPO, transformer policy, {args.envs_per_runner} envs per runner)\n")
+            print(
+                f"\n## Throughput (APPO, transformer policy, {base.num_envs_per_env_runner} envs per "
+                "runner)\n"
+            )
             print(
                 "| training | env runners | env steps/s | learner samples/s | s/iteration | "
                 "CPU ms per env step: driver / runners | runner peak RSS MB |"
@@ -266,36 +246,35 @@ def main() -> None:
         if not args.skip_quality:
             policies = {"fine-tuned": load_recommender(args.finetuned, ds)}
             minutes: dict[str, float] = {}
-            # DQN explores epsilon-greedily only; PPO refuses epsilon-greedy and UCB (no gradient through them)
+            # DQN explores epsilon-greedily only; PPO refuses epsilon-greedy and UCB (no gradient through
+            # them)
             allowed = {"dqn": {"epsilon"}, "ppo": {"boltzmann", "thompson"}}
             runs = [(a, st) for a in args.algorithms for st in args.strategies if st in allowed.get(a, {st})]
-            e2e_name, e2e_dir = (", end to end", "-e2e") if args.train_encoder else ("", "")
-            if args.freeze_state_head:
+            e2e_name, e2e_dir = (", end to end", "-e2e") if base.train_encoder else ("", "")
+            if not base.train_state_head:
                 e2e_name, e2e_dir = ", state head frozen", "-fz"
-            if args.freeze_item_terms:
+            if not item_terms:
                 e2e_name, e2e_dir = e2e_name + ", item terms frozen", e2e_dir + "-fi"
-            if args.cooccurrence:
+            if env.cooccurrence:
                 e2e_name, e2e_dir = e2e_name + ", co-occurrence", e2e_dir + "-co"
-                if args.cooccurrence_gamma is not None:  # fixed (or chosen on the validation users)
-                    g = args.cooccurrence_gamma
+                if base.cooccurrence_gamma is not None:  # fixed (or chosen on the validation users)
+                    g = base.cooccurrence_gamma
                     e2e_name += f" (γ {g})" if g != "validation" else " (γ from validation)"
                     e2e_dir += f"-g{g}" if g != "validation" else "-gv"
             grid = [(a, st, b, c) for a, st in runs for b in args.novelty_bonus for c in args.exposure_cost]
             for algorithm, strategy, bonus, cost in grid:
                 cost_name, cost_dir = (f", exposure cost {cost:g}", f"-x{cost:g}") if cost else ("", "")
-                if cost and args.exposure_shape != "log":
+                if cost and env.exposure_shape != "log":
                     cost_name, cost_dir = (
-                        cost_name + f" ({args.exposure_shape})",
-                        cost_dir + args.exposure_shape[0],
+                        cost_name + f" ({env.exposure_shape})",
+                        cost_dir + env.exposure_shape[0],
                     )
                 name = f"{algorithm.upper()} + {strategy}, λ={bonus:g}" + cost_name + e2e_name
                 run_dir = out / f"{algorithm}-{strategy}-b{bonus:g}{cost_dir}{e2e_dir}"
                 if args.reuse and is_rl_checkpoint(run_dir / "checkpoint"):
                     print(f"{name}: reusing {run_dir / 'checkpoint'}", flush=True)
                 else:
-                    expl = ExplorationConfig(
-                        strategy=strategy, epsilon=0.2, epsilon_final=0.05, ucb_alpha=args.ucb_alpha
-                    )
+                    expl = replace(base.exploration, strategy=strategy)
                     cfg = replace(
                         base,
                         algorithm=algorithm,
@@ -303,18 +282,16 @@ def main() -> None:
                         exploration=expl,
                         checkpoint_every=10_000,
                         env=replace(env, novelty_bonus=bonus, exposure_cost=cost),
-                        train_encoder=args.train_encoder,
-                        # per run: the exposure weight may be all that is left to train, with a cost only
-                        train_item_terms=not args.freeze_item_terms,
+                        train_item_terms=item_terms,
                     )
                     t0 = time.perf_counter()
                     train(cfg, run_dir, progress=lambda *_: None)
                     minutes[name] = (time.perf_counter() - t0) / 60
                     print(f"{name}: {minutes[name]:.1f} min", flush=True)
                 policies[name] = load_recommender(str(run_dir / "checkpoint"), ds)
-                if args.cooccurrence:  # what the γ does on the fine-tuned scores, alone
+                if env.cooccurrence:  # what the γ does on the fine-tuned scores, alone
                     gamma = cooccurrence_weight(load_policy_module(run_dir / "checkpoint"))
-                    how = "learned" if args.cooccurrence_gamma is None else "fixed"
+                    how = "learned" if base.cooccurrence_gamma is None else "fixed"
                     print(f"{name}: {how} co-occurrence weight γ = {gamma:.4f}", flush=True)
                     policies[f"fine-tuned + its γ ({gamma:.2f}) fixed"] = CooccurrenceRecommender(
                         policies["fine-tuned"], simulator_of(ds), gamma, env.cooccurrence_window
@@ -388,17 +365,15 @@ def _print_quality(table: dict, split: str) -> None:
         d_cov = m["coverage@10"] / ft["coverage@10"] - 1
         lo, hi = (x / ft["NDCG@10"] for x in m["ndcg_ci_vs_ft"])
         print(
-            f"| {name} | {cells} | {d_ndcg:+.1%} [{lo:+.1%}, {hi:+.1%}] ({m['ndcg_p_vs_ft']:.2f}) | {d_cov:+.1%} |"
+            f"| {name} | {cells} | {d_ndcg:+.1%} [{lo:+.1%}, {hi:+.1%}] ({m['ndcg_p_vs_ft']:.2f}) | "
+            f"{d_cov:+.1%} |"
         )
 
 
 def _plot(table: dict, path: Path, split: str) -> None:
     """NDCG@10 against coverage@10: one colour per exploration strategy, one marker per novelty reward λ;
     a policy with the exposure slot is its hollow twin, joined to it by an arrow."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     colours: dict[str, str] = {}
@@ -419,8 +394,12 @@ def _plot(table: dict, path: Path, split: str) -> None:
         ax.scatter(m["coverage@10"], m["NDCG@10"], s=size, marker=marker, label=name, **style)
         if hollow and base in table:
             b = table[base]
-            ax.annotate("", (m["coverage@10"], m["NDCG@10"]), (b["coverage@10"], b["NDCG@10"]),
-                        arrowprops={"arrowstyle": "->", "color": colour, "alpha": 0.5})  # fmt: skip
+            ax.annotate(
+                "",
+                (m["coverage@10"], m["NDCG@10"]),
+                (b["coverage@10"], b["NDCG@10"]),
+                arrowprops={"arrowstyle": "->", "color": colour, "alpha": 0.5},
+            )
     ax.set_xlabel(f"catalogue coverage@10 ({split} users)")
     ax.set_ylabel(f"NDCG@10 (leave-one-out {split})")
     ax.grid(alpha=0.3)

@@ -60,10 +60,22 @@ def prepare(scale: float, root: Path) -> tuple[Path, float, float]:
     if not (raw / "interactions.parquet").exists():
         generate(scale, seed=0).write(raw)
     out = root / f"synth-{scale:g}x"
-    cmd = [sys.executable, "-m", "jobs.prepare", "--dataset", "custom", "--interactions",
-           str(raw / "interactions.parquet"), "--items", str(raw / "items.parquet"), "--user-col", "user_id",
-           "--item-col", "item_id", "--time-col", "timestamp", "--reward-col", "rating",
-           "--item-text-col", "text", "--name", out.name, "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.prepare",
+        "--dataset",
+        "custom",
+        "--interactions",
+        str(raw / "interactions.parquet"),
+        "--items",
+        str(raw / "items.parquet"),
+        *"--user-col user_id --item-col item_id --time-col timestamp --reward-col rating".split(),
+        *"--item-text-col text --name".split(),
+        out.name,
+        "--out",
+        str(out),
+    ]
     seconds, gb = measured(cmd, root / f"prepare-{scale:g}x.log")
     return out, seconds, gb
 
@@ -75,8 +87,22 @@ def finetune_run(dataset: str, n_items: int, loss: str, minutes: float, runs: Pa
     if loss == "full" and logit_bytes > FULL_SOFTMAX_MAX_BYTES:
         return {"skipped": f"full softmax logits {logit_bytes / 1e9:.0f} GB a step"}
     out = runs / f"{label}-{loss}"
-    cmd = [sys.executable, "-m", "jobs.finetune", "--dataset", dataset, "--out", str(out), "--loss", loss,
-           "--max-minutes", str(minutes), "--threads", "2", "--progress", "false"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.finetune",
+        "--dataset",
+        dataset,
+        "--out",
+        str(out),
+        "--loss",
+        loss,
+        "--max-minutes",
+        str(minutes),
+        "--threads",
+        "2",
+        "--no-progress",
+    ]
     wall, gb = measured(cmd, runs / f"{label}-{loss}.log")
     final = json.loads((out / "final_metrics.json").read_text())
     return {
@@ -96,8 +122,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scales", type=float, nargs="*", default=sorted(SCALES))
     p.add_argument("--losses", nargs="*", default=["full", "sampled"], choices=["full", "sampled"])
-    p.add_argument("--minutes", type=float, nargs="*", default=[3, 5, 10],
-                   help="fine-tuning budget per scale (one value, or one per --scales)")  # fmt: skip
+    p.add_argument(
+        "--minutes",
+        type=float,
+        nargs="*",
+        default=[3, 5, 10],
+        help="fine-tuning budget per scale (one value, or one per --scales)",
+    )
     p.add_argument("--ml100k-minutes", type=float, default=8.0, help="budget of the MovieLens-100K runs")
     p.add_argument("--no-ml100k", action="store_true", help="leave out the MovieLens-100K rows")
     p.add_argument("--root", default="runs/bench-scale", help="generated logs, datasets and runs")
@@ -123,8 +154,15 @@ def main() -> None:
         print(f"{label}: {size}, prepare {prep_s:.1f} s / {prep_gb:.2f} GB", flush=True)
         for loss in args.losses:
             r = finetune_run(dataset, ds.n_items, loss, budget, root, label)
-            r.update(size=label, loss=loss, prepare_s=prep_s, prepare_gb=prep_gb, **size,
-                     pop_ndcg10=pop.metrics["NDCG@10"], pop_hr10=pop.metrics["HR@10"])  # fmt: skip
+            r.update(
+                size=label,
+                loss=loss,
+                prepare_s=prep_s,
+                prepare_gb=prep_gb,
+                **size,
+                pop_ndcg10=pop.metrics["NDCG@10"],
+                pop_hr10=pop.metrics["HR@10"],
+            )
             rows.append(r)
             print(json.dumps(r), flush=True)
         del ds
@@ -137,8 +175,10 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         prep = "-" if r["prepare_s"] != r["prepare_s"] else f"{r['prepare_s']:.0f} / {r['prepare_gb']:.1f}"
-        head = (f"| {r['size']} | {r['users']:,} | {r['items']:,} | {r['interactions']:,} | {prep} "
-                f"| {r['loss']} |")  # fmt: skip
+        head = (
+            f"| {r['size']} | {r['users']:,} | {r['items']:,} | {r['interactions']:,} | {prep} "
+            f"| {r['loss']} |"
+        )
         pop = f"{r['pop_ndcg10']:.4f} ({r['pop_hr10']:.3f})"
         if "skipped" in r:
             print(f"{head} skipped: {r['skipped']} | | | | | {pop} |")

@@ -67,10 +67,19 @@ def write_serve_log(dataset_dir: str, out: Path, answers: int, seed: int = 0) ->
         shown = pa.ListArray.from_arrays(pairs, ids.take(pa.array(np.stack([first, second], 1).ravel())))
         props = pa.ListArray.from_arrays(pairs, pa.array(np.stack([p[first], np.full(n, 0.5)], 1).ravel()))
         rids = pa.array([f"r{start + i}" for i in range(n)], pa.string())
-        table = pa.table({"request_id": rids, "timestamp_ms": pa.array(np.arange(start, start + n)),
-                          "user_id": pa.array(who.astype(str)), "history": history, "shown": shown,
-                          "shown_propensities": props, "model_version": pa.array(["bench"] * n),
-                          "strategy": pa.array(["boltzmann"] * n)}, schema=IMPRESSION_SCHEMA)  # fmt: skip
+        table = pa.table(
+            {
+                "request_id": rids,
+                "timestamp_ms": pa.array(np.arange(start, start + n)),
+                "user_id": pa.array(who.astype(str)),
+                "history": history,
+                "shown": shown,
+                "shown_propensities": props,
+                "model_version": pa.array(["bench"] * n),
+                "strategy": pa.array(["boltzmann"] * n),
+            },
+            schema=IMPRESSION_SCHEMA,
+        )
         pq.write_table(table, out / IMPRESSIONS / f"part-{part:05d}-bench.parquet")
         hit = np.flatnonzero(rng.random(n) < 0.05)
         clicks.append(
@@ -79,9 +88,13 @@ def write_serve_log(dataset_dir: str, out: Path, answers: int, seed: int = 0) ->
     fb = pa.concat_tables(clicks)
     n = len(fb)
     cols = {name: pa.nulls(n, SCHEMA.field(name).type) for name in SCHEMA.names}
-    cols.update(request_id=fb.column("request_id"), item_id=fb.column("item_id"),
-                position=pa.array(np.zeros(n, np.int16)), propensity=pa.array(np.full(n, 0.1)),
-                reward=pa.array(np.ones(n)))  # fmt: skip
+    cols.update(
+        request_id=fb.column("request_id"),
+        item_id=fb.column("item_id"),
+        position=pa.array(np.zeros(n, np.int16)),
+        propensity=pa.array(np.full(n, 0.1)),
+        reward=pa.array(np.ones(n)),
+    )
     pq.write_table(pa.table(cols, schema=SCHEMA), out / "part-00000-bench.parquet")
 
 
@@ -115,8 +128,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="runs/bench-scale/synth-100x", help="a prepared dataset directory")
     p.add_argument("--answers", type=int, default=1_000_000)
-    p.add_argument("--targets", nargs="+", default=["popularity"],
-                   help="target policies: popularity or a model run directory")  # fmt: skip
+    p.add_argument(
+        "--targets",
+        nargs="+",
+        default=["popularity"],
+        help="target policies: popularity or a model run directory",
+    )
     p.add_argument("--strategy", default="boltzmann", choices=["greedy", "boltzmann", "epsilon"])
     p.add_argument("--root", default="runs/bench-scale", help="where the generated Serve log goes")
     p.add_argument("--measure", metavar="FEEDBACK_DIR", help=argparse.SUPPRESS)  # the child process
@@ -129,16 +146,28 @@ def main() -> None:
         t = time.perf_counter()
         write_serve_log(args.dataset, feedback, args.answers)
         print(f"wrote {args.answers:,} answers to {feedback} in {time.perf_counter() - t:.0f} s", flush=True)
-    child = [sys.executable, __file__, "--dataset", args.dataset, "--targets", *args.targets,
-             "--strategy", args.strategy, "--measure", str(feedback)]  # fmt: skip
+    child = [
+        sys.executable,
+        __file__,
+        "--dataset",
+        args.dataset,
+        "--targets",
+        *args.targets,
+        "--strategy",
+        args.strategy,
+        "--measure",
+        str(feedback),
+    ]
     out = subprocess.run(child, cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(out.stderr[-3000:])
     r = json.loads(out.stdout.strip().splitlines()[-1])
     print("| answers | items | targets | read s | total s | peak RSS GB |")
     print("|---:|---:|---|---:|---:|---:|")
-    print(f"| {r['answers']:,} | {r['items']:,} | {', '.join(Path(t).name for t in args.targets)} | "
-          f"{r['read_s']} | {r['total_s']} | {r['peak_gb']} |")  # fmt: skip
+    print(
+        f"| {r['answers']:,} | {r['items']:,} | {', '.join(Path(t).name for t in args.targets)} | "
+        f"{r['read_s']} | {r['total_s']} | {r['peak_gb']} |"
+    )
     print(f"logged mean {r['logged']:.4f}; SNIPS: {r['snips']}")
 
 

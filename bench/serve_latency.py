@@ -1,7 +1,8 @@
 """Benchmark: latency and throughput of /recommend, loopback only, bounded request counts.
 
     python bench/serve_latency.py --model runs/quickstart/rl/checkpoint --dataset data/ml-100k
-    python bench/serve_latency.py --model runs/ft --dataset data/ml-100k --requests 200 --setups inprocess fastapi
+    python bench/serve_latency.py --model runs/ft --dataset data/ml-100k --requests 200 \\
+        --setups inprocess fastapi
 
 Set-ups, same model, same work per request (history lookup, scoring, exploration with propensities,
 impression logging):
@@ -136,8 +137,16 @@ def bench_wrk(url: str, levels: list[int], seconds: float) -> dict[int, dict[str
         script = f.name
     results = {}
     for n in [4, *levels]:
-        cmd = ["wrk", f"-t{min(n, 2)}", f"-c{n}", f"-d{2 if n not in levels else seconds:g}s", "--latency",
-               "-s", script, url + "/recommend"]  # fmt: skip
+        cmd = [
+            "wrk",
+            f"-t{min(n, 2)}",
+            f"-c{n}",
+            f"-d{2 if n not in levels else seconds:g}s",
+            "--latency",
+            "-s",
+            script,
+            url + "/recommend",
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         if n not in levels:
             continue
@@ -223,14 +232,7 @@ def run_server(
 
 
 SETUPS = [
-    "inprocess",
-    "fastapi",
-    "default",
-    "serve",
-    "serve-direct",
-    "single",
-    "single-direct",
-    "single-direct-quiet",
+    *"inprocess fastapi default serve serve-direct single single-direct single-direct-quiet".split(),
 ]
 
 
@@ -241,12 +243,30 @@ def run_setup(setup: str, args, env: dict[str, str], rnd: int) -> dict:
     if setup == "inprocess":
         return asyncio.run(bench_inprocess(args.model, args.dataset, args.levels, args.requests))
     if setup == "fastapi":
-        cmd = [sys.executable, "-m", "uvicorn", "plain_fastapi_app:app", "--host", "127.0.0.1",
-               "--port", str(port), "--log-level", "warning"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            *"-m uvicorn plain_fastapi_app:app --host 127.0.0.1 --port".split(),
+            str(port),
+            "--log-level",
+            "warning",
+        ]
         e = dict(env, BENCH_MODEL=args.model, BENCH_DATASET=args.dataset)
         return run_server(cmd, e, url, args.levels, args.requests, log, False)
-    cmd = [sys.executable, "-m", "jobs.serve", "--model", args.model, "--dataset", args.dataset,
-           "--port", str(port), "--num-cpus", "2", "--feedback-dir", str(Path(args.out) / "feedback")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.serve",
+        "--model",
+        args.model,
+        "--dataset",
+        args.dataset,
+        "--port",
+        str(port),
+        "--num-cpus",
+        "2",
+        "--feedback-dir",
+        str(Path(args.out) / "feedback"),
+    ]
     if setup == "default":  # what `make run` and a plain `python -m jobs.serve` serve
         return run_server(cmd, env, url, args.levels, args.requests, log, True)
     direct = "-direct" in setup
@@ -268,23 +288,31 @@ def main() -> None:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--setups", nargs="+", default=SETUPS, choices=SETUPS)
     p.add_argument(
-        "--rounds", type=int, default=1,
+        "--rounds",
+        type=int,
+        default=1,
         help="run every set-up this many times, interleaved (a fresh server each time); the table shows "
         "medians over rounds and the req/s range",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--ray-niceness", type=int, default=0,
+        "--ray-niceness",
+        type=int,
+        default=0,
         help="niceness of Ray's worker processes (Ray's own default: 15); the client shares the cores",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--exploration", default=BODY["exploration"], choices=STRATEGIES,
+        "--exploration",
+        default=BODY["exploration"],
+        choices=STRATEGIES,
         help="the requests' exploration mode",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--client", choices=["aiohttp", "wrk"], default="aiohttp",
+        "--client",
+        choices=["aiohttp", "wrk"],
+        default="aiohttp",
         help="aiohttp: --requests per level from this process; wrk: the external load generator, "
         "--wrk-seconds per level (the in-process set-up always uses direct calls)",
-    )  # fmt: skip
+    )
     p.add_argument("--wrk-seconds", type=float, default=10.0)
     p.add_argument(
         "--user",

@@ -1,8 +1,9 @@
-"""Memory and speed of the item-kNN simulator (``rec_rllib.env.ItemKNNSimulator``: the ``simulator`` reward and
-the co-occurrence feature), fitted in a fresh process per case so that peak RSS is its own:
+"""Memory and speed of the item-kNN simulator (``rec_rllib.simulator.ItemKNNSimulator``: the ``simulator``
+reward and the co-occurrence feature), fitted in a fresh process per case so that peak RSS is its own:
 
 * MovieLens-100K's train split (the real data; 1,682 items: the dense path);
-* a generated log with a catalogue too large for ``n_items²`` dense arrays (the sparse path): ``--items`` items,
+* a generated log with a catalogue too large for ``n_items²`` dense arrays (the sparse path): ``--items``
+items,
   ``--users`` users with ``--per-user`` distinct items each, drawn from a Zipf(``--zipf``) popularity. It is a
   size probe, not a dataset: it only measures what the fit costs at that shape.
 
@@ -29,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _case(spec: dict) -> dict:
     import numpy as np
 
-    from rec_rllib.env import ItemKNNSimulator, read_train_histories
+    from rec_rllib.replay import read_train_histories
+    from rec_rllib.simulator import ItemKNNSimulator
 
     if spec["kind"] == "ml-100k":
         from rec_rllib.data.catalog import dataset_path, load_or_prepare
@@ -88,11 +90,18 @@ def main() -> None:
         return
     specs = [
         {"kind": "ml-100k"},
-        {"kind": "generated", "items": args.items, "users": args.users, "per_user": args.per_user,
-         "zipf": args.zipf},
-    ]  # fmt: skip
-    print("| log | items | users | interactions | storage | co-occurring pairs | fit s | fit peak MB "
-          "| dense fit would hold MB | probabilities(50 items) µs | rows(a user's items) ms |")  # fmt: skip
+        {
+            "kind": "generated",
+            "items": args.items,
+            "users": args.users,
+            "per_user": args.per_user,
+            "zipf": args.zipf,
+        },
+    ]
+    print(
+        "| log | items | users | interactions | storage | co-occurring pairs | fit s | fit peak MB "
+        "| dense fit would hold MB | probabilities(50 items) µs | rows(a user's items) ms |"
+    )
     print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for spec in specs:
         out = subprocess.run(

@@ -1,1 +1,2 @@
-"""Entry points, one per stage: ``python -m jobs.<stage> --help``. Thin: argument parsing, Ray start, progress."""
+"""Entry points, one per stage: ``python -m jobs.<stage> --help``. Thin: argument parsing, Ray start,
+progress."""

@@ -80,7 +80,8 @@ def check_outlives_job(path: str | Path | None, flag: str) -> None:
     if "working_dir_files" in cwd.parts:
         fail(
             f"{flag} {path} is relative, and this job runs in Ray's temporary copy of --working-dir ({cwd}), "
-            f"which Ray deletes when it stops: give {flag} an absolute path that outlives the job, on storage "
+            f"which Ray deletes when it stops: give {flag} an absolute path that outlives the job, on "
+            "storage "
             f"every node reaches (e.g. {flag} /shared/runs/{Path(path).name})"
         )
 

@@ -3,7 +3,8 @@
 Examples::
 
     python -m jobs.evaluate --dataset ml-100k --models popularity random --out runs/eval
-    python -m jobs.evaluate --dataset data/ml-100k --scheme temporal --split test --ks 5 10 20 --out runs/eval-t
+    python -m jobs.evaluate --dataset data/ml-100k --scheme temporal --split test --ks 5 10 20 \\
+        --out runs/eval-t
 
 Protocol: every user with a held-out interaction in the split is ranked over the whole catalogue, items
 already in the user's history excluded (``--keep-seen`` keeps them). Default: leave-one-out test users.
@@ -22,7 +23,7 @@ campaign, both directions (random -> BTS, BTS -> random) and both definitions of
 ``ope.json``, the report, ``ope_vs_truth.png`` and ``ope_relative_error.png``::
 
     python -m jobs.evaluate --models popularity --ope-obd --out runs/eval
-    python -m jobs.evaluate --models --ope-obd --ope-repeats 5 --out runs/ope      # OPE only, 5 x 30 resamples
+    python -m jobs.evaluate --models --ope-obd --ope-repeats 5 --out runs/ope   # OPE only, 5 x 30 resamples
 
 Catalogue coverage by the exposure slot (:mod:`rec_rllib.exposure`): ``--exposure-slots 1`` evaluates every
 policy a second time as ``<name>+exposure``, the last position of each 10-item slate given to an item not
@@ -45,10 +46,17 @@ from rec_rllib.data.catalog import load_or_prepare
 from rec_rllib.data.dataset import LogDataset
 from rec_rllib.eval import DEFAULT_KS, evaluate_ranking
 from rec_rllib.eval.ranking import RankingResult
-from rec_rllib.eval.report import markdown_table, write_report
+from rec_rllib.eval.report import (
+    markdown_table,
+    obd_ope_markdown,
+    ranking_markdown,
+    serve_log_markdown,
+    write_report,
+)
 from rec_rllib.exposure import ExposureAwareRecommender, ExposureConfig
-from rec_rllib.models import BASELINES, load_recommender
+from rec_rllib.models import BASELINES
 from rec_rllib.recommender import Recommender
+from rec_rllib.rl.policy import load_any_recommender
 
 log = logging.getLogger("jobs.evaluate")
 
@@ -85,24 +93,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ope-boot", type=int, default=30, help="bootstrap resamples per setting (default 30)")
     p.add_argument("--ope-repeats", type=int, default=1, help="independent sets of --ope-boot resamples")
     p.add_argument("--ope-reward-model", default="position-ctr", choices=["position-ctr", "logistic"])
-    p.add_argument("--ope-serve-log", default=None, metavar="FEEDBACK_DIR",
-                   help="estimate each --models policy's first-slot value from a Serve feedback directory "
-                   "(its impressions/ and feedback parts; the dataset must be the one the server used)")  # fmt: skip
-    p.add_argument("--ope-serve-strategy", default="greedy", choices=["greedy", "boltzmann", "epsilon"],
-                   help="the target policies' exploration for --ope-serve-log")  # fmt: skip
-    p.add_argument("--ope-max-rounds", type=int, default=None, metavar="N",
-                   help="answers of --ope-serve-log the estimators read: a seeded uniform subset of a longer log "
-                   "(default: every answer; memory stays bounded either way, time grows with the "
-                   "answers)")  # fmt: skip
+    p.add_argument(
+        "--ope-serve-log",
+        default=None,
+        metavar="FEEDBACK_DIR",
+        help="estimate each --models policy's first-slot value from a Serve feedback directory "
+        "(its impressions/ and feedback parts; the dataset must be the one the server used)",
+    )
+    p.add_argument(
+        "--ope-serve-strategy",
+        default="greedy",
+        choices=["greedy", "boltzmann", "epsilon"],
+        help="the target policies' exploration for --ope-serve-log",
+    )
+    p.add_argument(
+        "--ope-max-rounds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="answers of --ope-serve-log the estimators read: a seeded uniform subset of a longer log "
+        "(default: every answer; memory stays bounded either way, time grows with the "
+        "answers)",
+    )
     p.add_argument("--ope-serve-temperature", type=float, default=1.0)
     p.add_argument("--ope-serve-epsilon", type=float, default=0.1)
-    p.add_argument("--exposure-slots", type=int, default=0, metavar="S",
-                   help="also evaluate every --models policy with the exposure slot (rec_rllib.exposure): the "
-                   "last S positions of each slate may go to items not shown lately (0: off)")  # fmt: skip
-    p.add_argument("--exposure-pool", type=int, default=ExposureConfig.pool,
-                   help="exposure slot candidates: the user's next N items after the slate")  # fmt: skip
-    p.add_argument("--exposure-window", type=int, default=ExposureConfig.window,
-                   help="slate positions the exposure tracker remembers")  # fmt: skip
+    p.add_argument(
+        "--exposure-slots",
+        type=int,
+        default=0,
+        metavar="S",
+        help="also evaluate every --models policy with the exposure slot (rec_rllib.exposure): the "
+        "last S positions of each slate may go to items not shown lately (0: off)",
+    )
+    p.add_argument(
+        "--exposure-pool",
+        type=int,
+        default=ExposureConfig.pool,
+        help="exposure slot candidates: the user's next N items after the slate",
+    )
+    p.add_argument(
+        "--exposure-window",
+        type=int,
+        default=ExposureConfig.window,
+        help="slate positions the exposure tracker remembers",
+    )
     p.add_argument("--exposure-slate", type=int, default=10, help="slate size the exposure slot applies to")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -180,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     sections: list[str] = []
     results: dict[str, dict[str, float]] = {}
     # loaded once: the ranking evaluation and --ope-serve-log evaluate the same policies
-    recommenders = [load_recommender(m, dataset, scheme=args.scheme, seed=args.seed) for m in args.models]
+    recommenders = [load_any_recommender(m, dataset, scheme=args.scheme, seed=args.seed) for m in args.models]
     if recommenders:
         # each policy with the exposure slot answers the users in case order on its own, fresh tracker
         widened = [
@@ -254,34 +288,6 @@ def ranking_analysis(
         y_label="NDCG@10",
         title=f"{title}: accuracy vs coverage",
     )
-    lines = [
-        "## 95% bootstrap intervals",
-        "",
-        "| model | " + " | ".join(shown) + " |",
-        "|---|" + "---:|" * len(shown),
-    ]
-    for name, row in cis.items():
-        lines.append(
-            f"| {name} | " + " | ".join(f"{v:.4f} [{lo:.4f}, {hi:.4f}]" for v, lo, hi in row.values()) + " |"
-        )
-    lines += ["", "![metrics](metric_bars.png)", "", "![accuracy vs coverage](accuracy_coverage.png)", ""]
-    lines += ["## By user activity (history-length terciles)", "", "| model | bucket | users | " + " | ".join(shown) + " |",
-              "|---|---|---:|" + "---:|" * len(shown)]  # fmt: skip
-    for name, groups in buckets.items():
-        for label, row in groups.items():
-            lines.append(
-                f"| {name} | {label} | {int(row['users'])} | "
-                + " | ".join(f"{row[m]:.4f}" for m in shown)
-                + " |"
-            )
-    if pairs:
-        lines += ["", f"## Paired differences against {names[0]} (same users)", "",
-                  "| comparison | metric | difference | 95% CI | paired t-test p |", "|---|---|---:|---|---:|"]  # fmt: skip
-        for label, per_metric in pairs.items():
-            for m, d in per_metric.items():
-                lines.append(
-                    f"| {label} | {m} | {d['diff']:+.4f} | [{d['low']:+.4f}, {d['high']:+.4f}] | {d['p_value']:.2g} |"
-                )
     curves = []
     for arg, name in zip(model_args, names, strict=False):
         run = Path(arg)
@@ -291,9 +297,7 @@ def ranking_analysis(
                     target = out / f"curve-{len(curves)}-{png}"
                     shutil.copyfile(candidate / png, target)
                     curves.append(f"![{name}: {png}]({target.name})")
-    if curves:
-        lines += ["", "## Training curves", "", *curves]
-    return lines + [""]
+    return ranking_markdown(cis, buckets, pairs, shown, baseline=names[0], curves=curves)
 
 
 def ope_section(out: Path, args: argparse.Namespace) -> list[str]:
@@ -312,95 +316,87 @@ def ope_section(out: Path, args: argparse.Namespace) -> list[str]:
         data_root=args.data_root,
         progress=lambda key, errors: log.info("OPE %s: %s", key, {k: round(v, 3) for k, v in errors.items()}),
     )
-    write_json(out / "ope.json", {"reward_model": args.ope_reward_model, "n_boot": args.ope_boot,
-                                  "repeats": args.ope_repeats, "settings": suite, "obp_published": OBP_PUBLISHED})  # fmt: skip
+    write_json(
+        out / "ope.json",
+        {
+            "reward_model": args.ope_reward_model,
+            "n_boot": args.ope_boot,
+            "repeats": args.ope_repeats,
+            "settings": suite,
+            "obp_published": OBP_PUBLISHED,
+        },
+    )
     estimators = list(next(iter(suite.values()))["errors"])
     panels = {k: {e: np.asarray(v["estimates"][e]) for e in estimators} for k, v in suite.items()}
-    plots.ope_vs_truth(out / "ope_vs_truth.png", panels, {k: v["truth"] for k, v in suite.items()},
-                       title="OBD: estimates over bootstrap resamples vs the on-policy click rate")  # fmt: skip
+    plots.ope_vs_truth(
+        out / "ope_vs_truth.png",
+        panels,
+        {k: v["truth"] for k, v in suite.items()},
+        title="OBD: estimates over bootstrap resamples vs the on-policy click rate",
+    )
     ref_key = "all/random->bts/prior"
     published_draws = args.ope_boot == 30 and ref_key in suite
     if ref_key in suite:
         ours = suite[ref_key]["errors_first_set" if published_draws else "errors"]
-        plots.relative_error_bars(out / "ope_relative_error.png", ours, OBP_PUBLISHED,
-                                  title="OBD all: BTS (prior) from the random logs"
-                                  + (", resamples 0-29 (obp's)" if published_draws else ""))  # fmt: skip
-    lines = [
-        "## Off-policy estimators on the Open Bandit Dataset sample",
-        "",
-        f"Mean relative error |estimate - truth| / truth over {args.ope_boot} bootstrap resamples"
-        + (
-            f" (averaged over {args.ope_repeats} sets: resamples 0-{args.ope_boot * args.ope_repeats - 1})"
-            if args.ope_repeats > 1
-            else ""
+        plots.relative_error_bars(
+            out / "ope_relative_error.png",
+            ours,
+            OBP_PUBLISHED,
+            title="OBD all: BTS (prior) from the random logs"
+            + (", resamples 0-29 (obp's)" if published_draws else ""),
         )
-        + f"; reward model for DM/DR: {args.ope_reward_model}. Truth: the target policy's own logged click rate."
-        " `prior`: BTS's distribution by Monte Carlo from its production Beta prior; `empirical`: item "
-        "frequencies per position in the BTS logs. Resample b is drawn as the reference library draws it, so "
-        "resamples 0-29 are the ones behind its published figures. `slope`: SLOPE (Su et al., 2020) over DR and "
-        "DM with item rates shrunk by increasing prior strengths (see `rec_rllib.eval.ope`).",
-        "",
-        "| campaign / direction / BTS definition | truth | " + " | ".join(estimators) + " |",
-        "|---|---:|" + "---:|" * len(estimators),
-    ]
-
-    def row(label: str, truth: str, errors: dict[str, float]) -> str:
-        best = min(errors, key=errors.get)
-        cells = [f"**{errors[e]:.3f}**" if e == best else f"{errors[e]:.3f}" for e in estimators]
-        return f"| {label} | {truth} | " + " | ".join(cells) + " |"
-
-    for key, v in suite.items():
-        lines.append(row(key, f"{v['truth']:.4f}", v["errors"]))
-    if published_draws and args.ope_repeats > 1:
-        lines.append(row(f"{ref_key}, resamples 0-29 only", "", suite[ref_key]["errors_first_set"]))
-    lines.append("| obp published (all / random->bts / prior, resamples 0-29) | | "
-                 + " | ".join(f"{OBP_PUBLISHED[e]:.3f}" if e in OBP_PUBLISHED else "–" for e in estimators) + " |")  # fmt: skip
-    lines += ["", "![OPE estimates vs truth](ope_vs_truth.png)", ""]
-    if ref_key in suite:
-        lines += ["![relative error vs obp](ope_relative_error.png)", ""]
-    return lines
+    return obd_ope_markdown(
+        suite,
+        n_boot=args.ope_boot,
+        repeats=args.ope_repeats,
+        reward_model=args.ope_reward_model,
+        reference=ref_key if ref_key in suite else None,
+        published_draws=published_draws,
+    )
 
 
-def serve_log_section(out: Path, args: argparse.Namespace, dataset: LogDataset,
-                      recommenders: list[Recommender]) -> list[str]:  # fmt: skip
-    """Each --models policy's first-slot value estimated from a Serve feedback directory; ope_serve_log.json."""
+def serve_log_section(
+    out: Path, args: argparse.Namespace, dataset: LogDataset, recommenders: list[Recommender]
+) -> list[str]:
+    """Each --models policy's first-slot value estimated from a Serve feedback directory;
+    ope_serve_log.json."""
     from rec_rllib.eval.servelog import (
-        SERVE_LOG_ESTIMATORS,
         evaluate_serve_log,
         first_slot_log,
     )
 
     max_rounds = args.ope_max_rounds
-    sampled = f"; at most {max_rounds:,}, a seeded uniform subset of a longer log" if max_rounds else ""
     try:
         served = first_slot_log(args.ope_serve_log, dataset, max_rounds=max_rounds)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    res = evaluate_serve_log(served, {rec.name: rec for rec in recommenders}, strategy=args.ope_serve_strategy,
-                             temperature=args.ope_serve_temperature, epsilon=args.ope_serve_epsilon)  # fmt: skip
+    res = evaluate_serve_log(
+        served,
+        {rec.name: rec for rec in recommenders},
+        strategy=args.ope_serve_strategy,
+        temperature=args.ope_serve_temperature,
+        epsilon=args.ope_serve_epsilon,
+    )
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "ope_serve_log.json", {"feedback_dir": str(args.ope_serve_log), "rounds": served.feedback.n,
-                                            "max_rounds": max_rounds, "dropped": served.dropped,
-                                            "strategy": args.ope_serve_strategy, "results": res})  # fmt: skip
-    logged = res["logging policy (logged mean)"]["value"]
-    lines = [
-        "## Off-policy estimates on the Serve log",
-        "",
-        f"`{args.ope_serve_log}`: {served.feedback.n:,} answers (first slot; dropped: {served.dropped}"
-        f"{sampled}). "
-        f"Logged mean reward of the serving policy: **{logged:.4f}**. Targets under `{args.ope_serve_strategy}`; "
-        "estimate [90% bootstrap interval]; ESS = effective sample size of the importance weights.",
-        "",
-        "| target | " + " | ".join(SERVE_LOG_ESTIMATORS) + " | ESS | max weight |",
-        "|---|" + "---:|" * (len(SERVE_LOG_ESTIMATORS) + 2),
-    ]
-    for name, r in res.items():
-        if "estimates" not in r:
-            continue
-        cells = [f"{e['value']:.4f} [{e['low']:.4f}, {e['high']:.4f}]" for e in r["estimates"].values()]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['effective_sample_size']:.0f} | "
-                     f"{r['max_weight']:.1f} |")  # fmt: skip
-    return lines + [""]
+    write_json(
+        out / "ope_serve_log.json",
+        {
+            "feedback_dir": str(args.ope_serve_log),
+            "rounds": served.feedback.n,
+            "max_rounds": max_rounds,
+            "dropped": served.dropped,
+            "strategy": args.ope_serve_strategy,
+            "results": res,
+        },
+    )
+    return serve_log_markdown(
+        res,
+        feedback_dir=str(args.ope_serve_log),
+        answers=served.feedback.n,
+        dropped=served.dropped,
+        max_rounds=max_rounds,
+        strategy=args.ope_serve_strategy,
+    )
 
 
 if __name__ == "__main__":

@@ -38,35 +38,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import fields
 from pathlib import Path
 
 import yaml
 
-from jobs._common import check_outlives_job, fail, field_docs, setup_logging, write_json
+from jobs._common import check_outlives_job, fail, setup_logging, write_json
+from rec_rllib.config import add_flags, apply_flags
 from rec_rllib.data.catalog import load_or_prepare
 from rec_rllib.finetune import FinetuneConfig, finetune
 from rec_rllib.models.seqrec import ModelConfig
 
 log = logging.getLogger("jobs.finetune")
-
-
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str) -> None:
-    group = parser.add_argument_group(title)
-    docs = field_docs(cls)
-    for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        doc = f"{docs.get(f.name, '')} (default: {f.default})".replace("%", "%%")
-        if f.type in ("bool", bool):
-            group.add_argument(
-                flag, dest=f.name, type=lambda s: s.lower() in ("1", "true", "yes"), metavar="BOOL", help=doc
-            )
-        elif f.type in ("int", int):
-            group.add_argument(flag, dest=f.name, type=int, help=doc)
-        elif f.type in ("float", float):
-            group.add_argument(flag, dest=f.name, type=float, help=doc)
-        else:
-            group.add_argument(flag, dest=f.name, type=str, help=doc)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,31 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
     g.add_argument("--worker-resource", action="append", help="NAME=AMOUNT custom resource per worker")
     g.add_argument("--address", help="Ray address ('auto' on a cluster); default: an embedded local Ray")
-    _add_dataclass_flags(p, ModelConfig, "model (see rec_rllib.models.seqrec.ModelConfig)")
-    _add_dataclass_flags(p, FinetuneConfig, "training (see rec_rllib.finetune.FinetuneConfig)")
+    add_flags(p.add_argument_group("model (rec_rllib.models.seqrec.ModelConfig)"), ModelConfig)
+    add_flags(p.add_argument_group("training (rec_rllib.finetune.FinetuneConfig)"), FinetuneConfig)
     return p
 
 
 def resolve_configs(args: argparse.Namespace) -> tuple[ModelConfig, FinetuneConfig]:
-    """Defaults < config file < command line."""
+    """Defaults < config file < command line. The file: YAML (or JSON) with ``model:`` and ``train:``
+    sections, or the ``config.json`` of an earlier run (its resolved settings: the same run again)."""
     model_d: dict = {}
     train_d: dict = {}
     if args.config:
         doc = yaml.safe_load(Path(args.config).read_text()) or {}
+        if isinstance(doc, dict) and doc.get("kind") == "textseqrec":  # a run's config.json
+            doc = {"model": doc.get("model"), "train": doc.get("train")}
         if not isinstance(doc, dict) or set(doc) - {"model", "train"}:
             raise ValueError(
                 f"{args.config}: expected top-level keys 'model' and/or 'train', got {list(doc)}"
             )
         model_d, train_d = dict(doc.get("model") or {}), dict(doc.get("train") or {})
-    for f in fields(ModelConfig):
-        v = getattr(args, f.name)
-        if v is not None:
-            model_d[f.name] = None if (f.name == "text_model" and v.lower() == "none") else v
-    for f in fields(FinetuneConfig):
-        v = getattr(args, f.name)
-        if v is not None:
-            train_d[f.name] = v
-    return ModelConfig.from_dict(model_d), FinetuneConfig.from_dict(train_d)
+    return (
+        ModelConfig.from_dict(apply_flags(args, ModelConfig, model_d)),
+        FinetuneConfig.from_dict(apply_flags(args, FinetuneConfig, train_d)),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,10 +164,16 @@ def _finetune_on_ray(args: argparse.Namespace, dataset, model_cfg: ModelConfig, 
         gpus = args.num_workers if args.use_gpu else None
     with ray_session(args.address, num_cpus=cpus, num_gpus=gpus):
         return finetune_distributed(
-            dataset, model_cfg, train_cfg, args.out, num_workers=args.num_workers, use_gpu=args.use_gpu,
-            cpus_per_worker=args.cpus_per_worker, worker_resources=parse_resources(args.worker_resource),
+            dataset,
+            model_cfg,
+            train_cfg,
+            args.out,
+            num_workers=args.num_workers,
+            use_gpu=args.use_gpu,
+            cpus_per_worker=args.cpus_per_worker,
+            worker_resources=parse_resources(args.worker_resource),
             dataset_ref=args.dataset,
-        )  # fmt: skip
+        )
 
 
 if __name__ == "__main__":

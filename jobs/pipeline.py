@@ -6,7 +6,8 @@ Run it locally (starts an embedded Ray with ``--num-cpus`` CPUs, shut down at th
 
 or on a cluster (connects to the running Ray instead; ``--out`` must then be storage every node sees)::
 
-    RAY_AUTH_MODE=token ray job submit --working-dir . -- python -m jobs.pipeline --address auto --out /shared/qs
+    RAY_AUTH_MODE=token ray job submit --working-dir . -- \\
+        python -m jobs.pipeline --address auto --out /shared/qs
 
 Stages (``--stages`` picks a subset, in this order):
 
@@ -46,17 +47,11 @@ from rec_rllib.columns import SplitScheme
 from rec_rllib.data.catalog import dataset_path, load_or_prepare
 from rec_rllib.eval.report import markdown_table, write_report
 from rec_rllib.models import BASELINES
+from rec_rllib.rl.recipes import RECIPES
 
 log = logging.getLogger("jobs.pipeline")
 
 STAGES = ("prepare", "finetune", "train", "evaluate", "serve")
-RL_RECIPES = ("coverage", "relevance")
-# the coverage recipe (docs/rl.md): an indicator price on what the env runner has on display, which RL learns
-# the weight of (EnvConfig fields; λ 0.17 over a 5,000-step window widens coverage@10 by about a quarter)...
-COVERAGE_EXPOSURE = {"exposure_cost": 0.17, "exposure_shape": "indicator", "exposure_window": 5000}
-# ...and the co-occurrence term over the last 5 items at the weight the validation users prefer, with the hit
-# reward at horizon 1 (the next item, as the evaluation counts)
-COVERAGE_COOCCURRENCE = {"cooccurrence": True, "horizon": 1}
 EVAL_SETTINGS = (
     (SplitScheme.LEAVE_ONE_OUT, "test"),
     (SplitScheme.LEAVE_ONE_OUT, "valid"),
@@ -83,20 +78,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune-epochs", type=int, default=300, help="epoch cap of fine-tuning")
     g.add_argument("--hidden-size", type=int, default=None, help="model width (default: ModelConfig's)")
     g.add_argument("--max-len", type=int, default=None, help="history length the model reads")
-    g.add_argument("--rl-iterations", type=int, default=300,
-                   help="APPO iterations (the coverage recipe's exposure weight is still rising slowly at 300: the budget "
-                   "sets where it stops, and with it how much coverage is bought; docs/rl.md)")  # fmt: skip
-    g.add_argument("--rl-recipe", choices=RL_RECIPES, default="coverage",
-                   help="coverage: RL learns the price of what is on display (the exposure weight alone, "
-                   f"{COVERAGE_EXPOSURE['exposure_shape']} exposure cost {COVERAGE_EXPOSURE['exposure_cost']} "
-                   f"over {COVERAGE_EXPOSURE['exposure_window']:,} recommendations, Thompson sampling) on top of the "
-                   "fine-tuned scores plus the co-occurrence term at the weight the validation users prefer, "
-                   "(docs/rl.md); "
-                   "relevance: APPO trains the policy head on the hit reward alone (jobs.train's defaults)")  # fmt: skip
+    g.add_argument(
+        "--rl-iterations",
+        type=int,
+        default=300,
+        help="APPO iterations (the coverage recipe's exposure weight is still rising slowly at 300: the "
+        "budget "
+        "sets where it stops, and with it how much coverage is bought; docs/rl.md)",
+    )
+    g.add_argument(
+        "--rl-recipe",
+        choices=RECIPES,
+        default="coverage",
+        help="coverage: RL learns the price of what is on display (the exposure weight alone, under an "
+        "indicator exposure cost, Thompson sampling) on top of the fine-tuned scores plus the co-occurrence "
+        "term at the weight the validation users prefer; relevance: APPO trains the policy head on the hit "
+        "reward alone (jobs.train's defaults). The settings: rec_rllib/rl/recipes/<name>.yaml (docs/rl.md)",
+    )
     g.add_argument("--gpus", type=float, default=0.0, help="GPUs for fine-tuning and the RL learner")
-    g.add_argument("--exposure-slots", type=int, default=1,
-                   help="evaluate the fine-tuned model and the RL policy also with the exposure slot "
-                   "(rec_rllib.exposure; 0: not)")  # fmt: skip
+    g.add_argument(
+        "--exposure-slots",
+        type=int,
+        default=1,
+        help="evaluate the fine-tuned model and the RL policy also with the exposure slot "
+        "(rec_rllib.exposure; 0: not)",
+    )
     g.add_argument("--port", type=int, default=8000, help="HTTP port of the Serve endpoint (127.0.0.1)")
     g.add_argument("--serve-seconds", type=float, default=None, help="serve this long (default: Ctrl-C)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -107,33 +113,23 @@ EXPOSED = "+exposure"
 
 
 def _rl_config(args: argparse.Namespace, ft_dir: Path):
-    """The train stage's RLTrainConfig for ``--rl-recipe`` (the recipes of docs/rl.md)."""
-    from dataclasses import replace
-
-    from rec_rllib.env import EnvConfig
-    from rec_rllib.explore import ExplorationConfig
-    from rec_rllib.rl.train import GAMMA_FROM_VALIDATION, RLTrainConfig
+    """The train stage's RLTrainConfig: ``--rl-recipe``'s settings (rec_rllib/rl/recipes) placed on this
+    machine's CPUs and GPUs."""
+    from rec_rllib.config import merged
+    from rec_rllib.rl.config import RLTrainConfig
+    from rec_rllib.rl.recipes import recipe
 
     runners = max(1, min(2, args.num_cpus))
-    cfg = RLTrainConfig(
-        finetuned=str(ft_dir),
-        iterations=args.rl_iterations,
-        num_env_runners=runners,
-        num_cpus_per_env_runner=min(1.0, args.num_cpus / (runners + 1)),
-        num_gpus_per_learner=args.gpus,
-        checkpoint_every=max(1, args.rl_iterations),
-        env=EnvConfig(dataset=str(Path(dataset_path("ml-100k", args.data_root)).resolve())),
-    )
-    if args.rl_recipe == "coverage":
-        cfg = replace(
-            cfg,
-            train_state_head=False,
-            train_item_terms=False,
-            cooccurrence_gamma=GAMMA_FROM_VALIDATION,
-            exploration=ExplorationConfig(strategy="thompson"),
-            env=replace(cfg.env, **COVERAGE_EXPOSURE, **COVERAGE_COOCCURRENCE),
-        )
-    return cfg
+    placement = {
+        "finetuned": str(ft_dir),
+        "iterations": args.rl_iterations,
+        "num_env_runners": runners,
+        "num_cpus_per_env_runner": min(1.0, args.num_cpus / (runners + 1)),
+        "num_gpus_per_learner": args.gpus,
+        "checkpoint_every": max(1, args.rl_iterations),
+        "env": {"dataset": str(Path(dataset_path("ml-100k", args.data_root)).resolve())},
+    }
+    return RLTrainConfig.from_dict(merged(recipe(args.rl_recipe), placement))
 
 
 def _evaluate_task(dataset, model: str, scheme: str, split: str, exposure_slots: int):
@@ -141,9 +137,9 @@ def _evaluate_task(dataset, model: str, scheme: str, split: str, exposure_slots:
     exposure slot (a fresh tracker, users in case order)."""
     from rec_rllib.eval import evaluate_ranking
     from rec_rllib.exposure import ExposureAwareRecommender, ExposureConfig
-    from rec_rllib.models import load_recommender
+    from rec_rllib.rl.policy import load_any_recommender
 
-    rec = load_recommender(model.removesuffix(EXPOSED), dataset, scheme=scheme)
+    rec = load_any_recommender(model.removesuffix(EXPOSED), dataset, scheme=scheme)
     if model.endswith(EXPOSED):
         rec = ExposureAwareRecommender(rec, ExposureConfig(slots=exposure_slots))
     return evaluate_ranking(rec, dataset, scheme=scheme, split=split)
@@ -188,9 +184,11 @@ def _write_reports(out: Path, ml, models: list[str], results: dict) -> None:
         # differences of every model against the fine-tuned one (listed first there)
         order = sorted(models, key=lambda m: not _label(m).startswith("fine-tuned ("))
         sections = ranking_analysis(
-            sub, {names[m]: ranked[names[m]] for m in order}, [m.removesuffix(EXPOSED) for m in order],
+            sub,
+            {names[m]: ranked[names[m]] for m in order},
+            [m.removesuffix(EXPOSED) for m in order],
             title=f"ml-100k {scheme}/{split}",
-        )  # fmt: skip
+        )
         write_report(
             sub,
             table,
@@ -286,17 +284,22 @@ def main(argv: list[str] | None = None) -> int:
         models = list(args.models)
         if "finetune" in stages:
             log.info(
-                "finetune: the transformer on next-item prediction for %.0f minutes (a Ray task with %d CPUs; "
+                "finetune: the transformer on next-item prediction for %.0f minutes (a Ray task with %d "
+                "CPUs; "
                 "a progress line every 30 s, a line per validation) -> %s",
-                args.finetune_minutes, args.num_cpus, ft_dir,
-            )  # fmt: skip
+                args.finetune_minutes,
+                args.num_cpus,
+                ft_dir,
+            )
             task = ray.remote(num_cpus=args.num_cpus, num_gpus=args.gpus)(_finetune_task)
             ft = ray.get(task.remote(ml_ref, str(ft_dir), args))
             t = ft["test"]
             log.info(
                 "finetune: done in %.0f s, test HR@10 %.4f NDCG@10 %.4f (popularity: 0.0859 / 0.0449)",
-                ft["seconds"], t["HR@10"], t["NDCG@10"],
-            )  # fmt: skip
+                ft["seconds"],
+                t["HR@10"],
+                t["NDCG@10"],
+            )
         if "train" in stages:
             from rec_rllib.rl.train import train
 
@@ -304,8 +307,11 @@ def main(argv: list[str] | None = None) -> int:
             log.info(
                 "train: APPO (%s recipe), %d iterations on %d env runners replaying user logs (a line per "
                 "iteration; about 3 minutes on 2 cores) -> %s",
-                args.rl_recipe, cfg.iterations, cfg.num_env_runners, rl_dir,
-            )  # fmt: skip
+                args.rl_recipe,
+                cfg.iterations,
+                cfg.num_env_runners,
+                rl_dir,
+            )
             train(cfg, rl_dir, progress=log.info)
         if "evaluate" in stages:
             if ft_dir.is_dir() and (ft_dir / "model.safetensors").exists():
@@ -316,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
                 models += [m + EXPOSED for m in models if m not in args.models]
             log.info(
                 "evaluate: %d models on %d settings (Ray tasks; full ranking of every held-out user) -> %s",
-                len(models), len(EVAL_SETTINGS), out / "report.md",
-            )  # fmt: skip
+                len(models),
+                len(EVAL_SETTINGS),
+                out / "report.md",
+            )
             evaluate = ray.remote(num_cpus=1)(_evaluate_task)
             jobs = {
                 (model, scheme, split): evaluate.remote(ml_ref, model, scheme, split, args.exposure_slots)

@@ -3,7 +3,7 @@
 Examples::
 
     python -m jobs.prepare --dataset ml-100k                 # fetched through pip (recbole==1.2.1 wheel)
-    python -m jobs.prepare --dataset ml-100k --source-dir ~/ml-100k   # GroupLens u.data/u.item or RecBole files
+    python -m jobs.prepare --dataset ml-100k --source-dir ~/ml-100k  # GroupLens or RecBole files
     python -m jobs.prepare --dataset obd --campaign all      # Open Bandit sample (obp==0.5.7 sdist)
     python -m jobs.prepare --dataset custom --interactions logs.csv --mapping mapping.yaml
     python -m jobs.prepare --dataset feedback --feedback-dir runs/serve/feedback --base ml-100k
@@ -76,10 +76,17 @@ def custom_mapping(args: argparse.Namespace) -> tuple[ColumnMapping, str | None,
     else:
         mapping = ColumnMapping()
     overrides = {
-        "user": args.user_col, "item": args.item_col, "timestamp": args.time_col, "reward": args.reward_col,
-        "propensity": args.propensity_col, "position": args.position_col, "policy": args.policy_col,
-        "timestamp_unit": args.timestamp_unit, "item_id": args.item_id_col, "item_text": args.item_text_col,
-    }  # fmt: skip
+        "user": args.user_col,
+        "item": args.item_col,
+        "timestamp": args.time_col,
+        "reward": args.reward_col,
+        "propensity": args.propensity_col,
+        "position": args.position_col,
+        "policy": args.policy_col,
+        "timestamp_unit": args.timestamp_unit,
+        "item_id": args.item_id_col,
+        "item_text": args.item_text_col,
+    }
     for key, value in overrides.items():
         if value is not None:
             setattr(mapping, key, value)
@@ -138,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         c, loo = ds.manifest["counts"], ds.manifest["splits"]["loo"]["counts"]
         print(
             f"{name}: {c['interactions']:,} interactions, {c['users']:,} users, {c['items']:,} items "
-            f"-> {path}\n  leave-one-out: train {loo['train']:,} / valid {loo['valid']:,} / test {loo['test']:,}; "
+            f"-> {path}\n  leave-one-out: train {loo['train']:,} / valid {loo['valid']:,} / test "
+            f"{loo['test']:,}; "
             f"content {ds.manifest['content_hash'][:19]}"
         )
     log.info("prepared %d dataset(s) in %.1fs", len(prepared), time.perf_counter() - t0)

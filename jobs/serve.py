@@ -35,6 +35,7 @@ from typing import Any
 
 from jobs._common import check_outlives_job, fail, ray_session, setup_logging
 from rec_rllib.exposure import SERVING_EXPOSURE_REFRESH, ExposureConfig
+from serving.defaults import BATCH_WAIT_TIMEOUT_S, MAX_BATCH_SIZE
 
 log = logging.getLogger("jobs.serve")
 APP_NAME = "rec"
@@ -49,14 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="root of prepared datasets (default: $REC_RLLIB_DATA or ./data)")
     p.add_argument("--feedback-dir", default="runs/serve/feedback")
     p.add_argument(
-        "--port", type=int, default=8000,
-        help="the endpoint's port: the app's replica answers HTTP on it itself (direct ingress), else Serve's proxy",
-    )  # fmt: skip
+        "--port",
+        type=int,
+        default=8000,
+        help="the endpoint's port: the app's replica answers HTTP on it itself (direct ingress), else "
+        "Serve's proxy",
+    )
     p.add_argument(
-        "--proxy-port", type=int, default=None,
+        "--proxy-port",
+        type=int,
+        default=None,
         help="Serve's HTTP proxy, one URL for every replica (default: --port with direct ingress off, else "
         "--port + 100)",
-    )  # fmt: skip
+    )
     p.add_argument("--address", help="Ray address ('auto' on a cluster); default: an embedded local Ray")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
     p.add_argument("--num-gpus", type=float, default=None, help="(logical) GPUs of the embedded local Ray")
@@ -64,22 +70,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--topology",
         choices=["split", "single"],
         default="single",
-        help="single: one deployment answers HTTP and scores (the low-latency default); split: ingress + scorer "
+        help="single: one deployment answers HTTP and scores (the low-latency default); split: ingress + "
+        "scorer "
         "deployments (scorers scale apart from the HTTP layer, e.g. on GPUs)",
     )
     p.add_argument("--ingress-replicas", type=int, default=1)
     p.add_argument("--scorer-replicas", type=int, default=1)
     p.add_argument("--scorer-gpus", type=float, default=0.0, help="GPU fraction per scorer replica")
-    p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument(
-        "--batch-wait-ms", type=float, default=0.0,
-        help="how long a batch waits to fill (0: a batch forms from what queued while the previous one ran)",
-    )  # fmt: skip
+        "--max-batch-size",
+        type=int,
+        default=MAX_BATCH_SIZE,
+        help=f"requests a scoring replica answers in one forward pass at most (default {MAX_BATCH_SIZE})",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=BATCH_WAIT_TIMEOUT_S * 1000,
+        help="how long a batch waits to fill (default 0: a batch forms from what queued while the previous "
+        "one ran)",
+    )
     p.add_argument(
         "--direct-ingress",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="replicas answer HTTP themselves, on --port (RAY_SERVE_ENABLE_DIRECT_INGRESS=1); default: on with "
+        help="replicas answer HTTP themselves, on --port (RAY_SERVE_ENABLE_DIRECT_INGRESS=1); default: on "
+        "with "
         "the embedded Ray; on a cluster set that variable in the environment of `ray start`",
     )
     p.add_argument(
@@ -95,17 +111,29 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="turn off Serve's per-request access log line (~2%% of a replica's CPU when on)",
     )
-    p.add_argument("--exposure-slots", type=int, default=0,
-                   help="greedy slates: last positions that may go to items the replica has not shown lately "
-                   "(rec_rllib.exposure; catalogue coverage at almost no accuracy cost; 0: off)")  # fmt: skip
+    p.add_argument(
+        "--exposure-slots",
+        type=int,
+        default=0,
+        help="greedy slates: last positions that may go to items the replica has not shown lately "
+        "(rec_rllib.exposure; catalogue coverage at almost no accuracy cost; 0: off)",
+    )
     p.add_argument(
         "--exposure-pool", type=int, default=ExposureConfig.pool, help="exposure slot candidates per user"
     )
-    p.add_argument("--exposure-window", type=int, default=ExposureConfig.window,
-                   help="slate positions a replica's tracker remembers")  # fmt: skip
-    p.add_argument("--exposure-refresh", type=int, default=SERVING_EXPOSURE_REFRESH,
-                   help="answers between updates of a replica's exposure prices: the same request gets the same "
-                   "list in between (1: after every answer)")  # fmt: skip
+    p.add_argument(
+        "--exposure-window",
+        type=int,
+        default=ExposureConfig.window,
+        help="slate positions a replica's tracker remembers",
+    )
+    p.add_argument(
+        "--exposure-refresh",
+        type=int,
+        default=SERVING_EXPOSURE_REFRESH,
+        help="answers between updates of a replica's exposure prices: the same request gets the same "
+        "list in between (1: after every answer)",
+    )
     p.add_argument("--smoke", action="store_true", help="send one sample request, print it, stop")
     p.add_argument("--seconds", type=float, default=None, help="serve this long, then stop (default: Ctrl-C)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -135,7 +163,8 @@ APP_ARG_FLAGS = {"batch_wait_timeout_s": "--batch-wait-ms"}
 
 
 def check_app_args(app_args: dict[str, Any]) -> None:
-    """The app's own validation (``serving.app.AppArgs``) before Ray starts: each refused value named by its flag."""
+    """The app's own validation (``serving.app.AppArgs``) before Ray starts: each refused value named by its
+    flag."""
     from pydantic import ValidationError
 
     from serving.app import AppArgs
@@ -153,8 +182,8 @@ def check_app_args(app_args: dict[str, Any]) -> None:
 
 
 def dataset_dir(ref: str, data_root: str | None) -> str:
-    """The prepared dataset directory for ``ref`` (a directory, or a built-in name, prepared on first use as the
-    other jobs do); a clear error before anything is deployed when there is none."""
+    """The prepared dataset directory for ``ref`` (a directory, or a built-in name, prepared on first use as
+    the other jobs do); a clear error before anything is deployed when there is none."""
     from rec_rllib.data.catalog import load_or_prepare, prepared_dir
 
     try:
@@ -187,7 +216,8 @@ def start(app_args: dict[str, Any], port: int) -> str:
 
 
 DIRECT_INGRESS_LINE = "direct ingress: "
-"""Prefix of the lines on which :func:`main` prints each replica's own URL (read by :func:`urls_in_output`)."""
+"""Prefix of the lines on which :func:`main` prints each replica's own URL (read by
+:func:`urls_in_output`)."""
 
 
 def urls_in_output(output: str) -> list[str]:
@@ -279,8 +309,8 @@ def fast_path_env(
     port: int, proxy_port: int | None, *, embedded: bool, direct: bool | None, same_thread: bool | None
 ) -> int:
     """Set up the low-latency serving path for an embedded Ray (before it starts: Serve's controller and
-    replicas read these variables): the app's replica answers HTTP on ``port`` itself (direct ingress, replicas
-    from ``port`` up) and runs request code on its own event loop. Returns the proxy's port."""
+    replicas read these variables): the app's replica answers HTTP on ``port`` itself (direct ingress,
+    replicas from ``port`` up) and runs request code on its own event loop. Returns the proxy's port."""
     direct = embedded if direct is None else direct
     same_thread = embedded if same_thread is None else same_thread
     if same_thread:
@@ -314,9 +344,11 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"--model {args.model} does not exist (a jobs.finetune run dir or a jobs.train checkpoint)")
     try:
         ExposureConfig(
-            slots=args.exposure_slots, pool=args.exposure_pool, window=args.exposure_window,
+            slots=args.exposure_slots,
+            pool=args.exposure_pool,
+            window=args.exposure_window,
             refresh=args.exposure_refresh,
-        )  # fmt: skip
+        )
     except ValueError as e:
         fail(f"--exposure-*: {e}")
     dataset = str(Path(dataset_dir(resolve_dataset(args.model, args.dataset), args.data_root)).resolve())

@@ -66,7 +66,8 @@ class SplitScheme:
 
 
 class Tokens:
-    """Item tokens of the sequence model and of the RL observations: 0 = padding, 1 = [BOS], item i = i + 2."""
+    """Item tokens of the sequence model and of the RL observations: 0 = padding, 1 = [BOS], item i = i +
+    2."""
 
     PAD = 0
     BOS = 1

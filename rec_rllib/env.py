@@ -10,9 +10,10 @@ Rewards (``reward=`` in the config):
 * ``hit`` — ``rating / max_rating`` when the recommended item is among the user's next ``horizon`` logged
   items, else 0 (implicit data without ratings: 1 per hit).
 * ``simulator`` — the probability that a user-response model fitted on the train split gives the
-  recommended item: :class:`ItemKNNSimulator` (item-item cosine co-occurrence over train histories, scored
-  against the user's recent window). It rates items the log never showed. Its fit is validated by its
-  HR@10 on the leave-one-out validation users (see :meth:`ItemKNNSimulator.validate`).
+  recommended item: :class:`~rec_rllib.simulator.ItemKNNSimulator` (item-item cosine co-occurrence over train
+  histories, scored against the user's recent window). It rates items the log never showed. Its fit is
+  validated by its HR@10 on the leave-one-out validation users (see
+  :meth:`~rec_rllib.simulator.ItemKNNSimulator.validate`).
 
 ``novelty_bonus`` (λ ≥ 0) adds ``λ · novelty(item)`` to the reward of every recommendation, hit or not,
 novelty being the item's self-information ``-log2 p(item)`` under the train popularity of the runner's own
@@ -37,13 +38,14 @@ step's info says ``on_display``: whether the recommended item was already recomm
 (training reports the share per iteration).
 
 ``cooccurrence`` adds ``Obs.COOCCURRING_ITEMS`` and ``Obs.COOCCURRENCE`` to the observation: the
-:class:`ItemKNNSimulator`'s probability of the items given the last ``cooccurrence_window`` items (5 by
-default: on MovieLens-100K the simulator ranks the next item far better from the last 5 items than from the
-last 50; the ``feature_items`` most probable items, :meth:`ItemKNNSimulator.feature`), fitted on every train
-user but computed *leave-user-out* (the replayed user's own row taken out, so the feature never knows the
-items the user consumes next). The policy learns a weight on it
-(:class:`~rec_rllib.rl.module.CooccurrenceTerm`); evaluation and serving compute it for the history they are
-given (:func:`rec_rllib.rl.policy.cooccurrence_feature`). The reward is unchanged.
+:class:`~rec_rllib.simulator.ItemKNNSimulator`'s probability of the items given the last
+``cooccurrence_window`` items (5 by default: on MovieLens-100K the simulator ranks the next item far better
+from the last 5 items than from the last 50; the ``feature_items`` most probable items,
+:meth:`~rec_rllib.simulator.ItemKNNSimulator.feature`), fitted on every train user but computed
+*leave-user-out* (the replayed user's own row taken out, so the feature never knows the items the user
+consumes next). The policy learns a weight on it (:class:`~rec_rllib.rl.module.CooccurrenceTerm`); evaluation
+and serving compute it for the history they are given (:func:`rec_rllib.rl.policy.cooccurrence_feature`). The
+reward is unchanged.
 
 Both features travel as fixed-length lists of (item, value), never as vectors over the catalogue: a step is
 the same size at 1,682 items as at 100,000 (the module spreads the lists over the catalogue where it forms
@@ -53,8 +55,8 @@ co-occurrence rows.
 
 Sharding: env runner ``i`` of ``n`` (``worker_index``/``num_workers`` of RLlib's ``EnvContext``; the local
 runner, index 0, samples only when there are no remote runners) owns the users with
-``user_idx % n == i - 1`` and reads only their rows from Parquet. The union of the shards is every train
-user, and shards are disjoint.
+``user_idx % n == i - 1`` and reads only their rows from Parquet (:mod:`rec_rllib.replay`). The union of the
+shards is every train user, and shards are disjoint.
 
 This module never imports torch.
 """
@@ -62,33 +64,37 @@ This module never imports torch.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import pyarrow.dataset as pads
 
-from rec_rllib.columns import Col, Obs, Split, SplitScheme, Tokens
+from rec_rllib.columns import Obs, SplitScheme, Tokens
+from rec_rllib.config import NO_FLAG, DictConfig, setting
 from rec_rllib.exposure import (
+    EXPOSURE_SHAPES,
     ExposureConfig,
     ExposureTracker,
     check_exposure_shape,
     exposure_feature,
-    largest,
 )
+from rec_rllib.replay import shard_of, shared_shard
+from rec_rllib.simulator import ItemKNNSimulator, shared_simulator
 
 REWARDS = ("hit", "simulator")
 
 
 @dataclass
-class EnvConfig:
+class EnvConfig(DictConfig):
     """Settings of :class:`LogReplayEnv`."""
 
-    dataset: str = "data/ml-100k"
+    config_label = "env config"
+
+    dataset: str = setting("data/ml-100k", flag=NO_FLAG)
     """Prepared dataset directory (``jobs.prepare``)."""
-    scheme: str = SplitScheme.LEAVE_ONE_OUT
+    scheme: str = setting(SplitScheme.LEAVE_ONE_OUT, choices=tuple(SplitScheme.COLUMNS))
     """Split whose train part is replayed."""
     window: int = 50
     """Most recent items in the observation."""
@@ -96,7 +102,7 @@ class EnvConfig:
     """``hit``: a recommendation counts when it is among the next ``horizon`` logged items."""
     episode_len: int = 20
     """Most steps per episode."""
-    reward: str = "hit"
+    reward: str = setting("hit", choices=REWARDS)
     """``hit`` or ``simulator``."""
     novelty_bonus: float = 0.0
     """λ: every recommendation earns ``λ · novelty(item)`` on top of its relevance reward (0 = off)."""
@@ -105,8 +111,9 @@ class EnvConfig:
     > 0 adds the exposure counts to the observation (0 = off)."""
     exposure_window: int = 10_000
     """Recommendations the exposure tracker remembers (all sub-environments of the process together)."""
-    exposure_shape: str = "log"
-    """What the cost counts of an item: ``log`` (log(1 + count), normalised) or ``indicator`` (shown at all)."""
+    exposure_shape: str = setting("log", choices=EXPOSURE_SHAPES)
+    """What the cost counts of an item: ``log`` (log(1 + count), normalised) or ``indicator`` (shown at
+    all)."""
     cooccurrence: bool = False
     """The observation carries the item-kNN simulator's click probability of every item for the last
     ``cooccurrence_window`` items, leave-user-out (``Obs.COOCCURRENCE``): the feature the policy's
@@ -122,11 +129,11 @@ class EnvConfig:
     cooccurrence_window: int = 5
     """Most recent items the co-occurrence feature averages over (the next item follows the last few items
     more closely than the whole window: on its own the feature ranks best from about 5)."""
-    num_shards: int = 0
+    num_shards: int = setting(0, flag=NO_FLAG)
     """Shards of the user population (0 = from the env context: the number of env runners)."""
-    shard_id: int = -1
+    shard_id: int = setting(-1, flag=NO_FLAG)
     """This env's shard (-1 = from the env context: ``worker_index - 1``)."""
-    seed: int = 0
+    seed: int = setting(0, flag=NO_FLAG)
     """Base seed; each runner and sub-environment derives its own."""
 
     def __post_init__(self) -> None:
@@ -149,11 +156,6 @@ class EnvConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EnvConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
 
 _SHARED_EXPOSURE: dict[tuple, ExposureTracker] = {}
 
@@ -165,250 +167,6 @@ def shared_exposure_tracker(key: tuple, n_items: int, window: int) -> ExposureTr
     if full not in _SHARED_EXPOSURE:
         _SHARED_EXPOSURE[full] = ExposureTracker(n_items, ExposureConfig(slots=0, window=int(window)))
     return _SHARED_EXPOSURE[full]
-
-
-_SIMULATORS: dict[tuple[str, str], ItemKNNSimulator] = {}
-
-
-def shared_simulator(dataset: str, scheme: str) -> ItemKNNSimulator:
-    """The :class:`ItemKNNSimulator` of a dataset's train split, fitted once per process (every sub-environment
-    of an env runner reads the same; it is fitted on every train user, not only the runner's shard)."""
-    key = (str(dataset), str(scheme))
-    if key not in _SIMULATORS:
-        histories, manifest = read_train_histories(dataset, scheme)
-        counts = manifest["counts"]
-        _SIMULATORS[key] = ItemKNNSimulator(histories, int(counts["items"]), int(counts["users"]))
-    return _SIMULATORS[key]
-
-
-@dataclass(frozen=True)
-class ReplayShard:
-    """One shard's replayable users, read once per process (every sub-environment of an env runner replays the
-    same shard: one copy, not one per sub-environment)."""
-
-    histories: dict[int, tuple[np.ndarray, np.ndarray]]
-    """{user_idx: (items, rewards)} of the shard's users with at least 2 train items, time-ordered."""
-    users: np.ndarray
-    """Their user indices, sorted."""
-    max_rating: float
-    """The largest reward in the shard (the ``hit`` reward's scale)."""
-    novelty: np.ndarray
-    """[n_items] each item's self-information under the shard's train popularity, over its maximum."""
-
-
-_SHARDS: dict[tuple, ReplayShard] = {}
-
-
-def shared_shard(dataset: str, scheme: str, shard_id: int, num_shards: int, manifest: dict) -> ReplayShard:
-    """The :class:`ReplayShard` of a dataset's users ``user_idx % num_shards == shard_id``, read on first use
-    in this process (keyed by the dataset's content too: a dataset prepared again into the same directory is
-    read again)."""
-    key = (str(dataset), str(scheme), int(shard_id), int(num_shards), manifest.get("content_hash"))
-    if key not in _SHARDS:
-        n_items = int(manifest["counts"]["items"])
-        n_users = int(manifest["counts"]["users"])
-        users = np.arange(shard_id, n_users, num_shards, dtype=np.int64)
-        histories, _ = read_train_histories(dataset, scheme, users)
-        replayable = {u: h for u, h in histories.items() if len(h[0]) >= 2}
-        if not replayable:
-            raise ValueError(f"shard {shard_id}/{num_shards} of {dataset} has no user with >= 2 train items")
-        max_rating = max(float(max(r.max() for _, r in replayable.values())), 1e-9)
-        counts = np.bincount(np.concatenate([h[0] for h in histories.values()]), minlength=n_items)
-        info = -np.log2((counts + 1.0) / (counts.sum() + n_items))
-        _SHARDS[key] = ReplayShard(
-            histories=replayable,
-            users=np.array(sorted(replayable), dtype=np.int64),
-            max_rating=max_rating,
-            novelty=info / info.max(),  # [n_items] in (0, 1]
-        )
-    return _SHARDS[key]
-
-
-def shard_of(worker_index: int, num_workers: int) -> tuple[int, int]:
-    """(shard_id, num_shards) of an env runner: remote runners 1..n split the users; a lone local runner owns all."""
-    if num_workers <= 0:
-        return 0, 1
-    return max(worker_index, 1) - 1, num_workers
-
-
-def read_train_histories(
-    dataset: str, scheme: str, users: np.ndarray | None = None
-) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], dict]:
-    """{user_idx: (items, rewards)} of the train split, time-ordered, reading only ``users``' rows."""
-    root = Path(dataset)
-    manifest = json.loads((root / "manifest.json").read_text())
-    col = SplitScheme.column(scheme)
-    ds = pads.dataset(str(root / "interactions.parquet"), format="parquet")
-    flt = pads.field(col) == Split.TRAIN
-    if users is not None:
-        flt = flt & pads.field(Col.USER_IDX).isin(users.astype(np.int32))
-    table = ds.to_table(columns=[Col.USER_IDX, Col.ITEM_IDX, Col.REWARD], filter=flt)
-    u = table.column(Col.USER_IDX).to_numpy()
-    i = table.column(Col.ITEM_IDX).to_numpy().astype(np.int64)
-    r = table.column(Col.REWARD).to_numpy().astype(np.float64)
-    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    if len(u):
-        cuts = np.flatnonzero(u[1:] != u[:-1]) + 1  # the file is sorted by (user, time, source row)
-        for us, it, rw in zip(np.split(u, cuts), np.split(i, cuts), np.split(r, cuts), strict=True):
-            out[int(us[0])] = (it, rw)
-    return out, manifest
-
-
-def train_item_counts(dataset: str, scheme: str) -> np.ndarray:
-    """[n_items] interactions per item in the train split (the popularity the policy head calibrates)."""
-    root = Path(dataset)
-    n_items = int(json.loads((root / "manifest.json").read_text())["counts"]["items"])
-    ds = pads.dataset(str(root / "interactions.parquet"), format="parquet")
-    table = ds.to_table(columns=[Col.ITEM_IDX], filter=pads.field(SplitScheme.column(scheme)) == Split.TRAIN)
-    return np.bincount(table.column(Col.ITEM_IDX).to_numpy().astype(np.int64), minlength=n_items)
-
-
-def _no_feature() -> tuple[np.ndarray, np.ndarray]:
-    """The co-occurrence feature of an empty window: no item (its flat 0.01 tells no item from another)."""
-    return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-
-
-class ItemKNNSimulator:
-    """User-response model: P(click | recent items) from item-item cosine similarity of train co-occurrence.
-
-    score(a | window) = mean over the window's items j of cos(a, j), where items are vectors of the users
-    who consumed them; scores are mapped to (0, 1) by dividing by the best score among all items.
-
-    Memory: the co-occurrence counts are kept sparse (scipy CSR, O(pairs of items some user consumed both
-    of)), and dense when the catalogue is small enough that an ``n_items²`` float32 matrix fits in
-    :attr:`DENSE_BYTES` (MovieLens-100K: 11 MB, one array, faster rows). Cosine rows are computed when asked
-    for (:meth:`rows`), never as a full ``n × n`` similarity matrix, and the user × item matrix is sparse.
-    """
-
-    DENSE_BYTES = 64 << 20
-
-    def __init__(self, histories: dict[int, tuple[np.ndarray, np.ndarray]], n_items: int, n_users: int):
-        """Fitted on ``{user_idx: (items, rewards)}`` (:func:`read_train_histories`; rewards are not used)."""
-        items = [np.asarray(i, dtype=np.int64) for i, _ in histories.values()]
-        users = [np.full(len(i), u, dtype=np.int64) for u, i in zip(histories, items, strict=True)]
-        empty = np.zeros(0, dtype=np.int64)
-        self._fit(
-            np.concatenate(users) if users else empty,
-            np.concatenate(items) if items else empty,
-            n_items,
-            n_users,
-        )
-
-    @classmethod
-    def from_pairs(cls, users: np.ndarray, items: np.ndarray, n_items: int, n_users: int) -> ItemKNNSimulator:
-        """Fitted on interactions given as two index columns (a data frame's, a Parquet table's)."""
-        sim = cls.__new__(cls)
-        sim._fit(np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64), n_items, n_users)
-        return sim
-
-    def _fit(self, users: np.ndarray, items: np.ndarray, n_items: int, n_users: int) -> None:
-        from scipy import sparse
-
-        self.n_items = int(n_items)
-        ui = sparse.csr_matrix(  # duplicates summed, then 1: a user who consumed an item twice counts once
-            (np.ones(len(items), dtype=np.float32), (items, users)),
-            shape=(self.n_items, max(int(n_users), 1)),
-        )
-        ui.data[:] = 1.0
-        co = (ui @ ui.T).tocsr()  # [n, n] users who consumed both items (exact small integers in float32)
-        self.users = co.diagonal().astype(np.float32)  # [n] users who consumed each item
-        self.co = co.toarray() if self.n_items**2 * 4 <= self.DENSE_BYTES else co
-        self._norms = np.sqrt(np.where(self.users > 0, self.users, 1.0)).astype(np.float32)
-
-    def _co_rows(self, items: np.ndarray) -> np.ndarray:
-        """[len(items), n] dense co-occurrence counts of ``items`` with every item."""
-        rows = self.co[items]
-        return rows if isinstance(rows, np.ndarray) else rows.toarray()
-
-    def probabilities(self, window: np.ndarray, *, without: np.ndarray | None = None) -> np.ndarray:
-        """[n_items] click probabilities given the recent items.
-
-        ``without``: the train items of the user being scored, taken out of the co-occurrence first (leave-user-
-        out: the cosines as if that user were not in the train split), so that replaying a train user does not
-        score items by the user's own future: what the policy's co-occurrence feature sees in training
-        (:class:`LogReplayEnv` with ``cooccurrence``). Evaluation and serving compute the feature the same way, with
-        the history they are given as ``without`` (its train part is then taken out exactly; items the fit never
-        saw with the user change only the normalisation of their own row)."""
-        return self.from_rows(self.rows(window, without=without))
-
-    def rows(self, items: np.ndarray, *, without: np.ndarray | None = None) -> np.ndarray:
-        """[len(items), n_items] the cosine of each of ``items`` with every item (0 with itself), ``without``'s
-        owner taken out of the fit as in :meth:`probabilities`. A replayed episode computes the rows of the
-        items its windows can hold once (:class:`LogReplayEnv`); each step then averages the window's."""
-        items = np.asarray(items, dtype=np.int64)
-        co = self._co_rows(items)
-        if without is None:
-            out = co / self._norms[items][:, None] / self._norms[None, :]
-        else:
-            x = np.zeros(self.n_items, dtype=np.float32)
-            x[without] = 1.0
-            co = np.maximum(co - x[items][:, None] * x[None, :], 0.0)  # [w, n]
-            den = np.sqrt(np.maximum(self.users[items] - x[items], 0.0))[:, None] * np.sqrt(
-                np.maximum(self.users - x, 0.0)
-            )
-            out = np.divide(co, den, out=np.zeros_like(co), where=den > 0)
-        out[np.arange(len(items)), items] = 0.0
-        return out
-
-    def from_rows(self, rows: np.ndarray) -> np.ndarray:
-        """[n_items] probabilities from a window's similarity rows (:meth:`rows`): their mean over the best
-        item's, in [0, 1]; 0.01 for every item when the window is empty."""
-        if len(rows) == 0:
-            return np.full(self.n_items, 0.01)
-        s = rows.mean(axis=0)
-        return np.clip(s / max(float(s.max()), 1e-9), 0.0, 1.0)
-
-    def feature(
-        self, window: np.ndarray, *, without: np.ndarray | None = None, top: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The co-occurrence feature of the RL policy, sparse: (items, probabilities) of the items whose
-        :meth:`probabilities` given ``window`` (``without`` left out) are above 0, in no particular order;
-        with ``top``, only the ``top`` most probable (ties to the lower item index). An empty window gives
-        nothing (its flat 0.01 moves no item against another). Sparse fits read only the window items' rows:
-        the cost follows how many items co-occur with them, not the catalogue."""
-        window = np.asarray(window, dtype=np.int64)
-        if len(window) == 0:
-            return _no_feature()
-        if isinstance(self.co, np.ndarray):
-            return self.feature_from_rows(self.rows(window, without=without), top)
-        rows = self.co[window].tocoo()  # the window's rows: (row, item, users who consumed both)
-        own, items, co = window[rows.row], rows.col.astype(np.int64), rows.data
-        keep = items != own  # an item's cosine with itself is 0
-        own, items, co = own[keep], items[keep], co[keep]
-        if without is None:
-            values = co / self._norms[own] / self._norms[items]
-        else:
-            x_own = np.isin(own, without).astype(np.float32)
-            x_items = np.isin(items, without).astype(np.float32)
-            co = np.maximum(co - x_own * x_items, 0.0)
-            den = np.sqrt(np.maximum(self.users[own] - x_own, 0.0)) * np.sqrt(
-                np.maximum(self.users[items] - x_items, 0.0)
-            )
-            values = np.divide(co, den, out=np.zeros_like(co), where=den > 0)
-        uniq, inverse = np.unique(items, return_inverse=True)
-        mean = np.bincount(inverse, weights=values, minlength=len(uniq)) / len(window)
-        top_value = float(mean.max()) if len(mean) else 0.0
-        probs = np.clip(mean / max(top_value, 1e-9), 0.0, 1.0).astype(np.float32)
-        keep = probs > 0
-        return largest(uniq[keep], probs[keep], top)
-
-    def feature_from_rows(self, rows: np.ndarray, top: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`feature` from a window's dense similarity rows (:meth:`rows`): how a dense fit computes
-        it."""
-        if len(rows) == 0:
-            return _no_feature()
-        probs = self.from_rows(rows)
-        items = np.flatnonzero(probs > 0)
-        return largest(items, probs[items].astype(np.float32), top)
-
-    def validate(self, dataset_histories: list[np.ndarray], targets: list[np.ndarray], k: int = 10) -> float:
-        """HR@k of the simulator's ranking on held-out next items (how well it predicts real behaviour)."""
-        hits = 0
-        for h, t in zip(dataset_histories, targets, strict=True):
-            p = self.probabilities(h[-50:]).copy()
-            p[h] = -1.0
-            hits += int(t[0] in np.argsort(-p, kind="stable")[:k])
-        return hits / max(len(targets), 1)
 
 
 class LogReplayEnv(gym.Env):
@@ -526,8 +284,8 @@ class LogReplayEnv(gym.Env):
 
     def exposure_price(self, log_count: float) -> float:
         """The exposure cost of one recommendation per unit of λ, in [0, 1], from its item's observed
-        ``log(1 + count)``: the shape's feature over its largest value (an item recommended in every step of the
-        window)."""
+        ``log(1 + count)``: the shape's feature over its largest value (an item recommended in every step of
+        the window)."""
         return float(exposure_feature(np.float64(log_count), self.cfg.exposure_shape)) / self._exposure_unit
 
     def _obs(self) -> dict[str, np.ndarray]:

@@ -29,15 +29,19 @@ from dataclasses import dataclass
 
 import torch
 
+from rec_rllib.config import DictConfig, setting
+
 STRATEGIES = ("greedy", "epsilon", "boltzmann", "thompson", "ucb")
 NEG_INF = -1e9
 
 
 @dataclass
-class ExplorationConfig:
+class ExplorationConfig(DictConfig):
     """Which exploration strategy and its schedule."""
 
-    strategy: str = "boltzmann"
+    config_label = "exploration config"
+
+    strategy: str = setting("boltzmann", flag="exploration", choices=STRATEGIES)
     """One of greedy, epsilon, boltzmann, thompson, ucb."""
     epsilon: float = 0.1
     """Initial exploration probability of ``epsilon``."""

@@ -19,12 +19,12 @@ display, the fewer swaps happen. The result depends on the order of the answers 
 deterministic given that state); the shared evaluation answers its users in a fixed order.
 
 ``penalty`` (β) is the other, soft form: every item's score is lowered by β · f(times shown within the window)
-before the slate is chosen, ``shape`` naming f (:func:`exposure_feature`): ``log`` (log(1 + count): the more an
-item is on display, the lower it goes) or ``indicator`` (1 once it is on display at all: the order among displayed
-items stays, an undisplayed item just below the slate can take a boundary place, as the slot does). It is what
-an RL policy trained with the env's exposure cost learns (:mod:`rec_rllib.env`;
-:func:`rec_rllib.rl.policy.load_policy_recommender` sets it from the policy), and it combines with the slot on one
-tracker.
+before the slate is chosen, ``shape`` naming f (:func:`exposure_feature`): ``log`` (log(1 + count): the more
+an item is on display, the lower it goes) or ``indicator`` (1 once it is on display at all: the order among
+displayed items stays, an undisplayed item just below the slate can take a boundary place, as the slot does).
+It is what an RL policy trained with the env's exposure cost learns (:mod:`rec_rllib.env`;
+:func:`rec_rllib.rl.policy.load_policy_recommender` sets it from the policy), and it combines with the slot on
+one tracker.
 
 On MovieLens-100K one slot widens the fine-tuned model's coverage@10 by more than a quarter at an NDCG@10
 change within noise (docs/rl.md).
@@ -36,14 +36,15 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from rec_rllib.eval.metrics import topk
 from rec_rllib.recommender import Recommendations, Recommender
+from rec_rllib.topk import topk
 
 EXPOSURE_SHAPES = ("log", "indicator")
 
 
 def check_exposure_shape(shape: str, name: str = "exposure shape") -> str:
-    """``shape`` if it is one of :data:`EXPOSURE_SHAPES`; a ValueError naming the setting ``name`` otherwise."""
+    """``shape`` if it is one of :data:`EXPOSURE_SHAPES`; a ValueError naming the setting ``name``
+    otherwise."""
     if shape not in EXPOSURE_SHAPES:
         raise ValueError(f"unknown {name} {shape!r}; expected one of {EXPOSURE_SHAPES}")
     return shape
@@ -59,8 +60,8 @@ def exposure_feature(log_counts, shape: str):
 
 
 SERVING_EXPOSURE_REFRESH = 100
-"""Serving's :attr:`ExposureConfig.refresh`: a replica updates its exposure prices every 100 answers, so the same
-request gets the same list in between."""
+"""Serving's :attr:`ExposureConfig.refresh`: a replica updates its exposure prices every 100 answers, so the
+same request gets the same list in between."""
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,12 @@ class ExposureConfig:
     (the exposure term an RL policy learns with an exposure cost, :mod:`rec_rllib.env`; 0 = off, < 0 favours
     what is on display)"""
     shape: str = "log"
-    """f of the penalty (:func:`exposure_feature`): ``log`` (log(1 + count)) or ``indicator`` (shown at all)"""
+    """f of the penalty (:func:`exposure_feature`): ``log`` (log(1 + count)) or ``indicator`` (shown at
+    all)"""
     refresh: int = 1
     """answers between updates of the counts that price items and choose the slot's items: 1 = after every
-    answer (evaluation, as RL's replay prices every step); more keeps a replica's answers to a request the same
-    until the next update (serving), the ``epoch`` in between"""
+    answer (evaluation, as RL's replay prices every step); more keeps a replica's answers to a request the
+    same until the next update (serving), the ``epoch`` in between"""
 
     def __post_init__(self) -> None:
         for name, low in (("slots", 0), ("pool", 0), ("window", 0), ("refresh", 1)):
@@ -254,7 +256,8 @@ def largest(items: np.ndarray, values: np.ndarray, top: int | None) -> tuple[np.
 
 
 def _top(scores: np.ndarray, depth: int) -> np.ndarray:
-    """The ``depth`` best items, best first, ties to the lower index (as :func:`topk`), without a full sort."""
+    """The ``depth`` best items, best first, ties to the lower index (as :func:`topk`), without a full
+    sort."""
     if depth <= 0:
         return np.zeros(0, dtype=np.int64)
     if depth >= len(scores):

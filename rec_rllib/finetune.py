@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from rec_rllib.columns import Col, SplitScheme
-from rec_rllib.config import DictConfig
+from rec_rllib.config import DictConfig, setting
 from rec_rllib.data.dataset import EvalCases, LogDataset
 from rec_rllib.eval import metrics as M
+from rec_rllib.eval.plots import pyplot
 from rec_rllib.eval.ranking import EVAL_CHUNK_CELLS, evaluate_ranking, sample_cases, top_items
 from rec_rllib.fsutil import write_csv
 from rec_rllib.models.run import TransformerRecommender, build_model, save_run
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 PROGRESS_LINE_S = 30.0
 """Seconds between progress log lines when there is no terminal for a progress bar."""
 IGNORE = -100
+
+
+LOSSES = ("auto", "full", "sampled")
 
 
 @dataclass
@@ -56,15 +60,17 @@ class FinetuneConfig(DictConfig):
     warmup_steps: int = 100
     """Linear warm-up from 0 to ``lr``."""
     decay_epochs: int = 40
-    """Cosine decay of the learning rate to 5% of ``lr`` over this many epochs after warm-up (0 = constant)."""
+    """Cosine decay of the learning rate to 5% of ``lr`` over this many epochs after warm-up (0 =
+    constant)."""
     grad_clip: float = 1.0
     """Gradient-norm clip (0 disables)."""
-    loss: str = "auto"
+    loss: str = setting("auto", choices=LOSSES)
     """``full`` softmax over all items; ``sampled`` softmax over uniform and in-batch negatives, log-Q
     corrected, whose cost per step does not grow with the catalogue; ``auto``: full up to
     FULL_SOFTMAX_MAX_ITEMS (20,000) items, sampled above."""
     mask_history: bool = True
-    """Leave items already in the window out of each position's softmax (as evaluation excludes seen items)."""
+    """Leave items already in the window out of each position's softmax (as evaluation excludes seen
+    items)."""
     num_negatives: int = 256
     """``sampled``: uniform draws over the catalogue per step (negatives shared by the whole batch)."""
     in_batch_negatives: int = 256
@@ -85,7 +91,7 @@ class FinetuneConfig(DictConfig):
     since the last validation (0 = only at epoch ends): on a large log one epoch outlasts the budget."""
     min_epochs: int = 0
     """Evaluations before this epoch never trigger early stopping."""
-    scheme: str = SplitScheme.LEAVE_ONE_OUT
+    scheme: str = setting(SplitScheme.LEAVE_ONE_OUT, choices=tuple(SplitScheme.COLUMNS))
     """Split whose train part is learned from and whose validation part drives early stopping."""
     holdout_items: float = 0.0
     """Fraction of items removed from training entirely (cold-start evaluation); 0 keeps all."""
@@ -102,19 +108,28 @@ class FinetuneConfig(DictConfig):
     """Show progress bars."""
 
     def __post_init__(self) -> None:
-        if self.loss not in ("auto", "full", "sampled"):
+        if self.loss not in LOSSES:
             raise ValueError(f"loss must be 'auto', 'full' or 'sampled', got {self.loss!r}")
         if not 0.0 <= self.holdout_items < 1.0:
             raise ValueError(f"holdout_items must be in [0, 1), got {self.holdout_items}")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
         self.check_numbers(
-            at_least={"weight_decay": 0, "warmup_steps": 0, "decay_epochs": 0, "grad_clip": 0,
-                      "num_negatives": 1, "in_batch_negatives": 0, "patience": 1, "min_epochs": 0,
-                      "threads": 0, "valid_users": 0,
-                      "eval_every_minutes": 0},
+            at_least={
+                "weight_decay": 0,
+                "warmup_steps": 0,
+                "decay_epochs": 0,
+                "grad_clip": 0,
+                "num_negatives": 1,
+                "in_batch_negatives": 0,
+                "patience": 1,
+                "min_epochs": 0,
+                "threads": 0,
+                "valid_users": 0,
+                "eval_every_minutes": 0,
+            },
             above={"epochs": 0, "batch_size": 0, "eval_every": 0, "lr": 0, "max_minutes": 0},
-        )  # fmt: skip
+        )
 
 
 @dataclass
@@ -161,7 +176,8 @@ def known_items(histories: list[np.ndarray], n_items: int) -> np.ndarray:
 def training_windows(
     histories: list[np.ndarray], max_len: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(tokens [N, max_len+1], targets [N, max_len+1], lengths [N]) covering every interaction once as a target.
+    """(tokens [N, max_len+1], targets [N, max_len+1], lengths [N]) covering every interaction once as a
+    target.
 
     A window is ``[BOS] + seq[s:e]``; the token at position p predicts ``seq[s + p]``. Only the first window
     of a user lets [BOS] predict (its first item); later windows start mid-history, so [BOS] is silent there.
@@ -325,9 +341,14 @@ class NextItemLoss(nn.Module):
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return next_item_loss(
-            self.model, tokens, lengths, targets, self.cfg, loss=self.loss_kind,
+            self.model,
+            tokens,
+            lengths,
+            targets,
+            self.cfg,
+            loss=self.loss_kind,
             log_not_target=self.log_not_target,
-        )  # fmt: skip
+        )
 
 
 def _full_softmax_loss(
@@ -446,8 +467,11 @@ def finetune(
     loop = TrainingLoop(cfg, steps_per_epoch, n_targets, validator, lambda: model.state_dict())
     log.info(
         "budget %.1f min, of which about %.0f s kept for the last validation and the final evaluation; "
-        "%d steps an epoch", cfg.max_minutes, validator.reserve_seconds(), steps_per_epoch,
-    )  # fmt: skip
+        "%d steps an epoch",
+        cfg.max_minutes,
+        validator.reserve_seconds(),
+        steps_per_epoch,
+    )
     loop.run(
         epoch_batches, step, model=model, lr=lambda: sched.get_last_lr()[0], metrics_csv=run / "metrics.csv"
     )
@@ -460,15 +484,27 @@ def finetune(
     ).metrics
     seconds = time.perf_counter() - loop.t0
     result = FinetuneResult(
-        run, loop.best[1], valid_ndcg, loop.epochs_run, seconds,
-        loop.train_seconds / max(loop.epochs_done, 1e-9), loop.history, test, holdout.tolist(),
-        n_targets * loop.epochs_done / max(loop.train_seconds, 1e-9), loop.stopped_by,
-    )  # fmt: skip
+        run,
+        loop.best[1],
+        valid_ndcg,
+        loop.epochs_run,
+        seconds,
+        loop.train_seconds / max(loop.epochs_done, 1e-9),
+        loop.history,
+        test,
+        holdout.tolist(),
+        n_targets * loop.epochs_done / max(loop.train_seconds, 1e-9),
+        loop.stopped_by,
+    )
     write_run(run, model, cfg, dataset, result, loss_kind, dataset_ref=dataset_ref, title="fine-tuning")
     log.info(
         "done in %.1f min: best epoch %s, valid NDCG@10 %.4f, test NDCG@10 %.4f HR@10 %.4f",
-        seconds / 60, loop.best[1], valid_ndcg, test["NDCG@10"], test["HR@10"],
-    )  # fmt: skip
+        seconds / 60,
+        loop.best[1],
+        valid_ndcg,
+        test["NDCG@10"],
+        test["HR@10"],
+    )
     return result
 
 
@@ -533,7 +569,9 @@ class Validator:
         self.matrix_seconds = 0.0
         """Seconds to compute the item matrix once (the text tower over the catalogue), paid once per set
         of weights rather than per user."""
-        self.seconds_per_user = self._time_a_chunk()
+        self.paces: list[float] = [self._time_a_chunk()]
+        """Seconds per user of every scoring measured so far: the warm chunk at the start, then each
+        validation."""
 
     def _time_item_matrix(self) -> None:
         item_matrix = getattr(self.recommender, "item_matrix", None)
@@ -558,14 +596,20 @@ class Validator:
         t = time.perf_counter()
         top = top_items(self.recommender, self.cases.histories, 10)
         m = M.per_user_ranking_metrics(top, self.cases.targets, 10)
-        self.seconds_per_user = (time.perf_counter() - t) / max(len(self.cases), 1)
+        self.paces.append((time.perf_counter() - t) / max(len(self.cases), 1))
         return {"valid_NDCG@10": float(m["NDCG"].mean()), "valid_HR@10": float(m["HR"].mean())}
+
+    @property
+    def seconds_per_user(self) -> float:
+        """The pace the reserve is priced at: the mean of every pace measured. One validation's pace drifts
+        by about a tenth with what else the machine is doing, and at a large scale the reserve is about half
+        the budget, so a single measurement would move the stop by several percent of the budget."""
+        return float(np.mean(self.paces))
 
     def reserve_seconds(self) -> float:
         """Seconds to keep for the stop: one more sampled validation, then the final evaluation of the best
-        weights (at the last validation's pace per user, plus the item matrix for each of the two sets of
-        weights, and a few seconds to write the run). No margin on the pace: a sampled validation runs no
-        faster per user than the chunks of the final evaluation, so the pace errs on the early side."""
+        weights (every user at :attr:`seconds_per_user`, plus the item matrix for each of the two sets of
+        weights, and a few seconds to write the run)."""
         users = len(self.cases) + self.n_final
         return self.seconds_per_user * users + 2 * self.matrix_seconds + 5.0
 
@@ -575,9 +619,14 @@ class Validator:
         if not self.sampled or self.dataset is None:
             return sampled_best
         res = evaluate_ranking(
-            self.recommender, self.dataset, scheme=self.cfg.scheme, split="valid", ks=(10,),
-            beyond_accuracy=False, cases=self.full_cases,
-        )  # fmt: skip
+            self.recommender,
+            self.dataset,
+            scheme=self.cfg.scheme,
+            split="valid",
+            ks=(10,),
+            beyond_accuracy=False,
+            cases=self.full_cases,
+        )
         return res.metrics["NDCG@10"]
 
 
@@ -668,6 +717,7 @@ class TrainingLoop:
                         )
                         due = True
                     elif stop:
+                        self._log_stop()
                         break
                     else:
                         since = time.perf_counter() - last_eval
@@ -693,6 +743,19 @@ class TrainingLoop:
                     self.stopped_by = "early stopping"
                     break
         bar.close()
+
+    def _log_stop(self) -> None:
+        if self.chief and self.validator is not None:
+            v = self.validator
+            log.info(
+                "time budget: stopping at %.0f s of %.0f; %.0f s kept for the last validation and the final "
+                "evaluation (%d users at %.2f ms each)",
+                time.perf_counter() - self.t0,
+                self.cfg.max_minutes * 60,
+                v.reserve_seconds(),
+                len(v.cases) + v.n_final,
+                1e3 * v.seconds_per_user,
+            )
 
     def _postfix(self, bar: tqdm, losses: list[float], done: float, seconds: float, steps: int) -> None:
         line_due = self._lines and time.perf_counter() - self._last_line >= PROGRESS_LINE_S
@@ -733,9 +796,14 @@ class TrainingLoop:
                 self.bad_evals += 1
             log.info(
                 "epoch %s: train loss %.4f, valid NDCG@10 %.4f HR@10 %.4f (%d users, %.1fs)%s",
-                row["epoch"], row["train_loss"], row["valid_NDCG@10"], row["valid_HR@10"],
-                len(self.validator.cases), time.perf_counter() - t, " best" if improved else "",
-            )  # fmt: skip
+                row["epoch"],
+                row["train_loss"],
+                row["valid_NDCG@10"],
+                row["valid_HR@10"],
+                len(self.validator.cases),
+                time.perf_counter() - t,
+                " best" if improved else "",
+            )
         self.history.append(row)
         if evaluate and self.on_eval is not None:
             self.on_eval(row, improved)
@@ -781,10 +849,7 @@ def _write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
 
 
 def _plot_learning_curve(path: Path, history: list[dict[str, float]], *, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     epochs = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(7, 4))

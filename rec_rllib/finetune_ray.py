@@ -81,12 +81,14 @@ def write_windows(histories: list[np.ndarray], max_len: int, directory: str | Pa
     per_file = max(1, math.ceil(n / n_files))
     for f, lo in enumerate(range(0, n, per_file)):
         hi = min(n, lo + per_file)
-        table = pa.table({
-            "window": pa.array(np.arange(lo, hi, dtype=np.int64)),
-            "items": pa.array([w.astype(np.int32) for w in items[lo:hi]], type=pa.list_(pa.int32())),
-            "n_input": pa.array(n_input[lo:hi].astype(np.int32)),
-            "from_start": pa.array(from_start[lo:hi]),
-        })  # fmt: skip
+        table = pa.table(
+            {
+                "window": pa.array(np.arange(lo, hi, dtype=np.int64)),
+                "items": pa.array([w.astype(np.int32) for w in items[lo:hi]], type=pa.list_(pa.int32())),
+                "n_input": pa.array(n_input[lo:hi].astype(np.int32)),
+                "from_start": pa.array(from_start[lo:hi]),
+            }
+        )
         pq.write_table(table, out / f"part-{f:05d}.parquet")
     return n, int(n_input.sum() + from_start.sum())
 
@@ -151,9 +153,12 @@ def shard_batches(shard, cfg: FinetuneConfig, epoch: int, rank: int, world: int)
     import torch.distributed as dist
 
     batches = shard.iter_batches(
-        batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * cfg.batch_size,
-        local_shuffle_seed=cfg.seed + 1000 * epoch + rank, drop_last=False,
-    )  # fmt: skip
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        local_shuffle_buffer_size=4 * cfg.batch_size,
+        local_shuffle_seed=cfg.seed + 1000 * epoch + rank,
+        drop_last=False,
+    )
     it = iter(batches)
     count = torch.zeros(1, dtype=torch.int32)
     while True:
@@ -236,9 +241,15 @@ def _train_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
 
     loop = TrainingLoop(
-        cfg, steps_per_epoch, config["targets_per_worker_epoch"], validator, model.state_dict,
-        chief=chief, agree=agree, on_eval=on_eval,
-    )  # fmt: skip
+        cfg,
+        steps_per_epoch,
+        config["targets_per_worker_epoch"],
+        validator,
+        model.state_dict,
+        chief=chief,
+        agree=agree,
+        on_eval=on_eval,
+    )
     loop.run(epoch_batches, step, model=model, lr=lambda: sched.get_last_lr()[0], metrics_csv=None)
     counts, nodes = [None] * world, [None] * world
     dist.all_gather_object(counts, epoch_steps)
@@ -246,10 +257,15 @@ def _train_worker(config: dict[str, Any]) -> None:
     # the last report's checkpoint carries the best weights and worker 0's record of the run to the driver
     if chief:
         summary = {
-            "history": loop.history, "best": list(loop.best), "epochs_run": loop.epochs_run,
-            "epochs_done": loop.epochs_done, "train_seconds": loop.train_seconds,
-            "stopped_by": loop.stopped_by, "batches_per_worker": counts, "worker_nodes": nodes,
-        }  # fmt: skip
+            "history": loop.history,
+            "best": list(loop.best),
+            "epochs_run": loop.epochs_run,
+            "epochs_done": loop.epochs_done,
+            "train_seconds": loop.train_seconds,
+            "stopped_by": loop.stopped_by,
+            "batches_per_worker": counts,
+            "worker_nodes": nodes,
+        }
         best = loop.best_state if loop.best_state is not None else model.state_dict()
         _report_weights(
             {"best_valid_NDCG@10": loop.best[0]}, best, "final", {SUMMARY_FILE: json.dumps(summary)}
@@ -310,9 +326,14 @@ def finetune_distributed(
     loss_kind = resolve_loss(cfg.loss, dataset.n_items)
     log.info(
         "%d users, %d windows, %d training targets, %d items; %s softmax; %d Ray Train workers%s",
-        len(histories), n_windows, n_targets, dataset.n_items, loss_kind, num_workers,
+        len(histories),
+        n_windows,
+        n_targets,
+        dataset.n_items,
+        loss_kind,
+        num_workers,
         " on GPUs" if use_gpu else "",
-    )  # fmt: skip
+    )
     model = build_model(model_cfg, list(dataset.items[Col.TEXT]), known_items=known)
     state_ref = ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})
     lnt_ref = ray.put(log_not_target(histories, dataset.n_items) if loss_kind == "sampled" else None)
@@ -322,29 +343,35 @@ def finetune_distributed(
     cases_ref = ray.put((valid_sample, len(full_valid), len(test_cases)))
     del histories
     config = {
-        "train": asdict(cfg), "model": model_cfg.to_dict(), "n_items": dataset.n_items,
-        "initial_state": state_ref, "log_not_target": lnt_ref, "valid_cases": cases_ref,
+        "train": asdict(cfg),
+        "model": model_cfg.to_dict(),
+        "n_items": dataset.n_items,
+        "initial_state": state_ref,
+        "log_not_target": lnt_ref,
+        "valid_cases": cases_ref,
         "steps_per_epoch": math.ceil(n_windows / num_workers / cfg.batch_size),
         "targets_per_worker_epoch": math.ceil(n_targets / num_workers),
-    }  # fmt: skip
+    }
     backend = "cpu:gloo,cuda:nccl" if use_gpu and dist.is_nccl_available() else "gloo"
     windows = windows_dataset(run / WINDOWS_DIR, workers=num_workers, seed=cfg.seed)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu,
+            num_workers=num_workers,
+            use_gpu=use_gpu,
             resources_per_worker={"CPU": cpus_per_worker, **(worker_resources or {})},
         ),
         run_config=ray.train.RunConfig(
-            name="finetune", storage_path=str(run / "ray_train"),
+            name="finetune",
+            storage_path=str(run / "ray_train"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         ),
         datasets={"train": windows},
         dataset_config=_exactly_once_split(),
         # gloo for the CPU tensors (the workers' agreement flags, CPU training), NCCL for CUDA gradients
         torch_config=TorchConfig(backend=backend),
-    )  # fmt: skip
+    )
     t0 = time.perf_counter()
     result = trainer.fit()
     if result.error is not None:
@@ -362,23 +389,46 @@ def finetune_distributed(
     history = summary["history"]
     best_valid, best_epoch = summary["best"]
     res = FinetuneResult(
-        run, best_epoch, valid.metrics["NDCG@10"], summary["epochs_run"], seconds,
-        summary["train_seconds"] / max(summary["epochs_done"], 1e-9), history, test, [],
-        n_targets * summary["epochs_done"] / max(summary["train_seconds"], 1e-9), summary["stopped_by"],
-    )  # fmt: skip
+        run,
+        best_epoch,
+        valid.metrics["NDCG@10"],
+        summary["epochs_run"],
+        seconds,
+        summary["train_seconds"] / max(summary["epochs_done"], 1e-9),
+        history,
+        test,
+        [],
+        n_targets * summary["epochs_done"] / max(summary["train_seconds"], 1e-9),
+        summary["stopped_by"],
+    )
     distributed = {
-        "num_workers": num_workers, "use_gpu": use_gpu, "backend": backend,
-        "sampled_best_valid_ndcg10": best_valid, "batches_per_worker": summary["batches_per_worker"],
+        "num_workers": num_workers,
+        "use_gpu": use_gpu,
+        "backend": backend,
+        "sampled_best_valid_ndcg10": best_valid,
+        "batches_per_worker": summary["batches_per_worker"],
         "worker_nodes": summary["worker_nodes"],
-    }  # fmt: skip
+    }
     write_run(
-        run, model, cfg, dataset, res, loss_kind, dataset_ref=dataset_ref,
-        title=f"fine-tuning ({num_workers} workers)", extra={"distributed": distributed},
-    )  # fmt: skip
+        run,
+        model,
+        cfg,
+        dataset,
+        res,
+        loss_kind,
+        dataset_ref=dataset_ref,
+        title=f"fine-tuning ({num_workers} workers)",
+        extra={"distributed": distributed},
+    )
     log.info(
         "done in %.1f min on %d workers: best epoch %s, valid NDCG@10 %.4f, test NDCG@10 %.4f HR@10 %.4f",
-        seconds / 60, num_workers, best_epoch, res.best_valid_ndcg10, test["NDCG@10"], test["HR@10"],
-    )  # fmt: skip
+        seconds / 60,
+        num_workers,
+        best_epoch,
+        res.best_valid_ndcg10,
+        test["NDCG@10"],
+        test["HR@10"],
+    )
     return res
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rec_rllib.eval.metrics import topk
+from rec_rllib.topk import topk
 
 
 @dataclass
@@ -43,7 +43,8 @@ class Recommender(ABC):
     def propensities(
         self, items: np.ndarray, histories: Sequence[np.ndarray], exclude_seen: bool
     ) -> np.ndarray:
-        """[B, k] propensities of the shown items; deterministic policies show their top-k with probability 1."""
+        """[B, k] propensities of the shown items; deterministic policies show their top-k with probability
+        1."""
         return np.ones(items.shape, dtype=np.float64)
 
     def reset(self) -> None:

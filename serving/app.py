@@ -1,10 +1,13 @@
-"""The Serve application: a FastAPI ingress in front of the model deployment, plus shared live state.
+"""The Serve application: the ingress deployment (requests to answers, feedback to the logs) in front of the
+model deployment, or scoring in the same replica.
 
     serve run serving/config.yaml                  # the Serve config (replicas, GPUs, autoscaling, batching)
     python -m jobs.serve --model runs/qs/finetune  # embedded local Ray, same app
 
 Endpoints: ``POST /recommend``, ``POST /query``, ``POST /feedback``, ``POST /items``, ``GET /healthz``
-(bodies: :mod:`serving.schemas`). Bad input gets a 4xx whose message says what to send instead.
+(bodies: :mod:`serving.schemas`). Bad input gets a 4xx whose message says what to send instead
+(:mod:`serving.http`). The ingress reads the live state every replica shares through :mod:`serving.live`
+and logs answers and feedback through :mod:`serving.answers`; scoring is :mod:`serving.scorer`'s.
 
 No ``from __future__ import annotations`` here: FastAPI must see the request models as real classes in
 the ingress methods' signatures (string annotations make it read them as query parameters).
@@ -13,26 +16,23 @@ the ingress methods' signatures (string annotations make it read them as query p
 import asyncio
 import inspect
 import logging
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rec_rllib.data.feedback import IMPRESSION_SCHEMA, IMPRESSIONS
 from rec_rllib.exposure import SERVING_EXPOSURE_REFRESH, ExposureConfig
+from serving.answers import AnswerLog, answer_row
 from serving.catalog import ServingCatalog
-from serving.feedback import FeedbackLog
+from serving.defaults import BATCH_WAIT_TIMEOUT_S, MAX_BATCH_SIZE
+from serving.http import ApiError, api, json_response
+from serving.live import LiveView
 from serving.schemas import (
     FeedbackRequest,
     NewItemRequest,
@@ -40,95 +40,10 @@ from serving.schemas import (
     RecommendRequest,
     RecommendResponse,
 )
-from serving.scorer import PolicyScorer, ScorerInputError
-from serving.state import STATE_ACTOR, SessionMirror, live_state, shutdown_state
+from serving.scorer import DEFAULT_BATCH, PolicyScorer, ScorerInputError
+from serving.state import STATE_ACTOR, live_state, shutdown_state
 
 log = logging.getLogger("ray.serve")
-
-MAX_BODY_BYTES = 256 * 1024
-RECENT_IMPRESSIONS = 4096
-"""Impressions a replica keeps itself, so feedback it receives on its own answers needs no lookup."""
-
-api = FastAPI(title="rec-rllib", description="Recommendations from the RL-trained transformer policy.")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, **extra: Any):
-        super().__init__(message)
-        self.status, self.message, self.extra = status, message, extra
-
-
-@api.exception_handler(ApiError)
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse({"error": exc.message, **exc.extra}, status_code=exc.status)
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
-    if bad_json is not None:  # its loc is ("body", <character offset>), its msg "JSON decode error"
-        at = next((p for p in bad_json.get("loc", ())[1:] if isinstance(p, int)), None)
-        reason = (bad_json.get("ctx") or {}).get("error", "not JSON")
-        where = f" at character {at}" if at is not None else ""
-        return JSONResponse(
-            {
-                "error": f"the request body is not valid JSON ({reason}{where}); send a JSON object, "
-                'e.g. {"user": "196", "k": 10}',
-                "see": "/docs for the request schemas",
-            },
-            status_code=400,
-        )
-    problems = [
-        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-        for e in errors
-    ]
-    return JSONResponse(
-        {"error": "invalid request: " + "; ".join(problems), "see": "/docs for the request schemas"},
-        status_code=422,
-    )
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """FastAPI's own refusals (no such path, a method the path does not take, a body it could not read) in the
-    app's error shape."""
-    message = str(exc.detail)
-    if exc.status_code == 400 and "parsing the body" in message:  # e.g. a body that is not UTF-8
-        message = (
-            "the request body could not be read: send UTF-8 encoded JSON with content-type application/json"
-        )
-    elif exc.status_code == 404:
-        message = f"{message}: the endpoints are POST /recommend, /query, /feedback, /items and GET /healthz"
-    return JSONResponse(
-        {"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
-    )
-
-
-class _LimitBody:
-    """Refuse bodies over MAX_BODY_BYTES before they are read (a plain ASGI middleware: Starlette's
-    ``BaseHTTPMiddleware`` would cost every request an extra task and stream wrapper)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-            if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-                response = JSONResponse(
-                    {"error": f"request body over {MAX_BODY_BYTES} bytes; send at most {MAX_BODY_BYTES}"},
-                    status_code=413,
-                )
-                return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
-api.add_middleware(_LimitBody)
-
-
-def _json(answer: BaseModel) -> Response:
-    return Response(answer.model_dump_json(), media_type="application/json")
 
 
 def _scoring_fields(req: RecommendRequest | QueryRequest, history: list[int], version: int) -> dict[str, Any]:
@@ -145,22 +60,6 @@ def _scoring_fields(req: RecommendRequest | QueryRequest, history: list[int], ve
         # a new user's greedy list is explored, unless the request asked for an exploration mode itself
         "explore_cold": "exploration" not in req.model_fields_set,
         "catalog_version": version,
-    }
-
-
-def _answer_row(request_id: str, impression: dict[str, Any], timestamp_ms: int) -> dict[str, Any]:
-    """What the impression log (and every feedback row on that answer) records of an answer. Defined above
-    the deployment class, like every module-level helper it calls: Serve serialises the class when it is
-    decorated, and a name defined below it is missing in the replica."""
-    return {
-        "request_id": request_id,
-        "timestamp_ms": timestamp_ms,
-        "user_id": impression["user_id"],
-        "history": impression["history"],
-        "shown": impression["shown"],
-        "shown_propensities": impression["propensities"],
-        "model_version": impression["model_version"],
-        "strategy": impression["strategy"],
     }
 
 
@@ -210,21 +109,10 @@ class RecIngress:
             self._local = None
         self.scorer = scorer
         self.catalog = ServingCatalog.from_dataset(dataset)
-        self._base_items = self.catalog.n_items
         self.state = live_state(state_name)
-        self.synced = 0
-        self.mirror = SessionMirror()
-        self._poller: asyncio.Task | None = None
-        self._impressions: list[tuple[str, dict[str, Any]]] = []  # not yet sent to the shared store
-        self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # this replica's latest answers
-        self.feedback = FeedbackLog(feedback_dir, max_rows=flush_rows, max_seconds=flush_seconds)
-        # every answer, rewarded or not (no journal: it is on the latency path), for off-policy estimation
-        self.impression_log = FeedbackLog(Path(feedback_dir) / IMPRESSIONS, max_rows=max(flush_rows, 1024),
-                                          max_seconds=flush_seconds, schema=IMPRESSION_SCHEMA, journal=False)  # fmt: skip
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self._stop = threading.Event()
-        self._flusher = threading.Thread(target=self._flush_loop, daemon=True)
-        self._flusher.start()
+        self.live = LiveView(self.state, self.catalog, self.replica)
+        self.answers = AnswerLog(feedback_dir, self.state, flush_rows=flush_rows, flush_seconds=flush_seconds)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """``user_config`` of the single-deployment topology: batching and model path of the in-replica
@@ -233,87 +121,14 @@ class RecIngress:
             raise ValueError("user_config belongs to the PolicyScorer deployment in the split topology")
         self._local.reconfigure(config)
 
-    def _flush_loop(self) -> None:
-        while not self._stop.wait(0.5):
-            for writer in (self.feedback, self.impression_log):
-                if writer.due():
-                    try:
-                        writer.flush()
-                    except Exception:  # keep serving; the rows stay buffered for the next try
-                        log.exception("%s flush failed", writer.dir)
-
     def __del__(self) -> None:
-        self._stop.set()
-        self.feedback.close()
-        self.impression_log.close()
-
-    # -- shared state -------------------------------------------------------------------------------------
-    def _start_polling(self) -> None:
-        """Keep the session mirror current (started by the first request, on the loop requests run on)."""
-        if self._poller is None or self._poller.done():
-            self._poller = asyncio.get_running_loop().create_task(self._poll_loop())
-
-    async def _poll_loop(self) -> None:
-        while not self._stop.is_set():
-            sent = time.monotonic()
-            try:
-                answer = await self.state.poll.remote(self.replica, self.mirror.seq)
-            except Exception:  # the store restarting: the mirror's lease runs out, requests read directly
-                log.warning("live-state poll failed; retrying", exc_info=True)
-                await asyncio.sleep(0.2)
-                continue
-            self.mirror.apply(answer, sent)
-            if self.mirror.catalog_version > self.synced:
-                try:
-                    await self._sync(self.mirror.catalog_version)
-                except Exception:
-                    log.exception("catalogue sync failed")
-                    self.mirror.valid_until = 0.0  # distrust until a later poll syncs it
-
-    async def _session(self, user: str | None) -> tuple[list[str], int]:
-        """The user's live session items and the catalogue version: from the mirror while it is trusted
-        (no round trip), else from the shared store."""
-        self._start_polling()
-        if self.mirror.trusted() and self.synced >= self.mirror.catalog_version:
-            return self.mirror.session(user), self.mirror.catalog_version
-        session, version = await self.state.context.remote(user)
-        await self._sync(version)
-        return session, version
-
-    def _log_impression(self, request_id: str, impression: dict[str, Any]) -> None:
-        """Sent to the shared store on the event loop's next turn, one call for every answer finished in
-        this turn (a scored batch finishes together). Not later: a replica killed with impressions still
-        buffered would leave their feedback nothing to match (feedback can reach any replica)."""
-        self._recent[request_id] = impression
-        self.impression_log.append(_answer_row(request_id, impression, int(impression["time"] * 1000)))
-        while len(self._recent) > RECENT_IMPRESSIONS:
-            self._recent.popitem(last=False)
-        self._impressions.append((request_id, impression))
-        if len(self._impressions) == 1:
-            asyncio.get_running_loop().call_soon(self._flush_impressions)
-
-    def _flush_impressions(self) -> None:
-        batch, self._impressions = self._impressions, []
-        if batch:
-            self.state.log_impressions.remote(batch)  # not awaited: answers never wait for the store
-
-    async def _publish(self, seq: int | None) -> None:
-        """Return only once every replica's mirror holds change ``seq`` (or has stopped being trusted)."""
-        if seq is not None and not await self.state.wait_synced.remote(seq):
-            log.warning("a replica did not acknowledge change %d within its lease", seq)
-
-    # -- helpers ----------------------------------------------------------------------------------------------
-    async def _sync(self, version: int) -> None:
-        if version > self.synced:
-            added, current = await self.state.items_since.remote(self.catalog.n_items - self._base_items)
-            for a in added:
-                self.catalog.add(a["item_id"], a["text"])
-            self.synced = current
+        self.live.stop()
+        self.answers.close()
 
     async def _context(self, req: RecommendRequest | QueryRequest) -> tuple[list[int], list[str], int, int]:
         """(history as item indices, its last 200 item ids for the impression log, catalogue version, how many
         of the history's items are live: the session's and the request's own)."""
-        session, version = await self._session(req.user)
+        session, version = await self.live.session(req.user)
         if req.history is not None:
             ids = list(req.history) + session
             logged: list[int] = []
@@ -353,7 +168,7 @@ class RecIngress:
         # buffered, not awaited: the answer does not wait for the shared store; /feedback covers the race
         # where feedback reaches another replica before this impression reaches the store (see
         # _resolve_feedback)
-        self._log_impression(
+        self.answers.record(
             request_id,
             {
                 "user_id": req.user,
@@ -378,15 +193,17 @@ class RecIngress:
                     }
                     for h, d in result["because"][j]
                 ]
-            items.append({
-                "item_id": iid,
-                "text": self.catalog.texts[idx],
-                "score": result["scores"][j],
-                "propensity": result["propensities"][j],
-                "exposure": widened[j],
-                "bonus": result["bonus"][j] if "bonus" in result else None,
-                "because": because,
-            })  # fmt: skip
+            items.append(
+                {
+                    "item_id": iid,
+                    "text": self.catalog.texts[idx],
+                    "score": result["scores"][j],
+                    "propensity": result["propensities"][j],
+                    "exposure": widened[j],
+                    "bonus": result["bonus"][j] if "bonus" in result else None,
+                    "because": because,
+                }
+            )
         return RecommendResponse(
             request_id=request_id,
             model_version=result["model_version"],
@@ -401,14 +218,14 @@ class RecIngress:
         )
 
     # -- endpoints -----------------------------------------------------------------------------------------
-    # The answers are built as RecommendResponse (validated there) and sent as its JSON: returned as the model,
-    # FastAPI would dump, validate and serialise it again on every request.
+    # The answers are built as RecommendResponse (validated there) and sent as its JSON: returned as the
+    # model, FastAPI would dump, validate and serialise it again on every request.
     @api.post("/recommend", response_model=RecommendResponse)
     async def recommend(self, req: RecommendRequest) -> Response:
         history, ids, version, live = await self._context(req)
         payload = {**_scoring_fields(req, history, version), "explain": req.explain}
         result = await self._call(self.scorer.recommend.remote(payload))
-        return _json(await self._answer(req, result, ids, len(history), live))
+        return json_response(await self._answer(req, result, ids, len(history), live))
 
     @api.post("/query", response_model=RecommendResponse)
     async def query(self, req: QueryRequest) -> Response:
@@ -422,13 +239,13 @@ class RecIngress:
             "explore_cold": False,
         }
         result = await self._call(self.scorer.query.remote(payload))
-        return _json(await self._answer(req, result, ids, len(history), live))
+        return json_response(await self._answer(req, result, ids, len(history), live))
 
     async def _resolve_feedback(self, req: FeedbackRequest) -> dict[str, Any]:
         """Match feedback to its impression: this replica's own (no lookup), else the shared store's.
         Impressions reach the store in batches, without waiting, so an unknown request id is retried for
         up to ~0.3 s before it is called unknown."""
-        local = self._recent.get(req.request_id)
+        local = self.answers.recent.get(req.request_id)
         for delay in (0.0, 0.02, 0.05, 0.1, 0.15):
             if delay:
                 await asyncio.sleep(delay)
@@ -443,25 +260,28 @@ class RecIngress:
         if out["status"] == "unknown_request":
             raise ApiError(
                 404,
-                f"unknown or expired request_id {req.request_id!r}; send one returned by /recommend or /query",
+                f"unknown or expired request_id {req.request_id!r}; send one returned by /recommend or "
+                "/query",
             )
         if out["status"] == "not_shown":
             raise ApiError(
                 422, f"item {req.item_id!r} was not shown in that answer; send one of {out['shown']}"
             )
-        await self._publish(out["seq"])  # every replica's next answer for this user sees the click
+        await self.live.publish(out["seq"])  # every replica's next answer for this user sees the click
         imp = out["impression"]
         position = imp["shown"].index(req.item_id)
-        self.feedback.append({
-            **_answer_row(req.request_id, imp, int(time.time() * 1000)),
-            "item_id": req.item_id,
-            "item_text": self.catalog.texts[self.catalog.item_index[req.item_id]]
-            if req.item_id in self.catalog.item_index
-            else "",
-            "position": position,
-            "propensity": imp["propensities"][position],
-            "reward": req.reward,
-        })  # fmt: skip
+        self.answers.feedback.append(
+            {
+                **answer_row(req.request_id, imp, int(time.time() * 1000)),
+                "item_id": req.item_id,
+                "item_text": self.catalog.texts[self.catalog.item_index[req.item_id]]
+                if req.item_id in self.catalog.item_index
+                else "",
+                "position": position,
+                "propensity": imp["propensities"][position],
+                "reward": req.reward,
+            }
+        )
         return {
             "logged": True,
             "position": position,
@@ -470,9 +290,8 @@ class RecIngress:
 
     @api.post("/items", status_code=201)
     async def add_item(self, req: NewItemRequest) -> dict[str, Any]:
-        _, version = await self.state.context.remote(None)
-        await self._sync(version)
-        self._start_polling()
+        await self.live.refresh()
+        self.live.start_polling()
         if req.item_id in self.catalog.item_index:
             raise ApiError(409, f"item id {req.item_id!r} exists; choose a new id")
         embedding = await self._call(self.scorer.embed_text.remote(req.text))
@@ -480,21 +299,23 @@ class RecIngress:
             version, seq = await self.state.add_item.remote(req.item_id, req.text, np.asarray(embedding))
         except Exception as e:  # the id was taken by a concurrent request
             raise ApiError(409, f"item id {req.item_id!r} exists; choose a new id") from e
-        await self._sync(version)
-        await self._publish(seq)  # every replica's catalogue has it before the answer
+        await self.live.sync(version)
+        await self.live.publish(seq)  # every replica's catalogue has it before the answer
         return {"item_id": req.item_id, "catalog_version": version, "items": self.catalog.n_items}
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        _, version = await self.state.context.remote(None)
-        await self._sync(version)
+        version = await self.live.refresh()
         info = await self._call(self.scorer.health.remote(version))
         return {
             "status": "ok",
             "ingress": self.replica,
             **info,
             "catalog_items": self.catalog.n_items,
-            "live_state": {"mirror_trusted": self.mirror.trusted(), "applied_change": self.mirror.seq},
+            "live_state": {
+                "mirror_trusted": self.live.mirror.trusted(),
+                "applied_change": self.live.mirror.seq,
+            },
         }
 
     async def _call(self, response):
@@ -518,18 +339,20 @@ class AppArgs(BaseModel):
     state_name: str = STATE_ACTOR
     topology: Literal["split", "single"] = Field(
         "single",
-        description="single: one deployment (RecService) that answers HTTP and scores in the same replica (one "
-        "hop less; scorer_* options apply to it); split: ingress + PolicyScorer deployments (scorers scale, and "
-        "take GPUs, apart from the HTTP layer)",
+        description="single: one deployment (RecService) that answers HTTP and scores in the same replica "
+        "(one hop less; scorer_* options apply to it); split: ingress + PolicyScorer deployments (scorers "
+        "scale, and take GPUs, apart from the HTTP layer)",
     )
     ingress_replicas: int = Field(1, ge=1)
     scorer_replicas: int = Field(1, ge=1, description="fixed replica count (ignored with autoscaling)")
     scorer_gpus: float = Field(0.0, ge=0.0, le=1.0, description="GPU fraction per scorer replica")
     scorer_cpus: float = Field(1.0, ge=0.0)
     autoscaling: dict[str, Any] | None = Field(None, description="Serve autoscaling_config of the scorer")
-    max_batch_size: int = Field(16, ge=1)
+    max_batch_size: int = Field(
+        MAX_BATCH_SIZE, ge=1, description="requests scored in one forward pass at most"
+    )
     batch_wait_timeout_s: float = Field(
-        0.0,
+        BATCH_WAIT_TIMEOUT_S,
         ge=0.0,
         description="0: a batch forms from what queued while the previous one ran, never by waiting",
     )
@@ -597,7 +420,7 @@ PolicyScorer_deployment = serve.deployment(
     name="PolicyScorer",
     ray_actor_options={"num_cpus": 1, "num_gpus": 0},
     max_ongoing_requests=64,
-    user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.002},
+    user_config=dict(DEFAULT_BATCH),
 )
 
 __all__ = ["AppArgs", "RecIngress", "api", "build_app", "shutdown_state"]

@@ -36,8 +36,15 @@ class FeedbackLog:
     ``journal=False`` (the impression log: one row per answer, on the latency path) only buffers: rows of a
     killed process are lost, which the off-policy reader reports (feedback whose impression is missing)."""
 
-    def __init__(self, directory: str | Path, *, max_rows: int = 256, max_seconds: float = 5.0,
-                 schema: pa.Schema = SCHEMA, journal: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        max_rows: int = 256,
+        max_seconds: float = 5.0,
+        schema: pa.Schema = SCHEMA,
+        journal: bool = True,
+    ):
         self.schema = schema
         self.journaled = journal
         self.dir = Path(directory)

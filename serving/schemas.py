@@ -131,8 +131,8 @@ class RecommendResponse(BaseModel):
     history_items: int = Field(description="items of the user's history the answer was computed from")
     session_items: int = Field(description="of those, items added live by feedback (or sent in `history`)")
     exposure_epoch: int | None = Field(
-        description="the scoring replica's exposure rotation the list was priced by (answers of one epoch and "
-        "replica are priced alike); null when no exposure rotation applied"
+        description="the scoring replica's exposure rotation the list was priced by (answers of one epoch "
+        "and replica are priced alike); null when no exposure rotation applied"
     )
     items: list[ShownItem]
     served_by: dict[str, str]

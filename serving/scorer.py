@@ -6,8 +6,8 @@ batch size and wait come from ``user_config`` (``reconfigure``), as does the mod
 version rolls out replica by replica without a redeploy.
 
 Per request it returns the top-``k`` slate under the requested exploration (greedy, epsilon-greedy,
-Boltzmann, Thompson, UCB; the shared :mod:`rec_rllib.explore` module) with the propensity of each shown item, and
-optionally, per item, the history items that contributed most (cosine similarity of the model's item
+Boltzmann, Thompson, UCB; the shared :mod:`rec_rllib.explore` module) with the propensity of each shown item,
+and optionally, per item, the history items that contributed most (cosine similarity of the model's item
 vectors: "because you watched X").
 
 With ``exposure_slots`` > 0 in ``user_config`` a greedy slate's last position(s) may go to an item this
@@ -48,6 +48,7 @@ from rec_rllib.explore import ExplorationConfig, LinUCB, epsilon_slate, sample_s
 from rec_rllib.exposure import ExposureConfig, ExposureTracker
 from rec_rllib.models.seqrec import TextSeqRec, pad_histories
 from serving.catalog import ServingCatalog
+from serving.defaults import BATCH_WAIT_TIMEOUT_S, MAX_BATCH_SIZE
 
 log = logging.getLogger("ray.serve")
 
@@ -56,7 +57,7 @@ class ScorerInputError(ValueError):
     """A request the model cannot answer as asked (the ingress turns it into a 4xx)."""
 
 
-DEFAULT_BATCH = {"max_batch_size": 16, "batch_wait_timeout_s": 0.002}
+DEFAULT_BATCH = {"max_batch_size": MAX_BATCH_SIZE, "batch_wait_timeout_s": BATCH_WAIT_TIMEOUT_S}
 EXPOSURE_KEYS = {
     "exposure_slots": "slots",
     "exposure_pool": "pool",
@@ -69,7 +70,8 @@ EXPOSURE_KEYS = {
 def load_serving_model(path: str, device: str) -> tuple[TextSeqRec, str, dict, dict | None]:
     """A fine-tuned run directory or an RLlib checkpoint -> (the TextSeqRec, a version string, the policy's
     exposure term as :class:`ExposureConfig` fields: ``penalty`` β, 0 unless an RL policy learned one, and
-    ``shape``; the policy's co-occurrence term, :func:`~rec_rllib.rl.policy.cooccurrence_settings`, or None)."""
+    ``shape``; the policy's co-occurrence term, :func:`~rec_rllib.rl.policy.cooccurrence_settings`, or
+    None)."""
     from rec_rllib.models.run import is_run_dir, load_run
     from rec_rllib.rl.policy import (
         MODULE_SUBDIR,
@@ -284,7 +286,8 @@ class PolicyScorer:
 
     def _cooccurrence_term(self, histories: list, n: int) -> torch.Tensor:
         """[B, n] γ · the simulator's probabilities for each live history (items added at run time: 0), the
-        feature's items only written (:meth:`~rec_rllib.env.ItemKNNSimulator.feature`, as in training)."""
+        feature's items only written (:meth:`~rec_rllib.simulator.ItemKNNSimulator.feature`, as in
+        training)."""
         from rec_rllib.rl.policy import cooccurrence_lists
 
         co = self.cooccurrence
@@ -296,7 +299,8 @@ class PolicyScorer:
         return (co["weight"] * out).to(self.device)
 
     def _adjusted(self, r: dict[str, Any], scores: torch.Tensor) -> torch.Tensor:
-        """The scores a slate is drawn from: a new user's blend with popularity, a query's blend with the text."""
+        """The scores a slate is drawn from: a new user's blend with popularity, a query's blend with the
+        text."""
         if len(r["history"]) == 0:  # no evidence about the user: blend the model's prior with popularity
             scores = scores + self.popularity[: scores.shape[0]].to(scores.device)
         if "query_scores" in r:
@@ -332,7 +336,8 @@ class PolicyScorer:
             self.exposure.grow(n)  # items added at run time start unexposed
         exposed = tracked and bool(r.get("exposure", True))  # this answer is shaped by what was shown
         epoch = self.exposure.epoch  # the prices this answer sees (recording it may start the next epoch)
-        # the policy's exposure term (β · f(times shown), priced as of the tracker's epoch), for every strategy
+        # the policy's exposure term (β · f(times shown), priced as of the tracker's epoch), for every
+        # strategy
         shift: torch.Tensor | float = 0.0
         if exposed and self.exposure.cfg.penalty:
             shift = torch.as_tensor(self.exposure.penalties(n), dtype=scores.dtype, device=scores.device)

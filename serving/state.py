@@ -236,7 +236,7 @@ class LiveState:
                 return False  # the laggards' leases have run out: they read from the store now
             await self._wait("acked", deadline - now)
 
-    # -- impressions and feedback ------------------------------------------------------------------------------
+    # -- impressions and feedback ----------------------------------------------------------------------------
     def log_impression(self, request_id: str, impression: dict[str, Any]) -> None:
         self.impressions.put(request_id, impression)
 

@@ -15,8 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def pytest_configure(config) -> None:
     """Ray's auth token (~/.ray/auth_token) made once, before any test: an embedded ``ray.init`` and
-    ``cluster/ray-job.sh ensure-token`` each make one when there is none, and two made at once on a machine that
-    never ran Ray (two pytest-xdist workers) could leave a head holding the token the file no longer has."""
+    ``cluster/ray-job.sh ensure-token`` each make one when there is none, and two made at once on a machine
+    that never ran Ray (two pytest-xdist workers) could leave a head holding the token the file no longer
+    has."""
     import subprocess
 
     if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller made it
@@ -26,10 +27,11 @@ def pytest_configure(config) -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Files that hold a test marked ``slow`` run first (the rest keep their order). The Makefile runs the suite
-    on two pytest-xdist workers, whole files each, in this order (``--dist loadfile --no-loadscope-reorder``): a
-    long file started last would leave one worker running it alone at the end (xdist's own order, most tests
-    first, started the suite's longest file, the 2-test cluster pipeline, last)."""
+    """Files that hold a test marked ``slow`` run first (the rest keep their order). The Makefile runs the
+    suite on two pytest-xdist workers, whole files each, in this order (``--dist loadfile
+    --no-loadscope-reorder``): a long file started last would leave one worker running it alone at the end
+    (xdist's own order, most tests first, started the suite's longest file, the 2-test cluster pipeline,
+    last)."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)  # stable: file and test order kept within each part
 
@@ -119,8 +121,8 @@ class RayNodes:
         import tempfile
 
         self.bindir = str(Path(sys.executable).parent)
-        # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: a node's SIGTERM handler otherwise first drains it (for up to
-        # 30 s, so that Serve can move replicas to nodes that stay)
+        # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: a node's SIGTERM handler otherwise first drains it (for up
+        # to 30 s, so that Serve can move replicas to nodes that stay)
         self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
         self.env["PATH"] = self.bindir + os.pathsep + os.environ.get("PATH", "")
         self.env["PYTHON"] = sys.executable
@@ -144,14 +146,20 @@ class RayNodes:
         """``bash cluster/ray-job.sh <args>`` (the shared head-readiness check and safe submission)."""
         import subprocess
 
-        return subprocess.run(["bash", str(REPO / "cluster" / "ray-job.sh"), *args], env=self.env,
-                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        return subprocess.run(
+            ["bash", str(REPO / "cluster" / "ray-job.sh"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def cli(self, args: list[str], *, check: bool = True, timeout: float = 600):
         import subprocess
 
-        out = subprocess.run([f"{self.bindir}/ray", *args], env=self.env, capture_output=True, text=True,
-                             timeout=timeout)  # fmt: skip
+        out = subprocess.run(
+            [f"{self.bindir}/ray", *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         if check:
             assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
         return out

@@ -120,9 +120,10 @@ def test_kuberay_rayjob_runs_real_entry_points_with_known_resources():
         args = importlib.import_module(argv[2]).build_parser().parse_args(argv[3:])
         if argv[2] == "jobs.train":
             assert args.address == "auto"
-            asked = {
-                r.split("=")[0] for r in (args.env_runner_resource or []) + (args.learner_resource or [])
-            }
+            from jobs.train import resolve_config
+
+            cfg = resolve_config(args)
+            asked = {*cfg.env_runner_resources, *cfg.learner_resources}
             assert asked == {"env_runner", "learner"} and asked <= offered
         if argv[2] == "jobs.finetune":  # Ray Train workers on the GPU group, the run on the shared volume
             assert args.address == "auto" and args.num_workers >= 1 and args.use_gpu

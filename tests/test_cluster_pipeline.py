@@ -13,11 +13,13 @@ from tests.conftest import REPO, RayNodes
 
 pytestmark = pytest.mark.slow
 
-TINY_FINETUNE = ["--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--max-len", "30",
-                 "--dropout", "0.1", "--epochs", "1", "--eval-every", "1", "--batch-size", "128",
-                 "--lr", "3e-3", "--warmup-steps", "10", "--threads", "1"]  # fmt: skip
-TINY_TRAIN = ["--num-envs-per-env-runner", "2", "--train-batch-size", "80", "--rollout-fragment-length", "20",
-              "--window", "30"]  # fmt: skip
+TINY_FINETUNE = [
+    *"--hidden-size 32 --num-layers 1 --num-heads 2 --max-len 30 --dropout 0.1 --epochs 1".split(),
+    *"--eval-every 1 --batch-size 128 --lr 3e-3 --warmup-steps 10 --threads 1".split(),
+]
+TINY_TRAIN = [
+    *"--num-envs-per-env-runner 2 --train-batch-size 80 --rollout-fragment-length 20 --window 30".split(),
+]
 
 
 def test_pipeline_script_on_three_nodes_then_training_resumes_on_a_new_head(tmp_path):
@@ -30,11 +32,22 @@ def test_pipeline_script_on_three_nodes_then_training_resumes_on_a_new_head(tmp_
     import sys
 
     out = tmp_path / "mn"
-    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, FINETUNE_ARGS=" ".join(TINY_FINETUNE),
-               TRAIN_ARGS=" ".join(["--iterations", "2", *TINY_TRAIN]))  # fmt: skip
+    env = dict(
+        os.environ,
+        OUT=str(out),
+        PYTHON=sys.executable,
+        FINETUNE_ARGS=" ".join(TINY_FINETUNE),
+        TRAIN_ARGS=" ".join(["--iterations", "2", *TINY_TRAIN]),
+    )
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    proc = subprocess.run(["bash", "cluster/local-multinode.sh"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=1500)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "cluster/local-multinode.sh"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     assert (out / "data" / "ml-100k" / "manifest.json").exists() and (
         out / "ft" / "model.safetensors"
@@ -48,10 +61,23 @@ def test_pipeline_script_on_three_nodes_then_training_resumes_on_a_new_head(tmp_
     assert proc.stdout.count("succeeded") >= 4 and "multi-node pipeline done" in proc.stdout
 
     # the script's cluster is gone (checked above: it stopped what it started); its checkpoint is on disk
-    train = ["python", "-m", "jobs.train", "--address", "auto", "--finetuned", str(out / "ft"), "--dataset",
-             str(out / "data" / "ml-100k"), "--out", str(out / "rl"), "--num-env-runners", "1",
-             "--checkpoint-every", "1", *TINY_TRAIN, "--iterations", "4",
-             "--resume", str(out / "rl" / "checkpoint")]  # fmt: skip
+    train = [
+        *"python -m jobs.train --address auto --finetuned".split(),
+        str(out / "ft"),
+        "--dataset",
+        str(out / "data" / "ml-100k"),
+        "--out",
+        str(out / "rl"),
+        "--num-env-runners",
+        "1",
+        "--checkpoint-every",
+        "1",
+        *TINY_TRAIN,
+        "--iterations",
+        "4",
+        "--resume",
+        str(out / "rl" / "checkpoint"),
+    ]
     head = RayNodes(head_cpus=2)
     try:
         head.start_head()
@@ -86,9 +112,9 @@ exec "$REAL_RAY" "$@"
 
 def test_safe_submit_follows_a_job_ray_took_and_resubmits_one_it_did_not(tmp_path):
     """`cluster/ray-job.sh submit` (what cluster/local-multinode.sh and RayNodes submit with) against a real
-    head: when `ray job submit` fails without saying whether Ray took the job, the job runs exactly once either
-    way and its output is shown (followed again when its log stream ends early); a job that fails is reported,
-    not rerun. The head runs as on a machine that
+    head: when `ray job submit` fails without saying whether Ray took the job, the job runs exactly once
+    either way and its output is shown (followed again when its log stream ends early); a job that fails is
+    reported, not rerun. The head runs as on a machine that
     never ran Ray (a home without ~/.ray): it starts with token auth on all the same."""
     import os
     import re
@@ -125,16 +151,22 @@ def test_safe_submit_follows_a_job_ray_took_and_resubmits_one_it_did_not(tmp_pat
                 "--working-dir",
                 ".",
             ]
-            return subprocess.run([*submit, "--", "python", "-c", code], cwd=REPO, env=env, capture_output=True,
-                                  text=True, timeout=300)  # fmt: skip
+            return subprocess.run(
+                [*submit, "--", "python", "-c", code],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
 
         def runs_of(marker: str) -> int:
             listed = head.cli(["job", "list", "--address", head.dashboard]).stdout
             return len(re.findall(rf"entrypoint=[^,]*{marker}", listed))
 
-        # the taken job outlives its first (broken-off) log stream by 15 s whatever the machine's load: it starts
-        # its sleep only once the fake `ray job logs` has run (a fixed 10 s sleep ended first on a loaded machine);
-        # no comma in the code (runs_of reads the entrypoint up to one)
+        # the taken job outlives its first (broken-off) log stream by 15 s whatever the machine's load: it
+        # starts its sleep only once the fake `ray job logs` has run (a fixed 10 s sleep ended first on a
+        # loaded machine); no comma in the code (runs_of reads the entrypoint up to one)
         broke = f"{tmp_path}/taken.logs"
         wait = f"any(os.path.exists('{broke}') or time.sleep(0.2) for _ in range(3000))"
         cases = [

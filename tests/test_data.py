@@ -1,4 +1,5 @@
-"""Loaders on the real data: MovieLens-100K (RecBole and GroupLens layouts), Open Bandit, own logs; round trips."""
+"""Loaders on the real data: MovieLens-100K (RecBole and GroupLens layouts), Open Bandit, own logs; round
+trips."""
 
 from __future__ import annotations
 
@@ -39,7 +40,11 @@ def test_save_load_round_trip(ml100k: LogDataset, tmp_path: Path):
     pd.testing.assert_frame_equal(back.users, ml100k.users)
     assert back.manifest == json.loads(json.dumps(ml100k.manifest))
     assert sorted(p.name for p in Path(path).iterdir()) == [
-        "interactions.parquet", "items.parquet", "manifest.json", "users.parquet"]  # fmt: skip
+        "interactions.parquet",
+        "items.parquet",
+        "manifest.json",
+        "users.parquet",
+    ]
 
 
 def test_failed_save_keeps_the_previous_dataset(ml100k: LogDataset, tmp_path: Path):

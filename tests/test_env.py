@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from rec_rllib.columns import Obs, Tokens
-from rec_rllib.env import EnvConfig, ItemKNNSimulator, LogReplayEnv, read_train_histories, shard_of
+from rec_rllib.env import EnvConfig, LogReplayEnv
+from rec_rllib.replay import read_train_histories, shard_of
+from rec_rllib.simulator import ItemKNNSimulator
 from tests.conftest import PY, REPO
 
 
@@ -83,8 +85,9 @@ def test_simulator_is_fitted_on_train_and_validated(ml100k, ml_dir):
 
 
 def test_simulator_sparse_fit_equals_the_dense_one(ml_dir, monkeypatch):
-    """Catalogues too large for dense ``n²`` arrays keep the co-occurrence sparse: same probabilities and rows, with
-    and without the scored user, as MovieLens-100K's dense fit; a repeated item counts once per user."""
+    """Catalogues too large for dense ``n²`` arrays keep the co-occurrence sparse: same probabilities and
+    rows, with and without the scored user, as MovieLens-100K's dense fit; a repeated item counts once per
+    user."""
     histories, manifest = read_train_histories(ml_dir, "loo")
     n_items, n_users = manifest["counts"]["items"], manifest["counts"]["users"]
     dense = ItemKNNSimulator(histories, n_items, n_users)
@@ -110,9 +113,9 @@ def test_simulator_sparse_fit_equals_the_dense_one(ml_dir, monkeypatch):
 
 
 def test_cooccurrence_feature_leaves_the_replayed_user_out_and_the_reward_alone(ml_dir):
-    """With ``cooccurrence`` the observation carries the simulator's probabilities for the recent window, fitted as
-    if the replayed user were not in the train split (their own future items must not inform it); the hit reward
-    is unchanged (the simulator is then built, but the reward stays ``hit``)."""
+    """With ``cooccurrence`` the observation carries the simulator's probabilities for the recent window,
+    fitted as if the replayed user were not in the train split (their own future items must not inform it);
+    the hit reward is unchanged (the simulator is then built, but the reward stays ``hit``)."""
     plain = LogReplayEnv({"dataset": ml_dir, "seed": 5, "window": 20})
     env = LogReplayEnv(
         {"dataset": ml_dir, "seed": 5, "window": 20, "cooccurrence": True, "cooccurrence_window": 7}
@@ -246,7 +249,7 @@ def test_the_features_list_the_largest_values_up_to_a_set_size(ml_dir, monkeypat
     listed = obs[Obs.COOCCURRING_ITEMS]
     assert listed.max() < env.n_items and full[listed].min() >= np.sort(full)[-6] - 1e-6
     monkeypatch.setattr(ItemKNNSimulator, "DENSE_BYTES", 0)
-    monkeypatch.setattr("rec_rllib.env._SIMULATORS", {})
+    monkeypatch.setattr("rec_rllib.simulator._SIMULATORS", {})
     sparse_env = LogReplayEnv(cfg)
     assert hasattr(sparse_env.simulator.co, "nnz")
     sparse_env.reset(seed=3)

@@ -133,10 +133,13 @@ def test_an_indicator_penalty_lowers_everything_on_display_alike(ml100k: LogData
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"slots": -1}, "exposure slots must be a non-negative integer"),
-     ({"pool": 0}, "needs pool >= 1"), ({"window": 2.5}, "exposure window"),
-     ({"refresh": 0}, "exposure refresh must be an integer >= 1")],
-)  # fmt: skip
+    [
+        ({"slots": -1}, "exposure slots must be a non-negative integer"),
+        ({"pool": 0}, "needs pool >= 1"),
+        ({"window": 2.5}, "exposure window"),
+        ({"refresh": 0}, "exposure refresh must be an integer >= 1"),
+    ],
+)
 def test_bad_settings_are_refused_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ExposureConfig(**kwargs)
@@ -176,8 +179,8 @@ def test_fine_tuned_model_gains_coverage_without_losing_accuracy(ml100k: LogData
 
 
 def test_partial_ranking_orders_and_breaks_ties_like_the_shared_topk():
-    from rec_rllib.eval.metrics import topk
     from rec_rllib.exposure import _top
+    from rec_rllib.topk import topk
 
     rng = np.random.default_rng(0)
     for _ in range(300):

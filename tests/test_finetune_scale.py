@@ -14,7 +14,6 @@ import ray
 import torch
 
 from rec_rllib.eval import evaluate_ranking
-from rec_rllib.eval.metrics import topk
 from rec_rllib.finetune import (
     IGNORE,
     FinetuneConfig,
@@ -30,6 +29,7 @@ from rec_rllib.finetune import (
 from rec_rllib.models import RandomRecommender
 from rec_rllib.models.run import TransformerRecommender, load_run
 from rec_rllib.models.seqrec import ModelConfig, TextSeqRec
+from rec_rllib.topk import topk
 from tests.conftest import REPO
 
 TINY = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, max_len=30, dropout=0.1)
@@ -115,6 +115,8 @@ def test_validation_uses_a_fixed_sample_and_the_end_uses_every_user(ml100k, tmp_
     assert len(v.cases) == 200 and v.sampled and v.n_valid == 943
     first, again = v(), v()
     assert first == again  # the same users every time
+    assert len(v.paces) == 3  # the start's warm chunk and each validation price the budget's reserve
+    assert v.reserve_seconds() >= v.seconds_per_user * (200 + 943 + 943) > 0
     full = evaluate_ranking(rec, ml100k, split="valid", ks=(10,)).metrics["NDCG@10"]
     assert v.final_valid_ndcg(first["valid_NDCG@10"]) == pytest.approx(full, abs=1e-12)
     all_users = Validator(rec, ml100k, FinetuneConfig(valid_users=0), n_final=943)
@@ -155,8 +157,11 @@ def test_chunked_evaluation_equals_one_chunk(ml100k, tmp_path, monkeypatch):
 
 def test_the_recommender_reuses_its_item_matrix_until_a_weight_changes():
     n = 300
-    model = TextSeqRec(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, max_len=8), n,
-                       text_embeddings=torch.randn(n, 12))  # fmt: skip
+    model = TextSeqRec(
+        ModelConfig(hidden_size=16, num_layers=1, num_heads=2, max_len=8),
+        n,
+        text_embeddings=torch.randn(n, 12),
+    )
     rec = TransformerRecommender(model)
     histories = [np.array([1, 2, 3]), np.array([7])]
     before = rec.score(histories)
@@ -168,7 +173,7 @@ def test_the_recommender_reuses_its_item_matrix_until_a_weight_changes():
     np.testing.assert_array_equal(after, TransformerRecommender(model).score(histories))
 
 
-# -- Ray Train --------------------------------------------------------------------------------------------------
+# -- Ray Train -----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ray_data_feed_gives_every_window_once_per_epoch_across_workers(ml100k, tmp_path):
     """Two Ray Train workers iterate their shards in lockstep for two epochs: the windows they train on
@@ -197,12 +202,14 @@ def test_ray_data_feed_gives_every_window_once_per_epoch_across_workers(ml100k, 
     ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="ERROR")
     try:
         TorchTrainer(
-            loop, train_loop_config={"out": str(tmp_path)},
+            loop,
+            train_loop_config={"out": str(tmp_path)},
             scaling_config=ray.train.ScalingConfig(num_workers=2),
             run_config=ray.train.RunConfig(storage_path=str(tmp_path / "rt")),
             datasets={"train": windows_dataset(tmp_path / "windows", workers=2)},
-            dataset_config=_exactly_once_split(), torch_config=TorchConfig(backend="gloo"),
-        ).fit()  # fmt: skip
+            dataset_config=_exactly_once_split(),
+            torch_config=TorchConfig(backend="gloo"),
+        ).fit()
     finally:
         ray.shutdown()
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -219,14 +226,29 @@ def test_two_ray_train_workers_learn_and_their_run_loads_in_evaluation_and_servi
     answered from by the Serve app over HTTP."""
     out = tmp_path / "ft2"
     env = dict(os.environ, REC_RLLIB_DATA=str(tmp_path / "data"))
-    flags = ["--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--max-len", "30",
-             "--dropout", "0.1", "--epochs", "3", "--eval-every", "1", "--batch-size", "128", "--lr", "3e-3",
-             "--warmup-steps", "10", "--threads", "1"]  # fmt: skip
+    flags = [
+        *"--hidden-size 32 --num-layers 1 --num-heads 2 --max-len 30 --dropout 0.1 --epochs 3".split(),
+        *"--eval-every 1 --batch-size 128 --lr 3e-3 --warmup-steps 10 --threads 1".split(),
+    ]
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.finetune", "--dataset", ml_dir, "--out", str(out), "--num-workers", "2",
-         *flags],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "jobs.finetune",
+            "--dataset",
+            ml_dir,
+            "--out",
+            str(out),
+            "--num-workers",
+            "2",
+            *flags,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["num_workers"] == 2
@@ -241,10 +263,25 @@ def test_two_ray_train_workers_learn_and_their_run_loads_in_evaluation_and_servi
     assert len(batches) == 2 and all(b[0] > 0 for b in batches)  # both workers had windows of their own
 
     ev = subprocess.run(
-        [sys.executable, "-m", "jobs.evaluate", "--dataset", ml_dir, "--models", str(out), "--out",
-         str(tmp_path / "ev"), "--ks", "10"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "jobs.evaluate",
+            "--dataset",
+            ml_dir,
+            "--models",
+            str(out),
+            "--out",
+            str(tmp_path / "ev"),
+            "--ks",
+            "10",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ev.returncode == 0, ev.stderr[-3000:]
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["ft2"]["HR@10"] == pytest.approx(final["test"]["HR@10"])
@@ -257,10 +294,15 @@ def test_two_ray_train_workers_learn_and_their_run_loads_in_evaluation_and_servi
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         url = start(
-            {"model": str(out), "dataset": ml_dir, "feedback_dir": str(tmp_path / "fb"), "topology": "single",
-             "ingress_replicas": 1},
+            {
+                "model": str(out),
+                "dataset": ml_dir,
+                "feedback_dir": str(tmp_path / "fb"),
+                "topology": "single",
+                "ingress_replicas": 1,
+            },
             free_port(),
-        )  # fmt: skip
+        )
         with httpx.Client(base_url=url, timeout=60) as client:
             r = client.post("/recommend", json={"user": "196", "k": 5})
         assert r.status_code == 200, r.text
@@ -304,7 +346,7 @@ def test_ray_train_workers_on_two_nodes(ml100k, tmp_path):
     assert result.test_metrics["HR@10"] > 0 and result.history[0]["train_loss"] > 0
 
 
-# -- the generated logs -------------------------------------------------------------------------------------------
+# -- the generated logs --------------------------------------------------------------------------------------
 def test_generated_log_has_movielens_shape_and_prepares_as_a_custom_dataset(tmp_path):
     from rec_rllib.data import ColumnMapping, load_custom
     from rec_rllib.data.synthetic import generate

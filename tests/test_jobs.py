@@ -31,11 +31,13 @@ def test_prepare_then_evaluate(job_env, tmp_path):
     manifest = json.loads((tmp_path / "data" / "ml-100k" / "manifest.json").read_text())
     assert manifest["counts"]["interactions"] == 100_000
     out = run(
-        ["jobs.evaluate", "--dataset", "ml-100k", "--models", "popularity", "random", "--out", "ev",
-         "--exposure-slots", "1"],
+        [
+            *"jobs.evaluate --dataset ml-100k --models popularity random --out ev --exposure-slots".split(),
+            *"1".split(),
+        ],
         job_env,
         tmp_path,
-    )  # fmt: skip
+    )
     assert out.returncode == 0, out.stderr
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert set(metrics) == {"popularity", "random", "popularity+exposure", "random+exposure"}
@@ -58,16 +60,26 @@ def test_prepare_then_evaluate(job_env, tmp_path):
 
 
 def test_evaluate_refuses_bad_exposure_settings_by_flag(job_env, tmp_path):
-    out = run(["jobs.evaluate", "--models", "popularity", "--exposure-slots", "1", "--exposure-pool", "0",
-               "--out", "ev"], job_env, tmp_path)  # fmt: skip
+    out = run(
+        [
+            *"jobs.evaluate --models popularity --exposure-slots 1 --exposure-pool 0 --out ev".split(),
+        ],
+        job_env,
+        tmp_path,
+    )
     assert out.returncode != 0 and "--exposure-*" in out.stderr and "pool >= 1" in out.stderr
     assert not (tmp_path / "ev").exists()
 
 
 def test_evaluate_off_policy_on_obd(job_env, tmp_path):
     """--ope-obd alone (no ranking models): ope.json, the report section and both PNGs."""
-    out = run(["jobs.evaluate", "--models", "--ope-obd", "--ope-campaigns", "all", "--ope-boot", "5", "--out", "ope"],
-              job_env, tmp_path)  # fmt: skip
+    out = run(
+        [
+            *"jobs.evaluate --models --ope-obd --ope-campaigns all --ope-boot 5 --out ope".split(),
+        ],
+        job_env,
+        tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     ope = json.loads((tmp_path / "ope" / "ope.json").read_text())
     assert set(ope["settings"]) == {
@@ -92,16 +104,7 @@ def test_prepare_custom_bad_file_fails_clearly_and_keeps_the_old_dataset(job_env
         "custom",
         "--interactions",
         str(good),
-        "--user-col",
-        "u",
-        "--item-col",
-        "i",
-        "--time-col",
-        "t",
-        "--reward-col",
-        "r",
-        "--name",
-        "mine",
+        *"--user-col u --item-col i --time-col t --reward-col r --name mine".split(),
     ]
     assert run(args, job_env, tmp_path).returncode == 0
     manifest = tmp_path / "data" / "mine" / "manifest.json"
@@ -117,8 +120,9 @@ def test_prepare_custom_bad_file_fails_clearly_and_keeps_the_old_dataset(job_env
 def test_train_refuses_a_resume_that_is_not_a_checkpoint_before_writing_anything(
     job_env, tmp_path, finetuned_run
 ):
-    """`jobs.train --resume <a fine-tuned run>` (a directory, but not an algorithm checkpoint): a clear error that
-    names the flag, the path and what is missing, before Ray starts or the output directory is touched."""
+    """`jobs.train --resume <a fine-tuned run>` (a directory, but not an algorithm checkpoint): a clear error
+    that names the flag, the path and what is missing, before Ray starts or the output directory is
+    touched."""
     out = run(
         ["jobs.train", "--finetuned", finetuned_run, "--out", "rl", "--resume", finetuned_run],
         job_env,
@@ -135,12 +139,20 @@ def test_train_refuses_a_resume_that_is_not_a_checkpoint_before_writing_anything
 @pytest.mark.parametrize(
     "args, flag, out",
     [
-        (["jobs.finetune", "--dataset", "ml-100k", "--out", "ft", "--text-model", "{tmp}/no-model"], "--text-model", "ft"),
+        (
+            ["jobs.finetune", "--dataset", "ml-100k", "--out", "ft", "--text-model", "{tmp}/no-model"],
+            "--text-model",
+            "ft",
+        ),
         (["jobs.serve", "--model", "{run}", "--dataset", "{tmp}/no-data", "--smoke"], "--dataset", None),
-        (["jobs.evaluate", "--models", "popularity", "--out", "ev", "--ope-serve-log", "{tmp}/no-log"], "--ope-serve-log", "ev"),
+        (
+            ["jobs.evaluate", "--models", "popularity", "--out", "ev", "--ope-serve-log", "{tmp}/no-log"],
+            "--ope-serve-log",
+            "ev",
+        ),
     ],
     ids=["finetune-text-model", "serve-dataset", "evaluate-serve-log"],
-)  # fmt: skip
+)
 def test_a_bad_path_is_refused_before_any_work(args, flag, out, job_env, tmp_path, finetuned_run):
     """A text model that cannot be loaded, a dataset that is not prepared, a feedback directory without
     impressions: one line that names the flag and the path, before training, deploying or evaluating, and no
@@ -156,8 +168,8 @@ def test_a_bad_path_is_refused_before_any_work(args, flag, out, job_env, tmp_pat
 
 
 def test_train_on_the_embedded_ray_refuses_resources_no_node_offers(job_env, tmp_path, finetuned_run):
-    """Env runners that ask for a custom resource the embedded Ray cannot offer would wait forever: a clear error
-    instead, after Ray started and before training, with nothing written."""
+    """Env runners that ask for a custom resource the embedded Ray cannot offer would wait forever: a clear
+    error instead, after Ray started and before training, with nothing written."""
     args = [
         "jobs.train",
         "--finetuned",
@@ -182,14 +194,30 @@ def test_train_config_file_refuses_an_unknown_setting(tmp_path, finetuned_run):
     path = tmp_path / "rl.yaml"
     args = build_parser().parse_args(["--finetuned", finetuned_run, "--out", "rl", "--config", str(path)])
     path.write_text("iteratons: 5\n")
-    with pytest.raises(ValueError, match=r"unknown settings \['iteratons'\]"):
+    with pytest.raises(ValueError, match=r"unknown RL config keys \['iteratons'\]"):
+        resolve_config(args)
+    path.write_text("env: {horizn: 2}\n")  # inside a section too
+    with pytest.raises(ValueError, match=r"unknown env config keys \['horizn'\]"):
         resolve_config(args)
     path.write_text("iterations: 5\nenv: {horizon: 2}\nexploration: {strategy: thompson}\n")
     cfg = resolve_config(args)
     assert (cfg.iterations, cfg.env.horizon, cfg.exploration.strategy) == (5, 2, "thompson")
     assert not cfg.env.cooccurrence  # off unless asked for, by the file or by the flag (which wins)
-    flagged = build_parser().parse_args(["--finetuned", finetuned_run, "--out", "rl", "--config", str(path),
-                                         "--cooccurrence", "--horizon", "1", "--cooccurrence-window", "3"])  # fmt: skip
+    flagged = build_parser().parse_args(
+        [
+            "--finetuned",
+            finetuned_run,
+            "--out",
+            "rl",
+            "--config",
+            str(path),
+            "--cooccurrence",
+            "--horizon",
+            "1",
+            "--cooccurrence-window",
+            "3",
+        ]
+    )
     cfg = resolve_config(flagged)
     assert (cfg.env.cooccurrence, cfg.env.horizon, cfg.env.cooccurrence_window) == (True, 1, 3)
     assert cfg.cooccurrence_gamma is None  # learned unless fixed
@@ -208,13 +236,25 @@ def test_train_config_file_refuses_an_unknown_setting(tmp_path, finetuned_run):
 @pytest.mark.parametrize(
     "args, says",
     [
-        (["jobs.pipeline", "--out", "qs", "--rl-iterations", "0"], "error: train stage: iterations must be a number >= 1"),
-        (["jobs.pipeline", "--out", "qs", "--max-len", "0"], "error: finetune stage: max_len must be a number >= 1"),
-        (["jobs.serve", "--model", "{run}", "--scorer-replicas", "0", "--smoke"], "error: --scorer-replicas: input should"),
-        (["jobs.evaluate", "--models", "popularity", "--out", "qs", "--ope-max-rounds", "0"], "error: --ope-max-rounds must be >= 1"),
+        (
+            ["jobs.pipeline", "--out", "qs", "--rl-iterations", "0"],
+            "error: train stage: iterations must be a number >= 1",
+        ),
+        (
+            ["jobs.pipeline", "--out", "qs", "--max-len", "0"],
+            "error: finetune stage: max_len must be a number >= 1",
+        ),
+        (
+            ["jobs.serve", "--model", "{run}", "--scorer-replicas", "0", "--smoke"],
+            "error: --scorer-replicas: input should",
+        ),
+        (
+            ["jobs.evaluate", "--models", "popularity", "--out", "qs", "--ope-max-rounds", "0"],
+            "error: --ope-max-rounds must be >= 1",
+        ),
     ],
     ids=["pipeline-rl-iterations", "pipeline-max-len", "serve-scorer-replicas", "evaluate-ope-max-rounds"],
-)  # fmt: skip
+)
 def test_a_setting_that_cannot_run_is_refused_before_any_work(args, says, job_env, tmp_path, finetuned_run):
     """The pipeline checks every stage's settings before its first stage (an RL setting was refused only after
     the fine-tune; --max-len 0 was silently ignored), jobs.serve the app's before Ray starts (a pydantic
@@ -275,8 +315,11 @@ def test_pipeline_rl_recipes():
 def test_pipeline_end_to_end_on_embedded_ray(job_env, tmp_path):
     """The README's main command, as a subprocess (tiny budgets): embedded Ray, real data, every stage."""
     port = _free_port()
-    tiny = ["--finetune-epochs", "2", "--hidden-size", "32", "--max-len", "30", "--rl-iterations", "2",
-            "--serve-seconds", "0", "--port", str(port)]  # fmt: skip
+    tiny = [
+        *"--finetune-epochs 2 --hidden-size 32 --max-len 30 --rl-iterations 2 --serve-seconds 0".split(),
+        *"--port".split(),
+        str(port),
+    ]
     cmd = ["jobs.pipeline", "--out", "runs/qs", "--num-cpus", "2", *tiny]
     out = run(cmd, job_env, tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -157,18 +157,7 @@ def test_finetune_and_evaluate_jobs(job_env, tmp_path):
         "ml-100k",
         "--out",
         str(run),
-        "--hidden-size",
-        "16",
-        "--num-layers",
-        "1",
-        "--num-heads",
-        "1",
-        "--max-len",
-        "20",
-        "--epochs",
-        "1",
-        "--progress",
-        "false",
+        *"--hidden-size 16 --num-layers 1 --num-heads 1 --max-len 20 --epochs 1 --no-progress".split(),
     ]
     out = subprocess.run(args, env=job_env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -229,8 +218,16 @@ def test_inference_user_state_equals_the_bert_encoders(attention, layers):
     from rec_rllib.models.seqrec import TextSeqRec
 
     torch.manual_seed(0)
-    cfg = ModelConfig(hidden_size=32, num_layers=layers, num_heads=4, max_len=12, dropout=0.2, attention=attention,
-                      text_model=None, use_id_embedding=True)  # fmt: skip
+    cfg = ModelConfig(
+        hidden_size=32,
+        num_layers=layers,
+        num_heads=4,
+        max_len=12,
+        dropout=0.2,
+        attention=attention,
+        text_model=None,
+        use_id_embedding=True,
+    )
     model = TextSeqRec(cfg, n_items=40).eval()
     histories = [
         list(np.random.default_rng(i).integers(0, 40, n)) for i, n in enumerate([0, 1, 3, 12, 30, 7])

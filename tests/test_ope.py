@@ -203,8 +203,12 @@ def test_obd_bts_distributions_and_a_plain_ips(obd_all):
 
     raw = pd.read_csv(fetch.obd_dir() / "random" / "all" / "all.csv", index_col=0)
     by_id = {int(i): row for i, row in zip(ids, prior, strict=True)}
-    plain = np.mean([c * by_id[i][p - 1] / ps for i, p, c, ps in
-                     zip(raw.item_id, raw.position, raw.click, raw.propensity_score, strict=True)])  # fmt: skip
+    plain = np.mean(
+        [
+            c * by_id[i][p - 1] / ps
+            for i, p, c, ps in zip(raw.item_id, raw.position, raw.click, raw.propensity_score, strict=True)
+        ]
+    )
     assert ope.point_estimate("ips", random_log, prior) == pytest.approx(plain, rel=1e-9)
     assert random_log.on_policy_value() == pytest.approx(raw.click.mean())
 

@@ -108,7 +108,18 @@ def test_a_relative_output_path_inside_a_ray_job_is_refused(tmp_path: Path) -> N
         assert "absolute path" in proc.stderr
     assert list(cwd.iterdir()) == []  # nothing written into the temporary copy
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.serve", "--model", "/nonexistent", "--feedback-dir", str(tmp_path / "fb")],
-        cwd=cwd, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "jobs.serve",
+            "--model",
+            "/nonexistent",
+            "--feedback-dir",
+            str(tmp_path / "fb"),
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert "is relative" not in proc.stderr and "--model /nonexistent does not exist" in proc.stderr

@@ -24,7 +24,10 @@ from rec_rllib.eval import evaluate_ranking
 from rec_rllib.explore import ExplorationConfig
 from rec_rllib.exposure import ExposureConfig
 from rec_rllib.models import load_recommender
-from rec_rllib.rl.module import MASK_VALUE, UCB_STATS, RecPolicyModule, model_config_from_run
+from rec_rllib.rl.algo import build_algo_config
+from rec_rllib.rl.columns import UCB_STATS
+from rec_rllib.rl.config import RLTrainConfig
+from rec_rllib.rl.module import MASK_VALUE, RecPolicyModule, model_config_from_run
 from rec_rllib.rl.obs import candidate_count, legal_actions
 from rec_rllib.rl.policy import (
     COOCCURRENCE_GAMMA_GRID,
@@ -42,7 +45,7 @@ from rec_rllib.rl.replay_eval import (
     replay_returns,
     sampling_policy,
 )
-from rec_rllib.rl.train import RLTrainConfig, build_algo_config, train
+from rec_rllib.rl.train import train
 from serving.scorer import PolicyScorer
 
 
@@ -79,7 +82,7 @@ def _module(
 def test_metrics_history_survives_a_resume_that_adds_columns(tmp_path):
     """A run resumed from an older version's train_metrics.csv (fewer columns) writes every column, and can
     be resumed again."""
-    from rec_rllib.rl.train import read_history, write_history
+    from rec_rllib.rl.report import read_history, write_history
 
     write_history(tmp_path, [{"iteration": 1.0, "q_loss": 0.5}, {"iteration": 2.0, "q_loss": 0.4}])
     history = read_history(tmp_path, 1)  # resumed at iteration 1
@@ -242,7 +245,7 @@ def test_a_policy_over_candidates_acts_and_learns_as_the_catalogue_policy_at_its
     behaviour log-probabilities give, at those items, what the catalogue-wide policy gives there; the env
     receives the item the drawn index stands for. K at least the catalogue: the catalogue-wide policy."""
     from rec_rllib.explore import behaviour_log_probs
-    from rec_rllib.rl.module import CANDIDATES, REF_LOGITS, USER_STATE
+    from rec_rllib.rl.columns import CANDIDATES, REF_LOGITS, USER_STATE
     from rec_rllib.rl.obs import dense_feature
 
     cfg = {"dataset": ml_dir, "window": 30, "seed": 41, "exposure_cost": 0.5, "cooccurrence": True}
@@ -314,7 +317,7 @@ def test_env_runners_hand_the_env_the_candidate_item_and_the_learner_its_statist
     """APPO with UCB over 64 candidates: every step's action indexes its candidates, the env's exposure counts
     are the candidate items acted on (the env received the items, not the indices), and the learner adds
     those items to the synced UCB statistics."""
-    from rec_rllib.rl.module import CANDIDATES
+    from rec_rllib.rl.columns import CANDIDATES
 
     env = EnvConfig(dataset=ml_dir, window=30, exposure_cost=0.1, exposure_window=100_000)
     algo = _one_runner_ucb_algo(finetuned_run, env, candidate_items=64)
@@ -366,9 +369,13 @@ def test_env_runners_receive_only_what_rl_trains(finetuned_run, ml_dir):
     assert sum(np.asarray(v).nbytes for v in sent.values()) < 0.1 * sum(
         np.asarray(v).nbytes for v in full.values()
     )
-    runner = RLModuleSpec(module_class=RecPolicyModule, observation_space=env.observation_space,
-                          action_space=env.action_space, model_config=learner.model_config,
-                          inference_only=True).build()  # fmt: skip
+    runner = RLModuleSpec(
+        module_class=RecPolicyModule,
+        observation_space=env.observation_space,
+        action_space=env.action_space,
+        model_config=learner.model_config,
+        inference_only=True,
+    ).build()
     runner.set_state(sent)
     obs = _obs_batch(env)
     assert torch.equal(
@@ -396,9 +403,9 @@ def test_the_observation_has_no_catalogue_sized_array(ml_dir):
 def test_policy_head_starts_at_the_fine_tuned_policy_and_learns_from_shipped_states(finetuned_run, ml_dir):
     """Frozen encoder: only the head learns, the start is the fine-tuned policy, and the learner's logits
     from the states the env runners shipped equal a full re-encoding (bootstrap rows re-encoded)."""
-    from rec_rllib.env import train_item_counts
     from rec_rllib.models.run import load_run
-    from rec_rllib.rl.module import REF_LOGITS, USER_STATE
+    from rec_rllib.replay import train_item_counts
+    from rec_rllib.rl.columns import REF_LOGITS, USER_STATE
 
     env = LogReplayEnv({"dataset": ml_dir, "window": 30})
     counts = train_item_counts(ml_dir, "loo")
@@ -442,8 +449,7 @@ def test_env_runners_ship_bootstrap_states_so_the_learner_never_encodes(finetune
     """APPO with the policy head: each chunk's appended bootstrap step gets the user state of its own final
     observation from the env runner, and the learner's forward pass runs no encoder at all. Under UCB the
     learner connector adds each real step (not the appended ones) once to the module's synced statistics."""
-    from rec_rllib.rl.connectors import BOOTSTRAP_STATE_MISSING, FINAL_USER_STATE
-    from rec_rllib.rl.module import USER_STATE
+    from rec_rllib.rl.columns import BOOTSTRAP_STATE_MISSING, FINAL_USER_STATE, USER_STATE
 
     algo = _one_runner_ucb_algo(
         finetuned_run, EnvConfig(dataset=ml_dir, window=30), rollout_fragment_length=20
@@ -507,8 +513,12 @@ def test_frozen_head_parts_leave_rl_the_rest_down_to_the_exposure_weight_alone(f
     env = LogReplayEnv({"dataset": ml_dir, "exposure_cost": 0.5, "seed": 21})
     mc = model_config_from_run(finetuned_run)
     mc.update(train_state_head=False, exposure_window=env.cfg.exposure_window)
-    spec = RLModuleSpec(module_class=RecPolicyModule, observation_space=env.observation_space,
-                        action_space=env.action_space, model_config=mc)  # fmt: skip
+    spec = RLModuleSpec(
+        module_class=RecPolicyModule,
+        observation_space=env.observation_space,
+        action_space=env.action_space,
+        model_config=mc,
+    )
     module = spec.build()
     trained = {n for n, p in module.named_parameters() if p.requires_grad and not n.startswith("value_head.")}
     assert trained == {"net.bias", "net.popularity_weight", "exposure_term.weight"}
@@ -524,21 +534,31 @@ def test_frozen_head_parts_leave_rl_the_rest_down_to_the_exposure_weight_alone(f
         RLTrainConfig(finetuned=finetuned_run, train_encoder=True, train_item_terms=False)
     with pytest.raises(ValueError, match="nothing to train"):
         RLTrainConfig(finetuned=finetuned_run, train_state_head=False, train_item_terms=False)
-    cfg = RLTrainConfig(finetuned=finetuned_run, train_state_head=False, train_item_terms=False,
-                        env=EnvConfig(dataset=ml_dir, exposure_cost=0.5))  # fmt: skip
+    cfg = RLTrainConfig(
+        finetuned=finetuned_run,
+        train_state_head=False,
+        train_item_terms=False,
+        env=EnvConfig(dataset=ml_dir, exposure_cost=0.5),
+    )
     assert not cfg.train_item_terms
 
     # a fixed co-occurrence weight is not trained either (and alone leaves RL nothing to train)
-    module = replace(spec, model_config={**mc, "train_item_terms": False, "cooccurrence": True,
-                                         "cooccurrence_gamma": 2.5}).build()  # fmt: skip
+    module = replace(
+        spec, model_config={**mc, "train_item_terms": False, "cooccurrence": True, "cooccurrence_gamma": 2.5}
+    ).build()
     trained = {n for n, p in module.named_parameters() if p.requires_grad and not n.startswith("value_head.")}
     assert trained == {"exposure_term.weight"} and cooccurrence_weight(module) == pytest.approx(2.5)
     learned = replace(spec, model_config={**mc, "train_item_terms": False, "cooccurrence": True}).build()
     assert learned.cooccurrence_term.weight.requires_grad and cooccurrence_weight(learned) == 0.0
     co_env = EnvConfig(dataset=ml_dir, cooccurrence=True)
     with pytest.raises(ValueError, match="nothing to train"):
-        RLTrainConfig(finetuned=finetuned_run, train_state_head=False, train_item_terms=False,
-                      cooccurrence_gamma=1.0, env=co_env)  # fmt: skip
+        RLTrainConfig(
+            finetuned=finetuned_run,
+            train_state_head=False,
+            train_item_terms=False,
+            cooccurrence_gamma=1.0,
+            env=co_env,
+        )
     for bad in (-1.0, float("nan"), "best", True):
         with pytest.raises(ValueError, match="cooccurrence_gamma must be a number >= 0 or 'validation'"):
             RLTrainConfig(finetuned=finetuned_run, cooccurrence_gamma=bad, env=co_env)
@@ -630,15 +650,21 @@ def test_ucb_acts_greedily_on_score_plus_bonus_and_moves_off_what_it_showed(fine
 
 def test_ppo_optimises_the_distribution_that_acted(finetuned_run, ml_dir):
     """PPO has no off-policy correction: its train logits are the tempered ones the runner sampled from."""
-    from rec_rllib.rl.module import BEHAVIOUR_TEMPERATURE
+    from rec_rllib.rl.columns import BEHAVIOUR_TEMPERATURE
 
     with pytest.raises(ValueError, match="epsilon"):
         RLTrainConfig(
             algorithm="ppo", finetuned=finetuned_run, exploration=ExplorationConfig(strategy="epsilon")
         )
     env = LogReplayEnv({"dataset": ml_dir, "window": 30})
-    module = _module(finetuned_run, env, strategy="boltzmann", temperature=0.5, temperature_final=0.5)
-    module.model_config["train_behaviour_policy"] = True
+    module = _module(
+        finetuned_run,
+        env,
+        strategy="boltzmann",
+        temperature=0.5,
+        temperature_final=0.5,
+        settings={"train_behaviour_policy": True},
+    )
     obs = _obs_batch(env)
     explore = module.forward_exploration({Columns.OBS: obs}, t=0)
     assert torch.allclose(explore[BEHAVIOUR_TEMPERATURE], torch.full((8,), 0.5))
@@ -677,10 +703,10 @@ def local_ray():
 def test_training_checkpoint_restore_and_standalone_module(
     algorithm, train_encoder, finetuned_run, ml_dir, tmp_path, local_ray
 ):
-    # the frozen-encoder APPO and DQN runs also price exposure (an extra observation, a learned weight): APPO by
-    # log(1 + count), DQN by whether an item is on display at all (within its runner's last 500 recommendations);
-    # the frozen-encoder APPO run keeps the item bias and the popularity weight at their fine-tuned values and
-    # learns a weight on the co-occurrence feature (another observation)
+    # the frozen-encoder APPO and DQN runs also price exposure (an extra observation, a learned weight): APPO
+    # by log(1 + count), DQN by whether an item is on display at all (within its runner's last 500
+    # recommendations); the frozen-encoder APPO run keeps the item bias and the popularity weight at their
+    # fine-tuned values and learns a weight on the co-occurrence feature (another observation)
     frozen_item_terms = algorithm == "appo" and not train_encoder
     env_cfg = {
         "dataset": ml_dir,
@@ -756,8 +782,11 @@ def test_training_checkpoint_restore_and_standalone_module(
             shape = env_cfg.get("exposure_shape", "log")
             assert module.exposure_window == cfg.env.exposure_window  # training's; evaluation keeps its own
             assert (rec.cfg.slots, rec.cfg.penalty, rec.cfg.window, rec.cfg.shape) == (
-                0, beta, ExposureConfig.window, shape
-            )  # fmt: skip
+                0,
+                beta,
+                ExposureConfig.window,
+                shape,
+            )
             logits = module.forward_inference(dict(batch))[Columns.ACTION_DIST_INPUTS]
             batch[Columns.OBS][Obs.EXPOSURE][:] = 0
             unexposed = module.forward_inference(dict(batch))[Columns.ACTION_DIST_INPUTS]
@@ -831,7 +860,7 @@ def test_cooccurrence_weight_chosen_on_the_validation_users_stays_fixed(
             exposure_cost=0.5,
             exposure_shape="indicator",
             exposure_window=500,
-        ),  # fmt: skip
+        ),
     )
     summary = train(cfg, tmp_path / "rl", progress=lambda *_: None)
     chosen = json.loads((tmp_path / "rl" / "cooccurrence_gamma.json").read_text())

@@ -110,20 +110,46 @@ def _write_serve_log(directory, dataset, rng) -> dict:
             hist_ids.insert(1, "new-item-from-text")
         rid = f"req-{i}"
         if i % 100 == 7:  # the first item was added by POST /items: dropped
-            imps.append({"request_id": rid, "timestamp_ms": i, "user_id": "u", "history": hist_ids,
-                         "shown": ["new-item-from-text", str(ids[0])], "shown_propensities": [0.5, 0.5],
-                         "model_version": "m", "strategy": "boltzmann"})  # fmt: skip
+            imps.append(
+                {
+                    "request_id": rid,
+                    "timestamp_ms": i,
+                    "user_id": "u",
+                    "history": hist_ids,
+                    "shown": ["new-item-from-text", str(ids[0])],
+                    "shown_propensities": [0.5, 0.5],
+                    "model_version": "m",
+                    "strategy": "boltzmann",
+                }
+            )
             continue
         if i % 100 == 8:  # an empty answer: dropped
-            imps.append({"request_id": rid, "timestamp_ms": i, "user_id": "u", "history": hist_ids,
-                         "shown": [], "shown_propensities": [], "model_version": "m",
-                         "strategy": "boltzmann"})  # fmt: skip
+            imps.append(
+                {
+                    "request_id": rid,
+                    "timestamp_ms": i,
+                    "user_id": "u",
+                    "history": hist_ids,
+                    "shown": [],
+                    "shown_propensities": [],
+                    "model_version": "m",
+                    "strategy": "boltzmann",
+                }
+            )
             continue
         a = int(rng.choice(dataset.n_items, p=p))
-        imps.append({"request_id": rid, "timestamp_ms": i, "user_id": "u", "history": hist_ids,
-                     "shown": [str(ids[a]), str(ids[(a + 1) % dataset.n_items])],
-                     "shown_propensities": [float(p[a]), 0.3], "model_version": "m",
-                     "strategy": "boltzmann"})  # fmt: skip
+        imps.append(
+            {
+                "request_id": rid,
+                "timestamp_ms": i,
+                "user_id": "u",
+                "history": hist_ids,
+                "shown": [str(ids[a]), str(ids[(a + 1) % dataset.n_items])],
+                "shown_propensities": [float(p[a]), 0.3],
+                "model_version": "m",
+                "strategy": "boltzmann",
+            }
+        )
         reward = 0.0
         if rng.random() < 0.3:
             reward = float(rng.integers(1, 3))
@@ -163,20 +189,25 @@ def test_a_serve_log_in_blocks_gives_the_whole_array_estimates(ml100k, finetuned
     assert len(served.histories) == fb.n and all(
         np.array_equal(served.histories[i], h) for i, h in enumerate(want["history"])
     )
-    assert served.dropped == {"first_item_not_in_catalogue": 14, "history_items_not_in_catalogue": 14,
-                              "feedback_without_impression": 1}  # fmt: skip
+    assert served.dropped == {
+        "first_item_not_in_catalogue": 14,
+        "history_items_not_in_catalogue": 14,
+        "feedback_without_impression": 1,
+    }
 
     targets = {
         "popularity": load_recommender("popularity", ml100k, scheme=SplitScheme.LEAVE_ONE_OUT),
         "fine-tuned": load_recommender(finetuned_run, ml100k),
     }
     for strategy in ("boltzmann", "greedy"):
-        res = evaluate_serve_log(served, targets, strategy=strategy, temperature=0.7, n_boot=100, seed=3,
-                                 block_rows=37)  # fmt: skip
+        res = evaluate_serve_log(
+            served, targets, strategy=strategy, temperature=0.7, n_boot=100, seed=3, block_rows=37
+        )
         q = ope.cross_fit(ope.PositionCTRModel, fb, folds=3, seed=3)
         for name, rec in targets.items():
-            pi = ope.recommender_action_dist(rec, list(served.histories), k=1, strategy=strategy,
-                                             temperature=0.7)  # fmt: skip
+            pi = ope.recommender_action_dist(
+                rec, list(served.histories), k=1, strategy=strategy, temperature=0.7
+            )
             # the transformer's float32 scores differ in their last bits between batch shapes
             rel = 1e-9 if name == "popularity" else 1e-5
             for e in SERVE_LOG_ESTIMATORS:

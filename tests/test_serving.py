@@ -39,8 +39,13 @@ def app(request, finetuned_run, ml_dir, tmp_path_factory):
             free_port(),
         )
         with httpx.Client(base_url=url, timeout=60) as client:
-            yield {"client": client, "feedback_dir": feedback_dir, "dataset": ml_dir, "stop": stop,
-                   "finetuned_run": finetuned_run}  # fmt: skip
+            yield {
+                "client": client,
+                "feedback_dir": feedback_dir,
+                "dataset": ml_dir,
+                "stop": stop,
+                "finetuned_run": finetuned_run,
+            }
     finally:
         try:
             stop()
@@ -131,7 +136,8 @@ def test_ucb_shows_the_greedy_slate_at_zero_width_and_moves_off_what_a_replica_s
 def test_thompson_draws_by_the_boltzmann_rule_on_one_posterior_sample(finetuned_run, ml_dir):
     """In process (the scorer is a plain class, what each replica holds): a Thompson slate's propensities
     are the Boltzmann rule's on the MC-dropout sample the scorer drew (redrawn here from the same seed),
-    not on the mean scores; the answer carries the mean scores; a greedy row of the same batch is untouched."""
+    not on the mean scores; the answer carries the mean scores; a greedy row of the same batch is
+    untouched."""
     import torch
 
     from rec_rllib.models.seqrec import pad_histories
@@ -327,8 +333,10 @@ def test_zz_feedback_flushed_on_stop_and_read_by_prepare(app, tmp_path):
         firsts[body["request_id"]] = body["items"][0]["item_id"]
         if len(explored) % 2:
             clicked.add(body["request_id"])
-            c.post("/feedback", json={"request_id": body["request_id"], "item_id": firsts[body["request_id"]],
-                                      "reward": 1.0})  # fmt: skip
+            c.post(
+                "/feedback",
+                json={"request_id": body["request_id"], "item_id": firsts[body["request_id"]], "reward": 1.0},
+            )
     app["stop"]()  # a clean stop flushes every replica's buffer
     assert not list(
         Path(app["feedback_dir"]).glob(".journal-*")
@@ -350,10 +358,24 @@ def test_zz_feedback_flushed_on_stop_and_read_by_prepare(app, tmp_path):
 
     out = tmp_path / "fb-ds"
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.prepare", "--dataset", "feedback", "--feedback-dir",
-         str(app["feedback_dir"]), "--base", app["dataset"], "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "jobs.prepare",
+            "--dataset",
+            "feedback",
+            "--feedback-dir",
+            str(app["feedback_dir"]),
+            "--base",
+            app["dataset"],
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["interactions"] == 100_000 + len(table)
@@ -381,8 +403,9 @@ def _off_policy_on_the_serve_log(app, dataset, explored: dict[str, float], n_cli
     assert fb.pscore.tolist() == pytest.approx([explored[served.request_ids[i]] for i in rows])
     assert fb.reward.sum() == n_clicked
     rec = load_recommender(app["finetuned_run"], dataset)
-    pi = ope.recommender_action_dist(rec, [served.histories[i] for i in rows], k=1, strategy="boltzmann",
-                                     temperature=0.5)  # fmt: skip
+    pi = ope.recommender_action_dist(
+        rec, [served.histories[i] for i in rows], k=1, strategy="boltzmann", temperature=0.5
+    )
     weights = pi[np.arange(fb.n), fb.action, 0] / fb.pscore
     assert np.allclose(weights, 1.0, atol=2e-3), weights
     assert ope.point_estimate("ips", fb, pi) == pytest.approx(fb.on_policy_value(), rel=2e-3)
@@ -400,11 +423,31 @@ def _off_policy_on_the_serve_log(app, dataset, explored: dict[str, float], n_cli
 
     out = tmp_path / "ope-serve"
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.evaluate", "--dataset", app["dataset"], "--models", app["finetuned_run"],
-         "popularity", "--ope-serve-log", str(app["feedback_dir"]), "--out", str(out), "--split", "valid",
-         "--ks", "10", "--ope-max-rounds", str(served.feedback.n)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "jobs.evaluate",
+            "--dataset",
+            app["dataset"],
+            "--models",
+            app["finetuned_run"],
+            "popularity",
+            "--ope-serve-log",
+            str(app["feedback_dir"]),
+            "--out",
+            str(out),
+            "--split",
+            "valid",
+            "--ks",
+            "10",
+            "--ope-max-rounds",
+            str(served.feedback.n),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "ope_serve_log.json").read_text())
     # the whole log (a subset of its 40-odd answers could leave a greedy target no match: SNIPS undefined)

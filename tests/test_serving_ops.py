@@ -96,7 +96,8 @@ def test_autoscaling_up_under_load_and_back_down(finetuned_run, ml_dir, tmp_path
                 "feedback_dir": str(tmp_path / "fb"),
                 "topology": "split",  # the scorer deployment scales apart from the HTTP layer
                 "scorer_cpus": 0.5,
-                "max_batch_size": 1,  # one request at a time per replica: queueing shows up as ongoing requests
+                # one request at a time per replica: queueing shows up as ongoing requests
+                "max_batch_size": 1,
                 "autoscaling": {
                     "min_replicas": 1,
                     "max_replicas": 2,
@@ -215,10 +216,18 @@ def test_killed_replica_under_load_fails_over_and_loses_no_acknowledged_feedback
     feedback_dir = tmp_path / "fb"
     try:
         url = start(
-            {"model": finetuned_run, "dataset": ml_dir, "feedback_dir": str(feedback_dir), "ingress_replicas": 2,
-             "topology": "split", "scorer_cpus": 0.5, "flush_rows": 100_000, "flush_seconds": 3600},
+            {
+                "model": finetuned_run,
+                "dataset": ml_dir,
+                "feedback_dir": str(feedback_dir),
+                "ingress_replicas": 2,
+                "topology": "split",
+                "scorer_cpus": 0.5,
+                "flush_rows": 100_000,
+                "flush_seconds": 3600,
+            },
             free_port(),
-        )  # fmt: skip
+        )
         acked: list[str] = []
         ingress_seen: set[str] = set()  # ingress replica ids that answered
         failed: list[str] = []
@@ -306,9 +315,9 @@ def test_low_latency_setup_answers_on_the_replicas_own_port(finetuned_run, ml_di
     """`jobs.serve` with its low-latency defaults spelled out (direct ingress, single topology, no batch wait,
     request code on the replica's loop), as a user runs it: the replica answers HTTP on --port itself (Serve's
     proxy on --port + 100), which the command prints; a click sent
-    there changes the next answer; the exposure slot (--exposure-slots 1) gives the last position of a repeated
-    slate to an item not shown yet once the replica's exposure prices move (every --exposure-refresh answers;
-    the same list in between); Ctrl-C stops it and the feedback is on disk."""
+    there changes the next answer; the exposure slot (--exposure-slots 1) gives the last position of a
+    repeated slate to an item not shown yet once the replica's exposure prices move (every --exposure-refresh
+    answers; the same list in between); Ctrl-C stops it and the feedback is on disk."""
     import os
     import signal
     import subprocess
@@ -323,10 +332,24 @@ def test_low_latency_setup_answers_on_the_replicas_own_port(finetuned_run, ml_di
 
     port = free_port()
     env = dict(os.environ, RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="1")
-    cmd = [sys.executable, "-m", "jobs.serve", "--model", finetuned_run, "--dataset", ml_dir, "--port", str(port),
-           "--num-cpus", "2", "--topology", "single", "--batch-wait-ms", "0", "--same-thread",
-           "--direct-ingress", "--no-access-log", "--feedback-dir", str(tmp_path / "fb"), "--exposure-slots", "1",
-           "--exposure-refresh", "2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.serve",
+        "--model",
+        finetuned_run,
+        "--dataset",
+        ml_dir,
+        "--port",
+        str(port),
+        *"--num-cpus 2 --topology single --batch-wait-ms 0 --same-thread --direct-ingress".split(),
+        *"--no-access-log --feedback-dir".split(),
+        str(tmp_path / "fb"),
+        "--exposure-slots",
+        "1",
+        "--exposure-refresh",
+        "2",
+    ]
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -350,8 +373,8 @@ def test_low_latency_setup_answers_on_the_replicas_own_port(finetuned_run, ml_di
             assert clicked not in [it["item_id"] for it in again["items"]]
             health = c.get("/healthz").json()
             assert health["live_state"]["mirror_trusted"]
-            # the same slate asked again within one exposure epoch (prices move every 2 answers here): the same
-            # list; in the next epoch positions 1-4 stay and the 5th goes to an item not shown before it
+            # the same slate asked again within one exposure epoch (prices move every 2 answers here): the
+            # same list; in the next epoch positions 1-4 stay and the 5th goes to an item not shown before it
             body = {"history": [first["items"][1]["item_id"]], "k": 5}
             asked = [c.post("/recommend", json=body).json() for _ in range(3)]
             pairs = [
@@ -368,7 +391,8 @@ def test_low_latency_setup_answers_on_the_replicas_own_port(finetuned_run, ml_di
             b = b["items"]
             assert b[4]["exposure"] and b[4]["propensity"] == 1.0 and not any(it["exposure"] for it in b[:4])
             assert b[4]["score"] <= b[3]["score"]
-            # the rotation switched off for one request: the policy's own list, reproducible whatever the epoch
+            # the rotation switched off for one request: the policy's own list, reproducible whatever the
+            # epoch
             plain = [c.post("/recommend", json={**body, "exposure": False}).json() for _ in range(3)]
             assert all(p["exposure_epoch"] is None and ids(p) == ids(plain[0]) for p in plain)
             assert not any(it["exposure"] for it in plain[0]["items"])

@@ -1,5 +1,5 @@
-"""The Serve app over a generated catalogue of 100,000 items, over real HTTP on 127.0.0.1: recommendations with
-propensities, a natural-language query, feedback that moves the next answer, an item added from text."""
+"""The Serve app over a generated catalogue of 100,000 items, over real HTTP on 127.0.0.1: recommendations
+with propensities, a natural-language query, feedback that moves the next answer, an item added from text."""
 
 from __future__ import annotations
 

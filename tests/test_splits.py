@@ -48,10 +48,15 @@ def test_ties_are_broken_by_source_row_order(ml100k: LogDataset):
 
 
 def test_short_users_stay_train_only():
-    inter = pd.DataFrame({
-        Col.USER_ID: ["a", "a", "b", "b", "b"], Col.ITEM_ID: ["1", "2", "1", "2", "3"],
-        Col.TIMESTAMP: [5, 6, 1, 1, 1], Col.REWARD: 1.0, Col.SOURCE_ROW: range(5),
-    })  # fmt: skip
+    inter = pd.DataFrame(
+        {
+            Col.USER_ID: ["a", "a", "b", "b", "b"],
+            Col.ITEM_ID: ["1", "2", "1", "2", "3"],
+            Col.TIMESTAMP: [5, 6, 1, 1, 1],
+            Col.REWARD: 1.0,
+            Col.SOURCE_ROW: range(5),
+        }
+    )
     items = pd.DataFrame({Col.ITEM_ID: ["1", "2", "3"], Col.TEXT: ["x", "y", "z"]})
     ds = build_dataset(inter, items, name="t", source={}, timestamp_unit="s")
     by_user = ds.interactions.groupby(Col.USER_IDX)[Col.SPLIT_LOO].apply(list).to_dict()

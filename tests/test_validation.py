@@ -1,4 +1,5 @@
-"""Every validation error on a malformed file names the file, the row/line and the field, and says how to fix it.
+"""Every validation error on a malformed file names the file, the row/line and the field, and says how to fix
+it.
 
 The malformed files are real MovieLens-100K rows with one defect injected each.
 """

@@ -33,7 +33,7 @@ SCHEMA = pa.schema([
     ("reward", pa.float64()),
     ("model_version", pa.string()),
     ("strategy", pa.string()),
-])  # fmt: skip
+])
 
 
 IMPRESSIONS = "impressions"
@@ -41,7 +41,7 @@ IMPRESSIONS = "impressions"
 
 IMPRESSION_SCHEMA = pa.schema([SCHEMA.field(name) for name in (
     "request_id", "timestamp_ms", "user_id", "history", "shown", "shown_propensities", "model_version", "strategy",
-)])  # fmt: skip
+)])
 """One row per answer of /recommend or /query: ``shown_propensities[j]`` is the probability of the item at
 position j given the items above it, so ``shown_propensities[0]`` is the exact probability of the first
 pick."""

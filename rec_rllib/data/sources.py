@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 GROUPLENS_GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
     "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
-]  # fmt: skip
+]
 OBD_CAMPAIGNS = ("all", "men", "women")
 OBD_POLICIES = ("random", "bts")
 
@@ -136,7 +136,7 @@ def _validated_interactions(raw: pd.DataFrame, file: str, mapping: ColumnMapping
     wanted = {
         "user": mapping.user, "item": mapping.item, "timestamp": mapping.timestamp, "reward": mapping.reward,
         "propensity": mapping.propensity, "position": mapping.position, "policy": mapping.policy,
-    }  # fmt: skip
+    }
     wanted.update({f"context:{c}": c for c in mapping.context})
     check.require_columns(raw, wanted, optional=("reward", "propensity", "position", "policy"))
     check.raise_if_any()
@@ -420,7 +420,7 @@ def load_feedback(feedback_dir: str | Path, base: str | Path, *, name: str | Non
         Col.PROPENSITY: inter[Col.PROPENSITY].to_numpy() if Col.PROPENSITY in inter else np.nan,
         Col.POSITION: inter[Col.POSITION].to_numpy() if Col.POSITION in inter else -1,
         Col.POLICY: inter[Col.POLICY].to_numpy() if Col.POLICY in inter else "logged",
-    })  # fmt: skip
+    })
     user = fb["user_id"].where(fb["user_id"].notna() & (fb["user_id"] != ""), "anon-" + fb["request_id"])
     new = pd.DataFrame({
         Col.USER_ID: user.astype(str).to_numpy(),
@@ -431,7 +431,7 @@ def load_feedback(feedback_dir: str | Path, base: str | Path, *, name: str | Non
         Col.PROPENSITY: fb["propensity"].astype(np.float64).to_numpy(),
         Col.POSITION: fb["position"].astype(np.int16).to_numpy(),
         Col.POLICY: (fb["strategy"].astype(str) + "@" + fb["model_version"].astype(str)).to_numpy(),
-    })  # fmt: skip
+    })
     bad = ~np.isfinite(new[Col.PROPENSITY]) | (new[Col.PROPENSITY] <= 0) | (new[Col.PROPENSITY] > 1)
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])

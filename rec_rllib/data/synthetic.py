@@ -32,12 +32,12 @@ TOPIC_WORDS = (
     "space", "western", "noir", "romance", "war", "heist", "comedy", "horror", "sport", "music", "family",
     "history", "mystery", "fantasy", "robot", "ocean", "desert", "winter", "city", "island", "detective",
     "dragon", "pirate", "court", "school", "kitchen", "road", "jungle", "castle", "ghost", "alien", "spy",
-)  # fmt: skip
+)
 TITLE_WORDS = (
     "return", "night", "last", "secret", "city", "dream", "storm", "edge", "heart", "shadow", "river", "fire",
     "garden", "letter", "silver", "promise", "journey", "empire", "echo", "winter", "summer", "bridge",
     "crown", "road", "glass", "stone", "wild", "broken", "golden", "hidden", "lost", "first",
-)  # fmt: skip
+)
 
 
 @dataclass
@@ -115,7 +115,7 @@ def generate(
     for lo in range(0, n_users, CHUNK_USERS):  # users in chunks: memory follows the chunk's longest history
         users = np.arange(lo, min(n_users, lo + CHUNK_USERS))
         seqs = _draw_sequences(rng, drawn[users], favourites[users], fav_weight[users], successor, topic_of,
-                               starts, sizes, p_successor, p_same_topic)  # fmt: skip
+                               starts, sizes, p_successor, p_same_topic)
         part = pd.DataFrame({"u": np.repeat(users, drawn[users]), "i": seqs[seqs >= 0]})
         part = part.drop_duplicates(["u", "i"], keep="first")  # nobody sees an item twice
         parts.append(part[part.groupby("u", sort=False).cumcount().to_numpy() < counts[part["u"].to_numpy()]])
@@ -129,7 +129,7 @@ def generate(
         "item_id": (frame["i"].to_numpy() + 1).astype(str),
         "timestamp": frame["t"].to_numpy(),
         "rating": ratings,
-    })  # fmt: skip
+    })
     return SyntheticLog(interactions, _item_texts(rng, n_items, topic_of, n_topics))
 
 

@@ -1,4 +1,4 @@
-"""Evaluation: ranking metrics and protocol (and, later, off-policy estimators and reports)."""
+"""Evaluation: ranking metrics and protocol, off-policy estimators, plots and reports."""
 
 from rec_rllib.eval import metrics
 from rec_rllib.eval.ranking import DEFAULT_KS, RankingResult, evaluate_ranking

@@ -99,13 +99,23 @@ def bts_prior(prior_yaml: str | Path, campaign: str, dataset: LogDataset) -> tup
     beta = np.asarray(doc[campaign]["beta"], dtype=np.float64)
     ids = dataset.items[Col.ITEM_ID].astype(int).to_numpy()
     if len(alpha) != len(beta) or ids.max() >= len(alpha):
-        raise ValueError(f"{prior_yaml}: campaign {campaign!r} has {len(alpha)} alphas and {len(beta)} betas; "
-                         f"the dataset has item ids up to {ids.max()}")  # fmt: skip
+        raise ValueError(
+            f"{prior_yaml}: campaign {campaign!r} has {len(alpha)} alphas and {len(beta)} betas; "
+            f"the dataset has item ids up to {ids.max()}"
+        )
     return alpha, beta
 
 
-def bts_action_dist(definition: str, *, dataset: LogDataset, campaign: str, bts_log: BanditFeedback,
-                    prior_yaml: str | Path | None = None, n_sim: int = 1_000_000, seed: int = 12345) -> np.ndarray:  # fmt: skip
+def bts_action_dist(
+    definition: str,
+    *,
+    dataset: LogDataset,
+    campaign: str,
+    bts_log: BanditFeedback,
+    prior_yaml: str | Path | None = None,
+    n_sim: int = 1_000_000,
+    seed: int = 12345,
+) -> np.ndarray:
     """BTS's [A, K] distribution by ``definition`` ('prior' or 'empirical')."""
     if definition == "empirical":
         return empirical_action_dist(bts_log)
@@ -160,15 +170,26 @@ class ValidationResult:
                 "sd_relative_error": float(re.std()),
                 "mean_estimate": float(self.estimates[name].mean()),
                 "truth": self.truth,
-            }  # fmt: skip
+            }
             for name, re in self.relative_errors().items()
         }
 
 
-def validate(dataset: LogDataset, *, campaign: str, direction: str = "random->bts", definition: str = "prior",
-             estimators: Sequence[str] = OPE_ESTIMATORS, reward_model: str = "position-ctr", n_boot: int = 30,
-             first_resample: int = 0, folds: int = 3, clip: float | None = None,
-             prior_yaml: str | Path | None = None, seed: int = 12345) -> ValidationResult:  # fmt: skip
+def validate(
+    dataset: LogDataset,
+    *,
+    campaign: str,
+    direction: str = "random->bts",
+    definition: str = "prior",
+    estimators: Sequence[str] = OPE_ESTIMATORS,
+    reward_model: str = "position-ctr",
+    n_boot: int = 30,
+    first_resample: int = 0,
+    folds: int = 3,
+    clip: float | None = None,
+    prior_yaml: str | Path | None = None,
+    seed: int = 12345,
+) -> ValidationResult:
     """Relative error of each estimator over bootstrap resamples ``first_resample`` ... ``first_resample +
     n_boot - 1`` of the logging policy's log (resample b drawn by ``RandomState(b)``, as the reference)."""
     if direction not in DIRECTIONS:
@@ -177,15 +198,24 @@ def validate(dataset: LogDataset, *, campaign: str, direction: str = "random->bt
         raise ValueError(f"unknown reward model {reward_model!r}; expected one of {sorted(REWARD_MODELS)}")
     logging_name, target_name = DIRECTIONS[direction]
     logs = {p: obd_feedback(dataset, p, context=reward_model == "logistic") for p in ("random", "bts")}
-    bts = bts_action_dist(definition, dataset=dataset, campaign=campaign, bts_log=logs["bts"],
-                          prior_yaml=prior_yaml, seed=seed)  # fmt: skip
+    bts = bts_action_dist(
+        definition, dataset=dataset, campaign=campaign, bts_log=logs["bts"], prior_yaml=prior_yaml, seed=seed
+    )
     uniform = uniform_dist(dataset.n_items, logs["random"].n_positions)
     dists = {"bts": bts, "random": uniform}
     log = logs[logging_name]
     if logging_name == "bts":
         # BTS's logged propensities are not its distribution (see the module docstring): use the definition's
-        log = BanditFeedback(log.action, log.position, log.reward, _behaviour_pscore(bts, log), log.n_actions,
-                             log.n_positions, log.context, log.name)  # fmt: skip
+        log = BanditFeedback(
+            log.action,
+            log.position,
+            log.reward,
+            _behaviour_pscore(bts, log),
+            log.n_actions,
+            log.n_positions,
+            log.context,
+            log.name,
+        )
     pi = check_action_dist(dists[target_name], log)
     truth = logs[target_name].on_policy_value()
     out = {name: np.empty(n_boot) for name in estimators}
@@ -209,18 +239,31 @@ def _behaviour_pscore(dist: np.ndarray, fb: BanditFeedback, floor: float = 1e-6)
     return np.maximum(dist[fb.action, fb.position], floor)
 
 
-OBP_PUBLISHED = {"dm": 0.156876, "ips": 0.311082, "snips": 0.311795, "dr": 0.292464, "sndr": 0.302407,
-                 "switch-dr": 0.258410}  # fmt: skip
+OBP_PUBLISHED = {
+    "dm": 0.156876,
+    "ips": 0.311082,
+    "snips": 0.311795,
+    "dr": 0.292464,
+    "sndr": 0.302407,
+    "switch-dr": 0.258410,
+}
 """The reference library's published mean relative errors (obp examples/obd: campaign all, BTS by its prior,
 estimated from the random logs, bootstrap resamples 0-29; DM/DR with its logistic-regression reward model,
 Switch-DR with its own tau). Resamples 0-29 are our first set, so our figures on them compare draw for
 draw; ``bench/ope_obd_reference.py`` re-implements its DM/DR for a paired comparison."""
 
 
-def validation_suite(*, campaigns: Sequence[str] = ("all", "men", "women"), directions: Sequence[str] = tuple(DIRECTIONS),
-                     definitions: Sequence[str] = DEFINITIONS, n_boot: int = 30, repeats: int = 1,
-                     reward_model: str = "position-ctr", data_root: str | None = None,
-                     progress=None) -> dict[str, dict]:  # fmt: skip
+def validation_suite(
+    *,
+    campaigns: Sequence[str] = ("all", "men", "women"),
+    directions: Sequence[str] = tuple(DIRECTIONS),
+    definitions: Sequence[str] = DEFINITIONS,
+    n_boot: int = 30,
+    repeats: int = 1,
+    reward_model: str = "position-ctr",
+    data_root: str | None = None,
+    progress=None,
+) -> dict[str, dict]:
     """Every (campaign, direction, definition): mean relative error per estimator, averaged over
     ``repeats`` sets of ``n_boot`` resamples (set r: resamples r * n_boot ...; a single set of 30 has a Monte
     Carlo error of ~0.02-0.06 on the mean itself), and over the first set alone (resamples 0 ... n_boot - 1:
@@ -233,11 +276,22 @@ def validation_suite(*, campaigns: Sequence[str] = ("all", "men", "women"), dire
         dataset = load_or_prepare(f"obd-{campaign}", root=data_root)
         for direction in directions:
             for definition in definitions:
-                runs = [validate(dataset, campaign=campaign, direction=direction, definition=definition,
-                                 reward_model=reward_model, n_boot=n_boot, first_resample=r * n_boot)
-                        for r in range(repeats)]  # fmt: skip
-                errors = {name: float(np.mean([r.relative_errors()[name].mean() for r in runs]))
-                          for name in runs[0].estimates}  # fmt: skip
+                runs = [
+                    validate(
+                        dataset,
+                        campaign=campaign,
+                        direction=direction,
+                        definition=definition,
+                        reward_model=reward_model,
+                        n_boot=n_boot,
+                        first_resample=r * n_boot,
+                    )
+                    for r in range(repeats)
+                ]
+                errors = {
+                    name: float(np.mean([r.relative_errors()[name].mean() for r in runs]))
+                    for name in runs[0].estimates
+                }
                 key = f"{campaign}/{direction}/{definition}"
                 out[key] = {
                     "truth": runs[0].truth,

@@ -69,13 +69,28 @@ class BanditFeedback:
                 raise ValueError(f"{self.name}: field {f!r} has {len(getattr(self, f))} rows, action has {n}")
         if self.context is not None and len(self.context) != n:
             raise ValueError(f"{self.name}: context has {len(self.context)} rows, action has {n}")
-        _first_bad(self.name, "action", (self.action < 0) | (self.action >= self.n_actions),
-                   self.action, f"an integer in [0, {self.n_actions})")  # fmt: skip
-        _first_bad(self.name, "position", (self.position < 0) | (self.position >= self.n_positions),
-                   self.position, f"an integer in [0, {self.n_positions})")  # fmt: skip
+        _first_bad(
+            self.name,
+            "action",
+            (self.action < 0) | (self.action >= self.n_actions),
+            self.action,
+            f"an integer in [0, {self.n_actions})",
+        )
+        _first_bad(
+            self.name,
+            "position",
+            (self.position < 0) | (self.position >= self.n_positions),
+            self.position,
+            f"an integer in [0, {self.n_positions})",
+        )
         _first_bad(self.name, "reward", ~np.isfinite(self.reward), self.reward, "a finite number")
-        _first_bad(self.name, "pscore", ~(np.isfinite(self.pscore) & (self.pscore > 0) & (self.pscore <= 1)),
-                   self.pscore, "the behaviour policy's probability of the logged action, in (0, 1]")  # fmt: skip
+        _first_bad(
+            self.name,
+            "pscore",
+            ~(np.isfinite(self.pscore) & (self.pscore > 0) & (self.pscore <= 1)),
+            self.pscore,
+            "the behaviour policy's probability of the logged action, in (0, 1]",
+        )
 
     @property
     def n(self) -> int:
@@ -87,15 +102,25 @@ class BanditFeedback:
 
     def subset(self, rows: np.ndarray) -> BanditFeedback:
         ctx = None if self.context is None else self.context[rows]
-        return BanditFeedback(self.action[rows], self.position[rows], self.reward[rows], self.pscore[rows],
-                              self.n_actions, self.n_positions, ctx, self.name)  # fmt: skip
+        return BanditFeedback(
+            self.action[rows],
+            self.position[rows],
+            self.reward[rows],
+            self.pscore[rows],
+            self.n_actions,
+            self.n_positions,
+            ctx,
+            self.name,
+        )
 
 
 def _first_bad(name: str, field_name: str, bad: np.ndarray, values: np.ndarray, want: str) -> None:
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{name}: field {field_name!r} row {row} is {values[row].item()!r} ({int(bad.sum())} rows "
-                         f"like it); expected {want}")  # fmt: skip
+        raise ValueError(
+            f"{name}: field {field_name!r} row {row} is {values[row].item()!r} ({int(bad.sum())} rows "
+            f"like it); expected {want}"
+        )
 
 
 # -- target policies ----------------------------------------------------------------------------------------
@@ -104,15 +129,19 @@ def check_action_dist(pi: np.ndarray, fb: BanditFeedback, *, atol: float = 1e-6)
     pi = np.asarray(pi, dtype=np.float64)
     want = (fb.n_actions, fb.n_positions)
     if pi.shape not in (want, (fb.n, *want)):
-        raise ValueError(f"action distribution has shape {pi.shape}; expected {want} or {(fb.n, *want)} "
-                         "(actions x positions, optionally per logged round)")  # fmt: skip
+        raise ValueError(
+            f"action distribution has shape {pi.shape}; expected {want} or {(fb.n, *want)} "
+            "(actions x positions, optionally per logged round)"
+        )
     if (pi < 0).any() or not np.isfinite(pi).all():
         raise ValueError("action distribution has negative or non-finite entries")
     sums = pi.sum(axis=-2)
     if not np.allclose(sums, 1.0, atol=atol):
         worst = np.unravel_index(np.argmax(np.abs(sums - 1)), sums.shape)
-        raise ValueError(f"action distribution at {worst} sums to {sums[worst]:.6f}, not 1: each position's "
-                         "distribution over actions must sum to 1")  # fmt: skip
+        raise ValueError(
+            f"action distribution at {worst} sums to {sums[worst]:.6f}, not 1: each position's "
+            "distribution over actions must sum to 1"
+        )
     return pi
 
 
@@ -151,14 +180,23 @@ def slate_position_marginals(
     return counts / n_sim
 
 
-def recommender_action_dist(recommender, histories, *, k: int, strategy: str = "greedy", temperature: float = 1.0,
-                            epsilon: float = 0.1, exclude_seen: bool = True, n_sim: int = 4000,
-                            seed: int = 0) -> np.ndarray:  # fmt: skip
+def recommender_action_dist(
+    recommender,
+    histories,
+    *,
+    k: int,
+    strategy: str = "greedy",
+    temperature: float = 1.0,
+    epsilon: float = 0.1,
+    exclude_seen: bool = True,
+    n_sim: int = 4000,
+    seed: int = 0,
+) -> np.ndarray:
     """[n, A, k]: the probability that ``recommender`` (any :class:`~rec_rllib.recommender.Recommender`)
     shows each item at each of the top ``k`` positions for each logged context (history), under an
     exploration mode: ``greedy`` (one-hot: the top k), ``boltzmann`` (slates drawn without replacement
-    from softmax(score / temperature); Monte Carlo marginals, exact for k = 1) or ``epsilon`` (each position the best
-    remaining item with probability 1 - epsilon, else a uniformly random remaining one; Monte Carlo).
+    from softmax(score / temperature); Monte Carlo marginals, exact for k = 1) or ``epsilon`` (each position
+    the best remaining item with probability 1 - epsilon, else a uniformly random remaining one; Monte Carlo).
     Items in the history are never shown when ``exclude_seen``."""
     if strategy not in ("greedy", "boltzmann", "epsilon"):
         raise ValueError(f"unknown exploration {strategy!r}; expected greedy, boltzmann or epsilon")
@@ -467,8 +505,14 @@ class TargetStats:
     slope: SlopeStats | None = None
 
     @classmethod
-    def from_dense(cls, pi: np.ndarray, fb: BanditFeedback, q: np.ndarray | FoldedCTR | None = None, *,
-                   slope: bool = False) -> TargetStats:  # fmt: skip
+    def from_dense(
+        cls,
+        pi: np.ndarray,
+        fb: BanditFeedback,
+        q: np.ndarray | FoldedCTR | None = None,
+        *,
+        slope: bool = False,
+    ) -> TargetStats:
         """From a whole (checked) action distribution, ``[A, K]`` or ``[n, A, K]``, in one block."""
         builder = TargetStatsBuilder(fb, q, slope=slope)
         builder.add(np.arange(fb.n), _pi_rows(pi, fb), deterministic=bool(np.all((pi == 0) | (pi == 1))))
@@ -597,8 +641,15 @@ class Estimate:
     detail: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, float | str | int]:
-        return {"estimator": self.estimator, "value": self.value, "low": self.low, "high": self.high,
-                "level": self.level, "n": self.n, **self.detail}  # fmt: skip
+        return {
+            "estimator": self.estimator,
+            "value": self.value,
+            "low": self.low,
+            "high": self.high,
+            "level": self.level,
+            "n": self.n,
+            **self.detail,
+        }
 
 
 Terms = tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]
@@ -609,8 +660,9 @@ def _value(num: np.ndarray, den: np.ndarray, add: np.ndarray) -> float:
     return float(num.sum() / d + add.mean()) if d > 0 else float("nan")
 
 
-def _terms(name: str, fb: BanditFeedback, stats: TargetStats, *, clip: float | None,
-           tau: float | None) -> Terms:  # fmt: skip
+def _terms(
+    name: str, fb: BanditFeedback, stats: TargetStats, *, clip: float | None, tau: float | None
+) -> Terms:
     """Per-round (num, den, add, detail): estimate = sum(num) / sum(den) + mean(add), so a bootstrap
     resample of rounds re-evaluates every estimator exactly, self-normalised ones included."""
     ones, zeros = np.ones(fb.n), np.zeros(fb.n)
@@ -625,12 +677,16 @@ def _terms(name: str, fb: BanditFeedback, stats: TargetStats, *, clip: float | N
         return w * r, w, zeros, {}
     if name == "replay":
         if not stats.deterministic:
-            raise ValueError("replay evaluates deterministic target policies (one action per context and "
-                             "position); use ips/snips/dr for a stochastic one")  # fmt: skip
+            raise ValueError(
+                "replay evaluates deterministic target policies (one action per context and "
+                "position); use ips/snips/dr for a stochastic one"
+            )
         per_pos = [np.ptp(fb.pscore[fb.position == k]) for k in np.unique(fb.position)]
         if max(per_pos, default=0.0) > 1e-9 * max(fb.pscore.max(), 1e-12):
-            raise ValueError("replay is unbiased only on logs of a uniformly random policy (one propensity "
-                             "per position); this log's propensities vary: use snips or dr")  # fmt: skip
+            raise ValueError(
+                "replay is unbiased only on logs of a uniformly random policy (one propensity "
+                "per position); this log's propensities vary: use snips or dr"
+            )
         match = pi_a
         return match * r, match, zeros, {"matched": float(match.sum())}
     if stats.dm is None:
@@ -692,16 +748,32 @@ def _slope_terms(
     return dm_rows, ones, zeros, {"slope_step": float(chosen), "sd": float(cnfs[chosen] / t_q)}
 
 
-def point_estimate(name: str, fb: BanditFeedback, pi: np.ndarray, q: np.ndarray | None = None, *,
-                   clip: float | None = None, tau: float | None = None) -> float:  # fmt: skip
+def point_estimate(
+    name: str,
+    fb: BanditFeedback,
+    pi: np.ndarray,
+    q: np.ndarray | None = None,
+    *,
+    clip: float | None = None,
+    tau: float | None = None,
+) -> float:
     stats = TargetStats.from_dense(check_action_dist(pi, fb), fb, q, slope=name == "slope")
     num, den, add, _ = _terms(name, fb, stats, clip=clip, tau=tau)
     return _value(num, den, add)
 
 
-def estimate(name: str, fb: BanditFeedback, pi: np.ndarray, q: np.ndarray | None = None, *,
-             clip: float | None = None, tau: float | None = None, n_boot: int = 500, level: float = 0.9,
-             seed: int = 0) -> Estimate:  # fmt: skip
+def estimate(
+    name: str,
+    fb: BanditFeedback,
+    pi: np.ndarray,
+    q: np.ndarray | None = None,
+    *,
+    clip: float | None = None,
+    tau: float | None = None,
+    n_boot: int = 500,
+    level: float = 0.9,
+    seed: int = 0,
+) -> Estimate:
     """Point estimate and a percentile-bootstrap interval (rounds resampled with replacement; the reward
     model's predictions are held fixed, as is switch-DR's chosen tau). SLOPE's interval is normal around
     its choice's standard error instead (a refitting Poisson bootstrap for a DM), since holding a pooled
@@ -748,8 +820,14 @@ def estimate_stats(
     return Estimate(name, value, float(lo), float(hi), level, fb.n, detail)
 
 
-def estimate_all(fb: BanditFeedback, pi: np.ndarray, q: np.ndarray | None = None, *,
-                 estimators: Sequence[str] = ESTIMATORS, **kwargs) -> dict[str, Estimate]:  # fmt: skip
+def estimate_all(
+    fb: BanditFeedback,
+    pi: np.ndarray,
+    q: np.ndarray | None = None,
+    *,
+    estimators: Sequence[str] = ESTIMATORS,
+    **kwargs,
+) -> dict[str, Estimate]:
     """Every estimator in ``estimators`` that applies (replay is skipped for stochastic targets or
     non-uniform logs, model-based ones when ``q`` is None)."""
     out = {}

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only: jobs run on machines without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,14 +21,14 @@ def _plt():
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def metric_bars(path: Path, values: dict[str, dict[str, tuple[float, float, float]]], *, title: str) -> Path:
     """Grouped bars: one group per metric, one bar per model, 95% CI whiskers.
     ``values[model][metric] = (mean, low, high)``."""
-    plt = _plt()
+    plt = pyplot()
     models = list(values)
     metrics = list(next(iter(values.values())))
     x = np.arange(len(metrics))
@@ -51,7 +52,7 @@ def tradeoff(
     path: Path, points: dict[str, tuple[float, float]], *, x_label: str, y_label: str, title: str
 ) -> Path:
     """Scatter of labelled points (e.g. coverage@10 vs NDCG@10 per model)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, (xv, yv) in points.items():
         ax.scatter(xv, yv, s=40)
@@ -64,10 +65,11 @@ def tradeoff(
     return _save(fig, path)
 
 
-def ope_vs_truth(path: Path, panels: dict[str, dict[str, np.ndarray]], truths: dict[str, float],
-                 *, title: str) -> Path:  # fmt: skip
+def ope_vs_truth(
+    path: Path, panels: dict[str, dict[str, np.ndarray]], truths: dict[str, float], *, title: str
+) -> Path:
     """One panel per setting: each estimator's bootstrap estimates (box) against the truth (dashed line)."""
-    plt = _plt()
+    plt = pyplot()
     n = len(panels)
     cols = min(n, 3)
     rows = int(np.ceil(n / cols))
@@ -86,10 +88,16 @@ def ope_vs_truth(path: Path, panels: dict[str, dict[str, np.ndarray]], truths: d
     return _save(fig, path)
 
 
-def relative_error_bars(path: Path, ours: dict[str, float], reference: dict[str, float] | None,
-                        *, title: str, labels: Sequence[str] | None = None) -> Path:  # fmt: skip
+def relative_error_bars(
+    path: Path,
+    ours: dict[str, float],
+    reference: dict[str, float] | None,
+    *,
+    title: str,
+    labels: Sequence[str] | None = None,
+) -> Path:
     """Mean relative error per estimator, ours beside the reference library's published figures."""
-    plt = _plt()
+    plt = pyplot()
     names = list(labels or ours)
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))

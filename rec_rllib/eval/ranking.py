@@ -65,9 +65,13 @@ def evaluate_ranking(
     if len(cases) == 0:
         raise ValueError(f"{dataset.name}: no users have a {split!r} interaction under the {scheme!r} split")
     top = top_items(
-        recommender, cases.histories, max(ks), exclude_seen=exclude_seen, batch_size=batch_size,
+        recommender,
+        cases.histories,
+        max(ks),
+        exclude_seen=exclude_seen,
+        batch_size=batch_size,
         desc=f"{recommender.name} {scheme}/{split}" if progress else None,
-    )  # fmt: skip
+    )
     out: dict[str, float] = {}
     per_user: dict[str, np.ndarray] = {}
     for k in ks:
@@ -164,8 +168,10 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
-def activity_buckets(result: RankingResult, metrics: Sequence[str] = ("HR@10", "NDCG@10", "MRR@10"),
-                     ) -> dict[str, dict[str, float]]:  # fmt: skip
+def activity_buckets(
+    result: RankingResult,
+    metrics: Sequence[str] = ("HR@10", "NDCG@10", "MRR@10"),
+) -> dict[str, dict[str, float]]:
     """Metrics per user-activity bucket: cold / medium / heavy = the evaluated users' history-length
     terciles (labels carry the ranges, e.g. ``"cold (0-31)"``)."""
     if result.history_len is None or not result.per_user:
@@ -185,8 +191,9 @@ def activity_buckets(result: RankingResult, metrics: Sequence[str] = ("HR@10", "
     return out
 
 
-def paired_comparison(a: RankingResult, b: RankingResult, metric: str = "NDCG@10", *, n_boot: int = 2000,
-                      seed: int = 0) -> dict[str, float]:  # fmt: skip
+def paired_comparison(
+    a: RankingResult, b: RankingResult, metric: str = "NDCG@10", *, n_boot: int = 2000, seed: int = 0
+) -> dict[str, float]:
     """``b - a`` on the same users: mean difference, 95% paired-bootstrap interval, paired t-test p-value."""
     from scipy import stats
 

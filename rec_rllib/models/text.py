@@ -47,9 +47,9 @@ def resolve_text_model(name: str) -> str:
 
 
 def check_text_model(name: str) -> str:
-    """``name`` resolved (:func:`resolve_text_model`) if its configuration loads — a local model directory or a
-    Hugging Face model id (from the hub or its local cache); an OSError that names it otherwise, before any work
-    is done."""
+    """``name`` resolved (:func:`resolve_text_model`) if its configuration loads — a local model directory or
+    a Hugging Face model id (from the hub or its local cache); an OSError that names it otherwise, before any
+    work is done."""
     from transformers import AutoConfig
 
     path = resolve_text_model(name)
@@ -57,7 +57,8 @@ def check_text_model(name: str) -> str:
         AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:  # a missing path, a malformed id (a ValueError), an unreachable hub
         raise OSError(
-            f"text model {name!r} could not be loaded: neither a local model directory nor a Hugging Face model "
+            f"text model {name!r} could not be loaded: neither a local model directory nor a Hugging Face "
+            "model "
             f"id this machine can fetch ({str(e).splitlines()[0]})"
         ) from None
     return path

@@ -31,19 +31,14 @@ import torch
 from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core.columns import Columns
 
-FINAL_USER_STATE = "final_user_state"
-"""``custom_data`` key of an episode chunk: the user state of its final observation ([H] float32)."""
-BOOTSTRAP_STATE_MISSING = "bootstrap_user_state_missing"
-"""Train-batch column: True on the appended bootstrap rows whose user state the learner must encode."""
+from rec_rllib.rl.columns import BOOTSTRAP_STATE_MISSING, CANDIDATES, FINAL_USER_STATE, USER_STATE
 
 
 def ship_final_user_states(*, env_runner, samples, **kwargs) -> None:
     """``on_sample_end``: the user state of each returned chunk's final observation, batched, into the
     chunk's ``custom_data`` (runners of the frozen-encoder policy only; others return at once)."""
-    from rec_rllib.rl.module import RecPolicyModule
-
     module = getattr(env_runner, "module", None)
-    if not isinstance(module, RecPolicyModule) or module.train_encoder:
+    if not hasattr(module, "encode_observations") or module.train_encoder:  # not a frozen-encoder policy
         return
     chunks = [e for e in samples if not e.is_terminated]  # RLlib returns no empty chunk
     if not chunks:
@@ -70,8 +65,6 @@ class FillBootstrapUserState(ConnectorV2):
         shared_data: dict | None = None,
         **kwargs,
     ) -> Any:
-        from rec_rllib.rl.module import USER_STATE
-
         for episode in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
             n = len(episode)  # the real steps and the appended bootstrap step
             final = episode.custom_data.get(FINAL_USER_STATE)
@@ -97,8 +90,6 @@ class RecordUCBStatistics(ConnectorV2):
 
     def __call__(self, *, rl_module: Any, batch: dict[str, Any], episodes: list[Any], **kwargs) -> Any:
         from ray.rllib.core import DEFAULT_MODULE_ID
-
-        from rec_rllib.rl.module import CANDIDATES, USER_STATE
 
         states, actions = [], []
         for episode in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):

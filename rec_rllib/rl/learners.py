@@ -22,7 +22,7 @@ from ray.rllib.core.learner.training_data import TrainingData
 from ray.rllib.utils.annotations import override
 
 from rec_rllib.columns import Obs, Tokens
-from rec_rllib.rl.module import REF_LOGITS
+from rec_rllib.rl.columns import REF_LOGITS
 from rec_rllib.rl.obs import is_legal
 
 REF_KL_COEFF = "ref_kl_coeff"

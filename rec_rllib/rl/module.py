@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -74,17 +75,16 @@ from rec_rllib.columns import Obs
 from rec_rllib.explore import ExplorationConfig, LinUCB, behaviour_log_probs
 from rec_rllib.exposure import check_exposure_shape, exposure_feature
 from rec_rllib.models.seqrec import ModelConfig, TextSeqRec
-from rec_rllib.rl.connectors import BOOTSTRAP_STATE_MISSING
+from rec_rllib.rl.columns import (
+    BEHAVIOUR_TEMPERATURE,
+    BOOTSTRAP_STATE_MISSING,
+    CANDIDATES,
+    REF_LOGITS,
+    UCB_STATS,
+    USER_STATE,
+)
 from rec_rllib.rl.obs import candidate_count, dense_feature, feature_at, legal_actions, legal_at
 
-REF_LOGITS = "reference_action_dist_inputs"
-UCB_STATS = "ucb_gram_diag"
-"""Buffer of the frozen-encoder UCB policy: the synced diagonal LinUCB statistics, [n_items, H]."""
-USER_STATE = "user_state"
-CANDIDATES = "candidates"
-"""Model output of a policy over candidates: each step's candidate items [K] (int32); its action is an index
-into them."""
-BEHAVIOUR_TEMPERATURE = "behaviour_temperature"
 MASK_VALUE = -1e9
 TRAINED_WITH_FROZEN_ENCODER = (*TextSeqRec.POLICY_HEAD_KEYS, "bias")
 """What RL trains when the encoder is frozen: the policy head and the item score bias."""
@@ -101,13 +101,14 @@ def _same_key(a: tuple, b: tuple) -> bool:
 
 
 class ExposureTerm(nn.Module):
-    """β of the exposure term: logits - β · f(count), f by ``shape`` (:func:`~rec_rllib.exposure.exposure_feature`).
+    """β of the exposure term: logits - β · f(count), f by ``shape``
+    (:func:`~rec_rllib.exposure.exposure_feature`).
 
-    The observation carries log(1 + times the item was recommended lately). β = ``SCALE`` · w with w the trained
-    parameter: Adam moves a parameter by about the learning rate per update whatever its gradient's scale, so a
-    plain β would move ~1e-3 per update at the policy head's rate, and the β that matters is of order 0.1-1 (what
-    one more log-unit of exposure is worth in score units; the fine-tuned scores fall ~1 apart between ranks 1
-    and 10) over a run of ~100 updates.
+    The observation carries log(1 + times the item was recommended lately). β = ``SCALE`` · w with w the
+    trained parameter: Adam moves a parameter by about the learning rate per update whatever its gradient's
+    scale, so a plain β would move ~1e-3 per update at the policy head's rate, and the β that matters is of
+    order 0.1-1 (what one more log-unit of exposure is worth in score units; the fine-tuned scores fall ~1
+    apart between ranks 1 and 10) over a run of ~100 updates.
     """
 
     SCALE = 10.0
@@ -127,7 +128,7 @@ class ExposureTerm(nn.Module):
 
 class CooccurrenceTerm(nn.Module):
     """γ of the co-occurrence term: logits + γ · p_kNN(item | recent window), the item-kNN simulator's click
-    probability (:class:`~rec_rllib.env.ItemKNNSimulator`, in [0, 1]), which the observation carries
+    probability (:class:`~rec_rllib.simulator.ItemKNNSimulator`, in [0, 1]), which the observation carries
     (``Obs.COOCCURRENCE``; leave-user-out in training). γ = ``SCALE`` · w, w the trained parameter (0 at the
     start: training starts at the fine-tuned policy), for the reason :class:`ExposureTerm` gives. ``fixed``: γ
     is set there and not trained (``TrainConfig.cooccurrence_gamma``)."""
@@ -145,6 +146,61 @@ class CooccurrenceTerm(nn.Module):
 
     def forward(self, logits: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
         return logits + self.gamma * probabilities.float()
+
+
+@dataclass
+class PolicyModelConfig:
+    """The RLModule's ``model_config``, typed: :func:`~rec_rllib.rl.algo.build_algo_config` builds it from
+    the run's settings and RLlib hands it to every copy of the module as a dict (:meth:`to_rllib`), merged
+    into RLlib's own default model settings, which :meth:`of` leaves out. A key missing (a module built from
+    :func:`model_config_from_run` alone, an older checkpoint) takes the default here."""
+
+    textseqrec: dict[str, Any] = field(default_factory=dict)
+    """The fine-tuned network: its ModelConfig, catalogue size, weights (arrays), run directory and dataset
+    (:func:`model_config_from_run`): every env runner and learner builds it without shared storage."""
+    exploration: dict[str, Any] = field(default_factory=dict)
+    """The behaviour policy's :class:`~rec_rllib.explore.ExplorationConfig`, as a dict."""
+    value_hidden: int = 64
+    """Width of the value head's hidden layer."""
+    ref_kl_coeff: float = 1.0
+    """Weight of the KL penalty toward the fine-tuned policy (0: no reference network is kept)."""
+    train_encoder: bool = False
+    """Train every weight (True) or the policy head on the frozen encoder."""
+    train_state_head: bool = True
+    """Policy head: train its map on the user state (else it stays the identity)."""
+    train_item_terms: bool = True
+    """Policy head: train the item bias and the popularity weight (else they stay fine-tuned)."""
+    train_behaviour_policy: bool = False
+    """PPO: the loss optimises the behaviour distribution itself (no off-policy correction)."""
+    item_counts: Any = None
+    """[n_items] train interactions per item: the policy head's popularity feature (None: end to end)."""
+    exposure_window: int = 0
+    """The env's exposure window when it prices exposure (0: no exposure term)."""
+    exposure_shape: str = "log"
+    """What the exposure term counts (:func:`~rec_rllib.exposure.exposure_feature`)."""
+    cooccurrence: bool = False
+    """The observation carries the item-kNN simulator's probabilities: the module has a co-occurrence term."""
+    cooccurrence_window: int = 5
+    """The most recent items the co-occurrence feature averages over."""
+    feature_items: int | None = None
+    """Most items the co-occurrence feature lists (None: all)."""
+    cooccurrence_scheme: str = "loo"
+    """The split whose train part the simulator is fitted on."""
+    cooccurrence_gamma: float | str | None = None
+    """The co-occurrence term's weight, fixed; None: learned."""
+    candidate_items: int | str = 0
+    """Items the policy acts and learns over per state (:func:`~rec_rllib.rl.obs.candidate_count`)."""
+
+    @classmethod
+    def of(cls, model_config: dict[str, Any] | PolicyModelConfig) -> PolicyModelConfig:
+        if isinstance(model_config, cls):
+            return model_config
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in model_config.items() if k in known})
+
+    def to_rllib(self) -> dict[str, Any]:
+        """The dict RLlib carries (shallow: the weights are not copied)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def model_config_from_run(
@@ -192,10 +248,10 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
 
     @override(TorchRLModule)
     def setup(self) -> None:
-        mc = self.model_config
-        self.train_encoder = bool(mc.get("train_encoder", False))
-        self.net = build_textseqrec(mc["textseqrec"], policy_head=not self.train_encoder)
-        self.exploration = ExplorationConfig(**mc.get("exploration", {}))
+        mc = self.policy_settings = PolicyModelConfig.of(self.model_config)
+        self.train_encoder = bool(mc.train_encoder)
+        self.net = build_textseqrec(mc.textseqrec, policy_head=not self.train_encoder)
+        self.exploration = ExplorationConfig.from_dict(mc.exploration)
         # Dropout off for RL (it would make behaviour and learner log-probs disagree); Thompson sampling
         # turns it back on, at the fine-tuned rates, for its posterior samples.
         self._dropouts = [m for m in self.net.modules() if isinstance(m, nn.Dropout)]
@@ -203,14 +259,14 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         self._set_dropout(on=False)
         if not self.train_encoder:
             trained = TRAINED_WITH_FROZEN_ENCODER
-            if not mc.get("train_state_head", True):  # the map on the user state stays the identity
+            if not mc.train_state_head:  # the map on the user state stays the identity
                 trained = tuple(k for k in trained if k != TextSeqRec.STATE_HEAD_KEY)
-            if not mc.get("train_item_terms", True):  # item bias and popularity weight stay fine-tuned
+            if not mc.train_item_terms:  # item bias and popularity weight stay fine-tuned
                 trained = tuple(k for k in trained if k not in TextSeqRec.ITEM_TERM_KEYS)
             for name, param in self.net.named_parameters():
                 param.requires_grad_(name.startswith(trained))
-            if mc.get("item_counts") is not None:
-                self.net.set_popularity(np.asarray(mc["item_counts"]))
+            if mc.item_counts is not None:
+                self.net.set_popularity(np.asarray(mc.item_counts))
         self._items: torch.Tensor | None = None  # item matrix cache (no-grad paths; frozen items)
         # what the last batch's passes share, by name (the completed user states, the mask, the features over
         # the catalogue): (the inputs they were formed from, the rows)
@@ -218,24 +274,24 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         self._ucb: LinUCB | None = None  # UCB statistics of the actions taken
         # a policy over candidates: each state's K best items by the scores before the exposure term (0: the
         # whole catalogue, as with any catalogue of at most K items)
-        self.n_candidates = candidate_count(mc.get("candidate_items", 0), self.net.n_items)
+        self.n_candidates = candidate_count(mc.candidate_items, self.net.n_items)
         # the exposure term (only when the env prices exposure: its observation then carries the counts)
-        self.exposure_window = int(mc.get("exposure_window", 0))
-        shape = str(mc.get("exposure_shape", "log"))  # checkpoints from before the shape: log
+        self.exposure_window = int(mc.exposure_window)
+        shape = str(mc.exposure_shape)  # checkpoints from before the shape: log
         self.exposure_term = ExposureTerm(shape) if self.exposure_window else None
         # the co-occurrence term (only when the env's observation carries the simulator's probabilities)
-        gamma = mc.get("cooccurrence_gamma")  # None: learned
-        self.cooccurrence_term = CooccurrenceTerm(gamma) if mc.get("cooccurrence") else None
+        # γ fixed, or None: learned
+        self.cooccurrence_term = CooccurrenceTerm(mc.cooccurrence_gamma) if mc.cooccurrence else None
         hidden = self.net.cfg.hidden_size
         if self.exploration.strategy == "ucb" and not self.train_encoder:
             # [n_items, H] diagonal Gram statistics (ridge 1 = never shown): synced, checkpointed
             self.register_buffer(UCB_STATS, torch.ones(self.net.n_items, hidden))
         if not self.inference_only:
-            vh = int(mc.get("value_hidden", 64))
+            vh = int(mc.value_hidden)
             self.value_head = nn.Sequential(nn.Linear(hidden, vh), nn.Tanh(), nn.Linear(vh, 1))
             # the KL-penalty reference: the fine-tuned network (learner side only, only when the penalty is
             # on). With a frozen encoder it is the user state through the initial (identity) head: no copy.
-            if float(mc.get("ref_kl_coeff", 1.0)) > 0:
+            if float(mc.ref_kl_coeff) > 0:
                 if self.train_encoder:
                     self._ref_net = copy.deepcopy(self.net).requires_grad_(False).eval()
                 else:
@@ -277,7 +333,7 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         if self.train_encoder or any(self._frozen_key(k) for k in state):
             self._items = None  # the item vectors may have changed; the trained head leaves them as they are
 
-    # -- shared computation ------------------------------------------------------------------------------------
+    # -- shared computation ----------------------------------------------------------------------------------
     def _item_matrix(self, net: TextSeqRec) -> torch.Tensor:
         """[n_items, H]; cached where no gradient reaches it (frozen items: every copy of the network has the
         same; end-to-end training: the online network's, on its no-grad paths, until new weights arrive)."""
@@ -516,7 +572,7 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
             logits = state.detach() @ self._item_matrix(self.net).T + self._ref_bias * self.net.known
             return logits.masked_fill(~self._legal_actions(obs), MASK_VALUE)
 
-    # -- the three forward paths ---------------------------------------------------------------------------------
+    # -- the three forward paths -----------------------------------------------------------------------------
     @override(TorchRLModule)
     def _forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         with torch.no_grad():
@@ -560,7 +616,7 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
                 # deterministic: the arg-max is the action RLlib will draw from these log-probabilities
                 acted = log_probs.argmax(dim=-1)
                 self._ucb.update(state, acted if candidates is None else candidates.gather(1, acted[:, None]))
-            if self.model_config.get("train_behaviour_policy"):
+            if self.policy_settings.train_behaviour_policy:
                 # the temperature that acted, so the learner optimises that very distribution (PPO)
                 temperature = self.exploration.temperature_at(int(t))
                 out[BEHAVIOUR_TEMPERATURE] = torch.full((logits.shape[0],), temperature, device=logits.device)

@@ -42,17 +42,33 @@ def load_policy_module(checkpoint: str | Path):
     return module
 
 
+def load_any_recommender(spec: str, dataset, **kwargs) -> Recommender:
+    """A recommender from any spec a job takes: an RLlib checkpoint (:func:`load_policy_recommender`), else a
+    baseline name or a fine-tuned run directory (:func:`rec_rllib.models.load_recommender`, given
+    ``kwargs``)."""
+    from rec_rllib.models import BASELINES, load_recommender
+
+    if spec not in BASELINES and is_rl_checkpoint(spec):
+        return load_policy_recommender(spec, dataset=dataset)
+    try:
+        return load_recommender(spec, dataset, **kwargs)
+    except ValueError as e:
+        if str(e).startswith(f"unknown model {spec!r}"):
+            raise ValueError(f"{e} or an RLlib checkpoint") from None
+        raise
+
+
 def load_policy_recommender(
     checkpoint: str | Path, *, name: str | None = None, exposure_window: int | None = None, dataset=None
 ):
     """The RL policy's network behind the :class:`Recommender` interface (greedy ranking by its logits).
 
-    A policy trained with an exposure cost answers over a tracker of the last ``exposure_window`` slate positions
-    it showed (default: :class:`~rec_rllib.exposure.ExposureConfig`'s, as a serving replica keeps by default; the
-    training window counts single recommendations, a different unit). A policy trained with the co-occurrence
-    feature adds its learned γ times the item-kNN simulator's probabilities, the simulator fitted on the train
-    split of ``dataset`` (a :class:`~rec_rllib.data.dataset.LogDataset`: the one it was trained on), as in
-    training."""
+    A policy trained with an exposure cost answers over a tracker of the last ``exposure_window`` slate
+    positions it showed (default: :class:`~rec_rllib.exposure.ExposureConfig`'s, as a serving replica keeps by
+    default; the training window counts single recommendations, a different unit). A policy trained with the
+    co-occurrence feature adds its learned γ times the item-kNN simulator's probabilities, the simulator
+    fitted on the train split of ``dataset`` (a :class:`~rec_rllib.data.dataset.LogDataset`: the one it was
+    trained on), as in training."""
     from rec_rllib.models.run import TransformerRecommender
 
     module = load_policy_module(checkpoint)
@@ -71,8 +87,8 @@ def load_policy_recommender(
         rec.name = label
     if getattr(module, "exposure_term", None) is None:
         return rec
-    # a policy trained with an exposure cost ranks by its scores minus its learned exposure term, over a tracker
-    # of the slates it answered (the users in answer order, as in the env's replay)
+    # a policy trained with an exposure cost ranks by its scores minus its learned exposure term, over a
+    # tracker of the slates it answered (the users in answer order, as in the env's replay)
     from rec_rllib.exposure import ExposureAwareRecommender, ExposureConfig
 
     window = ExposureConfig.window if exposure_window is None else exposure_window
@@ -107,20 +123,22 @@ def cooccurrence_settings(module) -> dict | None:
     train split the simulator is fitted on)."""
     if getattr(module, "cooccurrence_term", None) is None:
         return None
-    mc = module.model_config
+    from rec_rllib.rl.module import PolicyModelConfig
+
+    mc = PolicyModelConfig.of(module.model_config)
     return {
         "weight": cooccurrence_weight(module),
-        "window": int(mc["cooccurrence_window"]),
-        "items": mc.get("feature_items"),
-        "scheme": str(mc.get("cooccurrence_scheme", "loo")),
+        "window": int(mc.cooccurrence_window),
+        "items": mc.feature_items,
+        "scheme": str(mc.cooccurrence_scheme),
     }
 
 
 def simulator_of(dataset, scheme: str | None = None):
-    """The :class:`~rec_rllib.env.ItemKNNSimulator` of a :class:`~rec_rllib.data.dataset.LogDataset`'s train split
-    (the same fit as the environment's: every train user's items)."""
+    """The :class:`~rec_rllib.simulator.ItemKNNSimulator` of a :class:`~rec_rllib.data.dataset.LogDataset`'s
+    train split (the same fit as the environment's: every train user's items)."""
     from rec_rllib.columns import Col, Split, SplitScheme
-    from rec_rllib.env import ItemKNNSimulator
+    from rec_rllib.simulator import ItemKNNSimulator
 
     df = dataset.interactions
     train = df[df[SplitScheme.column(scheme or SplitScheme.LEAVE_ONE_OUT)] == Split.TRAIN]
@@ -187,9 +205,9 @@ def select_cooccurrence_gamma(
 
 def cooccurrence_feature(simulator, histories, window: int, *, top: int | None = None) -> np.ndarray:
     """[B, n] the co-occurrence feature of each history, as the environment computes it in training: the
-    simulator's probabilities for its last ``window`` items, the history's owner taken out of the fit (items the
-    simulator was not fitted on, e.g. added from text at run time, are skipped), the ``top`` most probable
-    items kept (None: all; :meth:`~rec_rllib.env.ItemKNNSimulator.feature`)."""
+    simulator's probabilities for its last ``window`` items, the history's owner taken out of the fit (items
+    the simulator was not fitted on, e.g. added from text at run time, are skipped), the ``top`` most probable
+    items kept (None: all; :meth:`~rec_rllib.simulator.ItemKNNSimulator.feature`)."""
     out = np.zeros((len(histories), simulator.n_items), dtype=np.float64)
     for row, (items, probs) in zip(
         out, cooccurrence_lists(simulator, histories, window, top=top), strict=True

@@ -42,7 +42,7 @@ def sampling_policy(module, seed: int = 0) -> PolicyFn:
     gen = torch.Generator().manual_seed(seed)
 
     def act(obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        from rec_rllib.rl.module import CANDIDATES
+        from rec_rllib.rl.columns import CANDIDATES
 
         with torch.no_grad():
             out = module.forward_exploration({Columns.OBS: obs}, t=0)
