@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import inspect
 import logging
 import sys
-import textwrap
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -84,20 +81,3 @@ def check_outlives_job(path: str | Path | None, flag: str) -> None:
             "storage "
             f"every node reaches (e.g. {flag} /shared/runs/{Path(path).name})"
         )
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each annotated field of a (data)class, read from its source."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
