@@ -212,9 +212,9 @@ def test_model_and_training_settings_that_cannot_run_are_refused(cls, setting, s
 
 
 @pytest.mark.parametrize("attention,layers", [("causal", 3), ("bidirectional", 3), ("causal", 0)])
-def test_inference_user_state_equals_the_bert_encoders(attention, layers):
+def test_inference_user_state_equals_the_training_paths(attention, layers):
     """The inference path (no dropout, no gradient; last layer at the last position only) computes the
-    BertModel's own last hidden state at each sequence's last token, for any mix of history lengths."""
+    training path's hidden state at each sequence's last token, for any mix of history lengths."""
     from rec_rllib.models.seqrec import TextSeqRec
 
     torch.manual_seed(0)
@@ -238,7 +238,7 @@ def test_inference_user_state_equals_the_bert_encoders(attention, layers):
         reference = model.encode(tokens, lengths, items)[torch.arange(len(lengths)), lengths - 1]
         fast = model.user_state(tokens, lengths, items)
     assert torch.allclose(fast, reference, atol=1e-5), (fast - reference).abs().max()
-    model.train()  # dropout on: the BertModel path (MC dropout draws differ from the reference)
+    model.train()  # dropout on: the training path (MC dropout draws differ from the reference)
     with torch.no_grad():
         assert not torch.allclose(model.user_state(tokens, lengths, items), reference, atol=1e-3)
     for m in model.modules():  # training mode with every rate at 0 (how RL env runners act): fast path
@@ -246,3 +246,55 @@ def test_inference_user_state_equals_the_bert_encoders(attention, layers):
             m.p = 0.0
     with torch.no_grad():
         assert torch.allclose(model.user_state(tokens, lengths, items), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_sequence_encoder_is_bertmodel_s_computation_and_reads_its_checkpoints(causal):
+    """The encoder replaced Hugging Face's BertModel: a seed gives the same weights, the same outputs in
+    evaluation and in training (dropout draws included), with and without padding; BertModel's state dict
+    (the parameter names of runs written before) loads into it."""
+    from transformers import BertConfig, BertModel
+
+    from rec_rllib.models.encoder import SequenceEncoder
+
+    h, layers, heads, p, positions = 32, 2, 2, 0.3, 31
+    cfg = BertConfig(
+        vocab_size=1,
+        hidden_size=h,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * h,
+        hidden_dropout_prob=p,
+        attention_probs_dropout_prob=p,
+        max_position_embeddings=positions,
+        type_vocab_size=1,
+        pad_token_id=0,
+        is_decoder=causal,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    bert = BertModel(cfg, add_pooling_layer=False)
+    after_bert = torch.rand(3)
+    torch.manual_seed(0)
+    ours = SequenceEncoder(h, layers, heads, p, positions, causal=causal)
+    assert torch.equal(torch.rand(3), after_bert)  # the same random draws, in the same number
+    legacy = SequenceEncoder(h, layers, heads, p, positions, causal=causal)
+    legacy.load_state_dict(bert.state_dict())  # BertModel's names, its unused word table dropped
+    for name, value in ours.state_dict().items():
+        assert torch.equal(value, legacy.state_dict()[name]), name
+    x = torch.randn(5, 12, h)
+    for lengths in (torch.tensor([12, 7, 3, 12, 1]), torch.full((5,), 12)):
+        keep = torch.arange(12)[None] < lengths[:, None]
+        pos = torch.where(keep, torch.arange(12)[None] + (positions - lengths[:, None]), 0)
+        for training in (False, True):
+            bert.train(training)
+            ours.train(training)
+            torch.manual_seed(1)
+            expected = bert(inputs_embeds=x, attention_mask=keep.long(), position_ids=pos).last_hidden_state
+            torch.manual_seed(1)
+            assert torch.equal(ours(x, keep, pos)[keep], expected[keep])
+            if not training:
+                evaluated = expected[torch.arange(5), lengths - 1]
+        ours.eval()
+        with torch.no_grad():  # inference: the last layer at the last position only
+            assert torch.allclose(ours.last_state(x, lengths, pos), evaluated, atol=1e-5)

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel
 
 from rec_rllib.columns import Tokens
 from rec_rllib.config import DictConfig, none_or_str, setting
+from rec_rllib.models.encoder import SequenceEncoder
 
 PAD, BOS, OFFSET = Tokens.PAD, Tokens.BOS, Tokens.OFFSET
 
@@ -131,25 +131,10 @@ class TextSeqRec(nn.Module):
             nn.init.zeros_(self.id_embedding.weight)
         self.bias = nn.Parameter(torch.zeros(n_items), requires_grad=cfg.item_bias)
 
-        # sequence encoder: a BERT encoder fed with our own input embeddings
-        bert = BertConfig(
-            vocab_size=1,
-            hidden_size=h,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            intermediate_size=4 * h,
-            hidden_dropout_prob=cfg.dropout,
-            attention_probs_dropout_prob=cfg.dropout,
-            max_position_embeddings=cfg.max_len + 1,
-            type_vocab_size=1,
-            pad_token_id=PAD,
-            is_decoder=cfg.attention == "causal",
-            use_cache=False,
+        # sequence encoder: a BERT-style transformer fed with our own input embeddings
+        self.encoder = SequenceEncoder(
+            h, cfg.num_layers, cfg.num_heads, cfg.dropout, cfg.max_len + 1, causal=cfg.attention == "causal"
         )
-        self.encoder = BertModel(bert, add_pooling_layer=False)
-        # the encoder reads our own input embeddings: its one-row word table is never used (and a parameter
-        # that gets no gradient would stall DistributedDataParallel)
-        self.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
         self.state_head: nn.Linear | None = None
         if cfg.policy_head:
             self.state_head = nn.Linear(h, h)
@@ -203,9 +188,7 @@ class TextSeqRec(nn.Module):
         """[B, T] right-padded tokens, [B] lengths (with [BOS]) -> [B, T, H] hidden states."""
         items = self.item_matrix() if items is None else items
         x = self.embed_tokens(tokens, items)  # [B, T, H]
-        mask = (tokens != PAD).long()
-        pos = self._recency_positions(tokens, lengths)
-        return self.encoder(inputs_embeds=x, attention_mask=mask, position_ids=pos).last_hidden_state
+        return self.encoder(x, tokens != PAD, self._recency_positions(tokens, lengths))
 
     def _recency_positions(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """[B, T] position ids: the most recent token gets position max_len, padding position 0."""
@@ -216,14 +199,12 @@ class TextSeqRec(nn.Module):
     def user_state(
         self, tokens: torch.Tensor, lengths: torch.Tensor, items: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """[B, H]: the hidden state at each sequence's last token.
-
-        Inference (no gradient, no active dropout: serving, env runners, evaluation) takes
-        :meth:`_last_state`, the
-        same computation without the Hugging Face wrapper's per-call overhead and with the last layer
-        evaluated at the last position only; training takes the BertModel path."""
+        """[B, H]: the hidden state at each sequence's last token. Inference (no gradient, no active dropout:
+        serving, env runners, evaluation) evaluates the last layer at that position only."""
         if not torch.is_grad_enabled() and not self._dropout_active():
-            return self._last_state(tokens, lengths, items)
+            items = self.item_matrix() if items is None else items
+            x = self.embed_tokens(tokens, items)
+            return self.encoder.last_state(x, lengths, self._recency_positions(tokens, lengths))
         hidden = self.encode(tokens, lengths, items)  # [B, T, H]
         return hidden[torch.arange(len(lengths), device=tokens.device), lengths - 1]
 
@@ -231,44 +212,6 @@ class TextSeqRec(nn.Module):
         """Whether the encoder would drop anything (training mode and a dropout rate above 0; the RL module
         zeroes the rates to act deterministically while the module stays in training mode)."""
         return self.training and any(m.p > 0 for m in self.encoder.modules() if isinstance(m, nn.Dropout))
-
-    def _last_state(
-        self, tokens: torch.Tensor, lengths: torch.Tensor, items: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """[B, H]: BertModel's last hidden state at each sequence's last token (eval mode: no dropout),
-        computed with the encoder's own weights: embeddings + LayerNorm, then per layer self-attention
-        (padding mask, causal when configured), output projection + residual + LayerNorm, feed-forward +
-        residual + LayerNorm. Only the last position's query runs through the last layer."""
-        items = self.item_matrix() if items is None else items
-        enc = self.encoder
-        emb = enc.embeddings
-        b, t = tokens.shape
-        pos = self._recency_positions(tokens, lengths)
-        h = self.embed_tokens(tokens, items)
-        h = emb.LayerNorm(h + emb.token_type_embeddings.weight[0] + emb.position_embeddings(pos))
-        allowed = (tokens != PAD)[:, None, None, :]  # [B, 1, 1, T]: keys a query may attend to
-        if self.cfg.attention == "causal":
-            allowed = allowed & torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()[None, None]
-        rows = torch.arange(b, device=tokens.device)
-        last = lengths - 1
-        layers = enc.encoder.layer
-        if len(layers) == 0:
-            return h[rows, last]
-        for i, layer in enumerate(layers):
-            att = layer.attention.self
-            heads, size = att.num_attention_heads, att.attention_head_size
-            final = i == len(layers) - 1
-            x = h[rows, last][:, None] if final else h  # [B, Tq, H]
-            mask = allowed.expand(b, 1, t, t)[rows, :, last][:, :, None] if final else allowed
-            q = att.query(x).view(b, -1, heads, size).transpose(1, 2)
-            k = att.key(h).view(b, t, heads, size).transpose(1, 2)
-            v = att.value(h).view(b, t, heads, size).transpose(1, 2)
-            a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=att.scaling)
-            a = a.transpose(1, 2).reshape(b, x.shape[1], heads * size)
-            a = layer.attention.output.LayerNorm(layer.attention.output.dense(a) + x)
-            ff = layer.output.dense(layer.intermediate.intermediate_act_fn(layer.intermediate.dense(a)))
-            h = layer.output.LayerNorm(ff + a)
-        return h[:, 0]
 
     def scores_from_state(
         self,
