@@ -111,7 +111,9 @@ class SequenceEncoder(nn.Module):
                 linear.bias.zero_()
 
     def _embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.norm(x + self.segment.weight[0] + self.positions(positions)))
+        # the token-type vector through a lookup, not a broadcast: its gradient then sums as BertModel's did
+        segment = self.segment(torch.zeros_like(positions))
+        return self.dropout(self.norm(x + segment + self.positions(positions)))
 
     def _mask(self, keep: torch.Tensor) -> torch.Tensor | None:
         """[B, 1, T, T] which keys each query may attend to (not padding; not later, when causal); None
