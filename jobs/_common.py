@@ -49,18 +49,6 @@ def ray_session(address: str | None, *, num_cpus: int | None = None, num_gpus: f
             ray.shutdown()
 
 
-def parse_resources(pairs: list[str] | None) -> dict[str, float]:
-    """``NAME=AMOUNT`` flags (repeatable) as Ray custom resources; a bad one stops the job with a message."""
-    out = {}
-    for pair in pairs or []:
-        key, _, value = pair.partition("=")
-        try:
-            out[key] = float(value or 1)
-        except ValueError:
-            fail(f"resource {pair!r} must look like NAME=AMOUNT (e.g. env_runner=1)")
-    return out
-
-
 def fail(message: str, code: int = 2) -> None:
     """Print a user-facing error (no traceback) and exit."""
     print(f"error: {message}", file=sys.stderr)

@@ -43,7 +43,7 @@ from pathlib import Path
 import yaml
 
 from jobs._common import check_outlives_job, fail, setup_logging, write_json
-from rec_rllib.config import add_flags, apply_flags
+from rec_rllib.config import add_flags, apply_flags, resource_pair
 from rec_rllib.data.catalog import load_or_prepare
 from rec_rllib.finetune import FinetuneConfig, finetune
 from rec_rllib.models.seqrec import ModelConfig
@@ -70,7 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--use-gpu", action="store_true", help="one GPU per worker (NCCL); CUDA-less GPUs fall back to CPU"
     )
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
-    g.add_argument("--worker-resource", action="append", help="NAME=AMOUNT custom resource per worker")
+    g.add_argument(
+        "--worker-resource",
+        action="append",
+        type=resource_pair,
+        metavar="NAME=AMOUNT",
+        help="custom resource per worker (repeatable)",
+    )
     g.add_argument("--address", help="Ray address ('auto' on a cluster); default: an embedded local Ray")
     add_flags(p.add_argument_group("model (rec_rllib.models.seqrec.ModelConfig)"), ModelConfig)
     add_flags(p.add_argument_group("training (rec_rllib.finetune.FinetuneConfig)"), FinetuneConfig)
@@ -155,7 +161,7 @@ def _finetune_on_ray(args: argparse.Namespace, dataset, model_cfg: ModelConfig, 
     import math
     import os
 
-    from jobs._common import parse_resources, ray_session
+    from jobs._common import ray_session
     from rec_rllib.finetune_ray import finetune_distributed
 
     cpus = gpus = None
@@ -171,7 +177,7 @@ def _finetune_on_ray(args: argparse.Namespace, dataset, model_cfg: ModelConfig, 
             num_workers=args.num_workers,
             use_gpu=args.use_gpu,
             cpus_per_worker=args.cpus_per_worker,
-            worker_resources=parse_resources(args.worker_resource),
+            worker_resources=dict(args.worker_resource or []),
             dataset_ref=args.dataset,
         )
 

@@ -127,7 +127,7 @@ def test_kuberay_rayjob_runs_real_entry_points_with_known_resources():
             assert asked == {"env_runner", "learner"} and asked <= offered
         if argv[2] == "jobs.finetune":  # Ray Train workers on the GPU group, the run on the shared volume
             assert args.address == "auto" and args.num_workers >= 1 and args.use_gpu
-            assert {r.split("=")[0] for r in args.worker_resource} == {"learner"} <= offered
+            assert {name for name, _ in args.worker_resource} == {"learner"} <= offered
             assert args.out.startswith("/mnt/rec-rllib/")
 
 
