@@ -15,7 +15,7 @@ impression logging):
 * ``serve-direct`` — our Serve app with ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``: the ingress replica answers
   HTTP on its own port (printed by ``jobs.serve`` as "direct ingress: <url>"), and the load goes there;
 * ``single``, ``single-direct`` — the low-latency settings: ``--topology single`` (one deployment answers
-  HTTP and scores in the same replica: no ingress -> scorer hop), ``--batch-wait-ms 0`` (a batch forms
+  HTTP and scores in the same replica: no ingress -> scorer hop), ``--batch-wait-timeout-s 0`` (a batch forms
   from what queued while the previous one ran, never by waiting) and ``--same-thread`` (request code on
   the replica's event loop: no thread hand-off);
 * ``single-direct-quiet`` — ``single-direct`` without Serve's per-request access log (``--no-access-log``).
@@ -272,9 +272,9 @@ def run_setup(setup: str, args, env: dict[str, str], rnd: int) -> dict:
     direct = "-direct" in setup
     cmd.append("--direct-ingress" if direct else "--no-direct-ingress")
     if setup.startswith("single"):  # the low-latency settings: one hop, no batch wait, no thread hop
-        cmd += ["--topology", "single", "--batch-wait-ms", "0", "--same-thread"]
+        cmd += ["--topology", "single", "--batch-wait-timeout-s", "0", "--same-thread"]
     else:
-        cmd += ["--topology", "split", "--batch-wait-ms", "2", "--no-same-thread"]
+        cmd += ["--topology", "split", "--batch-wait-timeout-s", "0.002", "--no-same-thread"]
     if setup.endswith("-quiet"):
         cmd.append("--no-access-log")
     return run_server(cmd, env, url, args.levels, args.requests, log, direct)

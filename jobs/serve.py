@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from jobs._common import check_outlives_job, fail, ray_session, setup_logging
-from rec_rllib.exposure import SERVING_EXPOSURE_REFRESH, ExposureConfig
-from serving.defaults import BATCH_WAIT_TIMEOUT_S, MAX_BATCH_SIZE
+from rec_rllib.config import add_model_flags, model_flag_values
+from rec_rllib.exposure import ExposureConfig
+from serving.settings import STATE_ACTOR, AppArgs
 
 log = logging.getLogger("jobs.serve")
 APP_NAME = "rec"
@@ -45,10 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jobs.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", required=True, help="fine-tuned run directory or RLlib checkpoint")
+    add_model_flags(p, AppArgs, skip=("dataset", "state_name"))  # the app's arguments, as in a Serve config
     p.add_argument("--dataset", help="prepared dataset directory (default: the one the model was trained on)")
     p.add_argument("--data-root", help="root of prepared datasets (default: $REC_RLLIB_DATA or ./data)")
-    p.add_argument("--feedback-dir", default="runs/serve/feedback")
     p.add_argument(
         "--port",
         type=int,
@@ -67,36 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
     p.add_argument("--num-gpus", type=float, default=None, help="(logical) GPUs of the embedded local Ray")
     p.add_argument(
-        "--topology",
-        choices=["split", "single"],
-        default="single",
-        help="single: one deployment answers HTTP and scores (the low-latency default); split: ingress + "
-        "scorer "
-        "deployments (scorers scale apart from the HTTP layer, e.g. on GPUs)",
-    )
-    p.add_argument("--ingress-replicas", type=int, default=1)
-    p.add_argument("--scorer-replicas", type=int, default=1)
-    p.add_argument("--scorer-gpus", type=float, default=0.0, help="GPU fraction per scorer replica")
-    p.add_argument(
-        "--max-batch-size",
-        type=int,
-        default=MAX_BATCH_SIZE,
-        help=f"requests a scoring replica answers in one forward pass at most (default {MAX_BATCH_SIZE})",
-    )
-    p.add_argument(
-        "--batch-wait-ms",
-        type=float,
-        default=BATCH_WAIT_TIMEOUT_S * 1000,
-        help="how long a batch waits to fill (default 0: a batch forms from what queued while the previous "
-        "one ran)",
-    )
-    p.add_argument(
         "--direct-ingress",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="replicas answer HTTP themselves, on --port (RAY_SERVE_ENABLE_DIRECT_INGRESS=1); default: on "
-        "with "
-        "the embedded Ray; on a cluster set that variable in the environment of `ray start`",
+        "with the embedded Ray; on a cluster set that variable in the environment of `ray start`",
     )
     p.add_argument(
         "--same-thread",
@@ -104,35 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="run request code on the replica's own event loop, saving a thread hand-off per call "
         "(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0); default: on with the embedded Ray",
-    )
-    p.add_argument(
-        "--no-access-log",
-        dest="access_log",
-        action="store_false",
-        help="turn off Serve's per-request access log line (~2%% of a replica's CPU when on)",
-    )
-    p.add_argument(
-        "--exposure-slots",
-        type=int,
-        default=0,
-        help="greedy slates: last positions that may go to items the replica has not shown lately "
-        "(rec_rllib.exposure; catalogue coverage at almost no accuracy cost; 0: off)",
-    )
-    p.add_argument(
-        "--exposure-pool", type=int, default=ExposureConfig.pool, help="exposure slot candidates per user"
-    )
-    p.add_argument(
-        "--exposure-window",
-        type=int,
-        default=ExposureConfig.window,
-        help="slate positions a replica's tracker remembers",
-    )
-    p.add_argument(
-        "--exposure-refresh",
-        type=int,
-        default=SERVING_EXPOSURE_REFRESH,
-        help="answers between updates of a replica's exposure prices: the same request gets the same "
-        "list in between (1: after every answer)",
     )
     p.add_argument("--smoke", action="store_true", help="send one sample request, print it, stop")
     p.add_argument("--seconds", type=float, default=None, help="serve this long, then stop (default: Ctrl-C)")
@@ -158,27 +104,21 @@ def resolve_dataset(model: str, dataset: str | None) -> str:
     return ""
 
 
-APP_ARG_FLAGS = {"batch_wait_timeout_s": "--batch-wait-ms"}
-"""App arguments whose flag is not the argument's name with dashes."""
-
-
-def check_app_args(app_args: dict[str, Any]) -> None:
+def check_app_args(app_args: dict[str, Any]) -> AppArgs:
     """The app's own validation (``serving.app.AppArgs``) before Ray starts: each refused value named by its
     flag."""
     from pydantic import ValidationError
 
-    from serving.app import AppArgs
-
     try:
-        AppArgs(**app_args)
+        return AppArgs(**{"dataset": "", **app_args})  # the dataset is resolved later, from the model
     except ValidationError as e:
         said = []
         for err in e.errors():
             name = str(err["loc"][0]) if err["loc"] else "?"
-            flag = APP_ARG_FLAGS.get(name, "--" + name.replace("_", "-"))
-            unit = " s" if name.endswith("_s") else ""  # the app's seconds (e.g. --batch-wait-ms / 1000)
-            said.append(f"{flag}: {err['msg'].lower()}, got {err.get('input')!r}{unit}")
+            flag = "--" + name.replace("_", "-")
+            said.append(f"{flag}: {err['msg'].lower()}, got {err.get('input')!r}")
         fail("; ".join(said))
+        raise
 
 
 def dataset_dir(ref: str, data_root: str | None) -> str:
@@ -262,7 +202,6 @@ def stop(state_name: str | None = None) -> None:
     from ray.serve.exceptions import RayServeException
 
     from serving.app import shutdown_state
-    from serving.state import STATE_ACTOR
 
     with contextlib.suppress(RayServeException):  # already stopped
         serve.delete(APP_NAME)  # replicas run __del__: feedback buffers are flushed
@@ -339,15 +278,18 @@ def serve_until_stopped(seconds: float | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    check_outlives_job(args.feedback_dir, "--feedback-dir")
+    app_args = model_flag_values(args, AppArgs)
+    feedback_dir = app_args.setdefault("feedback_dir", AppArgs.model_fields["feedback_dir"].default)
+    check_outlives_job(feedback_dir, "--feedback-dir")
     if not Path(args.model).exists():
         fail(f"--model {args.model} does not exist (a jobs.finetune run dir or a jobs.train checkpoint)")
+    exposure = check_app_args(app_args)
     try:
         ExposureConfig(
-            slots=args.exposure_slots,
-            pool=args.exposure_pool,
-            window=args.exposure_window,
-            refresh=args.exposure_refresh,
+            slots=exposure.exposure_slots,
+            pool=exposure.exposure_pool,
+            window=exposure.exposure_window,
+            refresh=exposure.exposure_refresh,
         )
     except ValueError as e:
         fail(f"--exposure-*: {e}")
@@ -365,23 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         direct=args.direct_ingress,
         same_thread=args.same_thread,
     )
-    app_args = {
-        "model": args.model,
-        "dataset": dataset,
-        "feedback_dir": args.feedback_dir,
-        "topology": args.topology,
-        "ingress_replicas": args.ingress_replicas,
-        "scorer_replicas": args.scorer_replicas,
-        "scorer_gpus": args.scorer_gpus,
-        "max_batch_size": args.max_batch_size,
-        "batch_wait_timeout_s": args.batch_wait_ms / 1000,
-        "access_log": args.access_log,
-        "exposure_slots": args.exposure_slots,
-        "exposure_pool": args.exposure_pool,
-        "exposure_window": args.exposure_window,
-        "exposure_refresh": args.exposure_refresh,
-    }
-    check_app_args(app_args)
+    app_args["dataset"] = dataset
     with ray_session(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus):
         try:
             announce(start(app_args, proxy_port), dataset)

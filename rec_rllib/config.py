@@ -8,6 +8,8 @@
   laid over the file's or the defaults' values, nothing else.
 * :func:`setting`: a field with what its flag needs beyond its type (another flag name, a parser, choices,
   or no flag at all).
+* :func:`add_model_flags` / :func:`model_flag_values`: the same for a pydantic model (the Serve app's
+  arguments, which Serve configs validate with pydantic).
 
 A job writes the resolved settings of its run (``config.json``, ``rl_config.json``); giving that file back as
 ``--config`` runs the same settings again.
@@ -167,13 +169,8 @@ def add_flags(
         owner = _owner(cls, path)
         doc = docs.setdefault(owner, field_docs(owner)).get(f.name, "")
         kind, parse = _plain_type(hint), f.metadata.get("parse")
-        default = _default(f)
-        shown = f"{default:,}" if isinstance(default, int) and not isinstance(default, bool) else default
-        if kind is bool:
-            shown = f"--{name}" if default else f"--no-{name}"
-        help_text = f"{doc} (default: {shown})".replace("%", "%%")
         dest = ".".join(path)
-        common: dict[str, Any] = {"dest": dest, "default": None, "help": help_text}
+        common: dict[str, Any] = {"dest": dest, "default": None, "help": _help(doc, _default(f), kind, name)}
         if "metavar" in f.metadata:
             common["metavar"] = f.metadata["metavar"]
         if kind is bool:
@@ -182,6 +179,81 @@ def add_flags(
             parser.add_argument(f"--{name}", action="append", type=parse or str, **common)
         else:
             parser.add_argument(f"--{name}", type=parse or kind, choices=f.metadata.get("choices"), **common)
+
+
+def _help(doc: str, default: Any, kind: Any, name: str) -> str:
+    """A flag's help: the setting's documentation and its default (a boolean's as the flag that keeps it)."""
+    shown = f"{default:,}" if isinstance(default, int) and not isinstance(default, bool) else default
+    if kind is bool:
+        shown = f"--{name}" if default else f"--no-{name}"
+    if default is None and "default" in doc:  # the documentation says what leaving it out means
+        return doc.replace("%", "%%")
+    return f"{doc} (default: {shown})".replace("%", "%%")
+
+
+def add_model_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    model: type,
+    *,
+    skip: Sequence[str] = (),
+    parse: dict[str, Callable[[str], Any]] | None = None,
+) -> None:
+    """:func:`add_flags` for a pydantic model (the Serve app's arguments, as Serve configs expect them): one
+    flag per field but those in ``skip``, its help the field's ``description`` and default; a required field
+    a required flag; a ``Literal`` field's values its choices; a dict field read as JSON unless ``parse``
+    names another parser. :func:`model_flag_values` collects what was given."""
+    for name, f in model.model_fields.items():  # type: ignore[attr-defined]
+        if name in skip:
+            continue
+        flag = name.replace("_", "-")
+        kind, choices = _plain_type(f.annotation), None
+        if kind is typing.Literal:
+            choices = typing.get_args(_non_none(f.annotation))
+            kind = type(choices[0])
+        default = None if f.is_required() else f.get_default(call_default_factory=True)
+        doc = " ".join((f.description or "").split())
+        common: dict[str, Any] = {"dest": name, "default": None, "help": _help(doc, default, kind, flag)}
+        if f.is_required():
+            common["required"] = True
+            common["help"] = doc
+        if kind is bool:
+            parser.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, **common)
+        elif kind is dict:
+            parser.add_argument(
+                f"--{flag}", type=(parse or {}).get(name, json_object), metavar="JSON", **common
+            )
+        else:
+            parser.add_argument(f"--{flag}", type=(parse or {}).get(name, kind), choices=choices, **common)
+
+
+def model_flag_values(args: argparse.Namespace, model: type) -> dict[str, Any]:
+    """The fields of ``model`` whose flag (:func:`add_model_flags`) was given, by field name."""
+    return {
+        name: getattr(args, name)
+        for name in model.model_fields  # type: ignore[attr-defined]
+        if getattr(args, name, None) is not None
+    }
+
+
+def _non_none(hint: Any) -> Any:
+    """``X | None`` -> X."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0] if len(args) == 1 else hint
+    return hint
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """A flag's JSON object (e.g. ``--autoscaling '{"min_replicas": 1, "max_replicas": 4}'``)."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg} at character {e.pos}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object ({{...}}), got {text!r}")
+    return value
 
 
 def _in_section(path: tuple[str, ...], section: str | None) -> bool:

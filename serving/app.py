@@ -19,18 +19,15 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from rec_rllib.exposure import SERVING_EXPOSURE_REFRESH, ExposureConfig
 from serving.answers import AnswerLog, answer_row
 from serving.catalog import ServingCatalog
-from serving.defaults import BATCH_WAIT_TIMEOUT_S, MAX_BATCH_SIZE
 from serving.http import ApiError, api, json_response
 from serving.live import LiveView
 from serving.schemas import (
@@ -41,7 +38,8 @@ from serving.schemas import (
     RecommendResponse,
 )
 from serving.scorer import DEFAULT_BATCH, PolicyScorer, ScorerInputError
-from serving.state import STATE_ACTOR, live_state, shutdown_state
+from serving.settings import STATE_ACTOR, AppArgs
+from serving.state import live_state, shutdown_state
 
 log = logging.getLogger("ray.serve")
 
@@ -326,56 +324,6 @@ class RecIngress:
         except Exception as e:  # a replica restarting, ...: retryable, never a 500
             log.exception("scorer call failed")
             raise ApiError(503, f"scorer unavailable ({type(e).__name__}); retry shortly") from e
-
-
-class AppArgs(BaseModel):
-    """Arguments of :func:`build_app` (the Serve config's ``args``; an unknown one is an error)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(..., description="fine-tuned run directory or RLlib checkpoint")
-    dataset: str = Field(..., description="prepared dataset directory the model was trained on")
-    feedback_dir: str = Field("runs/serve/feedback", description="where feedback Parquet parts go")
-    state_name: str = STATE_ACTOR
-    topology: Literal["split", "single"] = Field(
-        "single",
-        description="single: one deployment (RecService) that answers HTTP and scores in the same replica "
-        "(one hop less; scorer_* options apply to it); split: ingress + PolicyScorer deployments (scorers "
-        "scale, and take GPUs, apart from the HTTP layer)",
-    )
-    ingress_replicas: int = Field(1, ge=1)
-    scorer_replicas: int = Field(1, ge=1, description="fixed replica count (ignored with autoscaling)")
-    scorer_gpus: float = Field(0.0, ge=0.0, le=1.0, description="GPU fraction per scorer replica")
-    scorer_cpus: float = Field(1.0, ge=0.0)
-    autoscaling: dict[str, Any] | None = Field(None, description="Serve autoscaling_config of the scorer")
-    max_batch_size: int = Field(
-        MAX_BATCH_SIZE, ge=1, description="requests scored in one forward pass at most"
-    )
-    batch_wait_timeout_s: float = Field(
-        BATCH_WAIT_TIMEOUT_S,
-        ge=0.0,
-        description="0: a batch forms from what queued while the previous one ran, never by waiting",
-    )
-    flush_rows: int = Field(256, ge=1)
-    flush_seconds: float = Field(5.0, gt=0.0)
-    exposure_slots: int = Field(
-        0, ge=0, description="greedy slates: last positions that may go to items not shown lately (0: off)"
-    )
-    exposure_pool: int = Field(
-        ExposureConfig.pool, ge=1, description="exposure slot candidates: the user's next N items"
-    )
-    exposure_window: int = Field(
-        ExposureConfig.window, ge=1, description="slate positions each replica's tracker remembers"
-    )
-    exposure_refresh: int = Field(
-        SERVING_EXPOSURE_REFRESH,
-        ge=1,
-        description="answers between updates of a replica's exposure prices (the same request gets the same "
-        "list in between; 1: after every answer)",
-    )
-    access_log: bool = Field(
-        True, description="Serve's per-request access log line (~2% of a replica's CPU when on)"
-    )
 
 
 def build_app(args: dict[str, Any] | AppArgs):

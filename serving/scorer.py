@@ -48,7 +48,7 @@ from rec_rllib.explore import ExplorationConfig, LinUCB, epsilon_slate, sample_s
 from rec_rllib.exposure import ExposureConfig, ExposureTracker
 from rec_rllib.models.seqrec import TextSeqRec, pad_histories
 from serving.catalog import ServingCatalog
-from serving.defaults import BATCH_WAIT_TIMEOUT_S, MAX_BATCH_SIZE
+from serving.settings import BATCH_WAIT_TIMEOUT_S, MAX_BATCH_SIZE
 
 log = logging.getLogger("ray.serve")
 

@@ -37,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-STATE_ACTOR = "rec_rllib_live_state"
+from serving.settings import STATE_ACTOR
+
 STATE_NAMESPACE = "rec_rllib"
 LEASE_S = 1.0
 """How long a replica trusts its mirror after sending the poll that last answered."""

@@ -342,7 +342,7 @@ def test_low_latency_setup_answers_on_the_replicas_own_port(finetuned_run, ml_di
         ml_dir,
         "--port",
         str(port),
-        *"--num-cpus 2 --topology single --batch-wait-ms 0 --same-thread --direct-ingress".split(),
+        *"--num-cpus 2 --topology single --batch-wait-timeout-s 0 --same-thread --direct-ingress".split(),
         *"--no-access-log --feedback-dir".split(),
         str(tmp_path / "fb"),
         "--exposure-slots",

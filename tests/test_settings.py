@@ -61,6 +61,47 @@ def test_booleans_are_flags_with_a_no_form_in_every_job():
     assert (args.__dict__["env.cooccurrence"], args.__dict__["train_state_head"]) == (True, False)
 
 
+def test_jobs_serve_flags_are_the_serve_apps_arguments(capsys):
+    """Every argument of the Serve app (the ``args`` of a Serve config) is a ``jobs.serve`` flag of the same
+    name, its help the argument's description and default; the flags given become the app's arguments, the
+    rest keep the app's defaults; a bad value is refused by argparse or named by its flag."""
+    from jobs.serve import build_parser, check_app_args
+    from rec_rllib.config import model_flag_values
+    from serving.settings import AppArgs
+
+    parser = build_parser()
+    shown = _help(parser)
+    for name, f in AppArgs.model_fields.items():
+        if name in ("dataset", "state_name"):  # the job resolves the dataset from the model; one state actor
+            continue
+        assert f"--{name.replace('_', '-')}" in shown, name
+        assert " ".join(f.description.split()[:4]) in shown, name
+    assert "--access-log, --no-access-log" in shown and "(default: --access-log)" in shown
+    args = parser.parse_args(
+        "--model m --topology split --no-access-log --batch-wait-timeout-s 0.002".split()
+        + ["--autoscaling", '{"min_replicas": 1, "max_replicas": 3}']
+    )
+    given = model_flag_values(args, AppArgs)
+    assert given == {
+        "model": "m",
+        "topology": "split",
+        "access_log": False,
+        "batch_wait_timeout_s": 0.002,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 3},
+    }
+    app = check_app_args(given)
+    defaults = {name: f.default for name, f in AppArgs.model_fields.items() if name not in given}
+    assert {name: getattr(app, name) for name in defaults if name != "dataset"} == {
+        name: value for name, value in defaults.items() if name != "dataset"
+    }
+    for bad in (["--topology", "both"], ["--autoscaling", "[1, 2]"], ["--autoscaling", "{"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--model", "m", *bad])
+    with pytest.raises(SystemExit):
+        check_app_args({"model": "m", "scorer_gpus": 1.5})
+    assert "error: --scorer-gpus: input should be less than or equal to 1" in capsys.readouterr().err
+
+
 def test_unknown_keys_are_refused_at_every_depth_with_the_known_ones_named():
     with pytest.raises(
         ValueError, match=r"unknown exploration config keys \['strategi'\]; known: .*strategy"
