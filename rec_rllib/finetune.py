@@ -24,13 +24,13 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from rec_rllib.columns import Col, SplitScheme
-from rec_rllib.config import DictConfig, setting
+from rec_rllib.config import DictConfig, none_or_str, setting
 from rec_rllib.data.dataset import EvalCases, LogDataset
 from rec_rllib.eval import metrics as M
 from rec_rllib.eval.plots import pyplot
 from rec_rllib.eval.ranking import EVAL_CHUNK_CELLS, evaluate_ranking, sample_cases, top_items
 from rec_rllib.fsutil import write_csv
-from rec_rllib.models.run import TransformerRecommender, build_model, save_run
+from rec_rllib.models.run import TransformerRecommender, build_model, save_run, warm_start
 from rec_rllib.models.seqrec import BOS, OFFSET, ModelConfig, TextSeqRec
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,9 @@ class FinetuneConfig(DictConfig):
     """``auto`` (CUDA when available), ``cpu`` or ``cuda[:n]``."""
     progress: bool = True
     """Show progress bars."""
+    init_from: str | None = setting(None, parse=none_or_str, metavar="RUN")
+    """A fine-tuned run to start from instead of fresh weights (a warm start: the next round of a model on a
+    grown log); its items matched by id, new items start fresh; the model settings must be the run's."""
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -436,7 +439,11 @@ def finetune(
     )
 
     t_build = time.perf_counter()
-    model = build_model(model_cfg, list(dataset.items[Col.TEXT]), known_items=known).to(device)
+    model = build_model(model_cfg, list(dataset.items[Col.TEXT]), known_items=known)
+    if cfg.init_from:
+        carried = warm_start(model, cfg.init_from, list(map(str, dataset.items[Col.ITEM_ID])))
+        log.info("warm start from %s: %d items carried over, %d new", cfg.init_from, *carried.values())
+    model = model.to(device)
     log.info(
         "model built in %.1fs: %s parameters",
         time.perf_counter() - t_build,

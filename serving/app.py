@@ -98,9 +98,7 @@ class RecIngress:
         flush_seconds: float = 5.0,
         model: str | None = None,
     ):
-        if scorer is None:
-            if model is None:
-                raise ValueError("RecIngress needs a scorer handle or a model path to score in-replica")
+        if scorer is None:  # the model comes with user_config (model_path) when not given here
             self._local = PolicyScorer(model, dataset, state_name)
             scorer = _InReplica(self._local)
         else:
@@ -314,6 +312,7 @@ class RecIngress:
                 "mirror_trusted": self.live.mirror.trusted(),
                 "applied_change": self.live.mirror.seq,
             },
+            "loop": await self.live.state.loop_status.remote(),
         }
 
     async def _call(self, response):
@@ -353,14 +352,43 @@ def build_app(args: dict[str, Any] | AppArgs):
     else:
         scorer_opts["num_replicas"] = a.scorer_replicas
     feedback_dir = str(Path(a.feedback_dir).resolve())
+    # the model reaches the replicas through user_config alone, and the deployments' version is what their
+    # replicas are built from: a new model (or batching, exposure) reconfigures running replicas in place
+    # (same replicas, same ports: nothing for a client to follow), any other change replaces them
+    version = {"version": deployment_version(a), "_internal": True}
     if a.topology == "single":
-        return RecIngress.options(name="RecService", max_ongoing_requests=64, **scorer_opts).bind(
-            None, dataset, feedback_dir, a.state_name, a.flush_rows, a.flush_seconds, model
+        return RecIngress.options(name="RecService", max_ongoing_requests=64, **scorer_opts, **version).bind(
+            None, dataset, feedback_dir, a.state_name, a.flush_rows, a.flush_seconds
         )
-    scorer = PolicyScorer_deployment.options(**scorer_opts).bind(model, dataset, a.state_name)
-    return RecIngress.options(num_replicas=a.ingress_replicas, **logging).bind(
+    scorer = PolicyScorer_deployment.options(**scorer_opts, **version).bind(None, dataset, a.state_name)
+    return RecIngress.options(num_replicas=a.ingress_replicas, **logging, **version).bind(
         scorer, dataset, feedback_dir, a.state_name, a.flush_rows, a.flush_seconds
     )
+
+
+USER_CONFIG_ARGS = (
+    "model",
+    "max_batch_size",
+    "batch_wait_timeout_s",
+    "exposure_slots",
+    "exposure_pool",
+    "exposure_window",
+    "exposure_refresh",
+)
+"""App arguments that reach running replicas through ``user_config`` (``reconfigure``)."""
+
+
+def deployment_version(a: AppArgs) -> str:
+    """The version Serve compares to decide between reconfiguring a deployment's replicas and replacing
+    them: a hash of the app's code (``serving/*.py``) and of every argument but :data:`USER_CONFIG_ARGS`."""
+    import hashlib
+    import json
+
+    built_from = {k: v for k, v in a.model_dump().items() if k not in USER_CONFIG_ARGS}
+    digest = hashlib.sha256(json.dumps(built_from, sort_keys=True, default=str).encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 PolicyScorer_deployment = serve.deployment(

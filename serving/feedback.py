@@ -55,7 +55,9 @@ class FeedbackLog:
         self._oldest = 0.0
         self._seq = 0
         self._lock = threading.Lock()
-        self._id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # one writer's parts and journals: unique among the writers of a directory, in a process too
+        self._tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._id = f"{socket.gethostname()}-{self._tag}"
         self._generation = 0
         self._stale: list[Path] = []  # journals whose rows went back to the buffer after a failed flush
         self._journal_path, self._journal = self._open_journal()
@@ -101,7 +103,7 @@ class FeedbackLog:
         if done_file is not None:
             done_file.close()
         try:
-            final = write_part(self.dir, rows, f"{os.getpid()}-{seq:06d}", self.schema)
+            final = write_part(self.dir, rows, f"{self._tag}-{seq:06d}", self.schema)
         except BaseException:
             with self._lock:  # keep the events for the next flush; their journal stays until then
                 self._rows[:0] = rows

@@ -171,6 +171,7 @@ class LiveState:
         # one-shot events, replaced after each firing: "a change was published" (wakes polls) and
         # "a replica acknowledged" (wakes wait_synced)
         self._events: dict[str, asyncio.Event] = {}
+        self.loop: dict[str, Any] | None = None  # the closed loop's last decision (jobs.loop), if one runs
 
     def _event(self, name: str) -> asyncio.Event:
         if name not in self._events:
@@ -283,6 +284,13 @@ class LiveState:
         self.catalog_version += 1
         seq = self._publish("item", {"item_id": item_id, "catalog_version": self.catalog_version})
         return self.catalog_version, seq
+
+    def set_loop_status(self, status: dict[str, Any]) -> None:
+        """What the closed loop (``jobs.loop``) last decided; shown by every replica's ``/healthz``."""
+        self.loop = status
+
+    def loop_status(self) -> dict[str, Any] | None:
+        return self.loop
 
     def items_since(self, count: int) -> tuple[list[dict[str, Any]], int]:
         """Added items after the first ``count`` ones, and the current version."""

@@ -24,6 +24,7 @@ LAYERS = {
     "simulator": 2,
     "env": 2,
     "rl": 3,
+    "loop": 3,
 }
 
 

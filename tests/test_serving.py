@@ -378,7 +378,17 @@ def test_zz_feedback_flushed_on_stop_and_read_by_prepare(app, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"]["interactions"] == 100_000 + len(table)
+    # a user the base log does not know (here: each history-only answer's anonymous user) starts with the
+    # history the policy saw at their first event
+    first_of = {}
+    for r in sorted(table, key=lambda r: r["timestamp_ms"]):
+        first_of.setdefault(r["user_id"] or "anon-" + r["request_id"], r)
+    known_users = set(dataset.users["user_id"].astype(str))
+    lead = sum(
+        len([i for i in r["history"] if i in catalogue]) for u, r in first_of.items() if u not in known_users
+    )
+    assert lead > 0
+    assert manifest["counts"]["interactions"] == 100_000 + len(table) + lead
     assert manifest["source"]["feedback_rows"] == len(table)
     time.sleep(0)
 

@@ -144,7 +144,8 @@ def test_autoscaling_up_under_load_and_back_down(finetuned_run, ml_dir, tmp_path
 
 
 def test_model_roll_under_load_drops_no_request(finetuned_run, ml_dir, tmp_path):
-    """A new model path through user_config: replicas reconfigure one by one; every request succeeds."""
+    """A new model path through user_config: the running replicas reconfigure in place (the same replicas
+    answer before and after: no new replica, no new port); every request succeeds."""
     import torch
 
     from rec_rllib.models.run import load_run, save_run
@@ -165,6 +166,7 @@ def test_model_roll_under_load_drops_no_request(finetuned_run, ml_dir, tmp_path)
         }
         url = start(args, free_port())
         versions: list[str] = []
+        replicas: list[str] = []
         failures: list[str] = []
         stop_load = threading.Event()
 
@@ -178,6 +180,7 @@ def test_model_roll_under_load_drops_no_request(finetuned_run, ml_dir, tmp_path)
                         continue
                     if r.status_code == 200:
                         versions.append(r.json()["model_version"])
+                        replicas.append(r.json()["served_by"]["ingress"])
                     else:
                         failures.append(r.text)
 
@@ -190,6 +193,9 @@ def test_model_roll_under_load_drops_no_request(finetuned_run, ml_dir, tmp_path)
             stop_load.set()
         assert not failures, failures[:3]
         assert len(set(versions)) == 2 and versions[-1].startswith("finetuned-v2")
+        before = {r for r, v in zip(replicas, versions, strict=True) if v == versions[0]}
+        after = {r for r, v in zip(replicas, versions, strict=True) if v == versions[-1]}
+        assert after <= before and len(before) == 2, (before, after)
     finally:
         try:
             stop()

@@ -5,6 +5,12 @@ from rec_rllib.data.sources import ColumnMapping, load_custom, load_movielens, l
 from rec_rllib.data.validate import DataValidationError
 
 __all__ = [
-    *"ColumnMapping DataValidationError EvalCases LogDataset build_dataset load_custom".split(),
-    *"load_movielens load_obd".split(),
+    "ColumnMapping",
+    "DataValidationError",
+    "EvalCases",
+    "LogDataset",
+    "build_dataset",
+    "load_custom",
+    "load_movielens",
+    "load_obd",
 ]

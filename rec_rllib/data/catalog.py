@@ -39,8 +39,9 @@ def _builtin_name(name_or_path: str) -> str:
 
 
 def prepared_dir(name_or_path: str, root: str | None = None) -> str:
-    """Where :func:`load_or_prepare` reads ``name_or_path`` from (what env runners and Serve replicas are given):
-    itself when it is a prepared directory or a URI, otherwise the data root's directory of that name."""
+    """Where :func:`load_or_prepare` reads ``name_or_path`` from (what env runners and Serve replicas are
+    given): itself when it is a prepared directory or a URI, otherwise the data root's directory of that
+    name."""
     if "://" in name_or_path or Path(name_or_path, MANIFEST_FILE).exists():
         return name_or_path
     return dataset_path(_builtin_name(name_or_path), root)

@@ -73,7 +73,8 @@ class EvalCases:
     histories: list[np.ndarray]
     """U arrays of item indices, oldest first."""
     targets: list[np.ndarray]
-    """U arrays of held-out item indices (one for leave-one-out; the distinct items of the period otherwise)."""
+    """U arrays of held-out item indices (one for leave-one-out; the distinct items of the period
+    otherwise)."""
 
     def __len__(self) -> int:
         return len(self.user_idx)
@@ -279,10 +280,14 @@ def build_dataset(
             frame[col] = interactions[col].to_numpy()
 
     # stable: ties in a user's timestamps keep the source file's row order
-    frame = frame.sort_values([Col.USER_IDX, Col.TIMESTAMP, Col.SOURCE_ROW], kind="stable").reset_index(drop=True)
+    frame = frame.sort_values([Col.USER_IDX, Col.TIMESTAMP, Col.SOURCE_ROW], kind="stable").reset_index(
+        drop=True
+    )
     frame[Col.SPLIT_LOO] = splits.leave_one_out(frame, min_interactions=min_interactions_loo)
     temporal_codes, temporal_info = splits.temporal(
-        frame[Col.TIMESTAMP].to_numpy(), valid_quantile=temporal_quantiles[0], test_quantile=temporal_quantiles[1]
+        frame[Col.TIMESTAMP].to_numpy(),
+        valid_quantile=temporal_quantiles[0],
+        test_quantile=temporal_quantiles[1],
     )
     frame[Col.SPLIT_TEMPORAL] = temporal_codes
 

@@ -19,29 +19,43 @@ import pyarrow.parquet as pq
 
 from rec_rllib.data.validate import Checker
 
-SCHEMA = pa.schema([
-    ("request_id", pa.string()),
-    ("timestamp_ms", pa.int64()),
-    ("user_id", pa.string()),
-    ("history", pa.list_(pa.string())),
-    ("shown", pa.list_(pa.string())),
-    ("shown_propensities", pa.list_(pa.float64())),
-    ("item_id", pa.string()),
-    ("item_text", pa.string()),
-    ("position", pa.int16()),
-    ("propensity", pa.float64()),
-    ("reward", pa.float64()),
-    ("model_version", pa.string()),
-    ("strategy", pa.string()),
-])
+SCHEMA = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("timestamp_ms", pa.int64()),
+        ("user_id", pa.string()),
+        ("history", pa.list_(pa.string())),
+        ("shown", pa.list_(pa.string())),
+        ("shown_propensities", pa.list_(pa.float64())),
+        ("item_id", pa.string()),
+        ("item_text", pa.string()),
+        ("position", pa.int16()),
+        ("propensity", pa.float64()),
+        ("reward", pa.float64()),
+        ("model_version", pa.string()),
+        ("strategy", pa.string()),
+    ]
+)
 
 
 IMPRESSIONS = "impressions"
 """The impression log's subdirectory of a feedback directory."""
 
-IMPRESSION_SCHEMA = pa.schema([SCHEMA.field(name) for name in (
-    "request_id", "timestamp_ms", "user_id", "history", "shown", "shown_propensities", "model_version", "strategy",
-)])
+IMPRESSION_SCHEMA = pa.schema(
+    [
+        SCHEMA.field(name)
+        for name in (
+            "request_id",
+            "timestamp_ms",
+            "user_id",
+            "history",
+            "shown",
+            "shown_propensities",
+            "model_version",
+            "strategy",
+        )
+    ]
+)
 """One row per answer of /recommend or /query: ``shown_propensities[j]`` is the probability of the item at
 position j given the items above it, so ``shown_propensities[0]`` is the exact probability of the first
 pick."""
@@ -53,8 +67,8 @@ def impression_parts(directory: str | Path) -> list[Path]:
     parts = sorted((Path(directory) / IMPRESSIONS).glob("part-*.parquet"))
     if not parts:
         raise FileNotFoundError(
-            f"{Path(directory) / IMPRESSIONS}: no impression part files; they are written by a server of this "
-            "version, when buffers flush and when it stops cleanly"
+            f"{Path(directory) / IMPRESSIONS}: no impression part files; they are written by a server of "
+            "this version, when buffers flush and when it stops cleanly"
         )
     return parts
 
@@ -87,10 +101,10 @@ def iter_impressions(directory: str | Path):
     """The impression parts under ``directory/impressions`` one table at a time (:data:`IMPRESSION_SCHEMA`),
     oldest first: what a reader of a long log holds at once is one part."""
     for part in impression_parts(directory):
-        yield _read_part(part, IMPRESSION_SCHEMA)
+        yield read_part(part, IMPRESSION_SCHEMA)
 
 
-def _read_part(part: Path, schema: pa.Schema) -> pa.Table:
+def read_part(part: Path, schema: pa.Schema) -> pa.Table:
     """A part file in ``schema``; one that lacks a column raises
     :class:`~rec_rllib.data.validate.DataValidationError` naming the file and the column."""
     table = pq.read_table(part)
@@ -101,8 +115,8 @@ def _read_part(part: Path, schema: pa.Schema) -> pa.Table:
 
 
 def _read_parts(parts: list[Path], schema: pa.Schema) -> pa.Table:
-    """Part files as one table in ``schema`` (:func:`_read_part` each)."""
-    return pa.concat_tables([_read_part(part, schema) for part in parts])
+    """Part files as one table in ``schema`` (:func:`read_part` each)."""
+    return pa.concat_tables([read_part(part, schema) for part in parts])
 
 
 # -- writing parts and recovering journals ----------------------------------------------------------------

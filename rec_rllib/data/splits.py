@@ -37,11 +37,14 @@ def leave_one_out(interactions: pd.DataFrame, *, min_interactions: int = 3) -> n
     return codes
 
 
-def temporal(timestamps: np.ndarray, *, valid_quantile: float = 0.8, test_quantile: float = 0.9) -> tuple[np.ndarray, dict]:
+def temporal(
+    timestamps: np.ndarray, *, valid_quantile: float = 0.8, test_quantile: float = 0.9
+) -> tuple[np.ndarray, dict]:
     """Split codes by global timestamp cut points; returns (codes, boundaries for the manifest)."""
     if not 0 < valid_quantile <= test_quantile < 1:
         raise ValueError(
-            f"temporal split quantiles must satisfy 0 < valid ({valid_quantile}) <= test ({test_quantile}) < 1"
+            "temporal split quantiles must satisfy "
+            f"0 < valid ({valid_quantile}) <= test ({test_quantile}) < 1"
         )
     ts = np.asarray(timestamps, dtype=np.int64)
     # "lower" keeps the cut an observed, integer timestamp

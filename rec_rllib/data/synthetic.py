@@ -29,14 +29,72 @@ MIN_PER_USER = 20
 CHUNK_USERS = 20_000
 
 TOPIC_WORDS = (
-    "space", "western", "noir", "romance", "war", "heist", "comedy", "horror", "sport", "music", "family",
-    "history", "mystery", "fantasy", "robot", "ocean", "desert", "winter", "city", "island", "detective",
-    "dragon", "pirate", "court", "school", "kitchen", "road", "jungle", "castle", "ghost", "alien", "spy",
+    "space",
+    "western",
+    "noir",
+    "romance",
+    "war",
+    "heist",
+    "comedy",
+    "horror",
+    "sport",
+    "music",
+    "family",
+    "history",
+    "mystery",
+    "fantasy",
+    "robot",
+    "ocean",
+    "desert",
+    "winter",
+    "city",
+    "island",
+    "detective",
+    "dragon",
+    "pirate",
+    "court",
+    "school",
+    "kitchen",
+    "road",
+    "jungle",
+    "castle",
+    "ghost",
+    "alien",
+    "spy",
 )
 TITLE_WORDS = (
-    "return", "night", "last", "secret", "city", "dream", "storm", "edge", "heart", "shadow", "river", "fire",
-    "garden", "letter", "silver", "promise", "journey", "empire", "echo", "winter", "summer", "bridge",
-    "crown", "road", "glass", "stone", "wild", "broken", "golden", "hidden", "lost", "first",
+    "return",
+    "night",
+    "last",
+    "secret",
+    "city",
+    "dream",
+    "storm",
+    "edge",
+    "heart",
+    "shadow",
+    "river",
+    "fire",
+    "garden",
+    "letter",
+    "silver",
+    "promise",
+    "journey",
+    "empire",
+    "echo",
+    "winter",
+    "summer",
+    "bridge",
+    "crown",
+    "road",
+    "glass",
+    "stone",
+    "wild",
+    "broken",
+    "golden",
+    "hidden",
+    "lost",
+    "first",
 )
 
 
@@ -114,8 +172,18 @@ def generate(
     parts = []
     for lo in range(0, n_users, CHUNK_USERS):  # users in chunks: memory follows the chunk's longest history
         users = np.arange(lo, min(n_users, lo + CHUNK_USERS))
-        seqs = _draw_sequences(rng, drawn[users], favourites[users], fav_weight[users], successor, topic_of,
-                               starts, sizes, p_successor, p_same_topic)
+        seqs = _draw_sequences(
+            rng,
+            drawn[users],
+            favourites[users],
+            fav_weight[users],
+            successor,
+            topic_of,
+            starts,
+            sizes,
+            p_successor,
+            p_same_topic,
+        )
         part = pd.DataFrame({"u": np.repeat(users, drawn[users]), "i": seqs[seqs >= 0]})
         part = part.drop_duplicates(["u", "i"], keep="first")  # nobody sees an item twice
         parts.append(part[part.groupby("u", sort=False).cumcount().to_numpy() < counts[part["u"].to_numpy()]])
@@ -124,12 +192,14 @@ def generate(
     frame["g"] = rng.exponential(3_600.0, size=len(frame)).astype(np.int64) + 1  # seconds between items
     frame["t"] = start[frame["u"].to_numpy()] + frame.groupby("u", sort=False)["g"].cumsum().to_numpy()
     ratings = np.clip(np.round(rng.normal(3.6, 1.1, size=len(frame))), 1, 5).astype(np.int64)
-    interactions = pd.DataFrame({
-        "user_id": (frame["u"].to_numpy() + 1).astype(str),
-        "item_id": (frame["i"].to_numpy() + 1).astype(str),
-        "timestamp": frame["t"].to_numpy(),
-        "rating": ratings,
-    })
+    interactions = pd.DataFrame(
+        {
+            "user_id": (frame["u"].to_numpy() + 1).astype(str),
+            "item_id": (frame["i"].to_numpy() + 1).astype(str),
+            "timestamp": frame["t"].to_numpy(),
+            "rating": ratings,
+        }
+    )
     return SyntheticLog(interactions, _item_texts(rng, n_items, topic_of, n_topics))
 
 

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rec_rllib.fsutil import atomic_write, write_json
-from rec_rllib.models.seqrec import ModelConfig, TextSeqRec, pad_histories
+from rec_rllib.models.seqrec import OFFSET, ModelConfig, TextSeqRec, pad_histories
 from rec_rllib.recommender import Recommender
 
 KIND = "textseqrec"
@@ -97,6 +97,51 @@ def load_run(run_dir: str | Path, *, device: str = "cpu") -> tuple[TextSeqRec, d
         )
     model.load_state_dict(state)
     return model.to(device).eval(), meta
+
+
+ITEM_ROWS = {"id_embedding.weight": OFFSET, "bias": 0, "log_popularity": 0}
+"""Weights with one row per item (after this many special-token rows): a warm start carries them over by item
+id. The text table and the ``known`` flags are the new catalogue's own (its texts, its training log)."""
+
+
+def warm_start(model: TextSeqRec, run_dir: str | Path, item_ids: Sequence[str]) -> dict[str, int]:
+    """Start ``model`` (built for the catalogue ``item_ids``) from a fine-tuned run's weights: every weight of
+    the same shape copied, the per-item rows of :data:`ITEM_ROWS` matched by item id (the catalogue may have
+    gained items, and a dataset orders its items by id, so positions move); items the run did not know
+    keep their fresh rows. Returns how many items were carried over and how many are new.
+
+    A ValueError when the architectures differ (another width, depth or history length)."""
+    meta = json.loads(Path(run_dir, CONFIG_FILE).read_text())
+    old_ids = meta.get("item_ids")
+    if old_ids is None:
+        raise ValueError(f"{run_dir}: {CONFIG_FILE} lacks item_ids; a warm start matches items by id")
+    source = load_file(str(Path(run_dir, WEIGHTS_FILE)))
+    old_at = {str(iid): i for i, iid in enumerate(old_ids)}
+    pairs = [(j, old_at[str(iid)]) for j, iid in enumerate(item_ids) if str(iid) in old_at]
+    new_rows = torch.as_tensor([j for j, _ in pairs], dtype=torch.long)
+    old_rows = torch.as_tensor([i for _, i in pairs], dtype=torch.long)
+    state = model.state_dict()
+    mismatched = []
+    with torch.no_grad():
+        for key, target in state.items():
+            if key in ("text_embeddings", "known") or key not in source:
+                continue
+            value = source[key]
+            if key in ITEM_ROWS and value.shape[1:] == target.shape[1:]:
+                skip = ITEM_ROWS[key]
+                target[:skip] = value[:skip]
+                target[skip + new_rows] = value[skip + old_rows].to(target.dtype)
+            elif value.shape == target.shape:
+                target.copy_(value)
+            else:
+                mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(target.shape)}")
+    if mismatched:
+        raise ValueError(
+            f"{run_dir}: cannot warm-start from a model of another shape ({'; '.join(mismatched[:3])}); use "
+            "the run's own model settings"
+        )
+    model.load_state_dict(state)
+    return {"carried_items": len(pairs), "new_items": len(item_ids) - len(pairs)}
 
 
 class TransformerRecommender(Recommender):

@@ -1,0 +1,295 @@
+"""The closed loop: the ledger takes every acknowledged feedback event once, in order; a warm start carries
+weights over by item id; the gate refuses a worse candidate and accepts a better one; one full round on a
+real Serve app over HTTP, and a restart that resumes from the ledger."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from rec_rllib.loop.gate import GateConfig, decide
+from rec_rllib.loop.ledger import Ledger, new_parts, read_parts
+from tests.conftest import REPO, free_port, stop_group
+
+
+def _row(i: int, t: int) -> dict:
+    return {
+        "request_id": f"r{i}",
+        "timestamp_ms": t,
+        "user_id": f"u{i % 3}",
+        "history": ["1", "2"],
+        "shown": [str(10 + i)],
+        "shown_propensities": [1.0],
+        "item_id": str(10 + i),
+        "item_text": "x",
+        "position": 0,
+        "propensity": 1.0,
+        "reward": 1.0,
+        "model_version": "v1",
+        "strategy": "greedy",
+    }
+
+
+def test_the_ledger_takes_every_acknowledged_event_once_in_order(tmp_path):
+    """Rounds take the parts written since the last one (a killed writer's journal recovered into a part),
+    each event once, ordered by time; a round that did not finish leaves the ledger unchanged, so the next
+    start takes the same events again."""
+    from serving.feedback import FeedbackLog
+
+    fb = tmp_path / "fb"
+    writer = FeedbackLog(fb, max_rows=3, max_seconds=60)
+    for i in range(7):  # parts of 3, 3, and 1 buffered event
+        writer.append(_row(i, 1_000 + 10 * (6 - i)))  # later rows carry earlier times: order is by time
+    # a writer killed after acknowledging two events (journaled, never flushed)
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, json\n"
+            "from serving.feedback import FeedbackLog\n"
+            f"w = FeedbackLog({str(fb)!r}, max_rows=100, max_seconds=60)\n"
+            f"for row in json.loads(sys.argv[1]): w.append(row)\n"
+            "os._exit(0)\n",
+            json.dumps([_row(100, 5_000), _row(101, 5_001)]),
+        ],
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        check=True,
+    )
+    assert killed.returncode == 0
+    ledger = Ledger.load_or_start(tmp_path / "loop", "model")
+    first = read_parts(new_parts(fb, ledger.taken))
+    assert list(first["request_id"]) == [f"r{i}" for i in (5, 4, 3, 2, 1, 0)] + ["r100", "r101"]
+    assert first["timestamp_ms"].is_monotonic_increasing
+    # the round did not finish: nothing recorded, the same events come again
+    assert list(read_parts(new_parts(fb, ledger.taken))["request_id"]) == list(first["request_id"])
+    ledger.taken += sorted(set(first["_part"]))
+    ledger.rounds = 1
+    ledger.save(tmp_path / "loop")
+    writer.close()  # the buffered seventh event lands in a new part
+    for i in range(7, 9):
+        writer = FeedbackLog(fb, max_rows=1, max_seconds=60)
+        writer.append(_row(i, 9_000 + i))
+    resumed = Ledger.load_or_start(tmp_path / "loop", "other")
+    assert (resumed.rounds, resumed.served_model) == (1, "model")
+    second = read_parts(new_parts(fb, resumed.taken))
+    assert list(second["request_id"]) == ["r6", "r7", "r8"]
+    every = pd.concat([first, second])["request_id"]
+    assert sorted(every) == sorted([f"r{i}" for i in range(9)] + ["r100", "r101"])  # each once
+
+
+def test_a_corrupt_ledger_is_refused_with_its_path(tmp_path):
+    (tmp_path / "loop_state.json").write_text("{not json")
+    with pytest.raises(ValueError, match="loop_state.json: not a loop ledger"):
+        Ledger.load_or_start(tmp_path, "m")
+
+
+def test_a_warm_start_carries_weights_over_by_item_id(tmp_path):
+    """A catalogue that gained an item and changed its order (ids sort lexically once one is not a number):
+    each known item's id embedding and bias follow its id, the new item keeps its fresh row, every other
+    weight is copied."""
+    import torch
+
+    from rec_rllib.models.run import save_run, warm_start
+    from rec_rllib.models.seqrec import OFFSET, ModelConfig, TextSeqRec
+
+    cfg = ModelConfig(text_model=None, hidden_size=8, num_layers=1, num_heads=2, max_len=5)
+    old_ids = ["2", "10", "33"]
+    old = TextSeqRec(cfg, len(old_ids))
+    with torch.no_grad():
+        for p in old.parameters():
+            p.normal_()
+    save_run(tmp_path / "run", old, {"item_ids": old_ids})
+    new_ids = ["10", "2", "33", "new"]
+    new = TextSeqRec(cfg, len(new_ids))
+    fresh_row = new.id_embedding.weight[OFFSET + 3].detach().clone()
+    carried = warm_start(new, tmp_path / "run", new_ids)
+    assert carried == {"carried_items": 3, "new_items": 1}
+    for j, iid in enumerate(new_ids[:3]):
+        i = old_ids.index(iid)
+        assert torch.equal(new.id_embedding.weight[OFFSET + j], old.id_embedding.weight[OFFSET + i])
+        assert new.bias[j] == old.bias[i]
+    assert torch.equal(new.id_embedding.weight[OFFSET + 3], fresh_row)
+    assert torch.equal(new.id_embedding.weight[:OFFSET], old.id_embedding.weight[:OFFSET])
+    for (name, a), (_, b) in zip(new.named_parameters(), old.named_parameters(), strict=True):
+        if name not in ("id_embedding.weight", "bias"):
+            assert torch.equal(a, b), name
+    wider = TextSeqRec(ModelConfig(text_model=None, hidden_size=16, num_layers=1, num_heads=2, max_len=5), 4)
+    with pytest.raises(ValueError, match="cannot warm-start from a model of another shape"):
+        warm_start(wider, tmp_path / "run", new_ids)
+
+
+def test_the_gate_needs_enough_events_and_an_interval_above_the_margin():
+    rng = np.random.default_rng(0)
+    served = rng.random(400)
+    cfg = GateConfig(min_events=30)
+    assert decide(served, served + 0.05, cfg).roll
+    worse = decide(served, served - 0.05, cfg)
+    assert not worse.roll and worse.reason.startswith("kept: the candidate is worse")
+    noisy = decide(served, served + rng.normal(0, 0.5, 400), cfg)
+    assert not noisy.roll and noisy.low < 0 < noisy.high and "not shown better" in noisy.reason
+    few = decide(served[:10], served[:10] + 1, cfg)
+    assert not few.roll and "fewer than the 30" in few.reason
+    assert not decide(served, served + 0.05, GateConfig(margin=0.1)).roll
+
+
+def test_the_gate_refuses_a_shuffled_candidate_and_accepts_the_better_model(finetuned_run, ml100k):
+    """Constructed logs over real MovieLens-100K histories: each user clicks what the fine-tuned model ranks
+    first. A candidate whose item rows are shuffled (trained on shuffled items) is refused against it; in
+    the other direction the fine-tuned model, as the candidate, is accepted."""
+    import torch
+
+    from rec_rllib.columns import Col
+    from rec_rllib.loop.judge import ranked_clicks
+    from rec_rllib.models.run import TransformerRecommender, load_run
+
+    model, meta = load_run(finetuned_run)
+    item_ids = [str(i) for i in meta["item_ids"]]
+    good = TransformerRecommender(model)
+    shuffled_model, _ = load_run(finetuned_run)
+    perm = torch.as_tensor(np.random.default_rng(1).permutation(len(item_ids)))
+    with torch.no_grad():
+        shuffled_model.id_embedding.weight[2:] = shuffled_model.id_embedding.weight[2:][perm]
+        shuffled_model.bias.copy_(shuffled_model.bias[perm])
+        shuffled_model.text_embeddings.copy_(shuffled_model.text_embeddings[perm])
+    shuffled = TransformerRecommender(shuffled_model)
+    cases = ml100k.eval_cases("loo", "test")
+    histories = [h[-20:] for h in cases.histories[:200]]
+    top = good.recommend(histories, 1).items[:, 0]
+    clicks = pd.DataFrame(
+        {
+            "history": [[item_ids[i] for i in h] for h in histories],
+            "item_id": [item_ids[i] for i in top],
+        }
+    )
+    assert (ml100k.items[Col.ITEM_ID].astype(str).tolist()) == item_ids
+    cfg = GateConfig()
+    g = ranked_clicks(good, item_ids, clicks)[cfg.metric]
+    s = ranked_clicks(shuffled, item_ids, clicks)[cfg.metric]
+    assert g.mean() == 1.0 and s.mean() < 0.5
+    refused = decide(served=g, candidate=s, cfg=cfg)
+    assert not refused.roll and refused.reason.startswith("kept: the candidate is worse")
+    accepted = decide(served=s, candidate=g, cfg=cfg)
+    assert accepted.roll and accepted.reason.startswith("rolled")
+
+
+@pytest.mark.slow
+def test_one_round_end_to_end_on_a_real_endpoint_and_a_restart_resumes(finetuned_run, ml_dir, tmp_path):
+    """``jobs.loop`` serves the fine-tuned model; a client asks for lists and clicks over HTTP; the round
+    trains on every acknowledged click once, is judged, and (the gate told to accept any candidate) rolls the
+    candidate into the endpoint with no failed request; /healthz reports the decision; a restart serves the
+    rolled model and starts from the ledger."""
+    out, port = tmp_path / "loop", free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.loop",
+        "--model",
+        finetuned_run,
+        "--dataset",
+        ml_dir,
+        "--out",
+        str(out),
+        "--port",
+        str(port),
+        "--num-cpus",
+        "2",
+        *"--round-events 60 --rounds 1 --finetune-minutes 0.4 --epochs 2 --gate-min-events 5".split(),
+        *"--gate-margin -1 --flush-rows 8 --flush-seconds 0.5 --no-access-log".split(),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 300
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while True:
+                try:
+                    if c.get("/healthz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+                time.sleep(1)
+            first_version = c.get("/healthz").json()["model_version"]
+            acknowledged, failures = [], []
+            users = ["196", "186", "22", "244", "166"]
+            for i in range(60):
+                r = c.post("/recommend", json={"user": users[i % 5], "k": 5})
+                if r.status_code != 200:
+                    failures.append(r.text)
+                    continue
+                answer = r.json()
+                item = answer["items"][i % 3]["item_id"]
+                click = {"request_id": answer["request_id"], "item_id": item, "reward": 1}
+                f = c.post("/feedback", json=click)
+                if f.status_code == 200:
+                    acknowledged.append((answer["request_id"], item))
+            assert len(acknowledged) == 60 and not failures
+            while not (out / "rounds.jsonl").exists():  # the round, its roll; answers keep coming meanwhile
+                r = c.post("/recommend", json={"user": "196", "k": 5})
+                if r.status_code != 200:
+                    failures.append(r.text)
+                assert proc.poll() is None or (out / "rounds.jsonl").exists(), proc.stdout.read()
+                assert time.time() < deadline + 300
+                time.sleep(0.2)
+            assert not failures, failures[:3]
+        lines = proc.stdout.readlines() if proc.wait(timeout=120) is not None else []
+    finally:
+        if proc.poll() is None:
+            stop_group(proc, signal.SIGINT)
+    assert proc.returncode == 0, "".join(lines)[-3000:]
+    record = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
+    ledger = json.loads((out / "loop_state.json").read_text())
+    assert record["decision"]["roll"] and ledger["served_model"] == record["candidate_model"]
+    assert ledger["rounds"] == 1 and ledger["taken"] == record["parts"]
+    # every acknowledged click once: the round's events are exactly them; the trained ones are in its dataset
+    taken = read_parts([out / "feedback" / name for name in record["parts"]])
+    assert sorted(zip(taken["request_id"], taken["item_id"], strict=True)) == sorted(acknowledged)
+    assert record["new_events"] == 60 and record["held_out_events"] == 18 and record["trained_events"] == 42
+    assert record["now_serving_version"] != first_version
+    assert "| 1 | 60 | 18 |" in (out / "rounds.md").read_text()
+    # a restart serves the rolled model and resumes from the ledger
+    port2 = free_port()
+    cmd2 = [*cmd[: cmd.index("--port") + 1], str(port2), *cmd[cmd.index("--port") + 2 :]]
+    cmd2[cmd2.index("--model") + 1] = "/nonexistent-the-ledger-decides"
+    again = subprocess.Popen(
+        cmd2,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port2}/healthz", timeout=30).json()
+                break
+            except httpx.HTTPError:
+                assert again.poll() is None and time.time() < deadline, again.stdout.read()
+                time.sleep(1)
+        assert health["model_version"] == record["now_serving_version"]
+        assert health["loop"]["round"] == 1 and health["loop"]["decision"] == "rolled"
+    finally:
+        stop_group(again, signal.SIGINT)
+    assert again.returncode == 0
