@@ -24,14 +24,26 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the project with its dev extra
 
+# the web page's test drives a real headless browser: Debian's chromium and chromedriver (apt, as root or
+# through sudo), installed once when missing
+BROWSER := $(VENV)/.browser-stamp
+$(BROWSER): | $(STAMP)
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  echo "installing chromium and chromium-driver (Debian packages) for the web page's test"; \
+	  $$sudo apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { $$sudo apt-get update -q >/dev/null && $$sudo apt-get install -y -q chromium chromium-driver >/dev/null; }; \
+	fi
+	touch $@
+
 run: $(STAMP) ## the main job end to end on an embedded local Ray (prepare -> fine-tune -> RL -> evaluate -> serve)
 	$(PY) -m jobs.pipeline --out $(OUT)
 
-test: $(STAMP) ## the whole test suite, exactly what CI runs (fails if pytest ran no test)
+test: $(STAMP) $(BROWSER) ## the whole test suite, exactly what CI runs (fails if pytest ran no test)
 	@$(PY) -m pytest $(XDIST); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-test-fast: $(STAMP) ## the suite without tests marked slow
+test-fast: $(STAMP) $(BROWSER) ## the suite without tests marked slow
 	$(PY) -m pytest $(XDIST) -m "not slow"
 
 lint: $(STAMP) ## ruff lint + format check

@@ -5,17 +5,27 @@ request-body limit.
 No ``from __future__ import annotations`` here: FastAPI reads the handlers' annotations.
 """
 
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 MAX_BODY_BYTES = 256 * 1024
 
 api = FastAPI(title="rec-rllib", description="Recommendations from the RL-trained transformer policy.")
+
+
+PAGE = (Path(__file__).parent / "web" / "index.html").read_text()
+"""The web page at ``/``: plain HTML and JavaScript over the same endpoints (no build step)."""
+
+
+@api.get("/", include_in_schema=False)
+async def page() -> HTMLResponse:
+    return HTMLResponse(PAGE)
 
 
 class ApiError(Exception):
@@ -65,7 +75,10 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
             "the request body could not be read: send UTF-8 encoded JSON with content-type application/json"
         )
     elif exc.status_code == 404:
-        message = f"{message}: the endpoints are POST /recommend, /query, /feedback, /items and GET /healthz"
+        message = (
+            f"{message}: the endpoints are POST /recommend, /query, /feedback, /items and GET /healthz, "
+            "/ (a web page)"
+        )
     return JSONResponse(
         {"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
     )

@@ -186,7 +186,7 @@ def test_one_round_end_to_end_on_a_real_endpoint_and_a_restart_resumes(finetuned
     """``jobs.loop`` serves the fine-tuned model; a client asks for lists and clicks over HTTP; the round
     trains on every acknowledged click once, is judged, and (the gate told to accept any candidate) rolls the
     candidate into the endpoint with no failed request; /healthz reports the decision; a restart serves the
-    rolled model and starts from the ledger."""
+    rolled model and starts from the ledger; the simulated population visits it."""
     out, port = tmp_path / "loop", free_port()
     cmd = [
         sys.executable,
@@ -290,6 +290,30 @@ def test_one_round_end_to_end_on_a_real_endpoint_and_a_restart_resumes(finetuned
                 time.sleep(1)
         assert health["model_version"] == record["now_serving_version"]
         assert health["loop"]["round"] == 1 and health["loop"]["decision"] == "rolled"
+        # the simulated population against it, over HTTP: logged users arrive with half their history and
+        # click by their own future
+        pop = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "jobs.population",
+                "--target",
+                f"loop=http://127.0.0.1:{port2}",
+                "--dataset",
+                ml_dir,
+                *"--users 6 --minutes 0.25 --concurrency 2 --out".split(),
+                str(tmp_path / "pop"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert pop.returncode == 0, pop.stdout[-2000:] + pop.stderr[-2000:]
+        summary = json.loads((tmp_path / "pop" / "summary.json").read_text())
+        assert summary["errors"] == 0 and summary["loop"]["answers"] >= 12 and summary["loop"]["clicks"] > 0
+        assert set(summary["loop"]["ctr_by_model_version"]) == {record["now_serving_version"]}
+        assert (tmp_path / "pop" / "ctr.png").stat().st_size > 0
     finally:
         stop_group(again, signal.SIGINT)
     assert again.returncode == 0

@@ -303,6 +303,71 @@ def test_feedback_not_shown_item_is_refused(app):
     assert r.status_code == 422 and "not shown" in r.json()["error"]
 
 
+def test_the_web_page_in_a_headless_browser(app, tmp_path):
+    """The page at / in a real headless Chromium (Debian's, driven by Selenium): the endpoint's model
+    version shown, a user's list with explanations, a click that changes the next list, a question in words
+    answered, an item added from its text."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+    ):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    # the list is re-rendered under a waiting check now and then: read it again
+    wait = WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,))
+
+    def listed() -> list[str]:
+        return [li.get_attribute("data-item-id") for li in driver.find_elements(By.CSS_SELECTOR, "#items li")]
+
+    def type_into(element_id: str, text: str) -> None:
+        box = driver.find_element(By.ID, element_id)
+        box.clear()
+        box.send_keys(text)
+
+    try:
+        driver.get(str(app["client"].base_url) + "/")
+        version = app["client"].get("/healthz").json()["model_version"]
+        wait.until(lambda d: d.find_element(By.ID, "model-version").text == version)
+        type_into("user", "196")
+        driver.find_element(By.ID, "recommend").click()
+        wait.until(lambda d: len(listed()) == 10)
+        first = listed()
+        rows = driver.find_elements(By.CSS_SELECTOR, "#items li")
+        assert all("because:" in li.text for li in rows), [li.text for li in rows]
+        rows[0].find_element(By.CSS_SELECTOR, "button.click").click()
+        wait.until(lambda d: "clicked" in d.find_element(By.ID, "who").text and listed() != first)
+        second = listed()
+        assert first[0] not in second and len(second) == 10  # the clicked item joined the history
+        type_into("query", "an animated film for children")
+        driver.find_element(By.ID, "ask").click()
+        wait.until(lambda d: len(listed()) == 10 and listed() != second)
+        type_into("new-id", "page-item-1")
+        type_into("new-text", "Robots of the Red Planet (2031) | Adventure|Sci-Fi")
+        driver.find_element(By.ID, "add").click()
+        wait.until(lambda d: "added page-item-1" in d.find_element(By.ID, "added").text)
+        assert driver.find_element(By.ID, "error").text == ""
+    finally:
+        driver.quit()
+
+
 def test_zz_feedback_flushed_on_stop_and_read_by_prepare(app, tmp_path):
     """Runs last in the module: stops the app cleanly, then the feedback is on disk for jobs.prepare."""
     import subprocess
