@@ -99,6 +99,8 @@ def test_a_relative_output_path_inside_a_ray_job_is_refused(tmp_path: Path) -> N
         ["jobs.train", "--finetuned", "/nonexistent", "--out", "runs/rl"],
         ["jobs.pipeline", "--stages", "evaluate", "--out", "runs/qs"],
         ["jobs.serve", "--model", "/nonexistent", "--feedback-dir", "runs/fb"],
+        ["jobs.loop", "--model", "/nonexistent", "--out", "runs/loop"],
+        ["jobs.population", "--target", "a=http://127.0.0.1:1", "--dataset", "ml-100k", "--out", "runs/pop"],
     ]
     for args in cases:
         proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True)
