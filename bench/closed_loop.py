@@ -7,7 +7,7 @@ policy, visited by the same simulated users over real HTTP, compared on click-th
 1. The population: ``--users`` MovieLens-100K users (at least 20 items each, a seeded draw) are held out:
    the starting model never trains on them. Each visits as a new live user with the first half of their
    history and clicks by their own future (:mod:`rec_rllib.loop.population`).
-2. The starting policy: fine-tuned for ``--finetune-minutes`` on MovieLens-100K without those users (all
+2. The starting policy: fine-tuned for ``--finetune-epochs`` on MovieLens-100K without those users (all
    items kept), unless ``--start-model`` names one.
 3. Two endpoints on loopback: ``python -m jobs.loop`` (rounds every ``--round-events`` feedback events, the
    default gate) and ``python -m jobs.serve`` (frozen), both starting from that policy.
@@ -103,7 +103,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", type=int, default=150)
     p.add_argument("--minutes", type=float, default=30.0, help="minutes of simulated traffic")
-    p.add_argument("--finetune-minutes", type=float, default=8.0, help="the starting model's budget")
+    p.add_argument("--finetune-epochs", type=int, default=30, help="the starting model's epochs")
+    p.add_argument("--finetune-minutes", type=float, default=20.0, help="...and its time budget")
     p.add_argument("--start-model", help="a starting model fine-tuned without the population (reused)")
     p.add_argument("--round-events", type=int, default=300)
     p.add_argument("--round-finetune-minutes", type=float, default=2.0)
@@ -121,7 +122,8 @@ def main() -> int:
         print(f"fine-tuning the starting model without the {len(held)} population users", flush=True)
         subprocess.run(
             [sys.executable, "-m", "jobs.finetune", "--dataset", dataset, "--out", start_model]
-            + ["--max-minutes", str(args.finetune_minutes), "--no-progress"],
+            + ["--epochs", str(args.finetune_epochs), "--max-minutes", str(args.finetune_minutes)]
+            + ["--no-progress"],
             env=env,
             check=True,
         )

@@ -352,15 +352,16 @@ def build_app(args: dict[str, Any] | AppArgs):
     else:
         scorer_opts["num_replicas"] = a.scorer_replicas
     feedback_dir = str(Path(a.feedback_dir).resolve())
-    # the model reaches the replicas through user_config alone, and the deployments' version is what their
-    # replicas are built from: a new model (or batching, exposure) reconfigures running replicas in place
-    # (same replicas, same ports: nothing for a client to follow), any other change replaces them
+    # the deployments' version is what their replicas are built from, the model aside: a new model (in
+    # user_config; the init argument only seeds replicas started later) or new batching or exposure settings
+    # reconfigure the running replicas in place (same replicas, same ports: nothing for a client to follow),
+    # any other change replaces them. A Serve config deploy versions the app itself (its code and args).
     version = {"version": deployment_version(a), "_internal": True}
     if a.topology == "single":
         return RecIngress.options(name="RecService", max_ongoing_requests=64, **scorer_opts, **version).bind(
-            None, dataset, feedback_dir, a.state_name, a.flush_rows, a.flush_seconds
+            None, dataset, feedback_dir, a.state_name, a.flush_rows, a.flush_seconds, model
         )
-    scorer = PolicyScorer_deployment.options(**scorer_opts, **version).bind(None, dataset, a.state_name)
+    scorer = PolicyScorer_deployment.options(**scorer_opts, **version).bind(model, dataset, a.state_name)
     return RecIngress.options(num_replicas=a.ingress_replicas, **logging, **version).bind(
         scorer, dataset, feedback_dir, a.state_name, a.flush_rows, a.flush_seconds
     )

@@ -108,8 +108,8 @@ class PolicyScorer:
     """Serve deployment class (options are applied by :func:`serving.app.build_app`)."""
 
     def __init__(self, model_path: str | None, dataset: str, state_actor: str | None = None):
-        """``model_path`` None: the model comes with the first ``user_config`` (``model_path``), as a
-        deployment's does, so that rolling a model reconfigures the replica in place."""
+        """``model_path`` None: the model comes with the first ``user_config`` (``model_path``); a later
+        ``model_path`` there rolls the replica to another model in place."""
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))

@@ -206,15 +206,19 @@ def test_one_round_end_to_end_on_a_real_endpoint_and_a_restart_resumes(finetuned
         *"--gate-margin -1 --flush-rows 8 --flush-seconds 0.5 --no-access-log".split(),
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+
+    def launch(args: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(
+            args,
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+    proc = launch(cmd)
     lines: list[str] = []
     try:
         url = f"http://127.0.0.1:{port}"
@@ -270,15 +274,7 @@ def test_one_round_end_to_end_on_a_real_endpoint_and_a_restart_resumes(finetuned
     port2 = free_port()
     cmd2 = [*cmd[: cmd.index("--port") + 1], str(port2), *cmd[cmd.index("--port") + 2 :]]
     cmd2[cmd2.index("--model") + 1] = "/nonexistent-the-ledger-decides"
-    again = subprocess.Popen(
-        cmd2,
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    again = launch(cmd2)
     try:
         deadline = time.time() + 300
         while True:

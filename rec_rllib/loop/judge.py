@@ -23,26 +23,6 @@ from rec_rllib.eval.ranking import top_items
 from rec_rllib.recommender import Recommender
 
 
-class InCatalogue(Recommender):
-    """A recommender's scores laid out in another catalogue's item order (matched by id): histories come in
-    that catalogue's indices, items the model does not know score far below every known one."""
-
-    def __init__(self, rec: Recommender, own_ids: Sequence[str], ids: Sequence[str]) -> None:
-        self.rec = rec
-        self.name = rec.name
-        self.n_items = len(ids)
-        own_at = {str(iid): i for i, iid in enumerate(own_ids)}
-        self.to_own = np.array([own_at.get(str(iid), -1) for iid in ids], dtype=np.int64)
-        self.known = self.to_own >= 0
-
-    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
-        own = [self.to_own[np.asarray(h, dtype=np.int64)] for h in histories]
-        scores = self.rec.score([h[h >= 0] for h in own])
-        out = np.full((len(histories), self.n_items), np.float32(-1e9), dtype=np.float32)
-        out[:, self.known] = scores[:, self.to_own[self.known]]
-        return out
-
-
 def indices(ids: Sequence[Sequence[str]], item_ids: Sequence[str]) -> list[np.ndarray]:
     """Lists of item ids as arrays of indices in the catalogue ``item_ids`` (unknown ids left out)."""
     at = {str(iid): i for i, iid in enumerate(item_ids)}

@@ -26,7 +26,7 @@ from rec_rllib.columns import Col
 from rec_rllib.config import DictConfig
 from rec_rllib.data.feedback import SCHEMA
 from rec_rllib.loop.gate import GateConfig, decide
-from rec_rllib.loop.judge import InCatalogue, ranked_clicks, serve_log_estimates
+from rec_rllib.loop.judge import ranked_clicks, serve_log_estimates
 from rec_rllib.loop.ledger import Ledger, new_parts, read_parts
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def run_round(
     ope = serve_log_estimates(
         feedback_dir,
         dataset,
-        {"served": InCatalogue(served_rec, item_ids, item_ids), "candidate": candidate_rec},
+        {"served": served_rec, "candidate": candidate_rec},
         max_rounds=cfg.ope_answers,
     )
     trained_ms = fresh["timestamp_ms"].to_numpy()
