@@ -313,3 +313,89 @@ def test_one_round_end_to_end_on_a_real_endpoint_and_a_restart_resumes(finetuned
     finally:
         stop_group(again, signal.SIGINT)
     assert again.returncode == 0
+
+
+@pytest.mark.slow
+def test_a_loop_killed_mid_round_loses_nothing_and_the_next_start_redoes_the_round(
+    finetuned_run, ml_dir, tmp_path
+):
+    """SIGKILL to the loop and its embedded Ray while a round trains: no ledger and no round record (the
+    served model untouched); the next start runs the round again, over exactly the acknowledged clicks: the
+    30 the killed round had taken and the 5 only the killed replica's journal held."""
+    out, port = tmp_path / "loop", free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.loop",
+        "--model",
+        finetuned_run,
+        "--dataset",
+        ml_dir,
+        "--out",
+        str(out),
+        "--num-cpus",
+        "2",
+        *"--round-events 30 --rounds 1 --finetune-minutes 0.5 --epochs 3 --gate-min-events 5".split(),
+        # parts of 10 clicks, no flush by time: the last clicks of a killed replica stay in its journal
+        *"--flush-rows 10 --flush-seconds 600 --no-access-log --port".split(),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+
+    def launch(port: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [*cmd, str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def up(proc: subprocess.Popen, url: str) -> None:
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(url + "/healthz", timeout=30).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(1)
+
+    proc = launch(port)
+    acknowledged = []
+    try:
+        url = f"http://127.0.0.1:{port}"
+        up(proc, url)
+        with httpx.Client(base_url=url, timeout=60) as c:
+
+            def click() -> None:
+                answer = c.post("/recommend", json={"user": "196", "k": 5}).json()
+                item = answer["items"][0]["item_id"]
+                fb = {"request_id": answer["request_id"], "item_id": item, "reward": 1}
+                assert c.post("/feedback", json=fb).status_code == 200
+                acknowledged.append((answer["request_id"], item))
+
+            for _ in range(30):  # three parts: the round starts
+                click()
+            deadline = time.time() + 300
+            while not (out / "round-001" / "dataset" / "manifest.json").exists():  # it trains now
+                assert time.time() < deadline and proc.poll() is None
+                time.sleep(0.5)
+            for _ in range(5):  # journaled, not in a part
+                click()
+    finally:
+        stop_group(proc, signal.SIGKILL)
+    assert not (out / "loop_state.json").exists() and not (out / "rounds.jsonl").exists()
+    again = launch(free_port())
+    try:
+        deadline = time.time() + 600
+        while not (out / "rounds.jsonl").exists():
+            assert time.time() < deadline and again.poll() is None
+            time.sleep(1)
+    finally:
+        stop_group(again, signal.SIGINT)
+    record = json.loads((out / "rounds.jsonl").read_text())
+    taken = read_parts([out / "feedback" / name for name in record["parts"]])
+    assert sorted(zip(taken["request_id"], taken["item_id"], strict=True)) == sorted(acknowledged)
+    assert json.loads((out / "loop_state.json").read_text())["rounds"] == 1
