@@ -9,8 +9,9 @@ Examples::
     python -m jobs.population --target loop=http://127.0.0.1:8000 --target frozen=http://127.0.0.1:8200 \\
         --dataset data/ml-100k --users 200 --minutes 30 --out runs/population
 
-Each user visits in turn: asks for ``--k`` items (sending the history they arrived with; the endpoint adds
-what they clicked since), clicks the highest-placed item of their future, and sends the click as feedback.
+Each user visits every ``--think-seconds`` at most: asks for ``--k`` items (sending the history they arrived
+with and what they consumed since; the endpoint adds what they clicked), clicks the highest-placed item of
+their future and sends the click as feedback, or, seeing none, consumes their next logged item elsewhere.
 Bounded by ``--minutes`` and ``--max-requests`` per target; loopback endpoints only. Writes
 ``answers.csv`` (one row per answer), ``summary.json`` and ``ctr.png`` (click-through rate over time per
 target); with two targets, the paired per-user difference of their click-through rates with a 95%
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=5.0, help="how long the population visits")
     p.add_argument("--max-requests", type=int, default=100_000, help="requests per target at most")
     p.add_argument("--concurrency", type=int, default=4, help="users visiting at once, per target")
+    p.add_argument("--think-seconds", type=float, default=2.0, help="a user's visits are this far apart")
     p.add_argument("--id-prefix", default="sim-", help="prefix of the simulated users' ids")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
@@ -108,8 +110,17 @@ def visit_all(
 
     def worker(mine: list) -> None:
         client = Client(url)
-        while time.time() < stop_at:
-            for user in mine:
+        back_at = dict.fromkeys(range(len(mine)), 0.0)  # when each user visits next
+        while time.time() < stop_at and not all(u.done for u in mine):
+            now = time.time()
+            wait = min(back_at[i] for i, u in enumerate(mine) if not u.done) - now
+            if wait > 0:
+                time.sleep(min(wait, max(0.0, stop_at - now)))
+                continue
+            for i, user in enumerate(mine):
+                if user.done or back_at[i] > time.time():
+                    continue
+                back_at[i] = time.time() + args.think_seconds  # a visit every think-seconds at most
                 with lock:
                     if budget[0] <= 0:
                         return

@@ -127,6 +127,28 @@ def test_a_warm_start_carries_weights_over_by_item_id(tmp_path):
         warm_start(wider, tmp_path / "run", new_ids)
 
 
+def test_simulated_users_click_their_future_and_move_on_without_a_click(ml100k):
+    """A simulated user arrives with the first half of their log, clicks the highest-placed item of their
+    future, and after a visit without a click consumes their next logged item (their history moves on);
+    nothing is clicked or consumed twice, and a user whose future is spent is done."""
+    from rec_rllib.loop.population import population
+
+    user = population(ml100k, ["196"], prefix=0.5)[0]
+    arrived, ahead = list(user.history), list(user.ahead)
+    assert user.uid == "sim-196" and len(arrived) + len(ahead) <= 39  # user 196 rated 39 films
+    assert ahead and not set(arrived) & set(ahead)
+    assert user.click(["no-such-item", ahead[3], ahead[1]]) == (1, ahead[3])
+    assert user.click([ahead[3]]) is None  # clicked already: no click, so they consume their next item
+    assert user.history == [*arrived, ahead[0]] and ahead[0] not in user.future
+    user.click([])
+    user.click([])  # ahead[1], then ahead[3] is skipped (clicked), then ahead[2]
+    assert user.history == [*arrived, ahead[0], ahead[1], ahead[2]]
+    while not user.done:
+        user.click([])
+    assert sorted(user.history[len(arrived) :] + user.clicked) == sorted(ahead)
+    assert population(ml100k, 5, seed=1)[0].uid == population(ml100k, 5, seed=1)[0].uid
+
+
 def test_the_gate_needs_enough_events_and_an_interval_above_the_margin():
     rng = np.random.default_rng(0)
     served = rng.random(400)
@@ -181,6 +203,12 @@ def test_the_gate_refuses_a_shuffled_candidate_and_accepts_the_better_model(fine
     assert accepted.roll and accepted.reason.startswith("rolled")
 
 
+def _loop_command(model: str, dataset: str, out) -> list[str]:
+    """``python -m jobs.loop`` serving ``model`` over ``dataset`` into ``out``, on a 2-CPU embedded Ray."""
+    job = [sys.executable, "-m", "jobs.loop", "--model", model, "--dataset", dataset, "--out", str(out)]
+    return [*job, "--num-cpus", "2"]
+
+
 @pytest.mark.slow
 def test_one_round_end_to_end_on_a_real_endpoint_and_a_restart_resumes(finetuned_run, ml_dir, tmp_path):
     """``jobs.loop`` serves the fine-tuned model; a client asks for lists and clicks over HTTP; the round
@@ -189,19 +217,9 @@ def test_one_round_end_to_end_on_a_real_endpoint_and_a_restart_resumes(finetuned
     rolled model and starts from the ledger; the simulated population visits it."""
     out, port = tmp_path / "loop", free_port()
     cmd = [
-        sys.executable,
-        "-m",
-        "jobs.loop",
-        "--model",
-        finetuned_run,
-        "--dataset",
-        ml_dir,
-        "--out",
-        str(out),
+        *_loop_command(finetuned_run, ml_dir, out),
         "--port",
         str(port),
-        "--num-cpus",
-        "2",
         *"--round-events 60 --rounds 1 --finetune-minutes 0.4 --epochs 2 --gate-min-events 5".split(),
         *"--gate-margin -1 --flush-rows 8 --flush-seconds 0.5 --no-access-log".split(),
     ]
@@ -324,17 +342,7 @@ def test_a_loop_killed_mid_round_loses_nothing_and_the_next_start_redoes_the_rou
     30 the killed round had taken and the 5 only the killed replica's journal held."""
     out, port = tmp_path / "loop", free_port()
     cmd = [
-        sys.executable,
-        "-m",
-        "jobs.loop",
-        "--model",
-        finetuned_run,
-        "--dataset",
-        ml_dir,
-        "--out",
-        str(out),
-        "--num-cpus",
-        "2",
+        *_loop_command(finetuned_run, ml_dir, out),
         *"--round-events 30 --rounds 1 --finetune-minutes 0.5 --epochs 3 --gate-min-events 5".split(),
         # parts of 10 clicks, no flush by time: the last clicks of a killed replica stay in its journal
         *"--flush-rows 10 --flush-seconds 600 --no-access-log --port".split(),

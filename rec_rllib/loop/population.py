@@ -4,9 +4,11 @@ future.
 Each simulated user is a logged user split in time: the first ``prefix`` fraction of their items is the
 history they arrive with (sent with every request, as a client that knows its user's past does), the rest
 is their **future**, which no policy is shown. Given a list, the user clicks the highest-placed item of
-their future not clicked yet (none: no click). The click model is the log itself, not a model any policy
-was trained on; which users it replays (e.g. users held out of the starting model's training) is the
-caller's choice.
+their future not clicked yet. A visit without a click moves them on anyway: they consume their next logged
+item elsewhere (it joins the history they send), as a real user's life goes on between visits; so their
+lists keep changing and their future runs out in the order it happened. The click model is the log itself,
+not a model any policy was trained on; which users it replays (e.g. users held out of the starting model's
+training) is the caller's choice.
 """
 
 from __future__ import annotations
@@ -31,15 +33,33 @@ class SimUser:
     """Item ids, oldest first: what they arrive with."""
     future: set[str]
     """Item ids they will click when shown."""
+    ahead: list[str] = field(default_factory=list)
+    """Their future in logged order: what they consume next when a visit brings no click."""
     clicked: list[str] = field(default_factory=list)
 
+    @property
+    def done(self) -> bool:
+        """Nothing of their future left to click or consume."""
+        return not any(item not in self.clicked for item in self.ahead)
+
     def click(self, shown: Sequence[str]) -> tuple[int, str] | None:
-        """(position, item) of the first shown item of their future not clicked yet; None when none is."""
+        """(position, item) of the first shown item of their future not clicked yet; None when none is, and
+        then they consume their next logged item (:meth:`move_on`)."""
         for pos, item in enumerate(shown):
             if item in self.future and item not in self.clicked:
                 self.clicked.append(item)
                 return pos, item
+        self.move_on()
         return None
+
+    def move_on(self) -> None:
+        """Consume the next logged item not clicked yet: it joins the history and leaves the future."""
+        while self.ahead:
+            item = self.ahead.pop(0)
+            if item not in self.clicked:
+                self.history.append(item)
+                self.future.discard(item)
+                return
 
 
 def population(
@@ -76,7 +96,9 @@ def population(
     for u in chosen:
         seq = seqs[u]
         cut = max(1, int(round(prefix * len(seq))))
-        out.append(SimUser(f"{id_prefix}{u}", u, seq[:cut], set(seq[cut:]) - set(seq[:cut])))
+        past = seq[:cut]
+        ahead = [i for i in dict.fromkeys(seq[cut:]) if i not in set(past)]
+        out.append(SimUser(f"{id_prefix}{u}", u, past, set(ahead), ahead))
     return out
 
 
