@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -164,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         resolve_dataset,
         start,
         stop,
+        stop_requested,
     )
     from rec_rllib.loop.ledger import Ledger
     from rec_rllib.loop.rounds import run_round, served_run
@@ -193,11 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     check_app_args(app_args)
     out.mkdir(parents=True, exist_ok=True)
     proxy_port = fast_path_env(args.port, None, embedded=not args.address, direct=None, same_thread=None)
-    done = threading.Event()
-    import signal
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
+    done = stop_requested()
     deadline = None if args.seconds is None else time.time() + args.seconds
     with ray_session(args.address, num_cpus=args.num_cpus):
         import ray

@@ -268,11 +268,16 @@ def fast_path_env(
     return proxy_port
 
 
-def serve_until_stopped(seconds: float | None) -> None:
+def stop_requested() -> threading.Event:
+    """An event that Ctrl-C (SIGINT) or SIGTERM sets, in place of their default handling."""
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    done.wait(seconds)
+    return done
+
+
+def serve_until_stopped(seconds: float | None) -> None:
+    stop_requested().wait(seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,12 +116,19 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _plain_type(hint: Any) -> Any:
-    """``int | None`` -> int; ``dict[str, float]`` -> dict; a single type as it is."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
+    """``int | None`` -> int; ``dict[str, float]`` -> dict; a single type as it is; another union -> str."""
+    hint = _non_none(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return str
+    return typing.get_origin(hint) or hint
+
+
+def _non_none(hint: Any) -> Any:
+    """``X | None`` -> X; any other hint as it is."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _plain_type(args[0]) if len(args) == 1 else str
-    return origin or hint
+        return args[0] if len(args) == 1 else hint
+    return hint
 
 
 def _leaves(cls: type, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], dataclasses.Field, Any]]:
@@ -196,12 +203,11 @@ def add_model_flags(
     model: type,
     *,
     skip: Sequence[str] = (),
-    parse: dict[str, Callable[[str], Any]] | None = None,
 ) -> None:
     """:func:`add_flags` for a pydantic model (the Serve app's arguments, as Serve configs expect them): one
     flag per field but those in ``skip``, its help the field's ``description`` and default; a required field
-    a required flag; a ``Literal`` field's values its choices; a dict field read as JSON unless ``parse``
-    names another parser. :func:`model_flag_values` collects what was given."""
+    a required flag; a ``Literal`` field's values its choices; a dict field read as JSON.
+    :func:`model_flag_values` collects what was given."""
     for name, f in model.model_fields.items():  # type: ignore[attr-defined]
         if name in skip:
             continue
@@ -219,11 +225,9 @@ def add_model_flags(
         if kind is bool:
             parser.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, **common)
         elif kind is dict:
-            parser.add_argument(
-                f"--{flag}", type=(parse or {}).get(name, json_object), metavar="JSON", **common
-            )
+            parser.add_argument(f"--{flag}", type=json_object, metavar="JSON", **common)
         else:
-            parser.add_argument(f"--{flag}", type=(parse or {}).get(name, kind), choices=choices, **common)
+            parser.add_argument(f"--{flag}", type=kind, choices=choices, **common)
 
 
 def model_flag_values(args: argparse.Namespace, model: type) -> dict[str, Any]:
@@ -233,14 +237,6 @@ def model_flag_values(args: argparse.Namespace, model: type) -> dict[str, Any]:
         for name in model.model_fields  # type: ignore[attr-defined]
         if getattr(args, name, None) is not None
     }
-
-
-def _non_none(hint: Any) -> Any:
-    """``X | None`` -> X."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0] if len(args) == 1 else hint
-    return hint
 
 
 def json_object(text: str) -> dict[str, Any]:

@@ -98,7 +98,9 @@ class RecIngress:
         flush_seconds: float = 5.0,
         model: str | None = None,
     ):
-        if scorer is None:  # the model comes with user_config (model_path) when not given here
+        if scorer is None:
+            if model is None:
+                raise ValueError("RecIngress needs a scorer handle or a model path to score in-replica")
             self._local = PolicyScorer(model, dataset, state_name)
             scorer = _InReplica(self._local)
         else:
@@ -337,15 +339,7 @@ def build_app(args: dict[str, Any] | AppArgs):
     scorer_opts: dict[str, Any] = {
         **logging,
         "ray_actor_options": {"num_cpus": a.scorer_cpus, "num_gpus": a.scorer_gpus},
-        "user_config": {
-            "model_path": model,
-            "max_batch_size": a.max_batch_size,
-            "batch_wait_timeout_s": a.batch_wait_timeout_s,
-            "exposure_slots": a.exposure_slots,
-            "exposure_pool": a.exposure_pool,
-            "exposure_window": a.exposure_window,
-            "exposure_refresh": a.exposure_refresh,
-        },
+        "user_config": {"model_path": model, **{name: getattr(a, name) for name in USER_CONFIG_ARGS}},
     }
     if a.autoscaling:
         scorer_opts["autoscaling_config"] = a.autoscaling
@@ -368,7 +362,6 @@ def build_app(args: dict[str, Any] | AppArgs):
 
 
 USER_CONFIG_ARGS = (
-    "model",
     "max_batch_size",
     "batch_wait_timeout_s",
     "exposure_slots",
@@ -376,16 +369,18 @@ USER_CONFIG_ARGS = (
     "exposure_window",
     "exposure_refresh",
 )
-"""App arguments that reach running replicas through ``user_config`` (``reconfigure``)."""
+"""App arguments that reach running replicas through ``user_config`` (``reconfigure``), under their own
+names; the model goes there too, as ``model_path``."""
 
 
 def deployment_version(a: AppArgs) -> str:
     """The version Serve compares to decide between reconfiguring a deployment's replicas and replacing
-    them: a hash of the app's code (``serving/*.py``) and of every argument but :data:`USER_CONFIG_ARGS`."""
+    them: a hash of the app's code (``serving/*.py``) and of every argument but the model and
+    :data:`USER_CONFIG_ARGS`."""
     import hashlib
     import json
 
-    built_from = {k: v for k, v in a.model_dump().items() if k not in USER_CONFIG_ARGS}
+    built_from = {k: v for k, v in a.model_dump().items() if k != "model" and k not in USER_CONFIG_ARGS}
     digest = hashlib.sha256(json.dumps(built_from, sort_keys=True, default=str).encode())
     for source in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(source.read_bytes())

@@ -107,9 +107,7 @@ def load_serving_model(path: str, device: str) -> tuple[TextSeqRec, str, dict, d
 class PolicyScorer:
     """Serve deployment class (options are applied by :func:`serving.app.build_app`)."""
 
-    def __init__(self, model_path: str | None, dataset: str, state_actor: str | None = None):
-        """``model_path`` None: the model comes with the first ``user_config`` (``model_path``); a later
-        ``model_path`` there rolls the replica to another model in place."""
+    def __init__(self, model_path: str, dataset: str, state_actor: str | None = None):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -119,9 +117,7 @@ class PolicyScorer:
         self._refresh_popularity()
         self.exposure = ExposureTracker(self.catalog.n_items, ExposureConfig(slots=0))
         self._simulators: dict[str, Any] = {}
-        self.model_path: str | None = None
-        if model_path is not None:
-            self._load(model_path)
+        self._load(model_path)
         self._encoder = None
         self._state_name = state_actor
         self._state = None
@@ -172,15 +168,13 @@ class PolicyScorer:
         self.batch.update(batch)
         self._score_batch.set_max_batch_size(int(self.batch["max_batch_size"]))
         self._score_batch.set_batch_wait_timeout_s(float(self.batch["batch_wait_timeout_s"]))
+        exposure = {field: config[key] for key, field in EXPOSURE_KEYS.items() if key in config}
+        if exposure:
+            self._set_exposure(ExposureConfig(**{**asdict(self.exposure.cfg), **exposure}))
         path = config.get("model_path")
         if path and path != self.model_path:
             self._load(path)
             log.info("now serving %s (%s)", self.model_version, path)
-        if self.model_path is None:
-            raise ValueError("user_config lacks model_path, and the replica was built without a model")
-        exposure = {field: config[key] for key, field in EXPOSURE_KEYS.items() if key in config}
-        if exposure:
-            self._set_exposure(ExposureConfig(**{**asdict(self.exposure.cfg), **exposure}))
 
     def _set_exposure(self, cfg: ExposureConfig) -> None:
         if cfg != self.exposure.cfg:  # a new tracker: what was shown under other settings is forgotten

@@ -23,22 +23,16 @@ from rec_rllib.eval.ranking import top_items
 from rec_rllib.recommender import Recommender
 
 
-def indices(ids: Sequence[Sequence[str]], item_ids: Sequence[str]) -> list[np.ndarray]:
-    """Lists of item ids as arrays of indices in the catalogue ``item_ids`` (unknown ids left out)."""
-    at = {str(iid): i for i, iid in enumerate(item_ids)}
-    return [np.array([at[i] for i in map(str, row) if i in at], dtype=np.int64) for row in ids]
-
-
 def ranked_clicks(
     rec: Recommender, item_ids: Sequence[str], clicks: pd.DataFrame, *, k: int = 10
 ) -> dict[str, np.ndarray]:
     """Per click event (rows of a feedback frame with ``history`` and ``item_id``), HR/NDCG/MRR@k of the
     clicked item under ``rec``, whose catalogue is ``item_ids``."""
-    histories = indices(clicks["history"].tolist(), item_ids)
-    at = {str(iid): i for i, iid in enumerate(item_ids)}
-    targets = [np.array([at.get(str(t), -1)], dtype=np.int64) for t in clicks["item_id"]]
     if not len(clicks):
         return {f"{m}@{k}": np.zeros(0) for m in ("HR", "NDCG", "MRR")}
+    at = {str(iid): i for i, iid in enumerate(item_ids)}
+    histories = [np.array([at[i] for i in map(str, h) if i in at], dtype=np.int64) for h in clicks["history"]]
+    targets = [np.array([at.get(str(t), -1)], dtype=np.int64) for t in clicks["item_id"]]
     top = top_items(rec, histories, min(k, rec.n_items))
     per = M.per_user_ranking_metrics(top, targets, k)
     return {f"{m}@{k}": per[m] for m in ("HR", "NDCG", "MRR")}

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from rec_rllib.data.feedback import SCHEMA, read_part, recover_journals
+from rec_rllib.data.feedback import SCHEMA, feedback_parts, read_part, recover_journals
 from rec_rllib.fsutil import write_json
 
 LEDGER_FILE = "loop_state.json"
@@ -62,12 +62,15 @@ class Ledger:
 def new_parts(feedback_dir: str | Path, taken: list[str]) -> list[Path]:
     """The complete feedback part files not yet taken, oldest name first (dead writers' journals recovered
     into parts first, so acknowledged events of a killed replica are among them)."""
-    directory = Path(feedback_dir)
-    if not directory.is_dir():
+    if not Path(feedback_dir).is_dir():
         return []
-    recover_journals(directory)
+    recover_journals(feedback_dir)
+    try:
+        parts = feedback_parts(feedback_dir)
+    except FileNotFoundError:  # none written yet
+        return []
     done = set(taken)
-    return [p for p in sorted(directory.glob("part-*.parquet")) if p.name not in done]
+    return [p for p in parts if p.name not in done]
 
 
 def read_parts(parts: list[Path]) -> pd.DataFrame:

@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from rec_rllib.columns import Col
 from rec_rllib.config import DictConfig
 from rec_rllib.data.feedback import SCHEMA
 from rec_rllib.loop.gate import GateConfig, decide
 from rec_rllib.loop.judge import ranked_clicks, serve_log_estimates
-from rec_rllib.loop.ledger import Ledger, new_parts, read_parts
+from rec_rllib.loop.ledger import PART_COL, Ledger, new_parts, read_parts
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +98,13 @@ def run_round(
     served_meta = served_run(ledger.served_model)
     item_ids = [str(i) for i in served_meta["item_ids"]]
     parts = new_parts(feedback_dir, ledger.taken)
-    new = read_parts(parts)
+    every = read_parts([Path(feedback_dir, name) for name in ledger.taken] + parts)
+    is_new = every[PART_COL].isin({p.name for p in parts}).to_numpy()
+    new = every[is_new]
     n_hold = math.ceil(cfg.holdout * len(new))
-    held, fresh = new.iloc[len(new) - n_hold :], new.iloc[: len(new) - n_hold]
-    earlier = read_parts([Path(feedback_dir, name) for name in ledger.taken])
-    with_rows = [frame for frame in (earlier, fresh) if len(frame)]
-    events = pd.concat(with_rows, ignore_index=True) if with_rows else fresh
+    held = new.iloc[len(new) - n_hold :]
+    events = every.drop(held.index)  # earlier rounds' events (their held-out ones included) and the fresh
+    fresh = events[is_new[events.index]]
     known = set(item_ids)
     in_catalogue = events["item_id"].astype(str).isin(known).to_numpy()
     trainable = events.loc[in_catalogue, SCHEMA.names]
