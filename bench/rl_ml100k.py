@@ -53,6 +53,7 @@ from rec_rllib.eval.plots import pyplot
 from rec_rllib.eval.ranking import paired_comparison
 from rec_rllib.exposure import ExposureAwareRecommender, ExposureConfig
 from rec_rllib.models import load_recommender
+from rec_rllib.retrieval import uses_index
 from rec_rllib.rl.algo import build_algo_config
 from rec_rllib.rl.config import RLTrainConfig
 from rec_rllib.rl.module import model_config_from_run
@@ -128,7 +129,12 @@ def throughput(base: RLTrainConfig, runners: int, iterations: int) -> dict:
     return {
         "mode": ("end to end" if base.train_encoder else "policy head")
         + (f", exposure cost {base.env.exposure_cost:g}" if base.env.exposure_cost else "")
-        + (f", {k} candidates" if (k := candidate_count(base.candidate_items, _catalogue(base))) else ""),
+        + (f", {k} candidates" if (k := candidate_count(base.candidate_items, _catalogue(base))) else "")
+        + (
+            f" from the index ({base.candidate_probe} clusters read)"
+            if k and uses_index(base.candidate_search, _catalogue(base))
+            else ""
+        ),
         "env_runners": runners,
         "env_steps_per_s": steps / wall,
         "learner_samples_per_s": trained / wall,

@@ -12,6 +12,7 @@ LAYERS = {
     "config": 0,
     "fsutil": 0,
     "topk": 0,
+    "retrieval": 0,
     "data": 0,
     "recommender": 1,
     "models": 1,

@@ -311,23 +311,87 @@ def test_a_policy_over_candidates_acts_and_learns_as_the_catalogue_policy_at_its
     assert module.net.state_head.weight.grad.abs().sum() > 0 and module.exposure_term.weight.grad != 0
 
 
-def test_env_runners_hand_the_env_the_candidate_item_and_the_learner_its_statistics(
-    finetuned_run, ml_dir, local_ray
+def test_candidates_from_the_item_index_are_the_exact_ones_when_every_cluster_is_read_and_score_exactly(
+    finetuned_run, ml_dir
 ):
-    """APPO with UCB over 64 candidates: every step's action indexes its candidates, the env's exposure counts
-    are the candidate items acted on (the env received the items, not the indices), and the learner adds
-    those items to the synced UCB statistics."""
+    """``candidate_search="ivf"``: reading every cluster, the index gives each state the candidates exact
+    search gives (the co-occurrence feature listing fewer items than the candidates); reading few, each
+    candidate is still legal, once per row, and scored as the learner scores it at the shipped candidates
+    (co-occurrence term, a bias moved since the index was built). The index is built once and kept while
+    only the trained head changes."""
+    from rec_rllib.retrieval import ItemIndex, uses_index
+    from rec_rllib.rl.columns import CANDIDATES, USER_STATE
+
+    cfg = {
+        "dataset": ml_dir,
+        "window": 30,
+        "seed": 41,
+        "exposure_cost": 0.5,
+        "cooccurrence": True,
+        "feature_items": 64,
+    }
+    env = LogReplayEnv(cfg)
+    terms = {"exposure_window": env.cfg.exposure_window, "cooccurrence": True, "candidate_items": 100}
+    assert [uses_index("auto", n) for n in (49_999, 50_000)] == [False, True]
+    assert not _module(finetuned_run, env, settings=terms).searches_index  # "exact" when not set
+    exact = _module(finetuned_run, env, settings=terms, strategy="boltzmann")
+    every = _module(
+        finetuned_run, env, settings={**terms, "candidate_search": "ivf", "candidate_probe": 10_000}
+    )
+    few = _module(finetuned_run, env, settings={**terms, "candidate_search": "ivf", "candidate_probe": 3})
+    obs = _after_recommendations(env)
+    for m in (exact, every, few):
+        with torch.no_grad():
+            m.exposure_term.weight.fill_(0.08)
+            m.cooccurrence_term.weight.fill_(0.3)
+    want = exact.forward_inference({Columns.OBS: obs})
+    got = every.forward_inference({Columns.OBS: obs})
+    assert every._index[1].probe == every._index[1].lists == 1682 // 39
+    assert torch.equal(got[CANDIDATES].long().sort(1).values, want[CANDIDATES].long().sort(1).values)
+    order_w, order_g = want[CANDIDATES].long().argsort(1), got[CANDIDATES].long().argsort(1)
+    assert torch.allclose(
+        got[Columns.ACTION_DIST_INPUTS].gather(1, order_g),
+        want[Columns.ACTION_DIST_INPUTS].gather(1, order_w),
+        atol=1e-4,
+    )
+    index = few._item_index(few.net)
+    assert isinstance(index, ItemIndex) and index.probe == 3
+    with torch.no_grad():  # RL moves the bias after the index was built
+        few.net.bias.add_(0.5 * torch.randn(few.net.bias.shape, generator=torch.Generator().manual_seed(5)))
+    explore = few.forward_exploration({Columns.OBS: obs}, t=0)
+    assert few._item_index(few.net) is index  # kept: the item vectors did not change
+    cand = explore[CANDIDATES].long()
+    assert (cand.sort(1).values.diff(dim=1) > 0).all()  # distinct within a row
+    assert legal_actions(obs, env.n_items).gather(1, cand).all()
+    overlap = [len(set(a) & set(b)) for a, b in zip(cand.tolist(), want[CANDIDATES].tolist(), strict=True)]
+    assert min(overlap) < 100  # three of 43 clusters: not the exact candidates
+    batch = {Columns.OBS: obs, USER_STATE: explore[USER_STATE], CANDIDATES: explore[CANDIDATES]}
+    acting = few.forward_inference({Columns.OBS: obs})
+    assert torch.equal(acting[CANDIDATES], explore[CANDIDATES])
+    learner = few.forward_train(batch)[Columns.ACTION_DIST_INPUTS]
+    assert torch.allclose(acting[Columns.ACTION_DIST_INPUTS], learner, atol=1e-4)
+
+
+@pytest.mark.parametrize("search", ["exact", "ivf"])
+def test_env_runners_hand_the_env_the_candidate_item_and_the_learner_its_statistics(
+    finetuned_run, ml_dir, local_ray, search
+):
+    """APPO with UCB over 64 candidates, chosen by scoring every item or from the item index: every step's
+    action indexes its candidates, the env's exposure counts are the candidate items acted on (the env
+    received the items, not the indices), and the learner adds those items to the synced UCB statistics."""
     from rec_rllib.rl.columns import CANDIDATES
 
     env = EnvConfig(dataset=ml_dir, window=30, exposure_cost=0.1, exposure_window=100_000)
-    algo = _one_runner_ucb_algo(finetuned_run, env, candidate_items=64)
+    algo = _one_runner_ucb_algo(finetuned_run, env, candidate_items=64, candidate_search=search)
 
     def sample(runner):
         episodes = runner.sample(num_timesteps=200)
-        return episodes, runner.env.unwrapped.envs[0].unwrapped.exposure.counts.copy()
+        indexed = runner.module._index is not None  # the runner's module searched its index
+        return episodes, runner.env.unwrapped.envs[0].unwrapped.exposure.counts.copy(), indexed
 
     try:
-        chunks, counts = algo.env_runner_group.foreach_env_runner(sample, local_env_runner=False)[0]
+        chunks, counts, indexed = algo.env_runner_group.foreach_env_runner(sample, local_env_runner=False)[0]
+        assert indexed == (search == "ivf")
         items = []
         for e in chunks:
             actions = np.asarray(e.get_actions())

@@ -240,6 +240,19 @@ class TextSeqRec(nn.Module):
         popularity = self.log_popularity if idx is None else self.log_popularity[idx]
         return scores + self.popularity_weight * popularity
 
+    def score_query(self, state: torch.Tensor) -> torch.Tensor:
+        """[B, H]: what :meth:`scores_from_state` multiplies the item vectors with (the state through the
+        policy head when the model has one)."""
+        return state if self.state_head is None else self.state_head(state)
+
+    def item_offsets(self) -> torch.Tensor:
+        """[n_items]: what :meth:`scores_from_state` adds to each item's product (its bias, its popularity
+        term): a score is ``score_query(state) · item_matrix()[i] + item_offsets()[i]``, up to rounding."""
+        offsets = self.bias * self.known
+        if self.state_head is None:
+            return offsets
+        return offsets + self.popularity_weight * self.log_popularity
+
     @torch.no_grad()
     def set_popularity(self, counts) -> None:
         """The policy head's popularity feature: centred log(1 + train count) of every item."""

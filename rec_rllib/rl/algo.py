@@ -89,6 +89,8 @@ def build_algo_config(cfg: RLTrainConfig, model_config: dict[str, Any]):
         cooccurrence_scheme=cfg.env.scheme,
         cooccurrence_gamma=cfg.cooccurrence_gamma,  # None: learned
         candidate_items=0 if cfg.algorithm == "dqn" else cfg.candidate_items,
+        candidate_search=cfg.candidate_search,
+        candidate_probe=cfg.candidate_probe,
     )
     model_config = settings.to_rllib()
     config = (

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from rec_rllib.config import DictConfig, resource_pair, setting
 from rec_rllib.env import EnvConfig
 from rec_rllib.explore import ExplorationConfig
+from rec_rllib.retrieval import SEARCHES
 from rec_rllib.rl.obs import CANDIDATES_AUTO
 
 ALGORITHMS = ("appo", "ppo", "dqn")
@@ -124,6 +125,15 @@ class RLTrainConfig(DictConfig):
     policy), 512 candidates above; a number K: K candidates whenever the catalogue has more items; 0: the
     whole catalogue at any size. DQN always scores the whole catalogue (its target takes the maximum over the
     next state's items)."""
+    candidate_search: str = setting("auto", choices=SEARCHES)
+    """How acting chooses a policy's candidates: ``exact`` scores every item; ``ivf`` searches an
+    inverted-file index of the item vectors (faiss; a state's best items by the network's scores, found by
+    reading ``candidate_probe`` clusters of about 4·√n, each found item scored exactly, co-occurrence term
+    included) at a cost that follows the clusters read, not the catalogue; an item whose cluster it does not
+    read cannot be a candidate in that state. ``auto``: ``ivf`` from 50,000 items on. The learner and
+    evaluation are unchanged (the learner reads the candidates acting chose)."""
+    candidate_probe: int = 32
+    """With ``candidate_search`` ``ivf``: clusters each search reads (more: closer to exact, slower)."""
     checkpoint_every: int = 5
     """Save an RLlib checkpoint every N iterations (and at the end)."""
     seed: int = 0
@@ -153,6 +163,7 @@ class RLTrainConfig(DictConfig):
                 "entropy_coeff": 0,
                 "ref_kl_coeff": 0,
                 "checkpoint_every": 1,
+                "candidate_probe": 1,
             },
             above={"lr": 0} if self.lr is not None else {},
         )
@@ -164,6 +175,8 @@ class RLTrainConfig(DictConfig):
                 f"candidate_items must be {CANDIDATES_AUTO!r}, 0 (the whole catalogue) or a number of at "
                 f"least 10, got {k!r}"
             )
+        if self.candidate_search not in SEARCHES:
+            raise ValueError(f"candidate_search must be one of {SEARCHES}, got {self.candidate_search!r}")
         if not 0 <= self.gamma <= 1:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma!r}")
         for name in ("env_runner_resources", "learner_resources"):

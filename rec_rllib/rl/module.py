@@ -75,6 +75,7 @@ from rec_rllib.columns import Obs
 from rec_rllib.explore import ExplorationConfig, LinUCB, behaviour_log_probs
 from rec_rllib.exposure import check_exposure_shape, exposure_feature
 from rec_rllib.models.seqrec import ModelConfig, TextSeqRec
+from rec_rllib.retrieval import DEFAULT_PROBE, ItemIndex, uses_index
 from rec_rllib.rl.columns import (
     BEHAVIOUR_TEMPERATURE,
     BOOTSTRAP_STATE_MISSING,
@@ -190,6 +191,11 @@ class PolicyModelConfig:
     """The co-occurrence term's weight, fixed; None: learned."""
     candidate_items: int | str = 0
     """Items the policy acts and learns over per state (:func:`~rec_rllib.rl.obs.candidate_count`)."""
+    candidate_search: str = "exact"
+    """How acting chooses the candidates (:data:`~rec_rllib.retrieval.SEARCHES`); a module built without
+    this key (an older checkpoint) scores every item."""
+    candidate_probe: int = DEFAULT_PROBE
+    """With an index: the clusters a search reads (:class:`~rec_rllib.retrieval.ItemIndex`)."""
 
     @classmethod
     def of(cls, model_config: dict[str, Any] | PolicyModelConfig) -> PolicyModelConfig:
@@ -275,6 +281,11 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         # a policy over candidates: each state's K best items by the scores before the exposure term (0: the
         # whole catalogue, as with any catalogue of at most K items)
         self.n_candidates = candidate_count(mc.candidate_items, self.net.n_items)
+        # acting chooses them by searching an index of the item vectors (built on first use, and again when
+        # the item vectors change) instead of scoring every item
+        self.candidate_probe = int(mc.candidate_probe)
+        self.searches_index = bool(self.n_candidates) and uses_index(mc.candidate_search, self.net.n_items)
+        self._index: tuple[torch.Tensor, ItemIndex] | None = None  # (the item matrix it holds, the index)
         # the exposure term (only when the env prices exposure: its observation then carries the counts)
         self.exposure_window = int(mc.exposure_window)
         shape = str(mc.exposure_shape)  # checkpoints from before the shape: log
@@ -442,12 +453,66 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         K legal items with the highest scores before the exposure term (the network's scores plus the
         co-occurrence term): the scores over the catalogue are formed once, for the choice, and the logits
         are read from them."""
-        before = self._logits(state, obs, net, exposure=False)
-        candidates = torch.topk(before, self.n_candidates, dim=-1, sorted=False).indices
-        logits = before.gather(1, candidates)
+        if self.searches_index:
+            candidates, logits = self._searched_candidates(state, obs, net)
+        else:
+            before = self._logits(state, obs, net, exposure=False)
+            candidates = torch.topk(before, self.n_candidates, dim=-1, sorted=False).indices
+            logits = before.gather(1, candidates)
         if self.exposure_term is not None:
             logits = self.exposure_term(logits, feature_at(obs, Obs.EXPOSED_ITEMS, Obs.EXPOSURE, candidates))
         return candidates, logits
+
+    def _searched_candidates(
+        self, state: torch.Tensor, obs: dict[str, Any], net: TextSeqRec
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_candidate_logits`' choice through the item index. The pool: the K + (consumed items) items
+        with the highest network scores the index finds and, with a co-occurrence term, the K items the
+        feature rates highest (an item it lifts into the top K need not be among the first); each pool item
+        scored exactly (the term added, consumed ones masked); the K best of those. Reading every cluster,
+        these are exact search's candidates whenever the feature lists at most K items. Should a probe find
+        too few items for a row (tiny clusters), the batch scores every item instead."""
+        consumed = torch.as_tensor(obs[Obs.CONSUMED])
+        n = net.n_items
+        pool_size = min(n, self.n_candidates + int((consumed < n).sum(dim=1).max()))
+        scores, pool = self._item_index(net).search(net.score_query(state), pool_size, self._offsets(net))
+        if bool((pool == n).any()):
+            before = self._logits(state, obs, net, exposure=False)
+            candidates = torch.topk(before, self.n_candidates, dim=-1, sorted=False).indices
+            return candidates, before.gather(1, candidates)
+        if self.cooccurrence_term is not None:
+            listed = torch.as_tensor(obs[Obs.COOCCURRING_ITEMS]).long()
+            rated = torch.as_tensor(obs[Obs.COOCCURRENCE]).float()
+            top = torch.topk(rated, min(self.n_candidates, rated.shape[1]), dim=1).indices
+            lifted = listed.gather(1, top)  # padded with n
+            lifted_scores = net.scores_from_state(state, idx=lifted.clamp(max=n - 1))
+            pool = torch.cat([pool, lifted], dim=1)
+            scores = torch.cat([scores, lifted_scores.masked_fill(lifted == n, -torch.inf)], dim=1)
+            # an item both found and lifted counts once: every copy after the first is masked
+            ordered, order = pool.sort(dim=1, stable=True)
+            again = torch.zeros_like(pool, dtype=torch.bool)
+            again.scatter_(1, order[:, 1:], ordered[:, 1:] == ordered[:, :-1])
+            scores = self.cooccurrence_term(
+                scores.masked_fill(again, -torch.inf),
+                feature_at(obs, Obs.COOCCURRING_ITEMS, Obs.COOCCURRENCE, pool),
+            )
+        scores = scores.masked_fill(~legal_at(obs, pool.clamp(max=n - 1)) | scores.isinf(), MASK_VALUE)
+        best = torch.topk(scores, self.n_candidates, dim=-1, sorted=False)
+        return pool.gather(1, best.indices), best.values
+
+    def _item_index(self, net: TextSeqRec) -> ItemIndex:
+        """The index of the online network's item vectors, built on first use and again when they change."""
+        items = self._item_matrix(net)
+        if self._index is None or self._index[0] is not items:
+            with torch.no_grad():
+                self._index = (items, ItemIndex(items, net.item_offsets(), probe=self.candidate_probe))
+        return self._index[1]
+
+    def _offsets(self, net: TextSeqRec) -> torch.Tensor:
+        """[n_items] the items' additive score terms now (RL trains the bias), once per set of weights."""
+        inputs = (net.bias, net.popularity_weight) if net.state_head is not None else (net.bias,)
+        with torch.no_grad():
+            return self._once_per_batch("item_offsets", inputs, net.item_offsets)
 
     def _logits_at(
         self,
