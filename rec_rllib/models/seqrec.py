@@ -228,7 +228,10 @@ class TextSeqRec(nn.Module):
         if idx is not None and idx.dim() == 2:
             if vectors is None:
                 vectors = (self.item_matrix() if items is None else items)[idx]
-            scores = torch.bmm(vectors, head.unsqueeze(-1)).squeeze(-1) + self.bias[idx] * self.known[idx]
+            # [B, 1, H] x [B, H, K]: a row times a matrix per batch entry, forward and backward (the [B, K, H]
+            # x [B, H, 1] form runs as matrix-vector products, 2-3x slower on CPU)
+            scores = torch.bmm(head.unsqueeze(1), vectors.transpose(1, 2)).squeeze(1)
+            scores = scores + self.bias[idx] * self.known[idx]
         else:
             items = self.item_matrix() if items is None else items
             bias = self.bias * self.known
