@@ -38,7 +38,7 @@ from serving.schemas import (
     RecommendResponse,
 )
 from serving.scorer import DEFAULT_BATCH, PolicyScorer, ScorerInputError
-from serving.settings import STATE_ACTOR, AppArgs
+from serving.settings import RETRIEVAL_ARGS, STATE_ACTOR, AppArgs
 from serving.state import live_state, shutdown_state
 
 log = logging.getLogger("ray.serve")
@@ -368,6 +368,7 @@ USER_CONFIG_ARGS = (
     "exposure_pool",
     "exposure_window",
     "exposure_refresh",
+    *RETRIEVAL_ARGS,
 )
 """App arguments that reach running replicas through ``user_config`` (``reconfigure``), under their own
 names; the model goes there too, as ``model_path``."""

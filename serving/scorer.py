@@ -47,8 +47,12 @@ from ray import serve
 from rec_rllib.explore import ExplorationConfig, LinUCB, epsilon_slate, sample_slate
 from rec_rllib.exposure import ExposureConfig, ExposureTracker
 from rec_rllib.models.seqrec import TextSeqRec, pad_histories
+from rec_rllib.retrieval import ItemIndex, uses_index
 from serving.catalog import ServingCatalog
-from serving.settings import BATCH_WAIT_TIMEOUT_S, MAX_BATCH_SIZE
+from serving.settings import BATCH_WAIT_TIMEOUT_S, MAX_BATCH_SIZE, RETRIEVAL_ARGS, AppArgs
+
+RETRIEVAL_DEFAULTS = {name: AppArgs.model_fields[name].default for name in RETRIEVAL_ARGS}
+"""How a replica's answers find their items until ``user_config`` says otherwise (AppArgs' defaults)."""
 
 log = logging.getLogger("ray.serve")
 
@@ -117,6 +121,9 @@ class PolicyScorer:
         self._refresh_popularity()
         self.exposure = ExposureTracker(self.catalog.n_items, ExposureConfig(slots=0))
         self._simulators: dict[str, Any] = {}
+        # how a known user's list finds its items (AppArgs' candidate_*; user_config may change them)
+        self.retrieval = dict(RETRIEVAL_DEFAULTS)
+        self.index: ItemIndex | None = None
         self._load(model_path)
         self._encoder = None
         self._state_name = state_actor
@@ -153,6 +160,17 @@ class PolicyScorer:
         self.ucb = LinUCB(model.n_items, model.cfg.hidden_size, alpha=1.0)  # the request scales the bonus
         with torch.no_grad():
             self._refresh_items()
+            self._build_index()
+
+    def _build_index(self) -> None:
+        """The item index of the model's items (None when ``candidate_search`` scores every item). Items
+        added at run time are not in it: every pooled answer scores them exactly."""
+        self.index = None
+        if uses_index(self.retrieval["candidate_search"], self.model.n_items):
+            with torch.no_grad():
+                self.index = ItemIndex(
+                    self.items, self.model.item_offsets(), probe=int(self.retrieval["candidate_probe"])
+                )
 
     def _refresh_items(self) -> None:
         # [n, H] stored column-major (a transposed view of an [H, n] array): the product of a few user states
@@ -172,9 +190,14 @@ class PolicyScorer:
         if exposure:
             self._set_exposure(ExposureConfig(**{**asdict(self.exposure.cfg), **exposure}))
         path = config.get("model_path")
+        retrieval = {**self.retrieval, **{k: config[k] for k in RETRIEVAL_DEFAULTS if k in config}}
         if path and path != self.model_path:
+            self.retrieval = retrieval
             self._load(path)
             log.info("now serving %s (%s)", self.model_version, path)
+        elif retrieval != self.retrieval:
+            self.retrieval = retrieval
+            self._build_index()
 
     def _set_exposure(self, cfg: ExposureConfig) -> None:
         if cfg != self.exposure.cfg:  # a new tracker: what was shown under other settings is forgotten
@@ -247,6 +270,20 @@ class PolicyScorer:
             "batch": self.batch,
             "ucb": {"shown": self.ucb.shown},
             "cooccurrence": self.cooccurrence,  # the policy's learned co-occurrence term (None without one)
+            # how a known user's list finds its items: every item scored, or the index's pool
+            "retrieval": {
+                "search": "exact" if self.index is None else "ivf",
+                **(
+                    {}
+                    if self.index is None
+                    else {
+                        "pool": int(self.retrieval["candidate_pool"]),
+                        "clusters": self.index.lists,
+                        "clusters_read": self.index.probe,
+                        "indexed_items": self.index.n_items,
+                    }
+                ),
+            },
             "exposure": {
                 **asdict(self.exposure.cfg),
                 "answers": self.exposure.answers,
@@ -270,19 +307,72 @@ class PolicyScorer:
                 [r["history"] for r in requests], self.model.cfg.max_len, self.device
             )
             state = self.model.user_state(tokens, lengths, self.items)
-            scores = self.model.scores_from_state(state, self.items).float()
+            pools = self._pools(state, requests)  # the requests answered from the index's pool
+            whole = [i for i in range(len(requests)) if i not in pools]  # the others score every item
+            at = {row: j for j, row in enumerate(whole)}
+            scores = self.model.scores_from_state(state[whole], self.items).float() if whole else None
             term: torch.Tensor | float = 0.0
-            if self.cooccurrence is not None:
-                term = self._cooccurrence_term([r["history"] for r in requests], scores.shape[1])
+            if self.cooccurrence is not None and whole:
+                term = self._cooccurrence_term([requests[i]["history"] for i in whole], scores.shape[1])
                 scores = scores + term
             sampled: dict[int, torch.Tensor] = {}
-            rows = [i for i, r in enumerate(requests) if r.get("strategy") == "thompson"]
+            rows = [i for i in whole if requests[i].get("strategy") == "thompson"]
             if rows:  # one posterior sample of the final layer per Thompson request, in one product
                 draw = torch.nn.functional.dropout(state[rows], p=self.model.cfg.dropout, training=True)
                 drawn = self.model.scores_from_state(draw, self.items).float()
-                drawn = drawn + (term[rows] if isinstance(term, torch.Tensor) else term)
+                drawn = drawn + (term[[at[i] for i in rows]] if isinstance(term, torch.Tensor) else term)
                 sampled = dict(zip(rows, drawn, strict=True))
-            return [self._slate(r, scores[i], state[i], sampled.get(i)) for i, r in enumerate(requests)]
+            return [
+                self._slate(r, pools[i][1], state[i], ids=pools[i][0])
+                if i in pools
+                else self._slate(r, scores[at[i]], state[i], sampled.get(i))
+                for i, r in enumerate(requests)
+            ]
+
+    def _pooled(self, r: dict[str, Any]) -> bool:
+        """Whether an answer ranks or draws among the items the index finds: a known user's greedy or
+        Boltzmann list, no query, a policy without a co-occurrence term, no exposure slot (a new user's
+        list blends in popularity, a query's the text; Thompson, UCB and epsilon lists, the exposure slot's
+        pool and the co-occurrence term read every item)."""
+        strategy = r.get("strategy", "greedy")
+        slot = self.exposure.cfg.active and bool(r.get("exposure", True))
+        return (
+            self.index is not None
+            and self.cooccurrence is None
+            and len(r["history"]) > 0
+            and "query_scores" not in r
+            and (strategy == "boltzmann" or (strategy == "greedy" and not slot))
+        )
+
+    def _pools(
+        self, state: torch.Tensor, requests: list[dict[str, Any]]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """{request: (items [P], their scores [P])} for the pooled requests (:meth:`_pooled`): the
+        ``candidate_pool`` + (history length) items with the highest scores the index finds, and every item
+        added at run time (not in the index), scored exactly. What follows (exclusions, exposure prices, the
+        top-k or the draw) then costs the pool, not the catalogue. A request whose probed clusters held fewer
+        items than asked (tiny clusters) is left out: it scores every item."""
+        pooled = [i for i, r in enumerate(requests) if self._pooled(r)]
+        if not pooled:
+            return {}
+        n, indexed = self.items.shape[0], self.index.n_items
+        longest = max(len(requests[i]["history"]) for i in pooled)
+        found_scores, found = self.index.search(
+            self.model.score_query(state[pooled]), int(self.retrieval["candidate_pool"]) + longest
+        )
+        added = torch.arange(indexed, n, device=state.device)
+        added_scores = (
+            self.model.scores_from_state(state[pooled], self.items, added).float()
+            if n > indexed
+            else torch.zeros(len(pooled), 0, device=state.device)
+        )
+        pools = {}
+        for j, i in enumerate(pooled):
+            if bool((found[j] == indexed).any()):
+                continue
+            ids = torch.cat([found[j].to(state.device), added])
+            pools[i] = (ids, torch.cat([found_scores[j].to(added_scores.dtype), added_scores[j]]))
+        return pools
 
     def _cooccurrence_term(self, histories: list, n: int) -> torch.Tensor:
         """[B, n] γ · the simulator's probabilities for each live history (items added at run time: 0), the
@@ -316,14 +406,19 @@ class PolicyScorer:
         scores: torch.Tensor,
         state: torch.Tensor,
         sampled: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None,
     ) -> dict[str, Any]:
+        """One answer from ``scores`` of every item, or (``ids``) of those items only (a pool)."""
         n = scores.shape[0]
         history = torch.as_tensor(r["history"], dtype=torch.long, device=scores.device)
         cold = len(r["history"]) == 0
         scores = self._adjusted(r, scores)
         allowed = torch.ones(n, dtype=torch.bool, device=scores.device)
         excluded = 0
-        if r.get("exclude_seen", True) and len(history):
+        if r.get("exclude_seen", True) and len(history) and ids is not None:
+            allowed = ~torch.isin(ids, history)
+            excluded = int((~allowed).sum())
+        elif r.get("exclude_seen", True) and len(history):
             allowed[history] = False
             excluded = int(torch.unique(history).numel())  # history items are catalogue items (checked)
         k = min(int(r["k"]), n - excluded)
@@ -333,14 +428,16 @@ class PolicyScorer:
         widened = bonus = None
         tracked = self.exposure.cfg.active  # the replica records what it shows
         if tracked:
-            self.exposure.grow(n)  # items added at run time start unexposed
+            self.exposure.grow(self.model.n_items)  # items added at run time start unexposed
         exposed = tracked and bool(r.get("exposure", True))  # this answer is shaped by what was shown
         epoch = self.exposure.epoch  # the prices this answer sees (recording it may start the next epoch)
         # the policy's exposure term (β · f(times shown), priced as of the tracker's epoch), for every
         # strategy
         shift: torch.Tensor | float = 0.0
         if exposed and self.exposure.cfg.penalty:
-            shift = torch.as_tensor(self.exposure.penalties(n), dtype=scores.dtype, device=scores.device)
+            prices = self.exposure.penalties(self.model.n_items)
+            prices = prices if ids is None else prices[ids.cpu().numpy()]
+            shift = torch.as_tensor(prices, dtype=scores.dtype, device=scores.device)
         ranked_by = scores - shift  # what a greedy list is sorted by, and an explored one drawn from
         if strategy in ("greedy", "ucb"):
             masked = ranked_by.masked_fill(~allowed, -torch.inf)
@@ -369,11 +466,12 @@ class PolicyScorer:
             logits = drawn_from.float().masked_fill(~allowed, -torch.inf) / t
             items, props = sample_slate(logits[None], k, normalise=True)
             items, props = items[0], props[0]
+        local, items = items, (items if ids is None else ids[items])  # positions in scores, item indices
         if widened is None and tracked:
             self.exposure.record(items.cpu().numpy())
         out: dict[str, Any] = {
             "items": items.cpu().tolist(),
-            "scores": ranked_by[items].cpu().tolist(),
+            "scores": ranked_by[local].cpu().tolist(),
             "propensities": props.cpu().tolist(),
             "strategy": strategy,
             "cold_start": cold,
@@ -384,7 +482,7 @@ class PolicyScorer:
         if widened is not None:
             out["exposure"] = widened.tolist()
         if bonus is not None:
-            out["bonus"] = bonus[items].cpu().tolist()
+            out["bonus"] = bonus[local].cpu().tolist()
         if r.get("explain") and len(history):
             out["because"] = self._because(history, items)
         return out

@@ -78,6 +78,22 @@ class AppArgs(BaseModel):
         description="answers between updates of a replica's exposure prices (the same request gets the same "
         "list in between; 1: after every answer)",
     )
+    candidate_search: Literal["auto", "exact", "ivf"] = Field(
+        "auto",
+        description="how a known user's greedy or Boltzmann list finds its items: exact scores "
+        "every item; ivf searches an inverted-file index of the item vectors (rec_rllib.retrieval) for the "
+        "candidate_pool best and ranks or draws among those; auto: ivf from 50,000 items on",
+    )
+    candidate_pool: int = Field(
+        512, ge=10, description="with the index: items found per answer (besides the user's history)"
+    )
+    candidate_probe: int = Field(
+        32, ge=1, description="with the index: clusters each search reads (of about 4·sqrt(items))"
+    )
     access_log: bool = Field(
         True, description="Serve's per-request access log line (~2% of a replica's CPU when on)"
     )
+
+
+RETRIEVAL_ARGS = ("candidate_search", "candidate_pool", "candidate_probe")
+"""App arguments that say how a replica's answers find their items (:class:`AppArgs`)."""

@@ -175,6 +175,64 @@ def test_thompson_draws_by_the_boltzmann_rule_on_one_posterior_sample(finetuned_
     assert off_mean == 6  # the sample, not the mean, decided every slate
 
 
+def test_answers_from_the_item_index_rank_and_draw_among_the_items_it_finds(finetuned_run, ml_dir):
+    """In process, ``candidate_search="ivf"``: reading every cluster, a greedy list is the list of scoring
+    every item, scores included; reading few, a greedy list is the pool's best and a Boltzmann list draws
+    only among the pool the index found (its propensities the Plackett-Luce rule's over that pool), neither
+    showing a history item; an item added at run time is in every pool; a new user's list and a Thompson
+    list still score every item."""
+    import torch
+
+    from rec_rllib.models.seqrec import pad_histories
+    from serving.scorer import PolicyScorer
+
+    scorer = PolicyScorer(finetuned_run, ml_dir)
+    assert scorer.index is None  # 1,682 items: "auto" scores every item
+    history = list(range(0, 60, 3))
+    req = {"history": history, "k": 10}
+    exact = scorer.score_requests([req])[0]
+    scorer.reconfigure({"candidate_search": "ivf", "candidate_probe": 10_000})
+    assert scorer.index is not None and scorer.index.probe == scorer.index.lists
+    every = scorer.score_requests([req])[0]
+    assert every["items"] == exact["items"]
+    assert every["scores"] == pytest.approx(exact["scores"], abs=1e-4)
+    scorer.reconfigure({"candidate_probe": 2, "candidate_pool": 50})
+    assert scorer.index.probe == 2
+    with torch.inference_mode():
+        tokens, lengths = pad_histories([history], scorer.model.cfg.max_len)
+        state = scorer.model.user_state(tokens, lengths, scorer.items)
+        mean = scorer.model.scores_from_state(state, scorer.items)[0].float()
+        found_scores, found = scorer.index.search(scorer.model.score_query(state), 50 + len(history))
+    pool = set(found[0].tolist()) - set(history)
+    assert len(pool) >= 50
+    best = torch.topk(
+        mean.masked_fill(torch.isin(torch.arange(len(mean)), torch.tensor(history)), -torch.inf), 50
+    )
+    assert pool != set(best.indices.tolist())  # two clusters: not every item's 50 best
+    greedy = scorer.score_requests([req])[0]
+    assert greedy["items"] == sorted(pool, key=lambda i: (-float(mean[i]), i))[:10]
+    p = torch.softmax(mean[sorted(pool)], dim=0).double()
+    at = {item: j for j, item in enumerate(sorted(pool))}
+    for seed in range(4):
+        torch.manual_seed(seed)
+        drawn = scorer.score_requests([{**req, "strategy": "boltzmann", "temperature": 1.0}])[0]
+        assert set(drawn["items"]) <= pool and len(set(drawn["items"])) == 10
+        chosen = p[[at[i] for i in drawn["items"]]]
+        given = (chosen / (1 - (torch.cumsum(chosen, 0) - chosen))).tolist()
+        assert drawn["propensities"] == pytest.approx(given, rel=1e-3)
+    thompson = scorer.score_requests([{**req, "strategy": "thompson", "k": 200}])[0]
+    assert not set(thompson["items"]) <= pool  # Thompson: every item
+    cold = scorer.score_requests([{"history": [], "k": 200}])[0]
+    assert not set(cold["items"]) <= pool  # a new user: every item
+    new = scorer.model.n_items
+    with torch.inference_mode():
+        scorer.model.add_items(scorer.model.item_text_embeddings()[:1].clone())  # as POST /items does
+        scorer._refresh_items()
+        ids, pooled = scorer._pools(state, [req])[0]
+    assert ids[-1] == new  # the added item is in every pool, scored as the model scores it
+    assert pooled[-1] == pytest.approx(float(scorer.model.scores_from_state(state, scorer.items)[0, new]))
+
+
 def test_cold_start_user_gets_an_explored_popular_list(app):
     c = app["client"]
     body = c.post("/recommend", json={"user": "brand-new", "history": [], "k": 10}).json()

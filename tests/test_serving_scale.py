@@ -71,6 +71,14 @@ def client(large_catalogue, tmp_path_factory):
 def test_a_catalogue_of_100_000_items_is_served_over_http(client, large_catalogue):
     health = client.get("/healthz").json()
     assert health["items"] == N_ITEMS, health
+    # a known user's lists come from the item index's pool (auto: from 50,000 items on)
+    assert health["retrieval"] == {
+        "search": "ivf",
+        "pool": 512,
+        "clusters": 1265,
+        "clusters_read": 32,
+        "indexed_items": N_ITEMS,
+    }, health
     user = large_catalogue["user"]
     greedy = client.post("/recommend", json={"user": user, "k": 10}).json()
     assert len(greedy["items"]) == 10 and all(it["propensity"] == 1.0 for it in greedy["items"])
@@ -102,3 +110,5 @@ def test_a_catalogue_of_100_000_items_is_served_over_http(client, large_catalogu
     added = client.post("/items", json={"item_id": "new-1", "text": "The quiet harbour 7 | sea boats rain"})
     assert added.status_code in (200, 201), added.text
     assert client.get("/healthz").json()["items"] == N_ITEMS + 1
+    after = client.post("/recommend", json={"user": user, "k": 10}).json()  # the added item is scored too
+    assert len(after["items"]) == 10
