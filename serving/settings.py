@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from rec_rllib.exposure import SERVING_EXPOSURE_REFRESH, ExposureConfig
+from rec_rllib.retrieval import DEFAULT_PROBE
 
 MAX_BATCH_SIZE = 16
 """Requests a scoring replica answers in one forward pass at most (``@serve.batch``)."""
@@ -88,7 +89,7 @@ class AppArgs(BaseModel):
         512, ge=10, description="with the index: items found per answer (besides the user's history)"
     )
     candidate_probe: int = Field(
-        32, ge=1, description="with the index: clusters each search reads (of about 4·sqrt(items))"
+        DEFAULT_PROBE, ge=1, description="with the index: clusters each search reads (of about 4·sqrt(items))"
     )
     access_log: bool = Field(
         True, description="Serve's per-request access log line (~2% of a replica's CPU when on)"

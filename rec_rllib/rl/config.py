@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from rec_rllib.config import DictConfig, resource_pair, setting
 from rec_rllib.env import EnvConfig
 from rec_rllib.explore import ExplorationConfig
-from rec_rllib.retrieval import SEARCHES
+from rec_rllib.retrieval import DEFAULT_PROBE, SEARCHES
 from rec_rllib.rl.obs import CANDIDATES_AUTO
 
 ALGORITHMS = ("appo", "ppo", "dqn")
@@ -132,7 +132,7 @@ class RLTrainConfig(DictConfig):
     included) at a cost that follows the clusters read, not the catalogue; an item whose cluster it does not
     read cannot be a candidate in that state. ``auto``: ``ivf`` from 50,000 items on. The learner and
     evaluation are unchanged (the learner reads the candidates acting chose)."""
-    candidate_probe: int = 32
+    candidate_probe: int = DEFAULT_PROBE
     """With ``candidate_search`` ``ivf``: clusters each search reads (more: closer to exact, slower)."""
     checkpoint_every: int = 5
     """Save an RLlib checkpoint every N iterations (and at the end)."""

@@ -453,8 +453,9 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         K legal items with the highest scores before the exposure term (the network's scores plus the
         co-occurrence term): the scores over the catalogue are formed once, for the choice, and the logits
         are read from them."""
-        if self.searches_index:
-            candidates, logits = self._searched_candidates(state, obs, net)
+        searched = self._searched_candidates(state, obs, net) if self.searches_index else None
+        if searched is not None:
+            candidates, logits = searched
         else:
             before = self._logits(state, obs, net, exposure=False)
             candidates = torch.topk(before, self.n_candidates, dim=-1, sorted=False).indices
@@ -465,21 +466,19 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
 
     def _searched_candidates(
         self, state: torch.Tensor, obs: dict[str, Any], net: TextSeqRec
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """:meth:`_candidate_logits`' choice through the item index. The pool: the K + (consumed items) items
         with the highest network scores the index finds and, with a co-occurrence term, the K items the
         feature rates highest (an item it lifts into the top K need not be among the first); each pool item
         scored exactly (the term added, consumed ones masked); the K best of those. Reading every cluster,
-        these are exact search's candidates whenever the feature lists at most K items. Should a probe find
-        too few items for a row (tiny clusters), the batch scores every item instead."""
+        these are exact search's candidates whenever the feature lists at most K items. None when a probe
+        found too few items for a row (tiny clusters): the batch then scores every item."""
         consumed = torch.as_tensor(obs[Obs.CONSUMED])
         n = net.n_items
         pool_size = min(n, self.n_candidates + int((consumed < n).sum(dim=1).max()))
         scores, pool = self._item_index(net).search(net.score_query(state), pool_size, self._offsets(net))
         if bool((pool == n).any()):
-            before = self._logits(state, obs, net, exposure=False)
-            candidates = torch.topk(before, self.n_candidates, dim=-1, sorted=False).indices
-            return candidates, before.gather(1, candidates)
+            return None
         if self.cooccurrence_term is not None:
             listed = torch.as_tensor(obs[Obs.COOCCURRING_ITEMS]).long()
             rated = torch.as_tensor(obs[Obs.COOCCURRENCE]).float()
