@@ -198,18 +198,14 @@ def recommender_action_dist(
     from softmax(score / temperature); Monte Carlo marginals, exact for k = 1) or ``epsilon`` (each position
     the best remaining item with probability 1 - epsilon, else a uniformly random remaining one; Monte Carlo).
     Items in the history are never shown when ``exclude_seen``."""
-    if strategy not in ("greedy", "boltzmann", "epsilon"):
-        raise ValueError(f"unknown exploration {strategy!r}; expected greedy, boltzmann or epsilon")
-    # a writable copy in row order (a recommender may return a broadcast view, whose copy would be
-    # column-major); the first pick's Boltzmann distribution is formed in single precision
-    single = k == 1 and strategy == "boltzmann"
-    scores = np.array(recommender.score(histories), dtype=np.float32 if single else np.float64, order="C")
+    _check_strategy(strategy)
+    # the first pick's Boltzmann distribution is formed from single-precision scores
+    scores = _scores(recommender, histories, np.float32 if k == 1 and strategy == "boltzmann" else np.float64)
+    if exclude_seen:
+        _exclude(scores, histories)
     n, n_items = scores.shape
     if not 0 < k <= n_items:
         raise ValueError(f"k={k} must be in [1, {n_items}]")
-    if exclude_seen:
-        for i, h in enumerate(histories):
-            scores[i, np.asarray(h, dtype=np.int64)] = -np.inf
     if k == 1:
         return _first_position_dist(scores, strategy, temperature, epsilon)[:, :, None]
     out = np.zeros((n, n_items, k))
@@ -244,6 +240,65 @@ def recommender_action_dist(
     return out
 
 
+def _check_strategy(strategy: str) -> None:
+    if strategy not in ("greedy", "boltzmann", "epsilon"):
+        raise ValueError(f"unknown exploration {strategy!r}; expected greedy, boltzmann or epsilon")
+
+
+def _scores(recommender, histories, dtype) -> np.ndarray:
+    # a writable copy in row order (a recommender may return a broadcast view, whose copy would be
+    # column-major)
+    return np.array(recommender.score(histories), dtype=dtype, order="C")
+
+
+def _exclude(scores: np.ndarray, histories) -> None:
+    offsets = getattr(histories, "offsets", None)
+    if offsets is not None:  # flat item indices and offsets (servelog.Histories): one scatter for the block
+        rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+        scores[rows, histories.flat[offsets[0] : offsets[-1]]] = -np.inf
+        return
+    for i, h in enumerate(histories):
+        scores[i, np.asarray(h, dtype=np.int64)] = -np.inf
+
+
+def recommender_first_pick(
+    recommender,
+    histories,
+    *,
+    strategy: str = "greedy",
+    temperature: float = 1.0,
+    epsilon: float = 0.1,
+    exclude_seen: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first pick's distribution per context in factored form ``(rows, scale)``: pi(a | x_i) =
+    ``rows[i, a] * scale[i]``, what :func:`recommender_action_dist` gives for k = 1. Boltzmann's rows are
+    the unnormalised single-precision exp(score / temperature) and its scale the inverse of their sum, so a
+    caller that only needs sums and products of the rows (:meth:`TargetStatsBuilder.add`) never forms the
+    normalised [n, A] array; greedy and epsilon give their rows with scale 1."""
+    _check_strategy(strategy)
+    scores = _scores(recommender, histories, np.float32 if strategy == "boltzmann" else np.float64)
+    if exclude_seen:
+        _exclude(scores, histories)
+    if strategy == "boltzmann":
+        return boltzmann_weights(scores, temperature)
+    return _first_position_dist(scores, strategy, temperature, epsilon), np.ones(len(scores))
+
+
+def boltzmann_weights(scores: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """softmax(scores / temperature) per row (``-inf``: may not be shown) as ``(e, scale)``: ``e`` =
+    exp((s - max) / temperature) in single precision, computed in place when ``scores`` is a contiguous
+    float32 array, and ``scale`` = 1 / the row's sum, summed in double precision (rows over 100,000 items
+    sum to 1 within rounding)."""
+    e = np.ascontiguousarray(scores, dtype=np.float32)
+    if temperature != 1:
+        np.divide(e, np.float32(max(temperature, 1e-8)), out=e)
+    top = e.max(axis=1, keepdims=True)
+    _check_some_allowed(top[:, 0] == -np.inf)
+    np.subtract(e, top, out=e)
+    np.exp(e, out=e)  # excluded items (-inf) become 0
+    return e, 1.0 / e.sum(axis=1, dtype=np.float64)
+
+
 def _check_some_allowed(empty: np.ndarray) -> None:
     if empty.any():
         i = int(np.flatnonzero(empty)[0])
@@ -253,21 +308,13 @@ def _check_some_allowed(empty: np.ndarray) -> None:
 def _first_position_dist(scores: np.ndarray, strategy: str, temperature: float, epsilon: float) -> np.ndarray:
     """[n, A] the first pick's distribution in closed form, as serving draws it, every context at once
     (``-inf``: may not be shown): greedy the best item (the first of tied ones), boltzmann softmax(score /
-    temperature) over the allowed items, epsilon the best with 1 - epsilon plus epsilon spread uniformly."""
+    temperature) over the allowed items, epsilon the best with 1 - epsilon plus epsilon spread uniformly.
+    Boltzmann works in place on ``scores`` when they are a contiguous float32 array."""
     n = len(scores)
     if strategy == "boltzmann":
-        # in single precision, as serving draws and logs its propensities, through torch's fused softmax: one
-        # pass over a large catalogue's long rows instead of five in double precision
-        import torch
-
-        z = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))
-        out = torch.softmax(z if temperature == 1 else z / max(temperature, 1e-8), dim=1)
-        # normalised once more by a double-precision sum: over 100,000 items the single-precision normaliser
-        # leaves rows summing to 1 only within ~1e-5
-        out = out.numpy()
-        out /= out.sum(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
-        _check_some_allowed(np.isnan(out[:, 0]))  # a row with no item allowed normalises 0 / 0
-        return out
+        # in single precision, as serving draws and logs its propensities; normalised in double precision
+        e, scale = boltzmann_weights(scores, temperature)
+        return e * scale[:, None]
     top = scores.max(axis=1)
     _check_some_allowed(top == -np.inf)
     best = np.argmax(scores, axis=1)
@@ -565,19 +612,44 @@ class TargetStatsBuilder:
             r for r in (getattr(self, "_fold_theta", None), getattr(self, "thetas", None)) if r is not None
         ]
         self._rates = np.concatenate(rates, axis=1) if rates else None
+        self._rates32: np.ndarray | None = None
 
-    def add(self, rows: np.ndarray, pi_rows: np.ndarray, *, deterministic: bool | None = None) -> None:
-        """Rounds ``rows`` (indices into the log) and their ``[len(rows), A]`` pi(. | x_i, k_i)."""
+    def add(
+        self,
+        rows: np.ndarray,
+        pi_rows: np.ndarray,
+        *,
+        deterministic: bool | None = None,
+        scale: np.ndarray | None = None,
+    ) -> None:
+        """Rounds ``rows`` (indices into the log) and their ``[len(rows), A]`` pi(. | x_i, k_i), or with
+        ``scale`` the factored form pi(. | x_i, k_i) = ``pi_rows[i] * scale[i]``
+        (:func:`recommender_first_pick`): the rows may then be single precision, and their products with the
+        item rates and their sums over rounds are taken in it (the normalised rows are never formed)."""
+        import torch
+
         fb, rows = self.fb, np.asarray(rows, dtype=np.int64)
-        pi_rows = np.asarray(pi_rows, dtype=np.float64)
+        if scale is None:
+            pi_rows = np.asarray(pi_rows, dtype=np.float64)
+        else:
+            scale = np.asarray(scale, dtype=np.float64)
+            if pi_rows.dtype not in (np.float32, np.float64):
+                pi_rows = np.asarray(pi_rows, dtype=np.float64)
         at = np.arange(len(rows))
         action, position = fb.action[rows], fb.position[rows]
-        self.pi_logged[rows] = pi_rows[at, action]
+        self.pi_logged[rows] = pi_rows[at, action] if scale is None else pi_rows[at, action] * scale
         if deterministic is None:  # every row one-hot: a 1 and nothing else above 0 (two passes, not four)
-            deterministic = bool((pi_rows.max(axis=1) == 1).all()) and np.count_nonzero(pi_rows) == len(rows)
+            p = pi_rows if scale is None else pi_rows * scale[:, None]
+            deterministic = bool((p.max(axis=1) == 1).all()) and np.count_nonzero(p) == len(rows)
         self.deterministic &= deterministic
         # the products of the rows with the folds' item rates and SLOPE's, in one pass over the block
-        products = pi_rows @ self._rates if self._rates is not None else None
+        products = None
+        if self._rates is not None and pi_rows.dtype == np.float64:
+            products = pi_rows @ self._rates
+        elif self._rates is not None:  # single precision: [F + S, A] @ [A, n], MKL's fast shape for it
+            products = (torch.from_numpy(self._rates_t32()) @ torch.from_numpy(pi_rows).T).numpy().T
+        if products is not None and scale is not None:
+            products = products * scale[:, None]
         if isinstance(self.q, FoldedCTR):
             fold = self.q.fold[rows]
             g = self._fold_gamma[fold, position]
@@ -585,7 +657,8 @@ class TargetStatsBuilder:
             self.q_logged[rows] = g * self._fold_theta[action, fold]
         elif self.q is not None:
             q = self.q[rows]
-            self.dm[rows] = (pi_rows * q).sum(axis=1)
+            p = pi_rows if scale is None else pi_rows * scale[:, None]
+            self.dm[rows] = (p * q).sum(axis=1)
             self.q_logged[rows] = q[at, action]
         if self.slope:
             for k in np.unique(position):
@@ -594,13 +667,33 @@ class TargetStatsBuilder:
                 if np.any(group[1:] < group[:-1]):
                     order = np.argsort(group, kind="stable")
                     group, sel = group[order], sel[order]
-                block = pi_rows if len(sel) == len(rows) and np.array_equal(sel, at) else pi_rows[sel]
+                whole = len(sel) == len(rows) and np.array_equal(sel, at)
+                block = pi_rows if whole else pi_rows[sel]
                 if group[0] == group[-1]:  # the block lies in one group (a long log: the usual case)
-                    self.group_mass[group[0], k] += block.sum(axis=0)
+                    if scale is None:
+                        self.group_mass[group[0], k] += block.sum(axis=0)
+                    else:  # the scaled rows' sum as one product, in the rows' precision (torch's BLAS, as
+                        # for the products above: numpy's would compete with torch's threads for the cores)
+                        w = torch.from_numpy(scale[sel].astype(block.dtype))
+                        self.group_mass[group[0], k] += (w @ torch.from_numpy(block)).numpy()
                     continue
                 starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
-                self.group_mass[group[starts], k] += np.add.reduceat(block, starts, axis=0)
+                if scale is None:
+                    self.group_mass[group[starts], k] += np.add.reduceat(block, starts, axis=0)
+                    continue
+                # each group's scaled sum as one product: [groups, rows] scales @ [rows, A]
+                segment = np.cumsum(np.r_[False, group[1:] != group[:-1]])
+                weights = np.zeros((len(starts), len(sel)), dtype=block.dtype)
+                weights[segment, np.arange(len(sel))] = scale[sel]
+                self.group_mass[group[starts], k] += (
+                    torch.from_numpy(weights) @ torch.from_numpy(block)
+                ).numpy()
             self.pi_theta[rows] = products[:, products.shape[1] - self.thetas.shape[1] :]
+
+    def _rates_t32(self) -> np.ndarray:
+        if self._rates32 is None:
+            self._rates32 = np.ascontiguousarray(self._rates.T, dtype=np.float32)
+        return self._rates32
 
     def finish(self) -> TargetStats:
         if np.isnan(self.pi_logged).any():
@@ -839,3 +932,42 @@ def estimate_all(
                 continue
             raise
     return out
+
+
+PAIRED_ESTIMATORS = ("ips", "snips", "dm", "dr", "sndr")
+"""Estimators :func:`estimate_difference` pairs (their per-round terms are the same function of each
+target's statistics; SLOPE's and switch-DR's data-driven choices are per target)."""
+
+
+def estimate_difference(
+    name: str,
+    fb: BanditFeedback,
+    a: TargetStats,
+    b: TargetStats,
+    *,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """V(a) - V(b) by estimator ``name`` on one log, with a **paired** percentile-bootstrap interval: each
+    resample of rounds re-evaluates both targets on the same rounds, so what the two share (the rounds, their
+    rewards, the reward model) cancels instead of adding its noise twice. ``detail``: each target's value."""
+    if name not in PAIRED_ESTIMATORS:
+        raise ValueError(f"no paired difference by {name!r}; expected one of {PAIRED_ESTIMATORS}")
+    num_a, den_a, add_a, _ = _terms(name, fb, a, clip=None, tau=None)
+    num_b, den_b, add_b, _ = _terms(name, fb, b, clip=None, tau=None)
+    va, vb = _value(num_a, den_a, add_a), _value(num_b, den_b, add_b)
+    rng = np.random.default_rng(seed)
+    boots = np.empty(n_boot)
+    step = max(1, min(64, BOOT_CELLS // max(fb.n, 1)))
+
+    def value(num: np.ndarray, den: np.ndarray, add: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        d = den[idx].sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(d > 0, num[idx].sum(axis=1) / d, np.nan) + add[idx].mean(axis=1)
+
+    for start in range(0, n_boot, step):
+        idx = rng.integers(0, fb.n, (min(step, n_boot - start), fb.n))
+        boots[start : start + len(idx)] = value(num_a, den_a, add_a, idx) - value(num_b, den_b, add_b, idx)
+    lo, hi = np.nanquantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    return Estimate(f"{name} difference", va - vb, float(lo), float(hi), level, fb.n, {"a": va, "b": vb})

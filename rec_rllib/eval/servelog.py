@@ -9,7 +9,7 @@ came). Deeper slots are not used: their logged propensities are conditional on t
 a position-aware estimate would need the behaviour's marginals there.
 
 Any :class:`~rec_rllib.recommender.Recommender` is a target through its exploration mode
-(:func:`~rec_rllib.eval.ope.recommender_action_dist` with k = 1); the logging policy's own value is the
+(:func:`~rec_rllib.eval.ope.recommender_first_pick`); the logging policy's own value is the
 logged mean reward, so the estimates are read against it.
 """
 
@@ -25,23 +25,30 @@ from rec_rllib.data.dataset import LogDataset
 from rec_rllib.data.feedback import iter_impressions, read_feedback
 from rec_rllib.eval.ope import (
     BanditFeedback,
+    Estimate,
+    FoldedCTR,
+    TargetStats,
     TargetStatsBuilder,
     cross_fit_ctr,
+    estimate_difference,
     estimate_stats,
-    recommender_action_dist,
+    recommender_first_pick,
 )
 
 SERVE_LOG_ESTIMATORS = ("ips", "snips", "dm", "dr", "slope")
 
 BLOCK_CELLS = 1 << 22
 """Answers × catalogue items scored at once by :func:`evaluate_serve_log` (its memory is a few of these
-blocks' float64 arrays, about 100 MB, whatever the log's length: 2,493 answers a block on MovieLens-100K's
-1,682 items, 41 on 100,000 items)."""
+blocks' arrays, 16 MB each for a Boltzmann target's single-precision rows, whatever the log's length: 2,493
+answers a block on MovieLens-100K's 1,682 items, 41 on 100,000 items). Blocks under 32 MB also stay below
+the allocator's largest mmap threshold, so each block reuses the last one's pages instead of faulting in
+new ones."""
 
 
 class Histories(Sequence):
     """The histories of a log's rounds as one flat array of item indices and offsets (``histories[i]``: an
-    array; a slice: a list of them): a million answers' histories without a million Python objects."""
+    array; a slice: a Histories view over the same flat array): a million answers' histories without a
+    million Python objects."""
 
     def __init__(self, flat: np.ndarray, offsets: np.ndarray) -> None:
         self.flat, self.offsets = flat, offsets
@@ -51,7 +58,10 @@ class Histories(Sequence):
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            return Histories(self.flat, self.offsets[start : max(start, stop) + 1])
         if i < 0:
             i += len(self)
         return self.flat[self.offsets[i] : self.offsets[i + 1]]
@@ -71,10 +81,23 @@ class ServeLog:
     histories: Histories
     request_ids: list[str]
     dropped: dict[str, int] = field(default_factory=dict)
+    timestamps_ms: np.ndarray | None = None
+    """When each answer was given (the impression's ``timestamp_ms``)."""
 
     @property
     def logging_value(self) -> float:
         return self.feedback.on_policy_value()
+
+    def subset(self, rows: np.ndarray) -> ServeLog:
+        """The answers ``rows`` (indices, in the order given) as a log of their own."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return ServeLog(
+            self.feedback.subset(rows),
+            self.histories.subset(rows),
+            [self.request_ids[i] for i in rows],
+            dict(self.dropped),
+            None if self.timestamps_ms is None else self.timestamps_ms[rows],
+        )
 
 
 def first_slot_log(
@@ -115,7 +138,7 @@ def first_slot_log(
     fb_seen = np.zeros(len(fb_table), dtype=bool)
     catalogue = pa.array(dataset.items["item_id"].astype(str).tolist(), pa.string())
     dropped = {"first_item_not_in_catalogue": 0, "history_items_not_in_catalogue": 0}
-    actions, props, rs, flats, lengths, kept = [], [], [], [], [], []
+    actions, props, rs, flats, lengths, kept, stamps = [], [], [], [], [], [], []
 
     def starts_of(lists: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
         n = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -163,6 +186,7 @@ def first_slot_log(
         for j in np.flatnonzero(clicked):
             r[j] = rewards.get((kept_rids[j], str(catalogue[int(kept_first[j])])), 0.0)
         actions.append(kept_first)
+        stamps.append(table.column("timestamp_ms").to_numpy()[keep].astype(np.int64))
         props.append(p_first.astype(np.float64))
         rs.append(r)
         kept.extend(kept_rids)
@@ -173,12 +197,14 @@ def first_slot_log(
         )
     action, pscore, reward = np.concatenate(actions), np.concatenate(props), np.concatenate(rs)
     length = np.concatenate(lengths)
+    timestamps = np.concatenate(stamps)
     histories = Histories(np.concatenate(flats), np.concatenate([[0], np.cumsum(length)]).astype(np.int64))
     n = len(action)
     if max_rounds is not None and n > max_rounds:
         keep_rows = np.sort(np.random.default_rng(seed).choice(n, max_rounds, replace=False))
         action, pscore, reward = action[keep_rows], pscore[keep_rows], reward[keep_rows]
         histories = histories.subset(keep_rows)
+        timestamps = timestamps[keep_rows]
         kept = [kept[i] for i in keep_rows]
         dropped["not_sampled"] = n - max_rounds
         n = max_rounds
@@ -191,7 +217,7 @@ def first_slot_log(
         1,
         name=f"{feedback_dir} (first slot)",
     )
-    return ServeLog(fb, histories, kept, dropped)
+    return ServeLog(fb, histories, kept, dropped, timestamps)
 
 
 def evaluate_serve_log(
@@ -214,23 +240,18 @@ def evaluate_serve_log(
     bootstrap ([200, catalogue] floats and [200, answers] bytes)."""
     fb = log.feedback
     q = cross_fit_ctr(fb, folds=3, seed=seed)
-    rows_per_block = block_rows or max(1, BLOCK_CELLS // max(fb.n_actions, 1))
     out: dict[str, dict] = {"logging policy (logged mean)": {"value": log.logging_value, "n": fb.n}}
     for name, rec in targets.items():
-        builder = TargetStatsBuilder(fb, q, slope="slope" in SERVE_LOG_ESTIMATORS)
-        for start in range(0, fb.n, rows_per_block):
-            rows = np.arange(start, min(start + rows_per_block, fb.n))
-            pi = recommender_action_dist(
-                rec,
-                log.histories[start : start + len(rows)],
-                k=1,
-                strategy=strategy,
-                temperature=temperature,
-                epsilon=epsilon,
-                seed=seed,
-            )
-            builder.add(rows, pi[:, :, 0], deterministic=strategy == "greedy")
-        stats = builder.finish()
+        stats = target_stats(
+            log,
+            rec,
+            q,
+            strategy=strategy,
+            temperature=temperature,
+            epsilon=epsilon,
+            slope="slope" in SERVE_LOG_ESTIMATORS,
+            block_rows=block_rows,
+        )
         w = stats.pi_logged / fb.pscore
         out[name] = {
             "estimates": {
@@ -241,3 +262,55 @@ def evaluate_serve_log(
             "max_weight": float(w.max()),
         }
     return out
+
+
+def target_stats(
+    log: ServeLog,
+    rec,
+    q: FoldedCTR | None,
+    *,
+    strategy: str = "greedy",
+    temperature: float = 1.0,
+    epsilon: float = 0.1,
+    slope: bool = False,
+    block_rows: int | None = None,
+) -> TargetStats:
+    """What the estimators read of target ``rec`` (a Recommender under ``strategy``) on the log's first slots,
+    scored ``block_rows`` answers at a time (default: :data:`BLOCK_CELLS` cells a block)."""
+    fb = log.feedback
+    rows_per_block = block_rows or max(1, BLOCK_CELLS // max(fb.n_actions, 1))
+    builder = TargetStatsBuilder(fb, q, slope=slope)
+    for start in range(0, fb.n, rows_per_block):
+        rows = np.arange(start, min(start + rows_per_block, fb.n))
+        pi_rows, scale = recommender_first_pick(
+            rec,
+            log.histories[start : start + len(rows)],
+            strategy=strategy,
+            temperature=temperature,
+            epsilon=epsilon,
+        )
+        builder.add(rows, pi_rows, scale=scale, deterministic=strategy == "greedy")
+    return builder.finish()
+
+
+def compare_on_serve_log(
+    log: ServeLog,
+    candidate,
+    served,
+    *,
+    estimators: tuple[str, ...] = ("snips", "dr"),
+    strategy: str = "boltzmann",
+    temperature: float = 1.0,
+    epsilon: float = 0.1,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Estimate]:
+    """V(candidate) - V(served) of the log's first slots by each estimator, with paired-bootstrap intervals
+    (:func:`~rec_rllib.eval.ope.estimate_difference`), both targets under the same exploration."""
+    fb = log.feedback
+    q = cross_fit_ctr(fb, folds=3, seed=seed) if set(estimators) - {"ips", "snips"} else None
+    kw = dict(strategy=strategy, temperature=temperature, epsilon=epsilon)
+    a = target_stats(log, candidate, q, **kw)
+    b = target_stats(log, served, q, **kw)
+    return {e: estimate_difference(e, fb, a, b, n_boot=n_boot, level=level, seed=seed) for e in estimators}
