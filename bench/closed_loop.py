@@ -109,6 +109,18 @@ def main() -> int:
     p.add_argument("--round-events", type=int, default=300)
     p.add_argument("--round-finetune-minutes", type=float, default=2.0)
     p.add_argument("--concurrency", type=int, default=2, help="users visiting each endpoint at once")
+    p.add_argument(
+        "--think-seconds",
+        type=float,
+        default=30.0,
+        help="a user's visits are this far apart (a user's future lasts about 50 visits)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.5,
+        help="the traffic explores: Boltzmann first picks at this temperature (the gate estimates at it)",
+    )
     p.add_argument("--ports", type=int, nargs=2, default=[8300, 8500])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-loop")
@@ -136,7 +148,8 @@ def main() -> int:
         loop = subprocess.Popen(
             [sys.executable, "-m", "jobs.loop", *common, "--out", str(out / "loop"), "--port", str(loop_port)]
             + ["--round-events", str(args.round_events)]
-            + ["--finetune-minutes", str(args.round_finetune_minutes), "--num-cpus", "2"],
+            + ["--finetune-minutes", str(args.round_finetune_minutes), "--num-cpus", "2"]
+            + ["--gate-exploration", "boltzmann", "--gate-temperature", str(args.temperature)],
             env=env,
             stdout=loop_log,
             stderr=subprocess.STDOUT,
@@ -159,6 +172,8 @@ def main() -> int:
                 [sys.executable, "-m", "jobs.population", "--target", f"loop={loop_url}"]
                 + ["--target", f"frozen={frozen_url}", "--dataset", "ml-100k", "--user-ids", *held]
                 + ["--minutes", str(args.minutes), "--concurrency", str(args.concurrency)]
+                + ["--think-seconds", str(args.think_seconds)]
+                + ["--exploration", "boltzmann", "--temperature", str(args.temperature)]
                 + ["--out", str(out / "population"), "--seed", str(args.seed)],
                 env=env,
                 check=False,
@@ -168,6 +183,36 @@ def main() -> int:
             stop(frozen)
     report(out)
     return 0
+
+
+def _before_and_after_the_first_roll(out: Path) -> list[str]:
+    """The paired per-user difference before the loop's first roll (both serve the same model: chance) and
+    after it, each over the answers given in that time."""
+    import csv
+
+    from jobs.population import paired_ctr
+
+    with open(out / "population" / "answers.csv") as f:
+        rows = [{**r, "t": float(r["t"]), "clicked": int(r["clicked"])} for r in csv.DictReader(f)]
+    loop = sorted((r for r in rows if r["target"] == "loop"), key=lambda r: r["t"])
+    if not loop:
+        return []
+    first = loop[0]["model_version"]
+    rolled = [r["t"] for r in loop if r["model_version"] != first]
+    if not rolled:
+        return ["", "The loop never rolled a candidate: it served the starting model throughout."]
+    t_roll, t0 = min(rolled), min(r["t"] for r in rows)
+    lines = ["", f"The first roll reached the loop's answers {t_roll - t0:.0f} s into the traffic.", ""]
+    lines += ["| answers | users | loop - frozen per user | 95% interval |", "|---|---:|---:|---|"]
+    for name, part in (
+        ("before the first roll (the same model on both)", [r for r in rows if r["t"] < t_roll]),
+        ("from the first roll on", [r for r in rows if r["t"] >= t_roll]),
+    ):
+        p = paired_ctr(part, "loop", "frozen")
+        if p["users"]:
+            interval = f"[{p['low']:+.4f}, {p['high']:+.4f}]"
+            lines.append(f"| {name} | {p['users']} | {p['diff']:+.4f} | {interval} |")
+    return lines
 
 
 def report(out: Path) -> None:
@@ -193,17 +238,20 @@ def report(out: Path) -> None:
             f"Per user, loop - frozen: {paired['diff']:+.4f} (95% interval [{paired['low']:+.4f}, "
             f"{paired['high']:+.4f}], {paired['users']} users).",
         ]
+    lines += _before_and_after_the_first_roll(out)
+    metric = rounds[0]["decision"]["metric"] if rounds else ""
+    lines += ["", f"Gate: {metric}.", ""]
     lines += [
-        "",
-        "| round | held-out clicks | served | candidate | diff [95%] | decision | click to model (s) |"[:0],
+        "| round | held-out clicks | answers | served | candidate | diff [95%] | decision "
+        "| click to model (s) |"
     ]
-    lines += ["| round | held-out clicks | served | candidate | diff [95%] | decision | click to model (s) |"]
-    lines += ["|---:|---:|---:|---:|---|---|---:|"]
+    lines += ["|---:|---:|---:|---:|---:|---|---|---:|"]
     for r in rounds:
         d = r["decision"]
         latency = r.get("click_to_model_s")
         lines.append(
-            f"| {r['round']} | {r['held_out_clicks']} | {d['served']:.4f} | {d['candidate']:.4f} | "
+            f"| {r['round']} | {r['held_out_clicks']} | {d.get('answers') or ''} | {d['served']:.4f} | "
+            f"{d['candidate']:.4f} | "
             f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] | {'rolled' if d['roll'] else 'kept'} | "
             f"{'' if latency is None else f'{latency:.0f}'} |"
         )

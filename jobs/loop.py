@@ -11,7 +11,9 @@ What happens: the endpoint comes up as ``jobs.serve``'s does (the same flags), i
 logged under ``--feedback-dir`` (default ``<out>/feedback``). Every ``--round-events`` new feedback events
 (or ``--round-minutes``), a round runs as a Ray task beside the endpoint: the next dataset (base log +
 feedback, every event once), a candidate fine-tuned from the served model for ``--finetune-minutes``, both
-judged on the newest held-out clicks and off-policy on the Serve log, and the gate's decision. A rolled
+estimated off-policy on the answers given after the training cut (a paired interval of the difference; the
+traffic must explore, ``--gate-exploration``) and ranked on the held-out clicks, and the gate's decision
+(``--gate-on``). A rolled
 candidate becomes the endpoint's new model version with no failed request. Each round's figures and
 decision go to ``<out>/rounds.md`` (a table), ``<out>/rounds.jsonl`` (everything) and the endpoint's
 ``/healthz`` (``loop``).
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 import urllib.request
@@ -97,16 +100,21 @@ def pending_events(feedback_dir: str | Path, taken: list[str]) -> int:
 def summary(record: dict[str, Any]) -> dict[str, Any]:
     """What ``/healthz`` and the ledger keep of a round."""
     d = record["decision"]
+
+    def number(x: float) -> float | None:  # JSON (and /healthz) has no NaN: a figure not formed is null
+        return float(x) if x is not None and math.isfinite(x) else None
+
     return {
         "round": record["round"],
         "decision": "rolled" if d["roll"] else "kept",
         "reason": d["reason"],
         "metric": d["metric"],
-        "served": d["served"],
-        "candidate": d["candidate"],
-        "diff": d["diff"],
-        "low": d["low"],
-        "high": d["high"],
+        "served": number(d["served"]),
+        "candidate": number(d["candidate"]),
+        "diff": number(d["diff"]),
+        "low": number(d["low"]),
+        "high": number(d["high"]),
+        "answers": d.get("answers"),
         "held_out_clicks": record["held_out_clicks"],
         "trained_events": record["trained_events"],
         "model": record.get("now_serving"),

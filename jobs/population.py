@@ -59,7 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user-ids", nargs="+", help="these logged users instead of a random draw")
     p.add_argument("--prefix", type=float, default=0.5, help="fraction of a user's items they arrive with")
     p.add_argument("--k", type=int, default=10, help="items asked for per request")
-    p.add_argument("--exploration", default="greedy", help="the requests' exploration mode")
+    p.add_argument(
+        "--exploration",
+        default="greedy",
+        choices=["greedy", "epsilon", "boltzmann", "thompson", "ucb"],
+        help="the requests' exploration mode (boltzmann or epsilon: a log the loop's gate can estimate on)",
+    )
+    p.add_argument("--temperature", type=float, default=1.0, help="the requests' boltzmann temperature")
+    p.add_argument("--epsilon", type=float, default=0.1, help="the requests' epsilon")
     p.add_argument("--minutes", type=float, default=5.0, help="how long the population visits")
     p.add_argument("--max-requests", type=int, default=100_000, help="requests per target at most")
     p.add_argument("--concurrency", type=int, default=4, help="users visiting at once, per target")
@@ -128,7 +135,7 @@ def visit_all(
                 if time.time() >= stop_at:
                     return
                 body = {"user": user.uid, "history": user.history, "k": args.k}
-                body["exploration"] = args.exploration
+                body.update(exploration=args.exploration, temperature=args.temperature, epsilon=args.epsilon)
                 t0 = time.time()
                 try:
                     status, answer = client.post("/recommend", body)
@@ -246,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--concurrency", args.concurrency), ("--k", args.k), ("--users", args.users)):
         if value < 1:
             fail(f"{flag} must be >= 1, got {value}")
+    if not 0 < args.temperature <= 100:
+        fail(f"--temperature must be in (0, 100], got {args.temperature}")
+    if not 0 <= args.epsilon <= 1:
+        fail(f"--epsilon must be in [0, 1], got {args.epsilon}")
     from rec_rllib.data.catalog import load_or_prepare
     from rec_rllib.fsutil import write_csv, write_json
     from rec_rllib.loop.population import population

@@ -163,26 +163,31 @@ def test_the_gate_needs_enough_events_and_an_interval_above_the_margin():
     assert not decide(served, served + 0.05, GateConfig(margin=0.1)).roll
 
 
-def test_the_gate_refuses_a_shuffled_candidate_and_accepts_the_better_model(finetuned_run, ml100k):
-    """Constructed logs over real MovieLens-100K histories: each user clicks what the fine-tuned model ranks
-    first. A candidate whose item rows are shuffled (trained on shuffled items) is refused against it; in
-    the other direction the fine-tuned model, as the candidate, is accepted."""
+def _good_and_shuffled(finetuned_run: str):
+    """The fine-tuned model and a copy whose item rows are shuffled (as if trained on shuffled items)."""
     import torch
 
-    from rec_rllib.columns import Col
-    from rec_rllib.loop.judge import ranked_clicks
     from rec_rllib.models.run import TransformerRecommender, load_run
 
     model, meta = load_run(finetuned_run)
     item_ids = [str(i) for i in meta["item_ids"]]
-    good = TransformerRecommender(model)
     shuffled_model, _ = load_run(finetuned_run)
     perm = torch.as_tensor(np.random.default_rng(1).permutation(len(item_ids)))
     with torch.no_grad():
         shuffled_model.id_embedding.weight[2:] = shuffled_model.id_embedding.weight[2:][perm]
         shuffled_model.bias.copy_(shuffled_model.bias[perm])
         shuffled_model.text_embeddings.copy_(shuffled_model.text_embeddings[perm])
-    shuffled = TransformerRecommender(shuffled_model)
+    return TransformerRecommender(model), TransformerRecommender(shuffled_model), item_ids
+
+
+def test_the_gate_refuses_a_shuffled_candidate_and_accepts_the_better_model(finetuned_run, ml100k):
+    """Constructed logs over real MovieLens-100K histories: each user clicks what the fine-tuned model ranks
+    first. A candidate whose item rows are shuffled (trained on shuffled items) is refused against it; in
+    the other direction the fine-tuned model, as the candidate, is accepted."""
+    from rec_rllib.columns import Col
+    from rec_rllib.loop.judge import ranked_clicks
+
+    good, shuffled, item_ids = _good_and_shuffled(finetuned_run)
     cases = ml100k.eval_cases("loo", "test")
     histories = [h[-20:] for h in cases.histories[:200]]
     top = good.recommend(histories, 1).items[:, 0]
@@ -201,6 +206,49 @@ def test_the_gate_refuses_a_shuffled_candidate_and_accepts_the_better_model(fine
     assert not refused.roll and refused.reason.startswith("kept: the candidate is worse")
     accepted = decide(served=s, candidate=g, cfg=cfg)
     assert accepted.roll and accepted.reason.startswith("rolled")
+
+
+def test_the_off_policy_gate_refuses_a_shuffled_candidate_and_accepts_the_better_model(finetuned_run, ml100k):
+    """A constructed exploration log over real MovieLens-100K histories: each answer's first pick drawn
+    uniformly among the unseen items (its propensity logged), clicked when it is among the fine-tuned
+    model's top 20. Under Boltzmann exploration, the paired SNIPS difference refuses the shuffled candidate
+    against the fine-tuned model and accepts the fine-tuned model against the shuffled one; a log with too
+    few clicks, or none after the cut, keeps the served model."""
+    from rec_rllib.eval.ope import BanditFeedback
+    from rec_rllib.eval.servelog import Histories, ServeLog, compare_on_serve_log
+    from rec_rllib.loop.gate import decide_ope
+
+    good, shuffled, _ = _good_and_shuffled(finetuned_run)
+    rng = np.random.default_rng(4)
+    base = [h[-20:] for h in ml100k.eval_cases("loo", "test").histories[:400]]
+    histories = [base[i % len(base)] for i in range(8000)]
+    liked = good.recommend(histories, 20).items
+    action, pscore, reward = [], [], []
+    for h, top in zip(histories, liked, strict=True):
+        unseen = np.setdiff1d(np.arange(ml100k.n_items), h)
+        a = int(rng.choice(unseen))
+        action.append(a)
+        pscore.append(1.0 / len(unseen))
+        reward.append(float(a in set(top.tolist())))
+    n = len(action)
+    fb = BanditFeedback(
+        np.array(action), np.zeros(n, dtype=np.int64), np.array(reward), np.array(pscore), ml100k.n_items, 1
+    )
+    offsets = np.r_[0, np.cumsum([len(h) for h in histories])].astype(np.int64)
+    log = ServeLog(fb, Histories(np.concatenate(histories), offsets), [f"r{i}" for i in range(n)])
+    clicks = int(fb.reward.sum())
+    assert clicks >= 60
+    cfg = GateConfig()
+    kw = dict(estimators=("snips",), strategy="boltzmann", temperature=0.3, n_boot=cfg.n_boot)
+    refused = decide_ope(compare_on_serve_log(log, shuffled, good, **kw)["snips"], clicks, cfg)
+    assert not refused.roll and refused.reason.startswith("kept: the candidate is worse"), refused
+    assert refused.served > 0.3 > 0.05 > refused.candidate and refused.answers == n
+    accepted = decide_ope(compare_on_serve_log(log, good, shuffled, **kw)["snips"], clicks, cfg)
+    assert accepted.roll and accepted.reason.startswith("rolled") and accepted.low > 0, accepted
+    few = decide_ope(compare_on_serve_log(log, good, shuffled, **kw)["snips"], 10, cfg)
+    assert not few.roll and "fewer than the 30" in few.reason
+    none = decide_ope(None, clicks, cfg)
+    assert not none.roll and "no answer logged after the training cut" in none.reason
 
 
 def _loop_command(model: str, dataset: str, out) -> list[str]:
@@ -253,8 +301,8 @@ def test_one_round_end_to_end_on_a_real_endpoint_and_a_restart_resumes(finetuned
             first_version = c.get("/healthz").json()["model_version"]
             acknowledged, failures = [], []
             users = ["196", "186", "22", "244", "166"]
-            for i in range(60):
-                r = c.post("/recommend", json={"user": users[i % 5], "k": 5})
+            for i in range(60):  # exploring traffic: the gate estimates both models off-policy on it
+                r = c.post("/recommend", json={"user": users[i % 5], "k": 5, "exploration": "boltzmann"})
                 if r.status_code != 200:
                     failures.append(r.text)
                     continue
@@ -281,6 +329,9 @@ def test_one_round_end_to_end_on_a_real_endpoint_and_a_restart_resumes(finetuned
     record = json.loads((out / "rounds.jsonl").read_text().splitlines()[0])
     ledger = json.loads((out / "loop_state.json").read_text())
     assert record["decision"]["roll"] and ledger["served_model"] == record["candidate_model"]
+    # judged off-policy on the answers from the first held-out click on (the 18 held-out of the 60, at least)
+    assert record["decision"]["metric"].startswith("SNIPS") and record["decision"]["answers"] >= 18
+    assert set(record["ope"]) == {"snips", "dr"} and record["ope_since_ms"] is not None
     assert ledger["rounds"] == 1 and ledger["taken"] == record["parts"]
     # every acknowledged click once: the round's events are exactly them; the trained ones are in its dataset
     taken = read_parts([out / "feedback" / name for name in record["parts"]])

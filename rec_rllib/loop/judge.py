@@ -4,9 +4,9 @@
   the served policy saw when it answered (logged with the event), seen items left out as when serving; per
   event HR/NDCG/MRR@k, paired across models because the events are the same. Items are matched by id, so
   the two models may know different catalogues (an item a model does not know is a miss for it).
-* **The Serve log** (:func:`serve_log_estimates`): off-policy estimates of each model's first-slot click
-  rate on every answer the endpoint logged (:func:`rec_rllib.eval.servelog.evaluate_serve_log`), with
-  intervals, beside the logging policy's own mean.
+* **The Serve log** (:func:`serve_log_comparison`): the answers the endpoint gave after the candidate's
+  training cut, with the propensity of each first pick, as an exploration log: each model's first-slot
+  click rate estimated off-policy on the same answers, and the difference with a paired interval.
 """
 
 from __future__ import annotations
@@ -38,22 +38,40 @@ def ranked_clicks(
     return {f"{m}@{k}": per[m] for m in ("HR", "NDCG", "MRR")}
 
 
-def serve_log_estimates(
+def serve_log_comparison(
     feedback_dir: str | Path,
     dataset: LogDataset,
-    targets: dict[str, Recommender],
+    candidate: Recommender,
+    served: Recommender,
+    gate,
     *,
-    max_rounds: int | None = 20_000,
-    n_boot: int = 200,
-) -> dict[str, dict]:
-    """Each target's off-policy first-slot value on the Serve log (greedy), with intervals, over
-    ``dataset``'s catalogue; {} when the endpoint has logged no answer yet."""
-    from rec_rllib.eval.servelog import evaluate_serve_log, first_slot_log
+    since_ms: int,
+    max_answers: int = 20_000,
+) -> dict | None:
+    """Paired off-policy differences candidate - served of the first slot's click rate
+    (:func:`~rec_rllib.eval.servelog.compare_on_serve_log`) on the answers logged at or after ``since_ms``
+    (the newest ``max_answers`` of them), both models under the gate's exploration: the gate's estimator
+    and SNIPS and DR beside it, each an :class:`~rec_rllib.eval.ope.Estimate`; None when no answer was
+    logged since."""
+    from rec_rllib.eval.servelog import compare_on_serve_log, first_slot_log
 
     try:
-        log = first_slot_log(feedback_dir, dataset, max_rounds=max_rounds)
-    except FileNotFoundError:
-        return {}
-    if log.feedback.n == 0:
-        return {}
-    return evaluate_serve_log(log, targets, n_boot=n_boot)
+        log = first_slot_log(feedback_dir, dataset)
+    except (FileNotFoundError, ValueError):  # nothing logged yet, or no answer in the catalogue
+        return None
+    rows = np.flatnonzero(log.timestamps_ms >= since_ms)[-max_answers:]
+    if not len(rows):
+        return None
+    estimators = tuple(dict.fromkeys((gate.estimator, "snips", "dr")))
+    return compare_on_serve_log(
+        log.subset(rows),
+        candidate,
+        served,
+        estimators=estimators,
+        strategy=gate.exploration,
+        temperature=gate.temperature,
+        epsilon=gate.epsilon,
+        n_boot=gate.n_boot,
+        level=gate.level,
+        seed=gate.seed,
+    )

@@ -24,8 +24,8 @@ import numpy as np
 from rec_rllib.columns import Col
 from rec_rllib.config import DictConfig
 from rec_rllib.data.feedback import SCHEMA
-from rec_rllib.loop.gate import GateConfig, decide
-from rec_rllib.loop.judge import ranked_clicks, serve_log_estimates
+from rec_rllib.loop.gate import GateConfig, decide, decide_ope
+from rec_rllib.loop.judge import ranked_clicks, serve_log_comparison
 from rec_rllib.loop.ledger import PART_COL, Ledger, new_parts, read_parts
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class LoopConfig(DictConfig):
     cpus: float = 1.0
     """CPUs of the Ray task that runs a round (its torch threads: the whole part of it)."""
     ope_answers: int = 20_000
-    """Serve-log answers the off-policy estimates use at most (a seeded sample of a longer log)."""
+    """Serve-log answers after the training cut that the off-policy comparison uses at most (the newest)."""
     gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self) -> None:
@@ -147,13 +147,27 @@ def run_round(
         "served": ranked_clicks(served_rec, item_ids, clicks),
         "candidate": ranked_clicks(candidate_rec, item_ids, clicks),
     }
-    decision = decide(per_event["served"][cfg.gate.metric], per_event["candidate"][cfg.gate.metric], cfg.gate)
-    ope = serve_log_estimates(
-        feedback_dir,
-        dataset,
-        {"served": served_rec, "candidate": candidate_rec},
-        max_rounds=cfg.ope_answers,
-    )
+    # the answers given from the first held-out event on: neither model trained on their feedback
+    since_ms = int(held["timestamp_ms"].min()) if len(held) else None
+    ope = None
+    if since_ms is not None:
+        ope = serve_log_comparison(
+            feedback_dir,
+            dataset,
+            candidate_rec,
+            served_rec,
+            cfg.gate,
+            since_ms=since_ms,
+            max_answers=cfg.ope_answers,
+        )
+    if cfg.gate.on == "clicks":
+        decision = decide(
+            per_event["served"][cfg.gate.metric], per_event["candidate"][cfg.gate.metric], cfg.gate
+        )
+    elif ope is None:
+        decision = decide_ope(None, len(clicks), cfg.gate)
+    else:
+        decision = decide_ope(ope[cfg.gate.estimator], len(clicks), cfg.gate)
     trained_ms = fresh["timestamp_ms"].to_numpy()
     return {
         "round": ledger.rounds + 1,
@@ -178,7 +192,8 @@ def run_round(
             name: {metric: float(np.mean(v)) if len(v) else None for metric, v in values.items()}
             for name, values in per_event.items()
         },
-        "ope": ope,
+        "ope_since_ms": since_ms,
+        "ope": None if ope is None else {name: e.to_dict() for name, e in ope.items()},
         "decision": decision.to_dict(),
         "seconds": {
             "data": t_train - t0,
