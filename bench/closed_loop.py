@@ -10,12 +10,15 @@ policy, visited by the same simulated users over real HTTP, compared on click-th
 2. The starting policy: fine-tuned for ``--finetune-epochs`` on MovieLens-100K without those users (all
    items kept), unless ``--start-model`` names one.
 3. Two endpoints on loopback: ``python -m jobs.loop`` (rounds every ``--round-events`` feedback events, the
-   default gate) and ``python -m jobs.serve`` (frozen), both starting from that policy.
-4. ``python -m jobs.population`` sends the same users to both for ``--minutes``; then both stop.
+   default off-policy gate at the traffic's temperature) and ``python -m jobs.serve`` (frozen), both
+   starting from that policy.
+4. ``python -m jobs.population`` sends the same users to both for ``--minutes``, each user every
+   ``--think-seconds``, asking for Boltzmann-explored lists at ``--temperature``; then both stop.
 
 It prints and writes (``<out>/closed_loop.md``): click-through rate per target over time, the paired
-per-user difference loop - frozen with its 95% interval, the loop's rounds (decision, held-out figures) and
-the click-to-model time of each roll. Run it alone: two endpoints, the rounds' fine-tuning and the client
+per-user difference loop - frozen with its 95% interval (over all answers, before the loop's first roll,
+when both serve the same model, and from it on), the loop's rounds (decision and figures) and the
+click-to-model time of each roll. Run it alone: two endpoints, the rounds' fine-tuning and the client
 share the machine.
 """
 
