@@ -118,12 +118,13 @@ def decide_ope(estimate, clicks: int, cfg: GateConfig) -> Decision:
     """The gate's verdict on a paired off-policy difference candidate - served
     (:class:`~rec_rllib.eval.ope.Estimate` with each model's value in ``detail`` ``a`` and ``b``) over
     answers holding ``clicks`` held-out clicks; ``estimate`` None: no answer was logged after the cut."""
+    metric = f"{cfg.estimator.upper()} first-slot click rate ({cfg.exploration})"
     if estimate is None:
         nan = float("nan")
         return Decision(
             roll=False,
             reason="kept: no answer logged after the training cut to estimate on",
-            metric=f"{cfg.estimator.upper()} first-slot click rate ({cfg.exploration})",
+            metric=metric,
             events=clicks,
             served=nan,
             candidate=nan,
@@ -133,7 +134,7 @@ def decide_ope(estimate, clicks: int, cfg: GateConfig) -> Decision:
             answers=0,
         )
     figures = dict(
-        metric=f"{cfg.estimator.upper()} first-slot click rate ({cfg.exploration})",
+        metric=metric,
         events=clicks,
         served=float(estimate.detail["b"]),
         candidate=float(estimate.detail["a"]),

@@ -164,10 +164,8 @@ def run_round(
         decision = decide(
             per_event["served"][cfg.gate.metric], per_event["candidate"][cfg.gate.metric], cfg.gate
         )
-    elif ope is None:
-        decision = decide_ope(None, len(clicks), cfg.gate)
     else:
-        decision = decide_ope(ope[cfg.gate.estimator], len(clicks), cfg.gate)
+        decision = decide_ope(None if ope is None else ope[cfg.gate.estimator], len(clicks), cfg.gate)
     trained_ms = fresh["timestamp_ms"].to_numpy()
     return {
         "round": ledger.rounds + 1,
