@@ -433,6 +433,8 @@ def test_env_runners_receive_only_what_rl_trains(finetuned_run, ml_dir):
     assert sum(np.asarray(v).nbytes for v in sent.values()) < 0.1 * sum(
         np.asarray(v).nbytes for v in full.values()
     )
+    assert not any(k.startswith(("value_head.", "_old_net.")) for k in sent)  # the learner's own parts
+    assert all(np.array_equal(v, full[k]) for k, v in sent.items())
     runner = RLModuleSpec(
         module_class=RecPolicyModule,
         observation_space=env.observation_space,
@@ -448,6 +450,46 @@ def test_env_runners_receive_only_what_rl_trains(finetuned_run, ml_dir):
     )
     with pytest.raises(ValueError, match="lacks"):
         runner.set_state({k: v for k, v in sent.items() if not k.startswith("net.state_head")})
+
+
+def test_copies_of_the_algorithm_config_share_the_fine_tuned_weights(finetuned_run, ml_dir):
+    """RLlib deep-copies the algorithm config on every iteration: the weights inside the module's model config
+    are shared, not copied, while pickling (to actors, into checkpoints) still carries them whole."""
+    import pickle
+
+    cfg = RLTrainConfig.from_dict({"finetuned": finetuned_run, "env": {"dataset": ml_dir}})
+    config = build_algo_config(cfg, model_config_from_run(finetuned_run))
+    weights = config.rl_module_spec.model_config["textseqrec"]["state"]
+    copied = copy.deepcopy(config).rl_module_spec.model_config["textseqrec"]["state"]
+    assert copied is weights
+    back = pickle.loads(pickle.dumps(weights))
+    assert back.keys() == weights.keys() and all(np.array_equal(back[k], v) for k, v in weights.items())
+
+
+def test_the_target_network_update_averages_what_rl_trains(finetuned_run, ml_dir):
+    """Frozen encoder: the target network's Polyak update pairs every parameter RL trains (policy head, item
+    bias, popularity weight) and none of the frozen item vectors and text embeddings; after an update with
+    tau = 1 the target network holds the online network's every weight."""
+    from ray.rllib.core.learner.utils import update_target_network
+
+    env = LogReplayEnv({"dataset": ml_dir, "window": 30})
+    module = _module(finetuned_run, env, strategy="boltzmann", temperature=1.0)
+    module.make_target_networks()
+    with torch.no_grad():  # as after some RL updates
+        module.net.bias.add_(torch.randn_like(module.net.bias))
+        module.net.state_head.weight.mul_(1.3)
+        module.net.popularity_weight.add_(0.5)
+    pairs = module.get_target_network_pairs()
+    paired = {id(p) for main, _ in pairs for p in main.parameters()}
+    trained = [p for p in module.net.parameters() if p.requires_grad]
+    assert trained and all(id(p) in paired for p in trained)
+    assert sum(p.numel() for main, _ in pairs for p in main.parameters()) < 0.1 * sum(
+        v.numel() for v in module.net.state_dict().values()
+    )
+    for main, target in pairs:
+        update_target_network(main_net=main, target_net=target, tau=1.0)
+    target = module._old_net.state_dict()
+    assert all(torch.equal(v, target[k]) for k, v in module.net.state_dict().items())
 
 
 def test_the_observation_has_no_catalogue_sized_array(ml_dir):

@@ -231,7 +231,7 @@ class TextSeqRec(nn.Module):
             # [B, 1, H] x [B, H, K]: a row times a matrix per batch entry, forward and backward (the [B, K, H]
             # x [B, H, 1] form runs as matrix-vector products, 2-3x slower on CPU)
             scores = torch.bmm(head.unsqueeze(1), vectors.transpose(1, 2)).squeeze(1)
-            scores = scores + self.bias[idx] * self.known[idx]
+            scores = scores + (self.bias * self.known)[idx]  # one gather of B x K, not two
         else:
             items = self.item_matrix() if items is None else items
             bias = self.bias * self.known

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -69,6 +70,7 @@ from ray.rllib.core.rl_module.apis import (
 )
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.utils.annotations import override
+from ray.rllib.utils.numpy import convert_to_numpy
 from torch import nn
 
 from rec_rllib.columns import Obs
@@ -209,6 +211,29 @@ class PolicyModelConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+class _TrainedParts(nn.Module):
+    """What RL trains of a network on a frozen encoder (its policy head, item bias and popularity weight), the
+    network's own parameters: the target network's Polyak update averages these instead of every weight of
+    the network, whose frozen item vectors and text embeddings are hundreds of MB at a large catalogue and the
+    same in both copies. Built per update, never registered in the module (its state dict stays as it is)."""
+
+    def __init__(self, net: TextSeqRec) -> None:
+        super().__init__()
+        self.state_head = net.state_head
+        self.bias = net.bias
+        self.popularity_weight = net.popularity_weight
+
+
+class SharedWeights(dict):
+    """Fine-tuned weights (name -> array) that nothing writes to, shared by every copy of a config instead of
+    copied: RLlib deep-copies the algorithm config, the module's ``model_config`` with it, on every training
+    iteration (its result carries the config), which would copy every weight, hundreds of MB at a large
+    catalogue, each time. Pickling (to the env runners and learners, into checkpoints) still carries them."""
+
+    def __deepcopy__(self, memo: dict) -> SharedWeights:
+        return self
+
+
 def model_config_from_run(
     run_dir: str, *, exploration: dict | None = None, value_hidden: int = 64
 ) -> dict[str, Any]:
@@ -223,7 +248,7 @@ def model_config_from_run(
         "textseqrec": {
             "config": model.cfg.to_dict(),
             "n_items": model.n_items,
-            "state": {k: v.cpu().numpy() for k, v in model.state_dict().items()},
+            "state": SharedWeights({k: v.cpu().numpy() for k, v in model.state_dict().items()}),
             "run_dir": str(run_dir),
             "dataset": meta.get("dataset", {}),
         },
@@ -237,9 +262,18 @@ def build_textseqrec(spec: dict[str, Any], *, policy_head: bool = False) -> Text
     cfg = ModelConfig.from_dict(
         {**spec["config"], "policy_head": policy_head or spec["config"].get("policy_head", False)}
     )
-    state = {k: torch.as_tensor(np.asarray(v)) for k, v in spec["state"].items()}
+    with warnings.catch_warnings():
+        # arrays unpickled from Ray's object store are read-only views of it, which the network only reads
+        # from (load_state_dict copies them into its own weights), not copied first
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        state = {k: torch.as_tensor(np.asarray(v)) for k, v in spec["state"].items()}
+    # the two tensors the network keeps as its buffers are its own copies
+    text = state.get("text_embeddings")
     net = TextSeqRec(
-        cfg, int(spec["n_items"]), text_embeddings=state.get("text_embeddings"), known_items=state["known"]
+        cfg,
+        int(spec["n_items"]),
+        text_embeddings=None if text is None else text.clone(),
+        known_items=state["known"].clone(),
     )
     missing, unexpected = net.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith(TextSeqRec.POLICY_HEAD_KEYS) for k in missing):
@@ -278,6 +312,7 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
         # the catalogue): (the inputs they were formed from, the rows)
         self._per_batch: dict[str, tuple[tuple, torch.Tensor]] = {}
         self._ucb: LinUCB | None = None  # UCB statistics of the actions taken
+        self._gather_buffer: torch.Tensor | None = None  # the learner's candidate item vectors (_gather_rows)
         # a policy over candidates: each state's K best items by the scores before the exposure term (0: the
         # whole catalogue, as with any catalogue of at most K items)
         self.n_candidates = candidate_count(mc.candidate_items, self.net.n_items)
@@ -306,7 +341,9 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
                 if self.train_encoder:
                     self._ref_net = copy.deepcopy(self.net).requires_grad_(False).eval()
                 else:
-                    self.register_buffer("_ref_bias", self.net.bias.detach().clone(), persistent=False)
+                    # its additive item terms: the fine-tuned bias where the item was trained
+                    offsets = (self.net.bias * self.net.known).detach().clone()
+                    self.register_buffer("_ref_offsets", offsets, persistent=False)
 
     def _set_dropout(self, *, on: bool) -> None:
         for m, p in zip(self._dropouts, self._dropout_p, strict=True):
@@ -323,15 +360,22 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
 
     @override(TorchRLModule)
     def get_state(self, components=None, *, not_components=None, inference_only: bool = False, **kwargs):
-        state = super().get_state(
-            components, not_components=not_components, inference_only=inference_only, **kwargs
-        )
-        if inference_only and not self.train_encoder:
-            # what the learner sends the env runners: only what RL trains (the frozen encoder and item vectors
-            # are most of the weights, 200 MB at 100,000 items, and the same on both sides); checkpoints keep
-            # it all
-            state = {k: v for k, v in state.items() if not self._frozen_key(k)}
-        return state
+        if not (inference_only and not self.train_encoder):
+            return super().get_state(
+                components, not_components=not_components, inference_only=inference_only, **kwargs
+            )
+        # what the learner sends the env runners every iteration: only what RL trains (the frozen encoder and
+        # item vectors are most of the weights, 200 MB at 100,000 items, and the same on both sides), left
+        # out before RLlib's conversion to numpy, which copies every array it converts; checkpoints keep all
+        state = {k: v for k, v in self.state_dict().items() if not self._frozen_key(k)}
+        if not self.inference_only:  # the learner's own parts (value head, target and reference networks)
+            own = tuple(self.get_non_inference_attributes())
+            state = {
+                k: v
+                for k, v in state.items()
+                if k not in own and not k.startswith(tuple(a + "." for a in own))
+            }
+        return convert_to_numpy(state)
 
     @override(TorchRLModule)
     def set_state(self, state) -> None:
@@ -562,9 +606,22 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
             idx = candidates.long()
             return net.item_rows(idx.reshape(-1)).reshape(*idx.shape, -1)
         items = self._item_matrix(net)
-        return self._once_per_batch(
-            CANDIDATES, (candidates,), lambda: nn.functional.embedding(candidates.long(), items)
-        )
+        return self._once_per_batch(CANDIDATES, (candidates,), lambda: self._gather_rows(items, candidates))
+
+    def _gather_rows(self, items: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """``items[candidates]``, [B, K, H], written into a buffer kept from batch to batch: a new array each
+        batch (128 MB for 500 states of 512 candidates) is fresh memory from the OS every time, whose first
+        writes cost three times the gather itself. The batch's passes are done before the next batch's
+        gather overwrites it, and :meth:`_once_per_batch` keeps only the last batch's rows."""
+        if items.requires_grad:
+            return nn.functional.embedding(candidates.long(), items)
+        n, hidden = candidates.numel(), items.shape[1]
+        buf = self._gather_buffer
+        if buf is None or buf.numel() < n * hidden or buf.dtype != items.dtype or buf.device != items.device:
+            buf = self._gather_buffer = torch.empty(n * hidden, dtype=items.dtype, device=items.device)
+        rows = buf[: n * hidden].view(n, hidden)
+        torch.index_select(items, 0, candidates.reshape(-1).long(), out=rows)
+        return rows.view(*candidates.shape, hidden)
 
     def _act_on_candidates(
         self, out: dict[str, Any], log_probs: torch.Tensor, candidates: torch.Tensor, *, explore: bool
@@ -624,16 +681,17 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
                 if candidates is not None:
                     return self._logits_at(ref_state, obs, self._ref_net, candidates, terms=False)
                 return self._logits(ref_state, obs, self._ref_net, terms=False)
-            if getattr(self, "_ref_bias", None) is None:
+            if getattr(self, "_ref_offsets", None) is None:
                 return None
             # frozen encoder: the fine-tuned policy is the state through the identity head, fine-tuned bias
             if candidates is not None:
-                idx = candidates.long()
                 vectors = self._candidate_vectors(self.net, candidates)
-                logits = torch.bmm(vectors, state.detach().unsqueeze(-1)).squeeze(-1)
-                logits = logits + self._ref_bias[idx] * self.net.known[idx]
+                # [B, 1, H] x [B, H, K], as TextSeqRec.scores_from_state multiplies (the matrix-vector form
+                # is 2-3x slower on CPU)
+                logits = torch.bmm(state.detach().unsqueeze(1), vectors.transpose(1, 2)).squeeze(1)
+                logits = logits + self._ref_offsets[candidates.long()]
                 return logits.masked_fill(~self._legal_at(obs, candidates), MASK_VALUE)
-            logits = state.detach() @ self._item_matrix(self.net).T + self._ref_bias * self.net.known
+            logits = state.detach() @ self._item_matrix(self.net).T + self._ref_offsets
             return logits.masked_fill(~self._legal_actions(obs), MASK_VALUE)
 
     # -- the three forward paths -----------------------------------------------------------------------------
@@ -755,7 +813,10 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
 
     @override(TargetNetworkAPI)
     def get_target_network_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        pairs = [(self.net, self._old_net)]
+        if self.train_encoder:
+            pairs = [(self.net, self._old_net)]
+        else:
+            pairs = [(_TrainedParts(self.net), _TrainedParts(self._old_net))]
         if self.exposure_term is not None:
             pairs.append((self.exposure_term, self._old_exposure_term))
         if self.cooccurrence_term is not None:
@@ -778,7 +839,7 @@ class RecPolicyModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inferen
             "value_head",
             "_ref_net",
             "_old_net",
-            "_ref_bias",
+            "_ref_offsets",
             "_old_exposure_term",
             "_old_cooccurrence_term",
         ]
