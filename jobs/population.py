@@ -12,7 +12,10 @@ Examples::
 Each user visits every ``--think-seconds`` at most: asks for ``--k`` items (sending the history they arrived
 with and what they consumed since; the endpoint adds what they clicked), clicks the highest-placed item of
 their future and sends the click as feedback, or, seeing none, consumes their next logged item elsewhere.
-Bounded by ``--minutes`` and ``--max-requests`` per target; loopback endpoints only. Writes
+Explored requests carry a seed per (user, visit), the same at every target, unless ``--fresh-draws``: two
+endpoints serving the same model give the same lists to the same users, so a difference between them comes
+from their models, not from their draws. Bounded by ``--minutes`` and ``--max-requests`` per target;
+loopback endpoints only. Writes
 ``answers.csv`` (one row per answer), ``summary.json`` and ``ctr.png`` (click-through rate over time per
 target); with two targets, the paired per-user difference of their click-through rates with a 95%
 interval.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import http.client
 import json
 import sys
@@ -67,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--temperature", type=float, default=1.0, help="the requests' boltzmann temperature")
     p.add_argument("--epsilon", type=float, default=0.1, help="the requests' epsilon")
+    p.add_argument(
+        "--fresh-draws",
+        action="store_true",
+        help="each answer draws its exploration afresh; by default a visit's draw is seeded by (--seed, the "
+        "user, the visit's number), the same at every target: endpoints serving the same model give the "
+        "same lists, so what differs between targets is their models (common random numbers)",
+    )
     p.add_argument("--minutes", type=float, default=5.0, help="how long the population visits")
     p.add_argument("--max-requests", type=int, default=100_000, help="requests per target at most")
     p.add_argument("--concurrency", type=int, default=4, help="users visiting at once, per target")
@@ -118,6 +129,7 @@ def visit_all(
     def worker(mine: list) -> None:
         client = Client(url)
         back_at = dict.fromkeys(range(len(mine)), 0.0)  # when each user visits next
+        visits = dict.fromkeys(range(len(mine)), 0)
         while time.time() < stop_at and not all(u.done for u in mine):
             now = time.time()
             wait = min(back_at[i] for i, u in enumerate(mine) if not u.done) - now
@@ -136,6 +148,9 @@ def visit_all(
                     return
                 body = {"user": user.uid, "history": user.history, "k": args.k}
                 body.update(exploration=args.exploration, temperature=args.temperature, epsilon=args.epsilon)
+                if not args.fresh_draws:
+                    body["seed"] = visit_seed(args.seed, user.logged_user, visits[i])
+                visits[i] += 1
                 t0 = time.time()
                 try:
                     status, answer = client.post("/recommend", body)
@@ -173,6 +188,13 @@ def visit_all(
         t.start()
     for t in threads:
         t.join()
+
+
+def visit_seed(seed: int, user: str, visit: int) -> int:
+    """The exploration seed of a user's ``visit``-th request: the same for every target, different across
+    users and visits."""
+    digest = hashlib.blake2b(f"{seed}:{user}:{visit}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # 63 bits: a non-negative int64
 
 
 def paired_ctr(rows: list[dict[str, Any]], a: str, b: str, seed: int = 0) -> dict[str, float]:

@@ -55,6 +55,7 @@ def _scoring_fields(req: RecommendRequest | QueryRequest, history: list[int], ve
         "temperature": req.temperature,
         "ucb_alpha": req.ucb_alpha,
         "exposure": req.exposure,
+        "seed": req.seed,
         # a new user's greedy list is explored, unless the request asked for an exploration mode itself
         "explore_cold": "exploration" not in req.model_fields_set,
         "catalog_version": version,
@@ -211,6 +212,7 @@ class RecIngress:
             history_items=history_items,
             session_items=session_items,
             exposure_epoch=result.get("exposure_epoch"),
+            seed=result.get("seed"),
             items=items,
             served_by={"ingress": self.replica, "scorer": result["replica"]},
         )

@@ -44,6 +44,13 @@ class Exploration(_Strict):
         description="apply the replica's exposure rotation (the policy's price on items shown lately, the "
         "exposure slot); false: the policy's scores alone",
     )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=2**63 - 1,
+        description="seeds the exploration draw: the same request and seed against the same state give the "
+        "same list (a replayed request; two endpoints compared on the same draws); null: a fresh draw",
+    )
 
 
 class RecommendRequest(Exploration):
@@ -134,5 +141,6 @@ class RecommendResponse(BaseModel):
         description="the scoring replica's exposure rotation the list was priced by (answers of one epoch "
         "and replica are priced alike); null when no exposure rotation applied"
     )
+    seed: int | None = Field(None, description="the seed the exploration draw used (the request's), or null")
     items: list[ShownItem]
     served_by: dict[str, str]

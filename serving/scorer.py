@@ -57,6 +57,25 @@ RETRIEVAL_DEFAULTS = {name: AppArgs.model_fields[name].default for name in RETRI
 log = logging.getLogger("ray.serve")
 
 
+def _generator(seed: int | None, device: str | torch.device) -> torch.Generator | None:
+    """A request's own random stream when it names a seed (None: torch's global one)."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
+
+
+def _dropout(states: torch.Tensor, p: float, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """MC dropout of each row ([B, H], training-mode scaling), a seeded row's mask from its own generator."""
+    if all(g is None for g in generators):
+        return torch.nn.functional.dropout(states, p=p, training=True)
+    rows = []
+    for row, g in zip(states, generators, strict=True):
+        if g is None:
+            rows.append(torch.nn.functional.dropout(row, p=p, training=True))
+        else:
+            keep = torch.rand(row.shape, generator=g, device=row.device) >= p
+            rows.append(row * keep / (1 - p) if p < 1 else torch.zeros_like(row))
+    return torch.stack(rows)
+
+
 class ScorerInputError(ValueError):
     """A request the model cannot answer as asked (the ingress turns it into a 4xx)."""
 
@@ -315,17 +334,19 @@ class PolicyScorer:
             if self.cooccurrence is not None and whole:
                 term = self._cooccurrence_term([requests[i]["history"] for i in whole], scores.shape[1])
                 scores = scores + term
+            # a request with a seed draws from its own generator (its dropout mask, then its slate)
+            generators = {i: _generator(r.get("seed"), state.device) for i, r in enumerate(requests)}
             sampled: dict[int, torch.Tensor] = {}
             rows = [i for i in whole if requests[i].get("strategy") == "thompson"]
             if rows:  # one posterior sample of the final layer per Thompson request, in one product
-                draw = torch.nn.functional.dropout(state[rows], p=self.model.cfg.dropout, training=True)
+                draw = _dropout(state[rows], self.model.cfg.dropout, [generators[i] for i in rows])
                 drawn = self.model.scores_from_state(draw, self.items).float()
                 drawn = drawn + (term[[at[i] for i in rows]] if isinstance(term, torch.Tensor) else term)
                 sampled = dict(zip(rows, drawn, strict=True))
             return [
-                self._slate(r, pools[i][1], state[i], ids=pools[i][0])
+                self._slate(r, pools[i][1], state[i], ids=pools[i][0], generator=generators[i])
                 if i in pools
-                else self._slate(r, scores[at[i]], state[i], sampled.get(i))
+                else self._slate(r, scores[at[i]], state[i], sampled.get(i), generator=generators[i])
                 for i, r in enumerate(requests)
             ]
 
@@ -407,8 +428,10 @@ class PolicyScorer:
         state: torch.Tensor,
         sampled: torch.Tensor | None = None,
         ids: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> dict[str, Any]:
-        """One answer from ``scores`` of every item, or (``ids``) of those items only (a pool)."""
+        """One answer from ``scores`` of every item, or (``ids``) of those items only (a pool); explored
+        lists draw from ``generator`` (None: torch's global one)."""
         n = scores.shape[0]
         history = torch.as_tensor(r["history"], dtype=torch.long, device=scores.device)
         cold = len(r["history"]) == 0
@@ -457,14 +480,14 @@ class PolicyScorer:
             self.ucb.update(state[None], items[None])
         elif strategy == "epsilon":
             items, props = epsilon_slate(
-                (scores - shift)[None], k, float(r.get("epsilon", 0.1)), allowed[None]
+                (scores - shift)[None], k, float(r.get("epsilon", 0.1)), allowed[None], generator
             )
             items, props = items[0], props[0]
         else:  # boltzmann; thompson: the same rule on a posterior sample of the scores
             t = float(r.get("temperature", 1.0))
             drawn_from = (scores if sampled is None else self._adjusted(r, sampled)) - shift
             logits = drawn_from.float().masked_fill(~allowed, -torch.inf) / t
-            items, props = sample_slate(logits[None], k, normalise=True)
+            items, props = sample_slate(logits[None], k, generator, normalise=True)
             items, props = items[0], props[0]
         local, items = items, (items if ids is None else ids[items])  # positions in scores, item indices
         if widened is None and tracked:
@@ -478,6 +501,7 @@ class PolicyScorer:
             "model_version": self.model_version,
             "replica": self.replica,
             "exposure_epoch": epoch if exposed else None,
+            "seed": r.get("seed"),
         }
         if widened is not None:
             out["exposure"] = widened.tolist()

@@ -115,6 +115,21 @@ def test_exploration_reports_propensities(app):
             assert props[0] > 0.5 or props[0] < 0.01
 
 
+def test_a_seed_fixes_the_exploration_draw(app):
+    """The same explored request with the same seed gets the same list and propensities, whichever replica
+    answers; the answer names its seed; another seed draws another list."""
+    c = app["client"]
+    for mode, extra in (("epsilon", {"epsilon": 0.5}), ("boltzmann", {"temperature": 2.0}), ("thompson", {})):
+        body = {"user": "196", "k": 10, "exploration": mode, "exposure": False, **extra}
+        answers = [c.post("/recommend", json={**body, "seed": 7}).json() for _ in range(3)]
+        assert all(a["seed"] == 7 for a in answers)
+        lists = {tuple((it["item_id"], it["propensity"]) for it in a["items"]) for a in answers}
+        assert len(lists) == 1, mode
+        other = c.post("/recommend", json={**body, "seed": 8}).json()
+        assert tuple((it["item_id"], it["propensity"]) for it in other["items"]) not in lists, mode
+    assert c.post("/recommend", json={"user": "196", "exploration": "boltzmann"}).json()["seed"] is None
+
+
 def test_ucb_shows_the_greedy_slate_at_zero_width_and_moves_off_what_a_replica_showed(app):
     c = app["client"]
     greedy = c.post("/recommend", json={"user": "196", "k": 5}).json()
@@ -173,6 +188,30 @@ def test_thompson_draws_by_the_boltzmann_rule_on_one_posterior_sample(finetuned_
         assert th["propensities"] == pytest.approx(given(sample, th["items"]), rel=1e-4)
         off_mean += th["propensities"] != pytest.approx(given(mean, th["items"]), rel=1e-3)
     assert off_mean == 6  # the sample, not the mean, decided every slate
+
+
+def test_a_seeded_answer_does_not_depend_on_its_batch(finetuned_run, ml_dir):
+    """In process: a seeded explored request draws from its own stream, so it gets the same list alone and
+    batched with other requests (seeded or not), whatever torch's global generator holds."""
+    import torch
+
+    from serving.scorer import PolicyScorer
+
+    scorer = PolicyScorer(finetuned_run, ml_dir)
+    others = [
+        {"history": list(range(1, 40, 2)), "k": 10, "strategy": "boltzmann"},
+        {"history": [5, 9], "k": 10, "strategy": "thompson", "seed": 3},
+    ]
+    for strategy in ("boltzmann", "epsilon", "thompson"):
+        req = {"history": list(range(0, 60, 3)), "k": 10, "strategy": strategy, "epsilon": 0.5, "seed": 11}
+        torch.manual_seed(0)
+        alone = scorer.score_requests([req])[0]
+        torch.manual_seed(1)
+        batched = scorer.score_requests([others[0], req, others[1]])[1]
+        assert batched["items"] == alone["items"], strategy
+        # (a batch's product may round its scores differently in the last place)
+        assert batched["propensities"] == pytest.approx(alone["propensities"], rel=1e-5)
+        assert alone["seed"] == 11
 
 
 def test_answers_from_the_item_index_rank_and_draw_among_the_items_it_finds(finetuned_run, ml_dir):
