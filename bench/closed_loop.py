@@ -13,7 +13,9 @@ policy, visited by the same simulated users over real HTTP, compared on click-th
    default off-policy gate at the traffic's temperature) and ``python -m jobs.serve`` (frozen), both
    starting from that policy.
 4. ``python -m jobs.population`` sends the same users to both for ``--minutes``, each user every
-   ``--think-seconds``, asking for Boltzmann-explored lists at ``--temperature``; then both stop.
+   ``--think-seconds``, asking for Boltzmann-explored lists at ``--temperature``, each visit's draw seeded
+   alike at both endpoints (common random numbers: until the loop rolls a candidate both give the same
+   lists, so the difference comes from the rolled models); then both stop.
 
 It prints and writes (``<out>/closed_loop.md``): click-through rate per target over time, the paired
 per-user difference loop - frozen with its 95% interval (over all answers, before the loop's first roll,
@@ -189,8 +191,8 @@ def main() -> int:
 
 
 def _before_and_after_the_first_roll(out: Path) -> list[str]:
-    """The paired per-user difference before the loop's first roll (both serve the same model: chance) and
-    after it, each over the answers given in that time."""
+    """The paired per-user difference before the loop's first roll (both serve the same model and draw
+    alike: zero up to rounding) and after it, each over the answers given in that time."""
     import csv
 
     from jobs.population import paired_ctr

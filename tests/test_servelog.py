@@ -299,3 +299,36 @@ def test_the_first_pick_distribution_is_the_closed_form_per_context(ml100k):
     rows = ope._first_position_dist(wide, "boltzmann", 1.0, 0.1)
     assert np.allclose(rows.sum(axis=1, dtype=np.float64), 1.0, rtol=0, atol=1e-6)
     assert (rows[:, :10] == 0).all()
+
+
+def test_the_loop_judges_no_usable_answer_as_none_and_a_corrupt_log_as_an_error(ml100k, tmp_path):
+    """The loop's off-policy judgement: no impression yet, or none whose first item is in the catalogue,
+    gives None (the round keeps the served model); an impression without its propensities is an error that
+    names the log, not a silent "no answers"."""
+    from rec_rllib.columns import SplitScheme
+    from rec_rllib.data.feedback import IMPRESSION_SCHEMA, IMPRESSIONS, write_part
+    from rec_rllib.loop.gate import GateConfig
+    from rec_rllib.loop.judge import serve_log_comparison
+    from rec_rllib.models import load_recommender
+
+    pop = load_recommender("popularity", ml100k, scheme=SplitScheme.LEAVE_ONE_OUT)
+    judge = dict(dataset=ml100k, candidate=pop, served=pop, gate=GateConfig(), since_ms=0)
+    assert serve_log_comparison(tmp_path / "none", **judge) is None
+    answer = {
+        "request_id": "r0",
+        "timestamp_ms": 5,
+        "user_id": "u",
+        "history": ["1"],
+        "shown": ["added-from-text"],
+        "shown_propensities": [0.5],
+        "model_version": "m",
+        "strategy": "boltzmann",
+    }
+    (tmp_path / "added" / IMPRESSIONS).mkdir(parents=True)
+    write_part(tmp_path / "added" / IMPRESSIONS, [answer], "t0", IMPRESSION_SCHEMA)
+    assert serve_log_comparison(tmp_path / "added", **judge) is None
+    (tmp_path / "corrupt" / IMPRESSIONS).mkdir(parents=True)
+    bad = {**answer, "shown": ["1"], "shown_propensities": []}
+    write_part(tmp_path / "corrupt" / IMPRESSIONS, [bad], "t0", IMPRESSION_SCHEMA)
+    with pytest.raises(ValueError, match=r"corrupt.*r0.*without their propensities"):
+        serve_log_comparison(tmp_path / "corrupt", **judge)

@@ -45,6 +45,10 @@ the allocator's largest mmap threshold, so each block reuses the last one's page
 new ones."""
 
 
+class NoUsableAnswers(ValueError):
+    """A Serve log holds no answer whose first item is in the catalogue (e.g. none yet)."""
+
+
 class Histories(Sequence):
     """The histories of a log's rounds as one flat array of item indices and offsets (``histories[i]``: an
     array; a slice: a Histories view over the same flat array): a million answers' histories without a
@@ -192,7 +196,7 @@ def first_slot_log(
         kept.extend(kept_rids)
     dropped["feedback_without_impression"] = int((~fb_seen).sum())
     if not kept:
-        raise ValueError(
+        raise NoUsableAnswers(
             f"{feedback_dir}: no impression whose first item is in the catalogue of {dataset.name}"
         )
     action, pscore, reward = np.concatenate(actions), np.concatenate(props), np.concatenate(rs)

@@ -53,11 +53,11 @@ def serve_log_comparison(
     (the newest ``max_answers`` of them), both models under the gate's exploration: the gate's estimator
     and SNIPS and DR beside it, each an :class:`~rec_rllib.eval.ope.Estimate`; None when no answer was
     logged since."""
-    from rec_rllib.eval.servelog import compare_on_serve_log, first_slot_log
+    from rec_rllib.eval.servelog import NoUsableAnswers, compare_on_serve_log, first_slot_log
 
     try:
         log = first_slot_log(feedback_dir, dataset)
-    except (FileNotFoundError, ValueError):  # nothing logged yet, or no answer in the catalogue
+    except (FileNotFoundError, NoUsableAnswers):  # nothing logged yet, or no answer in the catalogue
         return None
     rows = np.flatnonzero(log.timestamps_ms >= since_ms)[-max_answers:]
     if not len(rows):
