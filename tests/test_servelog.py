@@ -177,7 +177,8 @@ def test_a_serve_log_in_blocks_gives_the_whole_array_estimates(ml100k, finetuned
     """The first-slot log read part by part holds exactly the answers, propensities, summed first-slot
     rewards and catalogue histories written, and counts what it dropped; each target's estimates scored 37
     answers at a time equal those of the whole [answers, catalogue] distribution with the dense cross-fit
-    (every estimator, intervals included), for a stochastic and a greedy target; a subset keeps its rows."""
+    (every estimator, intervals included), for a stochastic and a greedy target; a subset keeps its rows, and
+    reading only the answers since a time gives that subset."""
     from rec_rllib.columns import SplitScheme
     from rec_rllib.eval.servelog import SERVE_LOG_ESTIMATORS, evaluate_serve_log, first_slot_log
     from rec_rllib.models import load_recommender
@@ -196,6 +197,13 @@ def test_a_serve_log_in_blocks_gives_the_whole_array_estimates(ml100k, finetuned
         "history_items_not_in_catalogue": 14,
         "feedback_without_impression": 1,
     }
+    # the newest answers alone (the first part file holds none of them): the same rows as a subset
+    newest = first_slot_log(tmp_path / "fb", ml100k, since_ms=350)
+    same = served.subset(np.flatnonzero(served.timestamps_ms >= 350))
+    assert newest.request_ids == same.request_ids and newest.timestamps_ms.min() >= 350
+    for name in ("action", "pscore", "reward"):
+        assert np.array_equal(getattr(newest.feedback, name), getattr(same.feedback, name))
+    assert all(np.array_equal(newest.histories[i], same.histories[i]) for i in range(len(same.histories)))
 
     targets = {
         "popularity": load_recommender("popularity", ml100k, scheme=SplitScheme.LEAVE_ONE_OUT),

@@ -97,11 +97,22 @@ def read_feedback(directory: str | Path) -> pa.Table:
     return _read_parts(feedback_parts(directory), SCHEMA)
 
 
-def iter_impressions(directory: str | Path):
+def iter_impressions(directory: str | Path, *, since_ms: int | None = None):
     """The impression parts under ``directory/impressions`` one table at a time (:data:`IMPRESSION_SCHEMA`),
-    oldest first: what a reader of a long log holds at once is one part."""
+    oldest first: what a reader of a long log holds at once is one part. ``since_ms``: only the answers
+    logged at or after it; a part with none is skipped after reading its timestamps alone, so a reader of
+    the newest answers does not read the whole log."""
+    import pyarrow.compute as pc
+
     for part in impression_parts(directory):
-        yield read_part(part, IMPRESSION_SCHEMA)
+        if since_ms is not None:
+            stamps = pq.read_table(part, columns=["timestamp_ms"]).column("timestamp_ms")
+            if not len(stamps) or pc.max(stamps).as_py() < since_ms:
+                continue
+        table = read_part(part, IMPRESSION_SCHEMA)
+        if since_ms is not None:
+            table = table.filter(pc.greater_equal(table.column("timestamp_ms"), since_ms))
+        yield table
 
 
 def read_part(part: Path, schema: pa.Schema) -> pa.Table:

@@ -105,7 +105,12 @@ class ServeLog:
 
 
 def first_slot_log(
-    feedback_dir: str | Path, dataset: LogDataset, *, max_rounds: int | None = None, seed: int = 0
+    feedback_dir: str | Path,
+    dataset: LogDataset,
+    *,
+    max_rounds: int | None = None,
+    seed: int = 0,
+    since_ms: int | None = None,
 ) -> ServeLog:
     """Join ``feedback_dir``'s impressions and feedback into a first-slot bandit log over ``dataset``'s
     catalogue. Answers whose first item is not in the catalogue (added at run time by ``POST /items``)
@@ -115,7 +120,10 @@ def first_slot_log(
 
     ``max_rounds``: of a log with more usable answers, a uniform random subset of that many is kept (seeded by
     ``seed``; ``dropped["not_sampled"]`` counts the rest): the estimators' memory does not need it
-    (:func:`evaluate_serve_log` works in blocks), their time grows with the answers."""
+    (:func:`evaluate_serve_log` works in blocks), their time grows with the answers.
+
+    ``since_ms``: only the answers logged at or after it (part files older than it are not read); feedback
+    on earlier answers is then not counted in ``dropped``."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -148,7 +156,7 @@ def first_slot_log(
         n = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64)
         return np.cumsum(n) - n, n  # each row's first value in lists.flatten(), and its length
 
-    for table in iter_impressions(feedback_dir):
+    for table in iter_impressions(feedback_dir, since_ms=since_ms):
         if not len(table):
             continue
         rid = table.column("request_id").combine_chunks()
@@ -194,7 +202,8 @@ def first_slot_log(
         props.append(p_first.astype(np.float64))
         rs.append(r)
         kept.extend(kept_rids)
-    dropped["feedback_without_impression"] = int((~fb_seen).sum())
+    if since_ms is None:  # (feedback on answers before since_ms has no impression read here)
+        dropped["feedback_without_impression"] = int((~fb_seen).sum())
     if not kept:
         raise NoUsableAnswers(
             f"{feedback_dir}: no impression whose first item is in the catalogue of {dataset.name}"

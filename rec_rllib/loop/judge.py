@@ -56,12 +56,10 @@ def serve_log_comparison(
     from rec_rllib.eval.servelog import NoUsableAnswers, compare_on_serve_log, first_slot_log
 
     try:
-        log = first_slot_log(feedback_dir, dataset)
-    except (FileNotFoundError, NoUsableAnswers):  # nothing logged yet, or no answer in the catalogue
+        log = first_slot_log(feedback_dir, dataset, since_ms=since_ms)
+    except (FileNotFoundError, NoUsableAnswers):  # nothing logged (since), or no answer in the catalogue
         return None
-    rows = np.flatnonzero(log.timestamps_ms >= since_ms)[-max_answers:]
-    if not len(rows):
-        return None
+    rows = np.arange(log.feedback.n)[-max_answers:]
     estimators = tuple(dict.fromkeys((gate.estimator, "snips", "dr")))
     return compare_on_serve_log(
         log.subset(rows),
