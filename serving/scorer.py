@@ -326,7 +326,15 @@ class PolicyScorer:
                 [r["history"] for r in requests], self.model.cfg.max_len, self.device
             )
             state = self.model.user_state(tokens, lengths, self.items)
-            pools = self._pools(state, requests)  # the requests answered from the index's pool
+            # a request with a seed draws from its own generator (its dropout mask, then its slate)
+            generators = {i: _generator(r.get("seed"), state.device) for i, r in enumerate(requests)}
+            # one posterior sample of the final layer per Thompson request: MC dropout on its user state
+            rows = [i for i, r in enumerate(requests) if r.get("strategy") == "thompson"]
+            draws: dict[int, torch.Tensor] = {}
+            if rows:
+                drawn = _dropout(state[rows], self.model.cfg.dropout, [generators[i] for i in rows])
+                draws = dict(zip(rows, drawn, strict=True))
+            pools = self._pools(state, requests, draws)  # the requests answered from the index's pool
             whole = [i for i in range(len(requests)) if i not in pools]  # the others score every item
             at = {row: j for j, row in enumerate(whole)}
             scores = self.model.scores_from_state(state[whole], self.items).float() if whole else None
@@ -334,27 +342,25 @@ class PolicyScorer:
             if self.cooccurrence is not None and whole:
                 term = self._cooccurrence_term([requests[i]["history"] for i in whole], scores.shape[1])
                 scores = scores + term
-            # a request with a seed draws from its own generator (its dropout mask, then its slate)
-            generators = {i: _generator(r.get("seed"), state.device) for i, r in enumerate(requests)}
             sampled: dict[int, torch.Tensor] = {}
-            rows = [i for i in whole if requests[i].get("strategy") == "thompson"]
-            if rows:  # one posterior sample of the final layer per Thompson request, in one product
-                draw = _dropout(state[rows], self.model.cfg.dropout, [generators[i] for i in rows])
-                drawn = self.model.scores_from_state(draw, self.items).float()
+            rows = [i for i in whole if i in draws]
+            if rows:  # the samples' scores of every item, in one product
+                sample = torch.stack([draws[i] for i in rows])
+                drawn = self.model.scores_from_state(sample, self.items).float()
                 drawn = drawn + (term[[at[i] for i in rows]] if isinstance(term, torch.Tensor) else term)
                 sampled = dict(zip(rows, drawn, strict=True))
             return [
-                self._slate(r, pools[i][1], state[i], ids=pools[i][0], generator=generators[i])
+                self._slate(r, pools[i][1], state[i], pools[i][2], ids=pools[i][0], generator=generators[i])
                 if i in pools
                 else self._slate(r, scores[at[i]], state[i], sampled.get(i), generator=generators[i])
                 for i, r in enumerate(requests)
             ]
 
     def _pooled(self, r: dict[str, Any]) -> bool:
-        """Whether an answer ranks or draws among the items the index finds: a known user's greedy or
-        Boltzmann list, no query, a policy without a co-occurrence term, no exposure slot (a new user's
-        list blends in popularity, a query's the text; Thompson, UCB and epsilon lists, the exposure slot's
-        pool and the co-occurrence term read every item)."""
+        """Whether an answer ranks or draws among the items the index finds: a known user's greedy,
+        Boltzmann or Thompson list, no query, a policy without a co-occurrence term, no exposure slot (a new
+        user's list blends in popularity, a query's the text; UCB and epsilon lists, the exposure slot's pool
+        and the co-occurrence term read every item)."""
         strategy = r.get("strategy", "greedy")
         slot = self.exposure.cfg.active and bool(r.get("exposure", True))
         return (
@@ -362,28 +368,35 @@ class PolicyScorer:
             and self.cooccurrence is None
             and len(r["history"]) > 0
             and "query_scores" not in r
-            and (strategy == "boltzmann" or (strategy == "greedy" and not slot))
+            and (strategy in ("boltzmann", "thompson") or (strategy == "greedy" and not slot))
         )
 
     def _pools(
-        self, state: torch.Tensor, requests: list[dict[str, Any]]
-    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """{request: (items [P], their scores [P])} for the pooled requests (:meth:`_pooled`): the
-        ``candidate_pool`` + (history length) items with the highest scores the index finds, and every item
-        added at run time (not in the index), scored exactly. What follows (exclusions, exposure prices, the
-        top-k or the draw) then costs the pool, not the catalogue. A request whose probed clusters held fewer
-        items than asked (tiny clusters) is left out: it scores every item."""
+        self,
+        state: torch.Tensor,
+        requests: list[dict[str, Any]],
+        draws: dict[int, torch.Tensor] | None = None,
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """{request: (items [P], their scores [P], their scores under the request's posterior sample [P] or
+        None)} for the pooled requests (:meth:`_pooled`): the ``candidate_pool`` + (history length) items with
+        the highest scores the index finds, and every item added at run time (not in the index), scored
+        exactly. A Thompson request (``draws``: its sampled user state) searches with its sample, the state
+        its list is drawn by. What follows (exclusions, exposure prices, the top-k or the draw) then costs
+        the pool, not the catalogue. A request whose probed clusters held fewer items than asked (tiny
+        clusters) is left out: it scores every item."""
+        draws = draws or {}
         pooled = [i for i, r in enumerate(requests) if self._pooled(r)]
         if not pooled:
             return {}
         n, indexed = self.items.shape[0], self.index.n_items
         longest = max(len(requests[i]["history"]) for i in pooled)
+        searched = torch.stack([draws.get(i, state[i]) for i in pooled])  # what each list is drawn by
         found_scores, found = self.index.search(
-            self.model.score_query(state[pooled]), int(self.retrieval["candidate_pool"]) + longest
+            self.model.score_query(searched), int(self.retrieval["candidate_pool"]) + longest
         )
         added = torch.arange(indexed, n, device=state.device)
         added_scores = (
-            self.model.scores_from_state(state[pooled], self.items, added).float()
+            self.model.scores_from_state(searched, self.items, added).float()
             if n > indexed
             else torch.zeros(len(pooled), 0, device=state.device)
         )
@@ -392,7 +405,12 @@ class PolicyScorer:
             if bool((found[j] == indexed).any()):
                 continue
             ids = torch.cat([found[j].to(state.device), added])
-            pools[i] = (ids, torch.cat([found_scores[j].to(added_scores.dtype), added_scores[j]]))
+            scores = torch.cat([found_scores[j].to(added_scores.dtype), added_scores[j]])
+            if i in draws:  # the pool under the sample; the answer's scores are the mean state's
+                mean = self.model.scores_from_state(state[i : i + 1], self.items, ids)[0].float()
+                pools[i] = (ids, mean, scores)
+            else:
+                pools[i] = (ids, scores, None)
         return pools
 
     def _cooccurrence_term(self, histories: list, n: int) -> torch.Tensor:

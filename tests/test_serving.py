@@ -218,8 +218,8 @@ def test_answers_from_the_item_index_rank_and_draw_among_the_items_it_finds(fine
     """In process, ``candidate_search="ivf"``: reading every cluster, a greedy list is the list of scoring
     every item, scores included; reading few, a greedy list is the pool's best and a Boltzmann list draws
     only among the pool the index found (its propensities the Plackett-Luce rule's over that pool), neither
-    showing a history item; an item added at run time is in every pool; a new user's list and a Thompson
-    list still score every item."""
+    showing a history item; a Thompson list draws among the pool its posterior sample finds; an item added
+    at run time is in every pool; a new user's list still scores every item."""
     import torch
 
     from rec_rllib.models.seqrec import pad_histories
@@ -259,15 +259,32 @@ def test_answers_from_the_item_index_rank_and_draw_among_the_items_it_finds(fine
         chosen = p[[at[i] for i in drawn["items"]]]
         given = (chosen / (1 - (torch.cumsum(chosen, 0) - chosen))).tolist()
         assert drawn["propensities"] == pytest.approx(given, rel=1e-3)
-    thompson = scorer.score_requests([{**req, "strategy": "thompson", "k": 200}])[0]
-    assert not set(thompson["items"]) <= pool  # Thompson: every item
+    # Thompson: the pool its posterior sample finds (the seeded mask redrawn here), drawn by the sample's
+    # scores, the answer's scores the mean state's
+    model, t = scorer.model, 0.5
+    scorer.reconfigure({"candidate_probe": 12})  # enough clusters for a pool of 50 + the history
+    for seed in range(3):
+        thompson = scorer.score_requests([{**req, "strategy": "thompson", "temperature": t, "seed": seed}])[0]
+        keep = torch.rand(state.shape[1], generator=torch.Generator().manual_seed(seed)) >= model.cfg.dropout
+        sample = state * keep / (1 - model.cfg.dropout)
+        with torch.inference_mode():
+            _, found_t = scorer.index.search(model.score_query(sample), 50 + len(history))
+            sampled = model.scores_from_state(sample, scorer.items)[0].float()
+        assert not bool((found_t == scorer.index.n_items).any())  # (else it scores every item)
+        pool_t = sorted(set(found_t[0].tolist()) - set(history))
+        assert set(thompson["items"]) <= set(pool_t) and len(set(thompson["items"])) == 10
+        p_t = torch.softmax(sampled[pool_t] / t, dim=0).double()
+        chosen = p_t[[pool_t.index(i) for i in thompson["items"]]]
+        given = (chosen / (1 - (torch.cumsum(chosen, 0) - chosen))).tolist()
+        assert thompson["propensities"] == pytest.approx(given, rel=1e-3)
+        assert thompson["scores"] == pytest.approx(mean[thompson["items"]].tolist(), abs=1e-4)
     cold = scorer.score_requests([{"history": [], "k": 200}])[0]
     assert not set(cold["items"]) <= pool  # a new user: every item
     new = scorer.model.n_items
     with torch.inference_mode():
         scorer.model.add_items(scorer.model.item_text_embeddings()[:1].clone())  # as POST /items does
         scorer._refresh_items()
-        ids, pooled = scorer._pools(state, [req])[0]
+        ids, pooled, _ = scorer._pools(state, [req])[0]
     assert ids[-1] == new  # the added item is in every pool, scored as the model scores it
     assert pooled[-1] == pytest.approx(float(scorer.model.scores_from_state(state, scorer.items)[0, new]))
 
