@@ -358,9 +358,9 @@ class PolicyScorer:
 
     def _pooled(self, r: dict[str, Any]) -> bool:
         """Whether an answer ranks or draws among the items the index finds: a known user's greedy,
-        Boltzmann or Thompson list, no query, a policy without a co-occurrence term, no exposure slot (a new
-        user's list blends in popularity, a query's the text; UCB and epsilon lists, the exposure slot's pool
-        and the co-occurrence term read every item)."""
+        Boltzmann, Thompson or epsilon list (its uniform picks still range over the catalogue), no query, a
+        policy without a co-occurrence term, no exposure slot (a new user's list blends in popularity, a
+        query's the text; UCB lists, the exposure slot's pool and the co-occurrence term read every item)."""
         strategy = r.get("strategy", "greedy")
         slot = self.exposure.cfg.active and bool(r.get("exposure", True))
         return (
@@ -368,7 +368,7 @@ class PolicyScorer:
             and self.cooccurrence is None
             and len(r["history"]) > 0
             and "query_scores" not in r
-            and (strategy in ("boltzmann", "thompson") or (strategy == "greedy" and not slot))
+            and (strategy in ("boltzmann", "thompson", "epsilon") or (strategy == "greedy" and not slot))
         )
 
     def _pools(
@@ -466,7 +466,7 @@ class PolicyScorer:
         strategy = r.get("strategy", "greedy")
         if strategy == "greedy" and cold and r.get("explore_cold", True):
             strategy = "boltzmann"  # a new user gets an explored list
-        widened = bonus = None
+        widened = bonus = shown_scores = None
         tracked = self.exposure.cfg.active  # the replica records what it shows
         if tracked:
             self.exposure.grow(self.model.n_items)  # items added at run time start unexposed
@@ -496,6 +496,10 @@ class PolicyScorer:
             items = torch.topk(masked + bonus, k).indices
             props = torch.ones(k, dtype=torch.float64)
             self.ucb.update(state[None], items[None])
+        elif strategy == "epsilon" and ids is not None:
+            items, props, shown_scores = self._epsilon_over_catalogue(
+                r, state, ranked_by, allowed, ids, k, generator, priced=exposed and self.exposure.cfg.penalty
+            )
         elif strategy == "epsilon":
             items, props = epsilon_slate(
                 (scores - shift)[None], k, float(r.get("epsilon", 0.1)), allowed[None], generator
@@ -507,12 +511,14 @@ class PolicyScorer:
             logits = drawn_from.float().masked_fill(~allowed, -torch.inf) / t
             items, props = sample_slate(logits[None], k, generator, normalise=True)
             items, props = items[0], props[0]
-        local, items = items, (items if ids is None else ids[items])  # positions in scores, item indices
+        if shown_scores is None:  # items are positions in scores: their item indices, their scores
+            local, items = items, (items if ids is None else ids[items])
+            shown_scores = ranked_by[local]
         if widened is None and tracked:
             self.exposure.record(items.cpu().numpy())
         out: dict[str, Any] = {
             "items": items.cpu().tolist(),
-            "scores": ranked_by[local].cpu().tolist(),
+            "scores": shown_scores.cpu().tolist(),
             "propensities": props.cpu().tolist(),
             "strategy": strategy,
             "cold_start": cold,
@@ -528,6 +534,55 @@ class PolicyScorer:
         if r.get("explain") and len(history):
             out["because"] = self._because(history, items)
         return out
+
+    def _epsilon_over_catalogue(
+        self,
+        r: dict[str, Any],
+        state: torch.Tensor,
+        ranked_by: torch.Tensor,
+        allowed: torch.Tensor,
+        ids: torch.Tensor,
+        k: int,
+        generator: torch.Generator | None,
+        *,
+        priced: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A pooled epsilon-greedy list: each position is the pool's best remaining item with probability
+        1 - epsilon, else an item drawn uniformly among every remaining item of the catalogue (the history
+        excluded), found by rejection instead of by scoring the catalogue; the propensities are
+        :func:`~rec_rllib.explore.epsilon_slate`'s. Returns (item indices [k], propensities [k], their
+        scores [k]: the pool's, or for an item drawn outside it, the model's less its exposure price)."""
+        epsilon = float(r.get("epsilon", 0.1))
+        n = self.items.shape[0]
+        seen = set(r["history"]) if r.get("exclude_seen", True) else set()  # catalogue items (checked)
+        order = torch.argsort(ranked_by.masked_fill(~allowed, -torch.inf), descending=True, stable=True)
+        ranked = ids[order[: int(allowed.sum())]].tolist()  # the pool's allowed items, best first
+        pool_scores = dict(zip(ids.tolist(), ranked_by.tolist(), strict=True))
+        chosen: list[int] = []
+        props: list[float] = []
+        for j in range(k):
+            best = next(item for item in ranked if item not in chosen)
+            item = best
+            if float(torch.rand((), generator=generator)) < epsilon:
+                while True:  # uniform over the remaining catalogue
+                    item = int(torch.randint(n, (), generator=generator))
+                    if item not in seen and item not in chosen:
+                        break
+            remaining = n - len(seen) - j
+            props.append(epsilon / remaining + (1 - epsilon) * (item == best))
+            chosen.append(item)
+        items = torch.as_tensor(chosen, device=ranked_by.device)
+        outside = [i for i in chosen if i not in pool_scores]
+        if outside:
+            idx = torch.as_tensor(outside, device=ranked_by.device)
+            scores = self.model.scores_from_state(state[None], self.items, idx)[0].float()
+            if priced:
+                scores = scores - torch.as_tensor(
+                    self.exposure.penalties(self.model.n_items)[outside], dtype=scores.dtype
+                ).to(scores.device)
+            pool_scores.update(zip(outside, scores.tolist(), strict=True))
+        shown = torch.tensor([pool_scores[i] for i in chosen], dtype=ranked_by.dtype)
+        return items, torch.tensor(props, dtype=torch.float64), shown
 
     def _relevance(self, histories: list[list[int]], idx: torch.Tensor) -> torch.Tensor:
         """[B, m] the policy's scores of items ``idx`` for each history (the model, plus the co-occurrence

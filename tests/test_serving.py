@@ -218,8 +218,9 @@ def test_answers_from_the_item_index_rank_and_draw_among_the_items_it_finds(fine
     """In process, ``candidate_search="ivf"``: reading every cluster, a greedy list is the list of scoring
     every item, scores included; reading few, a greedy list is the pool's best and a Boltzmann list draws
     only among the pool the index found (its propensities the Plackett-Luce rule's over that pool), neither
-    showing a history item; a Thompson list draws among the pool its posterior sample finds; an item added
-    at run time is in every pool; a new user's list still scores every item."""
+    showing a history item; an epsilon list's uniform picks range over the whole catalogue; a Thompson list
+    draws among the pool its posterior sample finds; an item added at run time is in every pool; a new user's
+    list still scores every item."""
     import torch
 
     from rec_rllib.models.seqrec import pad_histories
@@ -259,6 +260,18 @@ def test_answers_from_the_item_index_rank_and_draw_among_the_items_it_finds(fine
         chosen = p[[at[i] for i in drawn["items"]]]
         given = (chosen / (1 - (torch.cumsum(chosen, 0) - chosen))).tolist()
         assert drawn["propensities"] == pytest.approx(given, rel=1e-3)
+    # epsilon: the pool's best remaining item, or with probability epsilon any remaining catalogue item
+    n, rest = scorer.model.n_items, scorer.model.n_items - len(history)
+    greedy_eps = scorer.score_requests([{**req, "strategy": "epsilon", "epsilon": 0.0}])[0]
+    assert greedy_eps["items"] == greedy["items"] and greedy_eps["propensities"] == [1.0] * 10
+    uniform = scorer.score_requests([{**req, "strategy": "epsilon", "epsilon": 1.0, "k": 30, "seed": 1}])[0]
+    assert not set(uniform["items"]) <= pool and not set(uniform["items"]) & set(history)
+    assert len(set(uniform["items"])) == 30 and max(uniform["items"]) < n
+    assert uniform["propensities"] == pytest.approx([1 / (rest - j) for j in range(30)])
+    assert uniform["scores"] == pytest.approx(mean[uniform["items"]].tolist(), abs=1e-4)
+    half = scorer.score_requests([{**req, "strategy": "epsilon", "epsilon": 0.5, "seed": 2}])[0]
+    best = greedy["items"][0]
+    assert half["propensities"][0] == pytest.approx(0.5 / rest + 0.5 * (half["items"][0] == best))
     # Thompson: the pool its posterior sample finds (the seeded mask redrawn here), drawn by the sample's
     # scores, the answer's scores the mean state's
     model, t = scorer.model, 0.5
