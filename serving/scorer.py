@@ -358,9 +358,9 @@ class PolicyScorer:
 
     def _pooled(self, r: dict[str, Any]) -> bool:
         """Whether an answer ranks or draws among the items the index finds: a known user's greedy,
-        Boltzmann, Thompson or epsilon list (its uniform picks still range over the catalogue), no query, a
-        policy without a co-occurrence term, no exposure slot (a new user's list blends in popularity, a
-        query's the text; UCB lists, the exposure slot's pool and the co-occurrence term read every item)."""
+        Boltzmann, Thompson, UCB or epsilon list (its uniform picks still range over the catalogue), no query,
+        a policy without a co-occurrence term, no exposure slot (a new user's list blends in popularity, a
+        query's the text; the exposure slot's pool and the co-occurrence term read every item)."""
         strategy = r.get("strategy", "greedy")
         slot = self.exposure.cfg.active and bool(r.get("exposure", True))
         return (
@@ -368,7 +368,9 @@ class PolicyScorer:
             and self.cooccurrence is None
             and len(r["history"]) > 0
             and "query_scores" not in r
-            and (strategy in ("boltzmann", "thompson", "epsilon") or (strategy == "greedy" and not slot))
+            and (
+                strategy in ("boltzmann", "thompson", "epsilon", "ucb") or (strategy == "greedy" and not slot)
+            )
         )
 
     def _pools(
@@ -490,12 +492,15 @@ class PolicyScorer:
             top = torch.topk(masked, k)
             items, props = top.indices, torch.ones(k, dtype=torch.float64)
         elif strategy == "ucb":
-            bonus = float(r.get("ucb_alpha", ExplorationConfig.ucb_alpha)) * self.ucb.bonus(state[None])[0]
+            of = None if ids is None else ids[None]  # a pool: the bonus of its items only
+            bonus = (
+                float(r.get("ucb_alpha", ExplorationConfig.ucb_alpha)) * self.ucb.bonus(state[None], of)[0]
+            )
             bonus = bonus.to(masked.device)
             ranked_by = ranked_by + bonus
             items = torch.topk(masked + bonus, k).indices
             props = torch.ones(k, dtype=torch.float64)
-            self.ucb.update(state[None], items[None])
+            self.ucb.update(state[None], (items if ids is None else ids[items])[None])
         elif strategy == "epsilon" and ids is not None:
             items, props, shown_scores = self._epsilon_over_catalogue(
                 r, state, ranked_by, allowed, ids, k, generator, priced=exposed and self.exposure.cfg.penalty

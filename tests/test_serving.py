@@ -218,9 +218,9 @@ def test_answers_from_the_item_index_rank_and_draw_among_the_items_it_finds(fine
     """In process, ``candidate_search="ivf"``: reading every cluster, a greedy list is the list of scoring
     every item, scores included; reading few, a greedy list is the pool's best and a Boltzmann list draws
     only among the pool the index found (its propensities the Plackett-Luce rule's over that pool), neither
-    showing a history item; an epsilon list's uniform picks range over the whole catalogue; a Thompson list
-    draws among the pool its posterior sample finds; an item added at run time is in every pool; a new user's
-    list still scores every item."""
+    showing a history item; a UCB list ranks the pool with its bonus; an epsilon list's uniform picks range
+    over the whole catalogue; a Thompson list draws among the pool its posterior sample finds; an item added
+    at run time is in every pool; a new user's list still scores every item."""
     import torch
 
     from rec_rllib.models.seqrec import pad_histories
@@ -272,6 +272,13 @@ def test_answers_from_the_item_index_rank_and_draw_among_the_items_it_finds(fine
     half = scorer.score_requests([{**req, "strategy": "epsilon", "epsilon": 0.5, "seed": 2}])[0]
     best = greedy["items"][0]
     assert half["propensities"][0] == pytest.approx(0.5 / rest + 0.5 * (half["items"][0] == best))
+    # UCB: the pool's items with their bonus; the statistics record the items shown, not pool positions
+    flat = scorer.score_requests([{**req, "strategy": "ucb", "ucb_alpha": 0.0}])[0]
+    assert flat["items"] == greedy["items"]
+    before = scorer.ucb.a_diag.clone()
+    wide = scorer.score_requests([{**req, "strategy": "ucb", "ucb_alpha": 50.0}])[0]
+    assert set(wide["items"]) <= pool and all(0 < b <= 50 + 1e-3 for b in wide["bonus"])
+    assert torch.nonzero((scorer.ucb.a_diag != before).any(1)).flatten().tolist() == sorted(wide["items"])
     # Thompson: the pool its posterior sample finds (the seeded mask redrawn here), drawn by the sample's
     # scores, the answer's scores the mean state's
     model, t = scorer.model, 0.5
