@@ -138,6 +138,7 @@ class PolicyScorer:
         self.catalog = ServingCatalog.from_dataset(dataset)
         self._added: list[dict[str, Any]] = []
         self._refresh_popularity()
+        self._cold: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, a new user's pool, scores)
         self.exposure = ExposureTracker(self.catalog.n_items, ExposureConfig(slots=0))
         self._simulators: dict[str, Any] = {}
         # how a known user's list finds its items (AppArgs' candidate_*; user_config may change them)
@@ -357,16 +358,17 @@ class PolicyScorer:
             ]
 
     def _pooled(self, r: dict[str, Any]) -> bool:
-        """Whether an answer ranks or draws among the items the index finds: a known user's greedy,
-        Boltzmann, Thompson, UCB or epsilon list (its uniform picks still range over the catalogue), no query,
-        a policy without a co-occurrence term, no exposure slot (a new user's list blends in popularity, a
-        query's the text; the exposure slot's pool and the co-occurrence term read every item)."""
+        """Whether an answer ranks or draws among a pool of items: a known user's greedy, Boltzmann,
+        Thompson, UCB or epsilon list (its uniform picks still range over the catalogue) among the items the
+        index finds, a new user's (but Thompson) among the items every new user's list is drawn from
+        (:meth:`_cold_pool`); no query, a policy without a co-occurrence term, no exposure slot (a query's
+        list blends in the text; the exposure slot's pool and the co-occurrence term read every item)."""
         strategy = r.get("strategy", "greedy")
         slot = self.exposure.cfg.active and bool(r.get("exposure", True))
         return (
             self.index is not None
             and self.cooccurrence is None
-            and len(r["history"]) > 0
+            and (len(r["history"]) > 0 or strategy != "thompson")
             and "query_scores" not in r
             and (
                 strategy in ("boltzmann", "thompson", "epsilon", "ucb") or (strategy == "greedy" and not slot)
@@ -388,8 +390,13 @@ class PolicyScorer:
         clusters) is left out: it scores every item."""
         draws = draws or {}
         pooled = [i for i, r in enumerate(requests) if self._pooled(r)]
+        pools = {}
+        for i in [i for i in pooled if not requests[i]["history"]]:
+            ids, scores = self._cold_pool()
+            pools[i] = (ids, scores, None)
+        pooled = [i for i in pooled if i not in pools]
         if not pooled:
-            return {}
+            return pools
         n, indexed = self.items.shape[0], self.index.n_items
         longest = max(len(requests[i]["history"]) for i in pooled)
         searched = torch.stack([draws.get(i, state[i]) for i in pooled])  # what each list is drawn by
@@ -402,7 +409,6 @@ class PolicyScorer:
             if n > indexed
             else torch.zeros(len(pooled), 0, device=state.device)
         )
-        pools = {}
         for j, i in enumerate(pooled):
             if bool((found[j] == indexed).any()):
                 continue
@@ -414,6 +420,22 @@ class PolicyScorer:
             else:
                 pools[i] = (ids, scores, None)
         return pools
+
+    def _cold_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(items [P], the model's scores of them [P]): what a new user's list is ranked or drawn among, the
+        ``candidate_pool`` items with the highest scores of an empty history plus the popularity prior
+        (:meth:`_adjusted`), scored over every item once per model, catalogue and pool size, not per answer:
+        every new user's scores are the same."""
+        n, size = self.items.shape[0], int(self.retrieval["candidate_pool"])
+        key = (self.model_version, n, size)
+        if self._cold is None or self._cold[0] != key:
+            tokens, lengths = pad_histories([[]], self.model.cfg.max_len, self.device)
+            state = self.model.user_state(tokens, lengths, self.items)
+            scores = self.model.scores_from_state(state, self.items)[0].float()
+            prior = scores + self.popularity[:n].to(scores.device)
+            ids = torch.topk(prior, min(size, n)).indices
+            self._cold = (key, ids, scores[ids])
+        return self._cold[1], self._cold[2]
 
     def _cooccurrence_term(self, histories: list, n: int) -> torch.Tensor:
         """[B, n] γ · the simulator's probabilities for each live history (items added at run time: 0), the
@@ -429,11 +451,14 @@ class PolicyScorer:
             out[row, torch.as_tensor(items[keep])] = torch.as_tensor(probs[keep])
         return (co["weight"] * out).to(self.device)
 
-    def _adjusted(self, r: dict[str, Any], scores: torch.Tensor) -> torch.Tensor:
+    def _adjusted(
+        self, r: dict[str, Any], scores: torch.Tensor, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The scores a slate is drawn from: a new user's blend with popularity, a query's blend with the
-        text."""
+        text; ``ids``: the scores are of those items only (a pool)."""
         if len(r["history"]) == 0:  # no evidence about the user: blend the model's prior with popularity
-            scores = scores + self.popularity[: scores.shape[0]].to(scores.device)
+            prior = self.popularity[: scores.shape[0]] if ids is None else self.popularity[ids.cpu()]
+            scores = scores + prior.to(scores.device)
         if "query_scores" in r:
             q = r["query_scores"].to(scores.device)
             weight = float(r.get("query_weight", 1.0))
@@ -455,7 +480,7 @@ class PolicyScorer:
         n = scores.shape[0]
         history = torch.as_tensor(r["history"], dtype=torch.long, device=scores.device)
         cold = len(r["history"]) == 0
-        scores = self._adjusted(r, scores)
+        scores = self._adjusted(r, scores, ids)
         allowed = torch.ones(n, dtype=torch.bool, device=scores.device)
         excluded = 0
         if r.get("exclude_seen", True) and len(history) and ids is not None:
@@ -512,7 +537,7 @@ class PolicyScorer:
             items, props = items[0], props[0]
         else:  # boltzmann; thompson: the same rule on a posterior sample of the scores
             t = float(r.get("temperature", 1.0))
-            drawn_from = (scores if sampled is None else self._adjusted(r, sampled)) - shift
+            drawn_from = (scores if sampled is None else self._adjusted(r, sampled, ids)) - shift
             logits = drawn_from.float().masked_fill(~allowed, -torch.inf) / t
             items, props = sample_slate(logits[None], k, generator, normalise=True)
             items, props = items[0], props[0]
@@ -580,7 +605,9 @@ class PolicyScorer:
         outside = [i for i in chosen if i not in pool_scores]
         if outside:
             idx = torch.as_tensor(outside, device=ranked_by.device)
-            scores = self.model.scores_from_state(state[None], self.items, idx)[0].float()
+            scores = self._adjusted(
+                r, self.model.scores_from_state(state[None], self.items, idx)[0].float(), idx
+            )
             if priced:
                 scores = scores - torch.as_tensor(
                     self.exposure.penalties(self.model.n_items)[outside], dtype=scores.dtype

@@ -220,7 +220,7 @@ def test_answers_from_the_item_index_rank_and_draw_among_the_items_it_finds(fine
     only among the pool the index found (its propensities the Plackett-Luce rule's over that pool), neither
     showing a history item; a UCB list ranks the pool with its bonus; an epsilon list's uniform picks range
     over the whole catalogue; a Thompson list draws among the pool its posterior sample finds; an item added
-    at run time is in every pool; a new user's list still scores every item."""
+    at run time is in every pool; a new user's list is drawn among the best items for an empty history."""
     import torch
 
     from rec_rllib.models.seqrec import pad_histories
@@ -298,8 +298,22 @@ def test_answers_from_the_item_index_rank_and_draw_among_the_items_it_finds(fine
         given = (chosen / (1 - (torch.cumsum(chosen, 0) - chosen))).tolist()
         assert thompson["propensities"] == pytest.approx(given, rel=1e-3)
         assert thompson["scores"] == pytest.approx(mean[thompson["items"]].tolist(), abs=1e-4)
-    cold = scorer.score_requests([{"history": [], "k": 200}])[0]
-    assert not set(cold["items"]) <= pool  # a new user: every item
+    # a new user: drawn among the 50 best of every item by the empty history's scores and the popularity
+    # prior, formed once
+    with torch.inference_mode():
+        tokens, lengths = pad_histories([[]], scorer.model.cfg.max_len)
+        empty = scorer.model.scores_from_state(
+            scorer.model.user_state(tokens, lengths, scorer.items), scorer.items
+        )
+        prior = empty[0].float() + scorer.popularity
+    cold_pool = torch.topk(prior, 50).indices.tolist()
+    p_cold = torch.softmax(prior[cold_pool], dim=0).double()
+    for seed in range(2):
+        cold = scorer.score_requests([{"history": [], "k": 10, "seed": seed}])[0]
+        assert cold["cold_start"] and cold["strategy"] == "boltzmann" and set(cold["items"]) <= set(cold_pool)
+        chosen = p_cold[[cold_pool.index(i) for i in cold["items"]]]
+        given = (chosen / (1 - (torch.cumsum(chosen, 0) - chosen))).tolist()
+        assert cold["propensities"] == pytest.approx(given, rel=1e-3)
     new = scorer.model.n_items
     with torch.inference_mode():
         scorer.model.add_items(scorer.model.item_text_embeddings()[:1].clone())  # as POST /items does
