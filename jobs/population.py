@@ -241,11 +241,15 @@ def summarize(rows: list[dict[str, Any]], names: list[str], windows: int = 6) ->
 
 
 def plot(rows: list[dict[str, Any]], names: list[str], path: Path) -> None:
-    """Click-through rate over time per target (a moving mean over answers)."""
+    """Click-through rate over time per target (a moving mean over answers), a dashed line where a target's
+    model version changed; with two targets, below it the running difference of their clicks, each user's
+    visits paired in order."""
     from rec_rllib.eval.plots import pyplot
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    pair = len(names) == 2
+    fig, axes = plt.subplots(2 if pair else 1, 1, figsize=(7, 6.5 if pair else 4), sharex=True, squeeze=False)
+    ax = axes[0, 0]
     t0 = min(r["t"] for r in rows)
     for name in names:
         mine = sorted((r for r in rows if r["target"] == name), key=lambda r: r["t"])
@@ -255,11 +259,30 @@ def plot(rows: list[dict[str, Any]], names: list[str], path: Path) -> None:
         width = max(1, len(mine) // 20)
         smooth = np.convolve(clicks, np.ones(width) / width, mode="valid")
         minutes = np.array([(r["t"] - t0) / 60 for r in mine])[width - 1 :]
-        ax.plot(minutes, smooth, label=f"{name} (moving mean of {width} answers)")
-    ax.set_xlabel("minutes of simulated traffic")
+        (line,) = ax.plot(minutes, smooth, label=f"{name} (moving mean of {width} answers)")
+        for before, after in zip(mine, mine[1:], strict=False):
+            if after["model_version"] != before["model_version"]:
+                ax.axvline((after["t"] - t0) / 60, color=line.get_color(), ls="--", lw=1)
     ax.set_ylabel("click-through rate")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(title="dashed: a new model version")
+    if pair:  # each user's n-th answer at one target against their n-th at the other, once both are given
+        a, b = names
+        visits: dict[str, dict[str, list]] = {a: {}, b: {}}
+        for r in sorted(rows, key=lambda r: r["t"]):
+            if r["target"] in visits:
+                visits[r["target"]].setdefault(r["user"], []).append(r)
+        pairs = sorted(
+            (max(x["t"], y["t"]), x["clicked"] - y["clicked"])
+            for user, mine in visits[a].items()
+            for x, y in zip(mine, visits[b].get(user, []), strict=False)
+        )
+        low = axes[1, 0]
+        low.plot([(t - t0) / 60 for t, _ in pairs], np.cumsum([d for _, d in pairs]), color="black")
+        low.axhline(0, color="grey", lw=1)
+        low.set_ylabel(f"clicks so far, {a} - {b} (paired visits)")
+        low.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("minutes of simulated traffic")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
