@@ -344,12 +344,12 @@ class PolicyScorer:
                 term = self._cooccurrence_term([requests[i]["history"] for i in whole], scores.shape[1])
                 scores = scores + term
             sampled: dict[int, torch.Tensor] = {}
-            rows = [i for i in whole if i in draws]
-            if rows:  # the samples' scores of every item, in one product
-                sample = torch.stack([draws[i] for i in rows])
+            unpooled = [i for i in whole if i in draws]
+            if unpooled:  # the samples' scores of every item, in one product
+                sample = torch.stack([draws[i] for i in unpooled])
                 drawn = self.model.scores_from_state(sample, self.items).float()
-                drawn = drawn + (term[[at[i] for i in rows]] if isinstance(term, torch.Tensor) else term)
-                sampled = dict(zip(rows, drawn, strict=True))
+                drawn = drawn + (term[[at[i] for i in unpooled]] if isinstance(term, torch.Tensor) else term)
+                sampled = dict(zip(unpooled, drawn, strict=True))
             return [
                 self._slate(r, pools[i][1], state[i], pools[i][2], ids=pools[i][0], generator=generators[i])
                 if i in pools
@@ -370,9 +370,7 @@ class PolicyScorer:
             and self.cooccurrence is None
             and (len(r["history"]) > 0 or strategy != "thompson")
             and "query_scores" not in r
-            and (
-                strategy in ("boltzmann", "thompson", "epsilon", "ucb") or (strategy == "greedy" and not slot)
-            )
+            and (strategy != "greedy" or not slot)  # (the exposure slot widens greedy lists only)
         )
 
     def _pools(
@@ -502,10 +500,11 @@ class PolicyScorer:
         # the policy's exposure term (β · f(times shown), priced as of the tracker's epoch), for every
         # strategy
         shift: torch.Tensor | float = 0.0
+        prices = None  # every item's price, when priced
         if exposed and self.exposure.cfg.penalty:
             prices = self.exposure.penalties(self.model.n_items)
-            prices = prices if ids is None else prices[ids.cpu().numpy()]
-            shift = torch.as_tensor(prices, dtype=scores.dtype, device=scores.device)
+            at = prices if ids is None else prices[ids.cpu().numpy()]
+            shift = torch.as_tensor(at, dtype=scores.dtype, device=scores.device)
         ranked_by = scores - shift  # what a greedy list is sorted by, and an explored one drawn from
         if strategy in ("greedy", "ucb"):
             masked = ranked_by.masked_fill(~allowed, -torch.inf)
@@ -528,7 +527,7 @@ class PolicyScorer:
             self.ucb.update(state[None], (items if ids is None else ids[items])[None])
         elif strategy == "epsilon" and ids is not None:
             items, props, shown_scores = self._epsilon_over_catalogue(
-                r, state, ranked_by, allowed, ids, k, generator, priced=exposed and self.exposure.cfg.penalty
+                r, state, ranked_by, allowed, ids, k, generator, prices
             )
         elif strategy == "epsilon":
             items, props = epsilon_slate(
@@ -574,14 +573,14 @@ class PolicyScorer:
         ids: torch.Tensor,
         k: int,
         generator: torch.Generator | None,
-        *,
-        priced: bool,
+        prices: np.ndarray | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A pooled epsilon-greedy list: each position is the pool's best remaining item with probability
         1 - epsilon, else an item drawn uniformly among every remaining item of the catalogue (the history
         excluded), found by rejection instead of by scoring the catalogue; the propensities are
         :func:`~rec_rllib.explore.epsilon_slate`'s. Returns (item indices [k], propensities [k], their
-        scores [k]: the pool's, or for an item drawn outside it, the model's less its exposure price)."""
+        scores [k]: the pool's, or for an item drawn outside it, the model's less its exposure price from
+        ``prices``, every item's, when the answer is priced)."""
         epsilon = float(r.get("epsilon", 0.1))
         n = self.items.shape[0]
         seen = set(r["history"]) if r.get("exclude_seen", True) else set()  # catalogue items (checked)
@@ -608,10 +607,8 @@ class PolicyScorer:
             scores = self._adjusted(
                 r, self.model.scores_from_state(state[None], self.items, idx)[0].float(), idx
             )
-            if priced:
-                scores = scores - torch.as_tensor(
-                    self.exposure.penalties(self.model.n_items)[outside], dtype=scores.dtype
-                ).to(scores.device)
+            if prices is not None:
+                scores = scores - torch.as_tensor(prices[outside], dtype=scores.dtype).to(scores.device)
             pool_scores.update(zip(outside, scores.tolist(), strict=True))
         shown = torch.tensor([pool_scores[i] for i in chosen], dtype=ranked_by.dtype)
         return items, torch.tensor(props, dtype=torch.float64), shown

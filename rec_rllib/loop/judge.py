@@ -59,10 +59,11 @@ def serve_log_comparison(
         log = first_slot_log(feedback_dir, dataset, since_ms=since_ms)
     except (FileNotFoundError, NoUsableAnswers):  # nothing logged (since), or no answer in the catalogue
         return None
-    rows = np.arange(log.feedback.n)[-max_answers:]
+    if log.feedback.n > max_answers:  # the newest
+        log = log.subset(np.arange(log.feedback.n - max_answers, log.feedback.n))
     estimators = tuple(dict.fromkeys((gate.estimator, "snips", "dr")))
     return compare_on_serve_log(
-        log.subset(rows),
+        log,
         candidate,
         served,
         estimators=estimators,
