@@ -1,7 +1,8 @@
 """What the Serve app logs of its answers: every answer (the impression log, for off-policy estimation)
 and every feedback row, as Parquet parts a background thread flushes; a replica's latest answers are kept
-in memory (feedback on them needs no lookup) and sent to the shared live state in one call per turn of the
-event loop."""
+in memory (feedback on them needs no lookup) and sent to the shared live state in one call per
+``STORE_WINDOW_S`` (feedback that reaches another replica first waits for them, see
+``serving.app.RecIngress._resolve_feedback``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,15 @@ log = logging.getLogger("ray.serve")
 
 RECENT_IMPRESSIONS = 4096
 """Impressions a replica keeps itself, so feedback it receives on its own answers needs no lookup."""
+
+STORE_WINDOW_S = 0.05
+"""The answers a replica finishes within this window reach the shared store in one actor call. A call per
+answer costs the replica an actor submission and the store a task on every request (at one request at a
+time that is a third of the CPU the answer itself takes); the window bounds what a replica killed
+mid-window leaves unmatched for feedback that reaches another replica."""
+
+STORE_BATCH = 256
+"""...or as soon as this many are waiting, whichever comes first."""
 
 
 def answer_row(request_id: str, impression: dict[str, Any], timestamp_ms: int) -> dict[str, Any]:
@@ -42,6 +52,7 @@ class AnswerLog:
         self.state = state
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # this replica's latest answers
         self._pending: list[tuple[str, dict[str, Any]]] = []  # not yet sent to the shared store
+        self._timer: asyncio.TimerHandle | None = None  # the pending answers' send
         self.feedback = FeedbackLog(feedback_dir, max_rows=flush_rows, max_seconds=flush_seconds)
         # every answer, rewarded or not (no journal: it is on the latency path), for off-policy estimation
         self.impressions = FeedbackLog(
@@ -66,22 +77,32 @@ class AnswerLog:
 
     def close(self) -> None:
         self._stop.set()
+        waiting = len(self._pending)
+        try:  # the answers still inside the window (the store may be gone when Ray is stopping)
+            self._send()
+        except Exception:
+            log.warning("could not send the last %d answers to the shared store", waiting)
         self.feedback.close()
         self.impressions.close()
 
     def record(self, request_id: str, impression: dict[str, Any]) -> None:
-        """Sent to the shared store on the event loop's next turn, one call for every answer finished in
-        this turn (a scored batch finishes together). Not later: a replica killed with impressions still
-        buffered would leave their feedback nothing to match (feedback can reach any replica)."""
+        """Kept here at once; sent to the shared store with every answer finished within ``STORE_WINDOW_S``
+        of the first one waiting (at most ``STORE_BATCH`` together), not awaited: answers never wait for the
+        store."""
         self.recent[request_id] = impression
         self.impressions.append(answer_row(request_id, impression, int(impression["time"] * 1000)))
         while len(self.recent) > RECENT_IMPRESSIONS:
             self.recent.popitem(last=False)
         self._pending.append((request_id, impression))
-        if len(self._pending) == 1:
-            asyncio.get_running_loop().call_soon(self._send)
+        if len(self._pending) >= STORE_BATCH:
+            self._send()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(STORE_WINDOW_S, self._send)
 
     def _send(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         batch, self._pending = self._pending, []
         if batch:
-            self.state.log_impressions.remote(batch)  # not awaited: answers never wait for the store
+            self.state.log_impressions.remote(batch)
