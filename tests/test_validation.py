@@ -116,6 +116,20 @@ def test_empty_user(tmp_path, real_rows):
     _expect(tmp_path, inter, items, field="user", row=2, pattern="empty id")
 
 
+@pytest.mark.parametrize("empty", ["logs.csv", "items.csv"])
+def test_an_empty_file_is_named_with_what_it_should_hold(tmp_path, real_rows, empty):
+    """A file without even a header line (pandas alone says "No columns to parse from file")."""
+    inter, items = real_rows
+    inter.to_csv(tmp_path / "logs.csv", index=False)
+    items.to_csv(tmp_path / "items.csv", index=False)
+    (tmp_path / empty).write_text("")
+    with pytest.raises(ValueError) as info:
+        load_custom(tmp_path / "logs.csv", MAPPING, items=tmp_path / "items.csv")
+    text = str(info.value)
+    assert text.startswith(str(tmp_path / empty)), text
+    assert "the file is empty" in text and "expected a header naming the columns" in text
+
+
 def test_empty_item_text_names_the_items_file(tmp_path, real_rows):
     inter, items = real_rows
     items.loc[5, "text"] = ""
