@@ -29,7 +29,9 @@ def write_json(path: str | Path, payload: Any) -> None:
 @contextlib.contextmanager
 def ray_session(address: str | None, *, num_cpus: int | None = None, num_gpus: float | None = None):
     """Connect to the Ray at ``address`` ('auto' on a cluster), or start an embedded local Ray (a fresh
-    one, even when a stale head left ``ray_current_cluster`` behind) and shut it down afterwards."""
+    one, even when a stale head left ``ray_current_cluster`` behind); afterwards the embedded Ray is shut
+    down, a cluster's only disconnected from (its references to objects dropped), so a second session in
+    the same process starts clean."""
     import ray
 
     if address is None:
@@ -45,8 +47,7 @@ def ray_session(address: str | None, *, num_cpus: int | None = None, num_gpus: f
     try:
         yield
     finally:
-        if address is None:
-            ray.shutdown()
+        ray.shutdown()
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -338,8 +338,6 @@ def main(argv: list[str] | None = None) -> int:
         # a Ray of its own: the endpoint shares the machine with none of the training and evaluation
         # stages' workers and objects (on 2 cores, serving beside them answered 1-2 ms slower); on a cluster
         # the driver reconnects, its references to the earlier stages' objects dropped
-        if ray.is_initialized():
-            ray.shutdown()
         with ray_session(args.address, num_cpus=args.num_cpus):
             _serve(args, out, ft_dir, rl_dir, proxy_port)
 
