@@ -164,6 +164,15 @@ class ExposureTracker:
         out[live] = self.cfg.penalty * exposure_feature(np.log1p(self.priced[live]), self.cfg.shape)
         return out
 
+    def penalties_at(self, items: np.ndarray) -> np.ndarray:
+        """:meth:`penalties` of ``items`` (catalogue indices) only: what a pooled answer needs, at the cost of
+        the pool, not of the catalogue. Items beyond the tracker's catalogue are unpriced, as there."""
+        items = np.asarray(items, dtype=np.int64)
+        out = np.zeros(len(items), dtype=np.float64)
+        known = items < len(self.priced)
+        out[known] = self.cfg.penalty * exposure_feature(np.log1p(self.priced[items[known]]), self.cfg.shape)
+        return out
+
     def penalised(self, scores: np.ndarray) -> np.ndarray:
         """``scores`` - :meth:`penalties` (the scores themselves without a penalty); excluded items stay at
         -inf."""

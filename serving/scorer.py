@@ -500,11 +500,14 @@ class PolicyScorer:
         # the policy's exposure term (β · f(times shown), priced as of the tracker's epoch), for every
         # strategy
         shift: torch.Tensor | float = 0.0
-        prices = None  # every item's price, when priced
-        if exposed and self.exposure.cfg.penalty:
-            prices = self.exposure.penalties(self.model.n_items)
-            at = prices if ids is None else prices[ids.cpu().numpy()]
-            shift = torch.as_tensor(at, dtype=scores.dtype, device=scores.device)
+        priced = exposed and bool(self.exposure.cfg.penalty)
+        if priced:  # every item's price, or the pool's
+            prices = (
+                self.exposure.penalties(self.model.n_items)
+                if ids is None
+                else self.exposure.penalties_at(ids.cpu().numpy())
+            )
+            shift = torch.as_tensor(prices, dtype=scores.dtype, device=scores.device)
         ranked_by = scores - shift  # what a greedy list is sorted by, and an explored one drawn from
         if strategy in ("greedy", "ucb"):
             masked = ranked_by.masked_fill(~allowed, -torch.inf)
@@ -527,7 +530,7 @@ class PolicyScorer:
             self.ucb.update(state[None], (items if ids is None else ids[items])[None])
         elif strategy == "epsilon" and ids is not None:
             items, props, shown_scores = self._epsilon_over_catalogue(
-                r, state, ranked_by, allowed, ids, k, generator, prices
+                r, state, ranked_by, allowed, ids, k, generator, priced=priced
             )
         elif strategy == "epsilon":
             items, props = epsilon_slate(
@@ -573,14 +576,15 @@ class PolicyScorer:
         ids: torch.Tensor,
         k: int,
         generator: torch.Generator | None,
-        prices: np.ndarray | None,
+        *,
+        priced: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A pooled epsilon-greedy list: each position is the pool's best remaining item with probability
         1 - epsilon, else an item drawn uniformly among every remaining item of the catalogue (the history
         excluded), found by rejection instead of by scoring the catalogue; the propensities are
         :func:`~rec_rllib.explore.epsilon_slate`'s. Returns (item indices [k], propensities [k], their
-        scores [k]: the pool's, or for an item drawn outside it, the model's less its exposure price from
-        ``prices``, every item's, when the answer is priced)."""
+        scores [k]: the pool's, or for an item drawn outside it, the model's less its exposure price when the
+        answer is ``priced``)."""
         epsilon = float(r.get("epsilon", 0.1))
         n = self.items.shape[0]
         seen = set(r["history"]) if r.get("exclude_seen", True) else set()  # catalogue items (checked)
@@ -607,8 +611,10 @@ class PolicyScorer:
             scores = self._adjusted(
                 r, self.model.scores_from_state(state[None], self.items, idx)[0].float(), idx
             )
-            if prices is not None:
-                scores = scores - torch.as_tensor(prices[outside], dtype=scores.dtype).to(scores.device)
+            if priced:
+                scores = scores - torch.as_tensor(
+                    self.exposure.penalties_at(np.asarray(outside)), dtype=scores.dtype
+                ).to(scores.device)
             pool_scores.update(zip(outside, scores.tolist(), strict=True))
         shown = torch.tensor([pool_scores[i] for i in chosen], dtype=ranked_by.dtype)
         return items, torch.tensor(props, dtype=torch.float64), shown

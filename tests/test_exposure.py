@@ -108,6 +108,20 @@ def test_an_exposure_penalty_lowers_what_is_on_display_by_its_log_count(ml100k: 
     assert evaluate_ranking(both, ml100k).metrics["coverage@10"] > first.metrics["coverage@10"]
 
 
+@pytest.mark.parametrize("shape", ["log", "indicator"])
+@pytest.mark.parametrize("refresh", [1, 3])
+def test_the_prices_of_some_items_are_those_of_every_item_at_them(shape, refresh):
+    """What a pooled answer reads (the pool's prices) equals what the whole catalogue's prices say of those
+    items, before and after a price update; items beyond the tracker's catalogue are unpriced."""
+    t = ExposureTracker(50, ExposureConfig(slots=0, penalty=0.7, window=20, shape=shape, refresh=refresh))
+    rng = np.random.default_rng(0)
+    items = np.array([0, 3, 7, 11, 49, 60, 3])
+    for _ in range(7):
+        np.testing.assert_array_equal(t.penalties_at(items), t.penalties(61)[items])
+        t.record(rng.choice(20, size=4, replace=False))
+    assert t.penalties(61)[items].any()
+
+
 def test_an_indicator_penalty_lowers_everything_on_display_alike(ml100k: LogDataset):
     """shape="indicator": β once an item is on display, however often; the order among displayed items stays
     (the log shape pushes the most shown item down ever further)."""
